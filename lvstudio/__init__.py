@@ -1,0 +1,3 @@
+"""lvstudio: interactive long videos from TOML storyboards."""
+
+__version__ = "0.1.0"

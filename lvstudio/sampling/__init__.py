@@ -1,0 +1,1 @@
+"""lvstudio.sampling"""

@@ -1,0 +1,524 @@
+"""The Wan2.1 diffusion transformer, at any scale, with per-frame timesteps and cached block-causal attention.
+
+Parameter names follow the official Wan2.1 checkpoints (`blocks.0.self_attn.q`, `blocks.0.norm3` = the affine
+cross-attention norm, `head.modulation`, ...), so Wan2.1, Self-Forcing, CausVid, LongLive and SkyReels-DF weights load
+directly; diffusers-format weights load through `lvstudio.models.key_maps`.
+
+Data flow (shapes for B videos, latent [C, F, H, W], patch (1, 2, 2), L_f = H/2 * W/2 tokens per latent frame):
+
+    x [B, C_in, F, H, W] --patch_embedding--> [B, F*L_f, dim]
+    t [B, F] (1000-scale, one value per latent frame) --sinusoid, time_embedding--> e [B, F, dim]
+                                                        --time_projection--> e0 [B, F, 6, dim]
+    context [B, L_txt, text_dim] --text_embedding--> [B, L_txt, dim]     (+ CLIP tokens via img_emb for i2v)
+    blocks: adaLN-modulated self-attn (3D RoPE) -> cross-attn -> FFN, modulation broadcast from frames to tokens
+    head: modulated LayerNorm + Linear -> unpatchify -> velocity [B, C_out, F, H, W]
+
+Attention topology is chosen per call: bidirectional, block-causal (dense mask, for training), or KV-cached with a
+rolling window and an attention sink (`lvstudio.models.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lvstudio.models.kv_cache import AttentionSpec, CrossAttnCache, KVCache, frame_mask, token_mask
+
+RopeMode = Literal["absolute", "rebase"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    """Architecture of a Wan2.1-family DiT (field names follow the official `WanModel` config where they exist)."""
+
+    model_type: Literal["t2v", "i2v"] = "t2v"
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    image_dim: int = 1280  # CLIP ViT-H/14 penultimate features (i2v only)
+    eps: float = 1e-6
+    rope_max_frames: int = 1024  # length of the RoPE table the checkpoints were trained with
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim={self.head_dim} must be even and >= 6 for 3D RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WanDiTConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DiT config keys {unknown}; known keys: {sorted(known)}")
+        data = dict(data)
+        if "patch_size" in data:
+            data["patch_size"] = tuple(data["patch_size"])
+        return cls(**data)
+
+
+CONFIGS: dict[str, WanDiTConfig] = {
+    # The embedded preset's architecture: a few million parameters, 16-channel latents from the tiny VAE.
+    "tiny": WanDiTConfig(dim=192, ffn_dim=576, num_heads=3, num_layers=6, text_dim=128, text_len=24, freq_dim=64),
+    "wan2.1-t2v-1.3b": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-t2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "wan2.1-i2v-14b": WanDiTConfig(model_type="i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """Wan's timestep sinusoid: cat(cos(t*w), sin(t*w)), w_i = 10000^(-i/(dim/2)). t [...] -> [..., dim] (fp32)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full feature dim (Wan applies it across all heads before the head split)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+class Rope3D:
+    """3D rotary embedding: head_dim split into time/height/width parts (44/42/42 for head_dim 128), adjacent pairs.
+
+    Angles for any position are computed on demand in float64, so positions past the checkpoint's table are
+    representable; `WanDiT` refuses them in absolute mode because the checkpoints never saw them.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        hw = 2 * (head_dim // 6)
+        self.dims = (head_dim - 2 * hw, hw, hw)  # real dims per axis, each even
+        self.theta = theta
+
+    def _angles(self, pos: Tensor, dim: int) -> Tensor:
+        # pos [N] -> [N, dim/2] angles p * theta^(-2j/dim)
+        j = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device)
+        return pos.to(torch.float64)[:, None] * torch.pow(self.theta, -j / dim)
+
+    def cos_sin(self, frame_pos: Tensor, height: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotation for tokens laid out frame-major: frame_pos [F] -> cos, sin [F*height*width, 1, head_dim/2]."""
+        dt, dh, dw = self.dims
+        dev = frame_pos.device
+        a_t = self._angles(frame_pos, dt)  # [F, dt/2]
+        a_h = self._angles(torch.arange(height, device=dev), dh)  # [H, dh/2]
+        a_w = self._angles(torch.arange(width, device=dev), dw)  # [W, dw/2]
+        f, h, w = a_t.shape[0], height, width
+        ang = torch.cat(
+            [
+                a_t[:, None, None].expand(f, h, w, -1),
+                a_h[None, :, None].expand(f, h, w, -1),
+                a_w[None, None, :].expand(f, h, w, -1),
+            ],
+            dim=-1,
+        ).reshape(f * h * w, 1, -1)
+        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]). x [B, L, heads, head_dim]; cos/sin [L, 1, head_dim/2]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, heads, head_dim/2] each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, H, D], mask [Lq, Lk] bool or None -> [B, Lq, H*D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+@dataclass
+class _AttnContext:
+    """Everything self-attention needs for one forward call (shared by all layers)."""
+
+    q_cos: Tensor
+    q_sin: Tensor
+    mask: Tensor | None  # [Lq, Lk] or None
+    cache: KVCache | None = None
+    cached_cos: Tensor | None = None  # RoPE for the cached keys
+    cached_sin: Tensor | None = None
+    write: bool = False
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, ctx: _AttnContext, layer: int) -> Tensor:
+        # x [B, L, dim] -> q, k, v [B, L, heads, head_dim]
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(2, (self.num_heads, -1))
+        v = self.v(x).unflatten(2, (self.num_heads, -1))
+        q_r = apply_rope(q, ctx.q_cos, ctx.q_sin)
+        k_r = apply_rope(k, ctx.q_cos, ctx.q_sin)
+        keys, values = k_r, v
+        if ctx.cache is not None:
+            cached = ctx.cache.read(layer)
+            if cached is not None:
+                ck, cv = cached  # un-roped [B, S, heads, head_dim]
+                keys = torch.cat([apply_rope(ck, ctx.cached_cos, ctx.cached_sin), k_r], dim=1)
+                values = torch.cat([cv, v], dim=1)
+            if ctx.write:
+                ctx.cache.append(layer, k.detach(), v.detach())
+        return self.o(_attention(q_r, keys, values, ctx.mask))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; with `with_image=True` also Wan's i2v image branch (k_img / v_img, summed outputs)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, with_image: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if with_image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+        self.with_image = with_image
+
+    def context_kv(self, ctx: Tensor, img: Tensor | None) -> tuple[Tensor, ...]:
+        """K/V of the conditioning: ctx [B, L_txt, dim] (+ img [B, L_img, dim]) -> tuple of [B, L, heads, hd]."""
+        split = (self.num_heads, -1)
+        kv: tuple[Tensor, ...] = (self.norm_k(self.k(ctx)).unflatten(2, split), self.v(ctx).unflatten(2, split))
+        if self.with_image:
+            if img is None:
+                raise ValueError("this is an i2v model: pass clip_fea (CLIP image tokens) to forward()")
+            kv = kv + (self.norm_k_img(self.k_img(img)).unflatten(2, split), self.v_img(img).unflatten(2, split))
+        return kv
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, ...]) -> Tensor:
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))
+        out = _attention(q, kv[0], kv[1], None)
+        if self.with_image:
+            out = out + _attention(q, kv[2], kv[3], None)
+        return self.o(out)
+
+
+class WanBlock(nn.Module):
+    """One transformer block. norm1 -> self-attn, norm3 (affine) -> cross-attn, norm2 -> FFN (official naming)."""
+
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps, with_image=cfg.model_type == "i2v")
+        self.norm2 = nn.LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x: Tensor, e0: Tensor, ctx_kv: tuple[Tensor, ...], attn: _AttnContext, layer: int) -> Tensor:
+        # x [B, F*L_f, dim] (fp32 residual stream); e0 [B, F, 6, dim] (fp32)
+        b, n_f = e0.shape[0], e0.shape[1]
+        mod = (self.modulation.float().unsqueeze(1) + e0).chunk(6, dim=2)  # 6 x [B, F, 1, dim]
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
+        dtype = self.self_attn.q.weight.dtype
+
+        def per_frame(h: Tensor) -> Tensor:  # [B, F*L_f, dim] -> [B, F, L_f, dim]
+            return h.view(b, n_f, -1, h.shape[-1])
+
+        # Step 1: modulated self-attention, gated residual.
+        h = per_frame(self.norm1(x.float())) * (1 + scale_msa) + shift_msa
+        y = self.self_attn(h.flatten(1, 2).to(dtype), attn, layer)
+        x = x + (per_frame(y.float()) * gate_msa).flatten(1, 2)
+        # Step 2: cross-attention on the affine-normed stream (no modulation, no gate).
+        x = x + self.cross_attn(self.norm3(x.float()).to(dtype), ctx_kv).float()
+        # Step 3: modulated FFN, gated residual.
+        h = per_frame(self.norm2(x.float())) * (1 + scale_ffn) + shift_ffn
+        y = self.ffn(h.flatten(1, 2).to(dtype))
+        return x + (per_frame(y.float()) * gate_ffn).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        # x [B, F*L_f, dim]; e [B, F, dim] (the time embedding, not the 6-way projection)
+        b, n_f = e.shape[:2]
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.float().unsqueeze(2)).chunk(2, dim=2)  # [B,F,1,dim]
+        h = self.norm(x.float()).view(b, n_f, -1, x.shape[-1]) * (1 + scale) + shift
+        return self.head(h.flatten(1, 2).to(self.head.weight.dtype))
+
+
+class MLPProj(nn.Module):
+    """i2v CLIP-token projection: LayerNorm, Linear, GELU, Linear, LayerNorm (official `img_emb.proj`)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditioning:
+    """Embedded conditioning for `WanDiT.forward`, reusable across calls (its cross-attn K/V cache lives here)."""
+
+    context: Tensor  # [B, L_txt, text_dim] text-encoder features
+    clip_fea: Tensor | None = None  # [B, 257, image_dim] (i2v)
+    y: Tensor | None = None  # [B, 20, F, H, W] mask + image latents (i2v), concatenated to x on channels
+    cache: CrossAttnCache | None = None
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT with per-frame timesteps and three attention topologies (see module docstring)."""
+
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        if cfg.model_type == "i2v":
+            self.img_emb = MLPProj(cfg.image_dim, d)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Official init: xavier-uniform linears, normal(0.02) embeddings, zero output head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def new_kv_cache(self, spec: AttentionSpec, latent_hw: tuple[int, int]) -> KVCache:
+        """An empty rolling KV cache for latents of spatial size latent_hw = (h, w)."""
+        _, ph, pw = self.cfg.patch_size
+        return KVCache(self.cfg.num_layers, spec, (latent_hw[0] // ph) * (latent_hw[1] // pw))
+
+    def new_conditioning(self, context: Tensor, clip_fea: Tensor | None = None, y: Tensor | None = None) -> Conditioning:
+        """Wrap conditioning with its own cross-attention cache (filled on first use)."""
+        return Conditioning(context, clip_fea, y, CrossAttnCache(self.cfg.num_layers))
+
+    def _cross_kv(self, cond: Conditioning) -> list[tuple[Tensor, ...]]:
+        use_cache = cond.cache is not None and not torch.is_grad_enabled()  # never reuse K/V without their graph
+        if use_cache and cond.cache.is_filled:
+            return cond.cache.layers  # type: ignore[return-value]
+        dtype = self.text_embedding[0].weight.dtype
+        ctx = self.text_embedding(cond.context.to(dtype))  # [B, L_txt, dim]
+        img = self.img_emb(cond.clip_fea.to(dtype)) if (cond.clip_fea is not None and self.cfg.model_type == "i2v") else None
+        kvs = [blk.cross_attn.context_kv(ctx, img) for blk in self.blocks]
+        if use_cache:
+            cond.cache.layers = list(kvs)
+        return kvs
+
+    def _positions(self, frames: Tensor, cache: KVCache | None, rope_mode: RopeMode) -> tuple[Tensor, Tensor | None]:
+        """RoPE time positions for the new frames and the cached frames."""
+        cached = torch.tensor(cache.frame_ids, dtype=torch.int64) if cache is not None and cache.frame_ids else None
+        if rope_mode == "absolute":
+            top = int(frames.max()) + 1
+            if top > self.cfg.rope_max_frames:
+                raise ValueError(
+                    f"latent frame {top - 1} is past the {self.cfg.rope_max_frames}-frame RoPE table this model was "
+                    "trained with; use rope_mode='rebase' (relative positions inside the rolling window) for longer videos"
+                )
+            return frames, cached
+        if rope_mode != "rebase":
+            raise ValueError(f"rope_mode must be 'absolute' or 'rebase' (got {rope_mode!r})")
+        # Re-based: sink frames keep 0..S-1, the rest of the window follows contiguously, then the new frames.
+        n_sink = cache.num_sink if cache is not None else 0
+        all_frames = frames if cached is None else torch.cat([cached, frames])
+        rest = all_frames[n_sink:]
+        first = int(rest.min()) if rest.numel() else 0
+        pos = torch.cat([torch.arange(n_sink), rest - first + n_sink])
+        if cached is None:
+            return pos, None
+        return pos[len(cached) :], pos[: len(cached)]
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        *,
+        attention: AttentionSpec | None = None,
+        kv_cache: KVCache | None = None,
+        start_frame: int = 0,
+        write_cache: bool = False,
+        rope_mode: RopeMode = "absolute",
+    ) -> Tensor:
+        """Predict the flow velocity.
+
+        x: [B, C_in, F, H, W] noisy latents (for i2v, `cond.y` [B, 20, F, H, W] is concatenated on channels).
+        t: [B, F] per-frame timesteps in 1000-scale (a [B] tensor means one timestep for all frames).
+        attention: topology for the new frames (default bidirectional). With `kv_cache`, the new frames also attend
+            to the cached frames (sink + rolling window) and, if `write_cache`, their K/V are appended afterwards.
+        start_frame: absolute index of the first new latent frame (RoPE offset and cache bookkeeping).
+        Returns the velocity [B, C_out, F, H, W].
+        """
+        cfg = self.cfg
+        spec = attention or AttentionSpec()
+        if cond.y is not None:
+            x = torch.cat([x, cond.y.to(x.dtype)], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"expected {cfg.in_dim} input channels, got {x.shape[1]}")
+        b, _, n_f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        fp, hp, wp = n_f // pt, h // ph, w // pw
+        if t.ndim == 1:
+            t = t[:, None].expand(b, fp)
+        if t.shape != (b, fp):
+            raise ValueError(f"timesteps must be [B, F] = [{b}, {fp}], got {list(t.shape)}")
+        dtype = self.patch_embedding.weight.dtype
+
+        # Step 1: patchify -> tokens [B, F*L_f, dim] (fp32 residual stream).
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).float()
+        # Step 2: per-frame time embedding e [B, F, dim] and its 6-way projection e0 [B, F, 6, dim].
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(dtype)).float()
+        e0 = self.time_projection(e.to(dtype)).float().unflatten(2, (6, cfg.dim))
+        # Step 3: conditioning K/V for every block (cached per Conditioning).
+        ctx_kv = self._cross_kv(cond)
+        # Step 4: RoPE and the attention mask for this topology.
+        attn = self._attention_context(spec, kv_cache, start_frame, fp, hp, wp, write_cache, rope_mode, tokens.device)
+        # Step 5: transformer blocks.
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, e0, ctx_kv[i], attn, i)
+        if kv_cache is not None and write_cache:
+            kv_cache.commit_frames(list(range(start_frame, start_frame + fp)))
+        # Step 6: head and unpatchify -> [B, C_out, F, H, W].
+        out = self.head(tokens, e)  # [B, F*L_f, pt*ph*pw*C_out]
+        out = out.view(b, fp, hp, wp, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, cfg.out_dim, fp * pt, hp * ph, wp * pw)
+
+    def _attention_context(
+        self,
+        spec: AttentionSpec,
+        cache: KVCache | None,
+        start_frame: int,
+        n_frames: int,
+        hp: int,
+        wp: int,
+        write: bool,
+        rope_mode: RopeMode,
+        device: torch.device,
+    ) -> _AttnContext:
+        frames = torch.arange(start_frame, start_frame + n_frames)
+        pos, cached_pos = self._positions(frames, cache, rope_mode)
+        q_cos, q_sin = self.rope.cos_sin(pos.to(device), hp, wp, torch.float32)
+        lf = hp * wp
+        if cache is None or not cache.frame_ids:
+            key_frames = frames
+            c_cos = c_sin = None
+        else:
+            if cache.tokens_per_frame != lf:
+                raise ValueError(f"KV cache holds {cache.tokens_per_frame} tokens per frame, input has {lf}")
+            if start_frame < cache.end_frame and write:
+                raise ValueError(
+                    f"frames from {start_frame} are already cached (cache ends at {cache.end_frame}); "
+                    "use WanDiT.recache() to re-encode cached frames"
+                )
+            key_frames = torch.cat([torch.tensor(cache.frame_ids, dtype=torch.int64), frames])
+            c_cos, c_sin = self.rope.cos_sin(cached_pos.to(device), hp, wp, torch.float32)
+        mask_spec = spec
+        if cache is not None:
+            # The cache's window/sink govern which cached frames stay visible.
+            mask_spec = replace(spec, window_frames=cache.spec.window_frames, sink_frames=cache.spec.sink_frames)
+        allowed = frame_mask(frames, key_frames, mask_spec)
+        mask = None if bool(allowed.all()) else token_mask(allowed, lf, lf).to(device)
+        return _AttnContext(q_cos, q_sin, mask, cache, c_cos, c_sin, write)
+
+    # -- re-cache ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def recache(
+        self,
+        kv_cache: KVCache,
+        frames: Tensor,
+        start_frame: int,
+        cond: Conditioning,
+        *,
+        keep_sink: bool = True,
+        block_frames: int | None = None,
+        rope_mode: RopeMode = "absolute",
+        t_context: float = 0.0,
+    ) -> None:
+        """Re-encode already generated clean latent frames under new conditioning (LongLive's KV re-cache).
+
+        frames: [B, C, n, H, W] clean latents of frames start_frame .. start_frame+n-1 (normally the window).
+        keep_sink: keep the sink's K/V from the original conditioning (LongLive `global_sink=True`); otherwise the
+            cache is cleared and the first re-encoded frames become the new sink.
+        block_frames: causal blocks inside the re-encoded frames (None = bidirectional, as LongLive's main branch).
+        """
+        if keep_sink and kv_cache.num_sink:
+            kv_cache.keep_only_sink()
+            sink_end = kv_cache.frame_ids[-1] + 1
+            if start_frame < sink_end:  # never re-encode sink frames we keep
+                frames = frames[:, :, sink_end - start_frame :]
+                start_frame = sink_end
+        else:
+            kv_cache.reset()
+        if frames.shape[2] == 0:
+            return
+        b, n = frames.shape[0], frames.shape[2]
+        t = torch.full((b, n), float(t_context), device=frames.device)
+        spec = AttentionSpec(block_frames=block_frames)
+        self.forward(frames, t, cond, attention=spec, kv_cache=kv_cache, start_frame=start_frame, write_cache=True, rope_mode=rope_mode)

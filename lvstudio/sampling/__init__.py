@@ -1,1 +1,77 @@
-"""lvstudio.sampling"""
+"""lvstudio.sampling: flow-matching math, samplers, timestep shift/warp and diffusion-forcing schedules."""
+
+from __future__ import annotations
+
+from lvstudio.sampling.flow_matching import (
+    FlowMatchTable,
+    add_noise,
+    lambda_of_sigma,
+    noise_from_velocity,
+    sample_dmd_sigma,
+    sample_training_sigma,
+    shift_sigma,
+    sigma_grid,
+    timesteps_from_sigma,
+    unipc_flow_schedule,
+    velocity_from_x0,
+    velocity_target,
+    warp_steps,
+    x0_from_velocity,
+)
+from lvstudio.sampling.samplers import (
+    DenoiseFn,
+    StepCallback,
+    UniPCSolver,
+    cfg,
+    euler_sample,
+    few_step_sample,
+    unipc_sample,
+)
+from lvstudio.sampling.schedules import (
+    RollingWindow,
+    StreamPartition,
+    addnoise_condition,
+    autoregressive_matrix,
+    full_sequence_matrix,
+    levels_to_sigmas,
+    pyramid_matrix,
+    rolling_forcing_windows,
+    skyreels_timestep_matrix,
+    stream_partition_levels,
+    window_frame_timesteps,
+)
+
+__all__ = [
+    "DenoiseFn",
+    "FlowMatchTable",
+    "RollingWindow",
+    "StepCallback",
+    "StreamPartition",
+    "UniPCSolver",
+    "add_noise",
+    "addnoise_condition",
+    "autoregressive_matrix",
+    "cfg",
+    "euler_sample",
+    "few_step_sample",
+    "full_sequence_matrix",
+    "lambda_of_sigma",
+    "levels_to_sigmas",
+    "noise_from_velocity",
+    "pyramid_matrix",
+    "rolling_forcing_windows",
+    "sample_dmd_sigma",
+    "sample_training_sigma",
+    "shift_sigma",
+    "sigma_grid",
+    "skyreels_timestep_matrix",
+    "stream_partition_levels",
+    "timesteps_from_sigma",
+    "unipc_flow_schedule",
+    "unipc_sample",
+    "velocity_from_x0",
+    "velocity_target",
+    "warp_steps",
+    "x0_from_velocity",
+    "window_frame_timesteps",
+]

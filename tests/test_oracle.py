@@ -1,0 +1,164 @@
+"""Oracle: accuracy on world frames (clean ≥ 95%, blurred + noisy ≥ 90%), adherence, flicker, hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+from lvstudio.eval.oracle import (
+    SCENE_PROTOTYPES,
+    VIVID_CHROMA,
+    FrameReading,
+    adherence,
+    flicker,
+    measure_scene_prototypes,
+    read_clip,
+    read_frame,
+)
+from lvstudio.train.world import (
+    COLOURS,
+    EFFECTS,
+    SCENES,
+    FrameTruth,
+    ObjectSpec,
+    SceneSpec,
+    object_rgb,
+    render_background,
+    render_spec,
+    sample_clip,
+)
+
+FramesAndTruth = tuple[list[np.ndarray], list[FrameTruth]]
+
+
+@pytest.fixture(scope="module")
+def world_frames() -> FramesAndTruth:
+    """300 frames (100 random clips × 3 frames, 128 px, some with a switch) and their ground truth."""
+    frames, truth = [], []
+    for seed in range(100):
+        clip = sample_clip(1000 + seed, 24, size=128, switch_prob=0.3)
+        for t in (2, 11, 23):
+            frames.append(clip.frames[t])
+            truth.append(clip.truth[t])
+    return frames, truth
+
+
+def _scores(frames: list[np.ndarray], truth: list[FrameTruth]) -> dict[str, float]:
+    """Fractions of frames with the right scene, primary colour present, primary shape, position within 3 px."""
+    hits = {"scene": 0, "colour": 0, "shape": 0, "position": 0}
+    for frame, t in zip(frames, truth):
+        reading = read_frame(frame)
+        primary = t.objects[0]
+        same = [o for o in reading.objects if o.colour == primary.colour]
+        hits["scene"] += reading.scene == t.scene
+        hits["colour"] += bool(same)
+        hits["shape"] += bool(same) and same[0].shape == primary.shape
+        hits["position"] += bool(same) and np.hypot(same[0].x - primary.x, same[0].y - primary.y) <= 3.0
+    return {k: v / len(frames) for k, v in hits.items()}
+
+
+def test_accuracy_on_world_frames(world_frames: FramesAndTruth) -> None:
+    frames, truth = world_frames
+    assert {t.effect for t in truth} == {None, *EFFECTS} and {t.scene for t in truth} == set(SCENES)
+    scores = _scores(frames, truth)
+    assert min(scores.values()) >= 0.95, scores
+
+
+def test_accuracy_on_blurred_noisy_frames(world_frames: FramesAndTruth) -> None:
+    frames, truth = world_frames
+    rng = np.random.default_rng(0)
+    degraded = [np.clip(cv2.GaussianBlur(f, (3, 3), 0) + rng.normal(0.0, 5.0, f.shape), 0, 255).astype(np.uint8)
+                for f in frames]
+    scores = _scores(degraded, truth)
+    assert min(scores.values()) >= 0.90, scores
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_other_sizes(size: int) -> None:
+    frames, truth = [], []
+    for seed in range(12):
+        clip = sample_clip(seed, 8, size=size)
+        frames.append(clip.frames[7])
+        truth.append(clip.truth[7])
+    scores = _scores(frames, truth)
+    assert scores["scene"] >= 0.9 and scores["colour"] >= 0.9 and scores["shape"] >= 0.75, scores
+
+
+def test_scene_prototypes_match_the_world() -> None:
+    measured = measure_scene_prototypes()
+    assert [(s, e) for s, e, _ in measured] == [(s, e) for s, e, _ in SCENE_PROTOTYPES]
+    for (scene, effect, got), (_, _, stored) in zip(measured, SCENE_PROTOTYPES):
+        assert np.allclose(got, stored, atol=1.0), (
+            f"world palette changed: regenerate SCENE_PROTOTYPES with measure_scene_prototypes() "
+            f"({scene}, {effect}: {got} vs {stored})")
+
+
+def test_muted_scenes_and_vivid_objects() -> None:
+    for scene in SCENES:
+        for effect in (None, *EFFECTS):
+            bg = render_background(scene, effect, num_frames=3, size=64, seed=2).astype(np.int16)
+            assert np.percentile(bg.max(-1) - bg.min(-1), 99.9) <= VIVID_CHROMA - 10, (scene, effect)
+    for colour in COLOURS:
+        for effect in (None, *EFFECTS):
+            rgb = np.array(object_rgb(colour, effect))
+            assert rgb.max() - rgb.min() >= VIVID_CHROMA + 25, (colour, effect)
+
+
+def test_reading_layout_and_order() -> None:
+    spec = SceneSpec("sea", (ObjectSpec("yellow", "triangle", "resting"), ObjectSpec("pink", "ball", "resting", "big")))
+    clip = render_spec(spec, 2, 128, seed=4)
+    reading = read_frame(clip.frames[0])
+    assert isinstance(reading, FrameReading) and reading.scene == "sea" and reading.effect is None
+    assert [o.colour for o in reading.objects] == ["pink", "yellow"]  # largest first
+    assert reading.objects[0].area >= reading.objects[1].area
+    assert read_frame(clip.frames[0].astype(np.float32) / 255.0).objects[0].colour == "pink"  # float frames
+    assert len(read_clip(clip.frames)) == 2
+
+
+def test_empty_background_has_no_objects() -> None:
+    for scene in SCENES:
+        reading = read_frame(render_background(scene, "rain", 1, 128, seed=0)[0])
+        assert reading.scene == scene and reading.objects == ()
+
+
+def test_adherence() -> None:
+    spec = SceneSpec("desert", (ObjectSpec("orange", "star", "bouncing"),), "dusk")
+    frames = render_spec(spec, 12, 128, seed=1).frames
+    assert adherence(frames, spec) == {"scene": 1.0, "colour": 1.0, "shape": 1.0}
+    wrong = SceneSpec("snow", (ObjectSpec("blue", "cube", "bouncing"),))
+    assert adherence(frames, wrong) == {"scene": 0.0, "colour": 0.0, "shape": 0.0}
+    wrong_shape = SceneSpec("desert", (replace(spec.objects[0], shape="ball"),))
+    assert adherence(frames, wrong_shape)["shape"] == 0.0
+    clip = sample_clip(5, 16, size=128, switch_prob=1.0)  # one spec per frame follows a switch
+    assert min(adherence(clip.frames, clip.specs).values()) >= 0.9
+    with pytest.raises(ValueError, match="one per frame"):
+        adherence(clip.frames, clip.specs[:3])
+
+
+def test_flicker() -> None:
+    still = np.zeros((5, 32, 32, 3), np.uint8)
+    assert flicker(still) == 0.0 and flicker(still[:1]) == 0.0
+    alt = still.copy()
+    alt[1::2] = 255
+    assert flicker(alt) == pytest.approx(1.0)
+    clip = sample_clip(0, 8, size=64)
+    assert 0.0 < flicker(clip.frames) < 0.2
+
+
+def test_input_validation() -> None:
+    for bad in (np.zeros((64, 64), np.uint8), np.zeros((64, 64, 4), np.uint8), np.zeros((64, 64, 3), np.int64)):
+        with pytest.raises(ValueError):
+            read_frame(bad)
+    with pytest.raises(ValueError):
+        read_clip(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_oracle_does_not_import_torch() -> None:
+    code = "import sys, lvstudio.eval.oracle; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,232 @@
+"""Procedural world: determinism, caption grammar round trip, switches, motion, sizes, frame bounds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lvstudio.train.world import (
+    COLOURS,
+    EFFECTS,
+    EXCLUDED_SCENE_EFFECTS,
+    MOTIONS,
+    SCENES,
+    SHAPES,
+    SIZES,
+    Clip,
+    FrameTruth,
+    ObjectSpec,
+    SceneSpec,
+    parse_caption,
+    render_background,
+    render_spec,
+    sample_clip,
+    sample_spec,
+    vocabulary,
+)
+
+
+def _specs(n: int, seed: int = 0) -> list[SceneSpec]:
+    rng = np.random.default_rng(seed)
+    return [sample_spec(rng) for _ in range(n)]
+
+
+def test_vocabulary_sizes() -> None:
+    assert len(SCENES) >= 4 and len(COLOURS) >= 6 and len(SHAPES) >= 4 and len(MOTIONS) >= 4 and len(EFFECTS) >= 1
+    vocab = vocabulary()
+    assert vocab == sorted(set(vocab))
+    assert all(w.isalpha() and w.islower() for w in vocab)
+
+
+def test_sample_clip_is_deterministic_by_seed() -> None:
+    a, b = sample_clip(7, 12, size=64), sample_clip(7, 12, size=64)
+    assert a.frames.tobytes() == b.frames.tobytes()
+    assert a.captions == b.captions and a.truth == b.truth and a.switch_frames == b.switch_frames
+    c = sample_clip(8, 12, size=64)
+    assert c.frames.tobytes() != a.frames.tobytes()
+    spec = _specs(1)[0]
+    assert render_spec(spec, 6, 64, seed=3).frames.tobytes() == render_spec(spec, 6, 64, seed=3).frames.tobytes()
+    assert render_spec(spec, 6, 64, seed=3).frames.tobytes() != render_spec(spec, 6, 64, seed=4).frames.tobytes()
+
+
+def test_clip_layout() -> None:
+    clip = sample_clip(1, 9, size=64)
+    assert isinstance(clip, Clip)
+    assert clip.frames.shape == (9, 64, 64, 3) and clip.frames.dtype == np.uint8
+    assert len(clip.captions) == len(clip.specs) == len(clip.truth) == 9
+    assert all(isinstance(t, FrameTruth) for t in clip.truth)
+    for cap, spec, truth in zip(clip.captions, clip.specs, clip.truth):
+        assert cap == spec.caption()
+        assert truth.scene == spec.scene and truth.effect == spec.effect
+        assert [(o.colour, o.shape) for o in truth.objects] == [(o.colour, o.shape) for o in spec.objects]
+
+
+def test_caption_round_trip_for_sampled_specs() -> None:
+    rng = np.random.default_rng(0)
+    for spec in _specs(600):
+        assert parse_caption(spec.caption()) == spec, spec.caption()
+    for seed in range(60):  # switched specs too
+        clip = sample_clip(seed, 8, size=64, switch_prob=1.0)
+        for cap, spec in zip(clip.captions, clip.specs):
+            assert parse_caption(cap) == spec, cap
+    # every canonical value, hand-built (incl. three objects)
+    for i in range(len(MOTIONS) * len(COLOURS)):
+        objs = tuple(ObjectSpec(COLOURS[(i + k) % len(COLOURS)], SHAPES[(i + k) % len(SHAPES)],
+                                MOTIONS[(i + 3 * k) % len(MOTIONS)], SIZES[(i + k) % 2]) for k in range(1 + i % 3))
+        spec = SceneSpec(SCENES[i % len(SCENES)], objs, (None, *EFFECTS)[int(rng.integers(4))])
+        assert parse_caption(spec.caption()) == spec, spec.caption()
+
+
+def test_captions_use_only_vocabulary_words() -> None:
+    vocab = set(vocabulary())
+    used: set[str] = set()
+    for spec in _specs(400):
+        used.update(spec.caption().split())
+    assert used == vocab  # sampling emits every word of the grammar, and nothing else
+
+
+def test_caption_examples() -> None:
+    red_ball = ObjectSpec("red", "ball", "bouncing")
+    assert SceneSpec("sea", (red_ball,), "dusk").caption() == "a red ball bouncing over the sea at dusk"
+    assert (SceneSpec("grass", (ObjectSpec("blue", "cube", "moving left", "big"),)).caption()
+            == "a big blue cube moving left on the grass")
+    assert (SceneSpec("night", (ObjectSpec("yellow", "star", "spinning"),)).caption()
+            == "a yellow star spinning in the night sky")
+    two = SceneSpec("snow", (ObjectSpec("orange", "triangle", "growing"), red_ball), "fog")
+    assert two.caption() == "an orange triangle growing and a red ball bouncing on the snow in fog"
+
+
+def test_parse_caption_free_text() -> None:
+    spec = parse_caption("Please show me a HUGE crimson sphere rolling leftwards across a sandy desert, sunset!!")
+    assert spec == SceneSpec("desert", (ObjectSpec("red", "ball", "moving left", "big"),), "dusk")
+    spec = parse_caption("zorblax quux a green star and a purple box spinning in the snowy mist")
+    assert spec.scene == "snow" and spec.effect == "fog"
+    assert [(o.colour, o.shape) for o in spec.objects] == [("green", "star"), ("purple", "cube")]
+    assert spec.objects[1].motion == "spinning"
+    assert parse_caption("a pink thing in the rain").objects[0].colour == "pink"
+    assert parse_caption("stars twinkle over a blue triangle").scene == "night"
+    default = parse_caption("")
+    assert default == SceneSpec("sky", (ObjectSpec("red", "ball", "resting"),), None)
+    assert parse_caption(None) == default  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_parse_caption_never_raises(text: str) -> None:
+    spec = parse_caption(text)
+    assert isinstance(spec, SceneSpec) and 1 <= len(spec.objects) <= 3
+
+
+def test_spec_validation_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="colour"):
+        ObjectSpec("cyan", "ball", "resting")
+    with pytest.raises(ValueError, match="scene"):
+        SceneSpec("moon", (ObjectSpec("red", "ball", "resting"),))
+    with pytest.raises(ValueError, match="objects"):
+        SceneSpec("sky", ())
+    for bad in (30, 100, 520, 129):
+        with pytest.raises(ValueError, match="size"):
+            sample_clip(0, 2, size=bad)
+    with pytest.raises(ValueError, match="num_frames"):
+        sample_clip(0, 0)
+
+
+def test_sampling_respects_exclusions_and_distinct_colours() -> None:
+    specs = _specs(800, seed=3)
+    assert not any((s.scene, s.effect) in EXCLUDED_SCENE_EFFECTS for s in specs)
+    assert {len(s.objects) for s in specs} == {1, 2}
+    assert all(len({o.colour for o in s.objects}) == len(s.objects) for s in specs)
+    assert {s.scene for s in specs} == set(SCENES) and {s.effect for s in specs} == {None, *EFFECTS}
+
+
+def test_switch_clips() -> None:
+    for seed in range(40):
+        clip = sample_clip(seed, 16, size=64, switch_prob=1.0)
+        assert len(clip.switch_frames) == 1
+        k = clip.switch_frames[0]
+        assert 4 <= k <= 12
+        assert clip.captions[k] != clip.captions[k - 1]
+        assert len(set(clip.captions[:k])) == 1 and len(set(clip.captions[k:])) == 1
+        before, after = clip.specs[k - 1], clip.specs[k]
+        changed = (before.scene != after.scene) + sum(
+            getattr(before.objects[0], f) != getattr(after.objects[0], f) for f in ("colour", "shape", "motion"))
+        assert changed == 1 and before.objects[1:] == after.objects[1:]
+        assert len({o.colour for o in after.objects}) == len(after.objects)
+    assert all(not sample_clip(s, 16, size=64, switch_prob=0.0).switch_frames for s in range(10))
+
+
+def test_objects_move_smoothly_across_switches() -> None:
+    size = 64
+    for seed in range(40):
+        clip = sample_clip(seed, 16, size=size, switch_prob=1.0)
+        k = clip.switch_frames[0]
+        a, b = clip.truth[k - 1].objects[0], clip.truth[k].objects[0]
+        jump = float(np.hypot(b.x - a.x, b.y - a.y))
+        motion = clip.specs[k].objects[0].motion
+        # a moving object may wrap (a jump along its own axis only); otherwise the step is small
+        wrapped = motion.startswith("moving") and (abs(b.y - a.y) < 1e-6 or abs(b.x - a.x) < 1e-6)
+        assert jump <= 0.1 * size or wrapped, (seed, motion, jump)
+
+
+def test_objects_stay_inside_the_frame() -> None:
+    for seed in range(40):
+        size = (64, 96, 128)[seed % 3]
+        clip = sample_clip(seed, 40, size=size, switch_prob=0.5)
+        for truth in clip.truth:
+            for o in truth.objects:
+                half = o.size / 2
+                assert half <= o.x <= size - half and half <= o.y <= size - half, (seed, o)
+
+
+def _track(motion: str, shape: str = "cube", frames: int = 24) -> list:
+    spec = SceneSpec("grass", (ObjectSpec("red", shape, motion),))
+    return [t.objects[0] for t in render_spec(spec, frames, 128, seed=5).truth]
+
+
+def test_motions_are_visible_and_mean_what_they_say() -> None:
+    for motion, axis, sign in (("moving left", "x", -1), ("moving right", "x", 1),
+                               ("moving up", "y", -1), ("moving down", "y", 1)):
+        track = _track(motion)
+        steps = np.diff([getattr(o, axis) for o in track])
+        assert np.mean(sign * steps > 0) >= 0.9, motion  # mostly forward (a wrap is one jump back)
+        assert np.median(np.abs(steps)) >= 1.5  # ~0.015 * S per frame
+        other = "y" if axis == "x" else "x"
+        assert np.ptp([getattr(o, other) for o in track]) == 0
+    bounce = [o.y for o in _track("bouncing", frames=32)]
+    assert np.ptp(bounce) > 0.2 * 128 and np.sum(np.diff(np.sign(np.diff(bounce))) != 0) >= 2  # up and down
+    spin = _track("spinning")
+    assert np.ptp([o.x for o in spin]) == 0 and len({round(o.angle) for o in spin}) == len(spin)
+    grow = [o.size for o in _track("growing", frames=16)]
+    assert grow[-1] > 1.15 * grow[0]
+    rest = _track("resting")
+    assert len({(o.x, o.y, o.size, o.angle) for o in rest}) == 1
+
+
+@pytest.mark.parametrize("size", [64, 128, 256, 72, 200])
+def test_sizes(size: int) -> None:
+    clip = sample_clip(11, 3, size=size)
+    assert clip.frames.shape == (3, size, size, 3)
+    objects = [o for t in clip.truth for o in t.objects]
+    assert all(0.05 * size < o.size < 0.7 * size for o in objects)
+
+
+def test_backgrounds_animate_and_differ() -> None:
+    means = []
+    for scene in SCENES:
+        frames = render_background(scene, None, num_frames=6, size=64, seed=1)
+        assert frames.shape == (6, 64, 64, 3)
+        assert np.abs(frames[5].astype(int) - frames[0]).sum() > 0, scene
+        means.append(frames.reshape(-1, 3).mean(axis=0))
+    dist = np.linalg.norm(np.array(means)[:, None] - np.array(means)[None], axis=-1)
+    assert dist[~np.eye(len(SCENES), dtype=bool)].min() > 15  # dominant colours are distinct
+
+
+def test_world_does_not_import_torch() -> None:
+    code = "import sys, lvstudio.train.world as w; w.sample_clip(0, 2, 64); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

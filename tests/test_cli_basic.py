@@ -1,0 +1,102 @@
+"""The CLI skeleton: help, version, `check`, error exits, and import hygiene (no torch for --help)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lvstudio import __version__
+from lvstudio.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "storyboards").glob("*.toml"))
+HEAVY = ("torch", "gradio", "textual", "diffusers", "transformers", "peft", "av", "cv2")
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_help_in_a_subprocess(tmp_path: Path) -> None:
+    result = _run("-m", "lvstudio.cli", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for word in ("check", "presets", "train", "eval", "bench"):
+        assert word in result.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_importing_the_cli_does_not_import_heavy_modules() -> None:
+    code = (
+        "import sys, lvstudio.cli\n"
+        f"print('torch' in sys.modules)\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["False", "[]"]
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"lvstudio {__version__}"
+
+
+@pytest.mark.parametrize("name", ["presets", "train", "eval", "bench"])
+def test_command_groups_have_help(name: str) -> None:
+    result = CliRunner().invoke(app, [name, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_check_examples(path: Path) -> None:
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"{path}: OK" in result.stdout
+    assert "{" not in result.stdout  # prompts are shown resolved
+    assert "0:00" in result.stdout
+
+
+def test_check_example_in_a_subprocess() -> None:
+    result = _run("-m", "lvstudio.cli", "check", "storyboards/demo.toml")
+    assert result.returncode == 0, result.stderr
+    assert "storyboards/demo.toml: OK" in result.stdout and "a red ball bouncing over the sea at dusk" in result.stdout
+    assert "blend 2s" in result.stdout and "192 frames" in result.stdout
+
+
+def test_check_bad_storyboard_exits_2_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('title = "x"\nduration = "10s"\n[[shots]]\nat = "1:75"\nprompt = "a red ball"\n')
+    result = CliRunner().invoke(app, ["check", str(bad)])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert f'{bad}:4:6: shots[0].at: "1:75" is not a time' in result.stderr
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_check_missing_file() -> None:
+    result = CliRunner().invoke(app, ["check", "does-not-exist.toml"])
+    assert result.exit_code == 2 and "does-not-exist.toml: file not found" in result.stderr
+
+
+def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lvstudio.storyboard
+
+    def interrupted(path: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lvstudio.storyboard, "load_storyboard", interrupted)
+    result = CliRunner().invoke(app, ["check", str(EXAMPLES[0])])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+
+
+def test_usage_error_exits_2() -> None:
+    result = CliRunner().invoke(app, ["check"])
+    assert result.exit_code == 2

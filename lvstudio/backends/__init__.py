@@ -1,1 +1,18 @@
-"""lvstudio.backends"""
+"""Backends: causal-kv, streaming-dit, erft-crossclip — one protocol (`lvstudio.backends.base.Backend`)."""
+
+from __future__ import annotations
+
+BACKENDS = ("causal-kv", "streaming-dit", "erft-crossclip")
+
+
+def make_backend(name: str, bundle, buffer, *, seed: int, width: int, height: int, anchors=None):  # noqa: ANN001, ANN201
+    """Instantiate a backend by name (lazy imports keep `import lvstudio.backends` cheap)."""
+    from lvstudio.errors import LvError
+
+    if name == "causal-kv":
+        from lvstudio.backends.causal_kv import CausalKVBackend
+
+        return CausalKVBackend(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors)
+    if name in BACKENDS:
+        raise LvError(f"backend {name!r} is not available in this build yet", hint="use backend = \"causal-kv\"")
+    raise LvError(f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")

@@ -1,0 +1,71 @@
+"""What every backend shares: the Chunk it emits, the protocol the session drives, and per-block seeds."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Chunk:
+    """One emitted piece of video (a block for causal-KV, a buffer step for streaming, a clip for cross-clip)."""
+
+    index: int  # block / step / clip index
+    frames: np.ndarray  # [n, H, W, 3] uint8 RGB
+    frame_start: int  # index of frames[0] in the whole video
+    latents: Tensor  # [1, C, n_lat, h, w] clean latents of this chunk
+    latent_start: int  # index of the first latent frame
+    event_id: int  # prompt event active for this chunk
+    prompt: str
+    blend_weight: float = 1.0
+    switched: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: denoise, recache, decode, total
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+class Backend(Protocol):
+    """Drives a model bundle over a PromptStreamBuffer; stateful, one chunk per `step()`."""
+
+    name: str
+
+    def step(self) -> Chunk:
+        """Generate and return the next chunk."""
+        ...
+
+    @property
+    def next_index(self) -> int:
+        ...
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed to continue exactly from the next chunk (tensors only; saved as safetensors)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        ...
+
+    def cache_summary(self) -> dict[str, float]:
+        ...
+
+
+def block_seed(run_seed: int, index: int, salt: str = "block") -> int:
+    """A per-block seed derived from the run seed, so any block is reproducible on its own."""
+    digest = hashlib.sha256(f"{run_seed}:{salt}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def block_generator(run_seed: int, index: int, device: torch.device, salt: str = "block") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(block_seed(run_seed, index, salt))
+
+
+def to_uint8_frames(video: Tensor) -> np.ndarray:
+    """[1, 3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
+    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()

@@ -1,0 +1,85 @@
+"""Identity and anchor caches: what must stay the same across a long video.
+
+IdentityCache: per named identity, its prompt (substituted for `{name}` in every shot, so a named identity conditions
+every shot the same way), its text embedding, and reference latents when an image was given.
+AnchorCache: keyframe latents — encoded anchor images, or the first block of a shot — that pin the look. The causal-KV
+backend keeps an anchor's K/V as the attention sink; the cross-clip backend conditions every clip on it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass
+class Identity:
+    name: str
+    prompt: str
+    image: Path | None = None
+    embedding: Tensor | None = None  # [1, L, D]
+    ref_latents: Tensor | None = None  # [1, C, 1, h, w]
+
+
+@dataclass
+class IdentityCache:
+    identities: dict[str, Identity] = field(default_factory=dict)
+
+    def add(self, name: str, prompt: str, image: Path | None = None) -> None:
+        self.identities[name] = Identity(name, prompt, image)
+
+    def resolve(self, prompt: str) -> str:
+        """Replace `{name}` by the identity's prompt; unknown names raise ValueError naming the known ones."""
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in self.identities:
+                known = ", ".join(sorted(self.identities)) or "none defined"
+                raise ValueError(f"unknown identity {{{name}}} (known: {known})")
+            return self.identities[name].prompt
+
+        return _REF.sub(sub, prompt)
+
+    def referenced(self, prompt: str) -> list[str]:
+        return _REF.findall(prompt)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [
+            {"name": i.name, "prompt": i.prompt, "image": str(i.image) if i.image else None,
+             "embedded": i.embedding is not None, "reference_latents": i.ref_latents is not None}
+            for i in self.identities.values()
+        ]
+
+
+@dataclass
+class Anchor:
+    block: int  # first block the anchor applies to
+    source: str  # "image:<path>" or "shot:<n>"
+    latents: Tensor | None = None  # [1, C, n, h, w] clean latents (filled when encoded / generated)
+
+
+@dataclass
+class AnchorCache:
+    anchors: list[Anchor] = field(default_factory=list)
+
+    def add(self, anchor: Anchor) -> None:
+        self.anchors.append(anchor)
+        self.anchors.sort(key=lambda a: a.block)
+
+    def at_block(self, block: int) -> list[Anchor]:
+        return [a for a in self.anchors if a.block == block]
+
+    def latest(self, block: int) -> Anchor | None:
+        """The most recent anchor with latents at or before `block` (the cross-clip reference)."""
+        ready = [a for a in self.anchors if a.block <= block and a.latents is not None]
+        return ready[-1] if ready else None
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [{"block": a.block, "source": a.source, "latent_frames": 0 if a.latents is None else a.latents.shape[2]}
+                for a in self.anchors]

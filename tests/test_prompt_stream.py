@@ -1,0 +1,79 @@
+"""Prompt Stream Buffer: timeline -> per-block conditioning, blends, cuts, identities, thread-safe live pushes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lvstudio.caches import IdentityCache
+from lvstudio.prompt_stream import PromptStreamBuffer, block_at_frame, block_start_frame
+
+
+def _encode(prompts: list[str]) -> torch.Tensor:
+    # a deterministic fake encoder: one number per prompt, so blends are easy to read
+    return torch.tensor([[[float(len(p))]] for p in prompts])
+
+
+def _buffer() -> PromptStreamBuffer:
+    ids = IdentityCache()
+    ids.add("hero", "a red ball")
+    return PromptStreamBuffer(_encode, ids, block_latents=2, fps=16)
+
+
+def test_block_frame_mapping_follows_the_wan_vae() -> None:
+    assert [block_start_frame(b, 2) for b in range(4)] == [0, 5, 13, 21]
+    for f in range(60):
+        b = block_at_frame(f, 2)
+        assert block_start_frame(b, 2) >= f and (b == 0 or block_start_frame(b - 1, 2) < f)
+
+
+def test_shots_cuts_blends_and_identities() -> None:
+    buf = _buffer()
+    buf.add_shot(0.0, "{hero} over the sea")
+    buf.add_shot(1.0, "{hero} on the grass", transition="blend", blend_seconds=1.0, shot=1)
+    buf.add_shot(3.0, "a blue cube", shot=2)
+    c0 = buf.conditioning(0)
+    assert c0.prompt == "a red ball over the sea" and not c0.switched and c0.blend_weight == 1.0
+    first_blend = buf.seconds_to_block(1.0)
+    weights = [buf.conditioning(b).blend_weight for b in range(first_blend, first_blend + 3)]
+    assert weights == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]
+    mid = buf.conditioning(first_blend)
+    a, b = len("a red ball over the sea"), len("a red ball on the grass")
+    assert mid.context.item() == pytest.approx((2 / 3) * a + (1 / 3) * b)
+    cut = buf.conditioning(buf.seconds_to_block(3.0))
+    assert cut.switched and cut.prompt == "a blue cube"
+    with pytest.raises(ValueError, match="unknown identity"):
+        buf.add_shot(4.0, "{villain} appears")
+
+
+def test_live_push_lands_on_the_next_block_from_another_thread() -> None:
+    buf = _buffer()
+    buf.add_shot(0.0, "a red ball")
+    for b in range(3):
+        buf.conditioning(b)
+    ev = {}
+    t = threading.Thread(target=lambda: ev.setdefault("e", buf.push("a blue cube on the grass")))
+    t.start()
+    t.join()
+    assert ev["e"].block == 3 and ev["e"].source == "live"
+    c = buf.conditioning(3)
+    assert c.prompt == "a blue cube on the grass" and c.switched
+    assert buf.conditioning(2).prompt == "a red ball"  # the past is unchanged
+    with pytest.raises(ValueError):
+        buf.push("   ")
+
+
+def test_embeddings_are_cached_per_prompt() -> None:
+    calls = []
+
+    def enc(p: list[str]) -> torch.Tensor:
+        calls.append(p)
+        return _encode(p)
+
+    buf = PromptStreamBuffer(enc, block_latents=2, fps=16)
+    buf.add_shot(0.0, "a red ball")
+    for b in range(5):
+        buf.conditioning(b)
+    assert calls == [["a red ball"]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -115,6 +115,114 @@ def _summary(sb: Storyboard, source: str) -> str:
         room = max(width - len(head) - 1, 20)
         lines.append(head + (prompt if len(prompt) <= room else prompt[: room - 3] + "..."))
     return "\n".join(lines)
+
+
+@app.command()
+def render(
+    story: Annotated[Path, typer.Argument(metavar="STORY.toml", help="The storyboard to render.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output mp4 (default out/<story>.mp4).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Override the storyboard's preset.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="causal-kv | streaming-dit | erft-crossclip.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override the storyboard's seed.")] = None,
+    duration: Annotated[Optional[str], typer.Option(help="Render only this long (seconds or m:ss).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted render of this output.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output / discard an old job.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    keep_job: Annotated[bool, typer.Option("--keep-job", help="Keep the job folder (per-chunk latents).")] = False,
+) -> None:
+    """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet)."""
+    from lvstudio.render import EXIT_INTERRUPTED as INTERRUPTED
+    from lvstudio.render import RenderRequest
+    from lvstudio.render import render as run_render
+    from lvstudio.storyboard import parse_time
+
+    secs = None
+    if duration is not None:
+        try:
+            secs = parse_time(duration)
+        except ValueError as err:
+            raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
+    req = RenderRequest(story, out, preset, backend, seed, secs, resume, force, progress=not no_progress,
+                        keep_job=keep_job)
+    result = run_render(req, echo=lambda m: typer.echo(m, err=True))
+    if result.interrupted:
+        raise typer.Exit(INTERRUPTED)
+    rt = result.stats.get("realtime_factor")
+    typer.echo(f"wrote {result.video} ({rt}x real time), {result.manifest}, {result.contact_sheet}")
+
+
+@train_app.command("diffusion-forcing")
+def train_diffusion_forcing_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Training config (see presets/tiny/train_df.toml).")],
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
+) -> None:
+    """Diffusion Forcing: per-block noise levels, block-causal attention (resumes from out_dir)."""
+    from lvstudio.train.common import load_config
+    from lvstudio.train.diffusion_forcing import DFConfig, train_diffusion_forcing
+
+    cfg = load_config(config, DFConfig)
+    result = train_diffusion_forcing(cfg, progress=not no_progress)
+    typer.echo(f"done: step {result['step']}, loss {result['loss']:.4f}, weights in {cfg.out_dir}")
+
+
+@train_app.command("vae")
+def train_vae_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="VAE training config.")],
+) -> None:
+    """Train the tiny causal VAE on the procedural world (resumes from out_dir)."""
+    from lvstudio.train.vae_recipe import run_vae_config
+
+    typer.echo(run_vae_config(config))
+
+
+@eval_app.command("adherence")
+def eval_adherence_cmd(
+    preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml.")] = "tiny",
+    prompts: Annotated[int, typer.Option(help="Number of prompts sampled from the world grammar.")] = 100,
+    seconds: Annotated[float, typer.Option(help="Seconds rendered per prompt.")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt sample and the renders.")] = 0,
+    backend: Annotated[str, typer.Option(help="Backend to evaluate.")] = "causal-kv",
+) -> None:
+    """Oracle prompt adherence (scene, object colour, shape) of generated video."""
+    from lvstudio.bundle import load_bundle
+    from lvstudio.eval.adherence import evaluate_adherence
+
+    report = evaluate_adherence(load_bundle(preset), prompts, seconds, seed, backend)
+    typer.echo("\n".join(report.lines()))
+
+
+@bench_app.command("model")
+def bench_model_cmd(
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+) -> None:
+    """KV cache vs recompute, and per-block cost at block 10 vs 200 with a rolling window."""
+    from lvstudio.eval.bench_model import run_model_bench
+
+    typer.echo("\n".join(run_model_bench(threads=threads).lines()))
+
+
+@presets_app.command("list")
+def presets_list_cmd() -> None:
+    """List the presets shipped in presets/."""
+    from lvstudio.presets import available_presets, load_preset
+
+    for name in available_presets():
+        p = load_preset(name)
+        typer.echo(f"{name:24s} {p.backend:14s} {p.width}x{p.height}@{p.fps}  {p.description}")
+
+
+@presets_app.command("info")
+def presets_info_cmd(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
+    """Show a preset's settings, files and (for tiny) its vocabulary."""
+    from lvstudio.presets import load_preset
+
+    p = load_preset(name)
+    typer.echo(p.model_dump_json(indent=2, exclude={"folder"}))
+    if p.text_encoder == "tiny" and "text_encoder" in p.files and p.file_path("text_encoder").exists():
+        from lvstudio.models.tiny_text import load_text_encoder
+
+        vocab = [w for w in load_text_encoder(p.file_path("text_encoder")).cfg.vocab if not w.startswith("<")]
+        typer.echo(f"vocabulary ({len(vocab)} words): {' '.join(vocab)}")
 
 
 def main() -> None:

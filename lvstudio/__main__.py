@@ -1,0 +1,5 @@
+"""`python -m lvstudio` runs the CLI."""
+
+from lvstudio.cli import main
+
+main()

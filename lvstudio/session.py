@@ -1,0 +1,301 @@
+"""RenderSession: one run of a backend over a storyboard, with sinks, live prompts, stop, snapshots and resume.
+
+The CLI, the TUI and the web preview are thin shells over this object. A session owns:
+  - the Prompt Stream Buffer (storyboard shots + live pushes), identity and anchor caches;
+  - a backend (causal-kv, ...) stepping one chunk at a time;
+  - sinks: callables receiving every Chunk (the mp4 writer, previews, ...);
+  - a job folder (optional) with each chunk's clean latents and periodic snapshots of the backend state, so an
+    interrupted render resumes to exactly the video an uninterrupted one would have made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lvstudio.backends.base import Chunk, to_uint8_frames
+from lvstudio.bundle import ModelBundle
+from lvstudio.caches import Anchor, AnchorCache, IdentityCache
+from lvstudio.errors import LvError
+from lvstudio.prompt_stream import PromptEvent, PromptStreamBuffer, block_start_frame
+from lvstudio.storyboard import Storyboard, dump_storyboard
+
+Sink = Callable[[Chunk], None]
+JOB_FORMAT = "lvstudio.job/1"
+
+
+def storyboard_hash(sb: Storyboard) -> str:
+    return hashlib.sha256(dump_storyboard(sb).encode()).hexdigest()
+
+
+@dataclass
+class RenderSettings:
+    """What is rendered: resolved from the storyboard, the preset and command-line overrides."""
+
+    preset: str
+    backend: str
+    seed: int
+    fps: int
+    width: int
+    height: int
+    num_frames: int  # None of the overrides can make this unbounded; live sessions pass a large number
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+
+@dataclass
+class SessionStats:
+    chunks: int = 0
+    frames: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_frame_s: float | None = None
+    chunk_seconds: list[float] = field(default_factory=list)
+    recache_ms: list[float] = field(default_factory=list)
+
+    def realtime_factor(self, fps: int) -> float:
+        wall = sum(self.chunk_seconds)
+        return (self.frames / fps) / wall if wall > 0 else 0.0
+
+
+class RenderSession:
+    def __init__(
+        self,
+        storyboard: Storyboard,
+        bundle: ModelBundle,
+        settings: RenderSettings,
+        *,
+        job_dir: Path | None = None,
+        snapshot_every: int = 8,
+    ) -> None:
+        from lvstudio.backends import make_backend
+
+        self.storyboard = storyboard
+        self.bundle = bundle
+        self.settings = settings
+        self.job_dir = job_dir
+        self.snapshot_every = snapshot_every
+        self.sinks: list[Sink] = []
+        self.stats = SessionStats()
+        self._stop = threading.Event()
+        self._pause = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        block_latents = bundle.preset.attention.block_frames
+        # Step 1: identities and the prompt timeline.
+        self.identities = IdentityCache()
+        for name, ident in storyboard.identities.items():
+            self.identities.add(name, ident.prompt, ident.image)
+        self.buffer = PromptStreamBuffer(bundle.text.encode, self.identities, block_latents=block_latents,
+                                         fps=settings.fps)
+        for i, shot in enumerate(storyboard.shots):
+            self.buffer.add_shot(shot.at, shot.prompt, shot.transition.kind, shot.transition.seconds, shot=i,
+                                 seed=shot.seed)
+        for ident in self.identities.identities.values():
+            ident.embedding = self.buffer.embedding(ident.prompt)
+        # Step 2: anchors (images encoded by the VAE; "first frame of shot N" captured while rendering).
+        self.anchors = AnchorCache()
+        for a in storyboard.anchors:
+            block = self.buffer.seconds_to_block(a.at)
+            if a.image is not None:
+                self.anchors.add(Anchor(block, f"image:{a.image}", self._encode_image(a.image)))
+            else:
+                shot_at = storyboard.shots[a.shot - 1].at
+                self.anchors.add(Anchor(self.buffer.seconds_to_block(shot_at), f"shot:{a.shot}"))
+        # Step 3: the backend.
+        self.backend = make_backend(settings.backend, bundle, self.buffer, seed=settings.seed, width=settings.width,
+                                    height=settings.height, anchors=self.anchors)
+        self.frames_done = 0
+
+    # -- inputs -----------------------------------------------------------------------------------------------------
+    def _encode_image(self, path: Path) -> torch.Tensor:
+        import cv2
+
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise LvError(f"cannot read anchor image {path}", hint="use a PNG or JPEG file")
+        img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (self.settings.width, self.settings.height),
+                         interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(img).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
+        with torch.no_grad():
+            return self.bundle.vae.encode(x.to(self.bundle.device)).cpu()
+
+    def add_sink(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def push(self, prompt: str, transition: str = "cut", blend_blocks: int = 2) -> PromptEvent:
+        """Live prompt from any thread: lands on the next block not yet generated."""
+        return self.buffer.push(prompt, transition=transition, blend_blocks=blend_blocks)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pause.clear()
+
+    def pause(self, paused: bool = True) -> None:
+        if paused:
+            self._pause.set()
+        else:
+            self._pause.clear()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return self._pause.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.frames_done >= self.settings.num_frames
+
+    # -- running ----------------------------------------------------------------------------------------------------
+    def run(self) -> SessionStats:
+        """Generate until done or stopped (in the calling thread); the current chunk is always finished."""
+        while not self.done and not self._stop.is_set():
+            if self._pause.is_set():
+                time.sleep(0.02)
+                continue
+            self.step()
+        if self.job_dir is not None:
+            self.write_snapshot()
+        return self.stats
+
+    def start(self) -> threading.Thread:
+        """Run in a worker thread; errors are kept in `self.error`."""
+
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as err:  # noqa: BLE001 - reported to the owner of the session
+                self.error = err
+
+        self._thread = threading.Thread(target=target, name="lvstudio-render", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def step(self) -> Chunk:
+        """Generate one chunk, trim it to the requested length, save it to the job folder and fan it out."""
+        t0 = time.perf_counter()
+        chunk = self.backend.step()
+        keep = self.settings.num_frames - chunk.frame_start
+        if keep < chunk.num_frames:
+            chunk.frames = chunk.frames[: max(keep, 0)]
+        if self.job_dir is not None:
+            self._save_chunk(chunk)
+        for sink in self.sinks:
+            sink(chunk)
+        # Step: statistics (first-frame latency, per-chunk time, re-cache stalls).
+        self.stats.chunks += 1
+        self.stats.frames += chunk.num_frames
+        self.stats.chunk_seconds.append(time.perf_counter() - t0)
+        if self.stats.first_frame_s is None:
+            self.stats.first_frame_s = time.perf_counter() - self.stats.started
+        if chunk.timings.get("recache", 0.0) > 0:
+            self.stats.recache_ms.append(1000 * chunk.timings["recache"])
+        self.frames_done = chunk.frame_start + chunk.num_frames
+        if self.job_dir is not None and self.backend.next_index % self.snapshot_every == 0:
+            self.write_snapshot()
+        return chunk
+
+    # -- job folder: per-chunk latents + snapshots ---------------------------------------------------------------------
+    def _save_chunk(self, chunk: Chunk) -> None:
+        from safetensors.torch import save_file
+
+        folder = self.job_dir / "chunks"
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"frame_start": str(chunk.frame_start), "num_frames": str(chunk.num_frames),
+                "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched)}
+        path = folder / f"{chunk.index:06d}.safetensors"
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file({"latents": chunk.latents.contiguous()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def write_snapshot(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.job_dir is None:
+            return
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backend.state_dict().items()}
+        events = [e.__dict__ for e in self.buffer.events if e.source == "live"]
+        meta = {"format": JOB_FORMAT, "next_index": str(self.backend.next_index), "frames_done": str(self.frames_done),
+                "live_events": json.dumps(events)}
+        path = self.job_dir / "snapshot.safetensors"
+        tmp = path.with_name(".snapshot.safetensors.partial")
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def write_job_info(self) -> None:
+        from lvstudio.video import atomic_write_text
+
+        assert self.job_dir is not None
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        info = {"format": JOB_FORMAT, "storyboard_sha256": storyboard_hash(self.storyboard),
+                "settings": self.settings.__dict__}
+        atomic_write_text(self.job_dir / "job.json", json.dumps(info, indent=2))
+
+    def resume(self) -> list[np.ndarray]:
+        """Restore from the job folder; returns the frames already made (re-decoded from the saved latents)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        assert self.job_dir is not None
+        snap = self.job_dir / "snapshot.safetensors"
+        with safe_open(str(snap), "pt") as f:
+            meta = f.metadata()
+        next_index = int(meta["next_index"])
+        for ev in json.loads(meta.get("live_events", "[]")):
+            self.buffer.add(PromptEvent(**ev))
+        # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before).
+        decoder = self.bundle.vae.streaming_decoder()
+        frames: list[np.ndarray] = []
+        for i in range(next_index):
+            path = self.job_dir / "chunks" / f"{i:06d}.safetensors"
+            if not path.exists():
+                raise LvError(f"job folder {self.job_dir} is missing chunk {i}", hint="start over with --force")
+            with safe_open(str(path), "pt") as f:
+                n = int(f.metadata()["num_frames"])
+            with torch.no_grad():
+                video = decoder.decode(load_file(str(path))["latents"].to(self.bundle.device))
+            frames.append(to_uint8_frames(video)[:n])
+        for stale in (self.job_dir / "chunks").glob("*.safetensors"):
+            if int(stale.stem) >= next_index:
+                stale.unlink()
+        self.backend.load_state_dict(load_file(str(snap)))
+        self.frames_done = int(meta["frames_done"])
+        self.stats.frames = self.frames_done
+        return frames
+
+    # -- summaries ------------------------------------------------------------------------------------------------------
+    def shot_ranges(self) -> list[dict[str, Any]]:
+        """Per prompt event: its frame range in the rendered video."""
+        n = self.bundle.preset.attention.block_frames
+        events = self.buffer.events
+        out = []
+        for i, ev in enumerate(events):
+            start = min(block_start_frame(ev.block, n), self.settings.num_frames)
+            end = self.settings.num_frames
+            if i + 1 < len(events):
+                end = min(block_start_frame(events[i + 1].block, n), end)
+            out.append({"event": i, "source": ev.source, "shot": ev.shot, "prompt": ev.prompt, "resolved": ev.resolved,
+                        "transition": ev.transition, "block": ev.block, "frame_start": start, "frame_end": end,
+                        "time": round(start / self.settings.fps, 3)})
+        return out
+
+    def cache_summary(self) -> dict[str, Any]:
+        return {"identities": self.identities.summary(), "anchors": self.anchors.summary(),
+                "backend": self.backend.cache_summary()}

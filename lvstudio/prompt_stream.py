@@ -101,7 +101,8 @@ class PromptStreamBuffer:
         return self.add(PromptEvent(self.seconds_to_block(at_seconds), prompt, self.identities.resolve(prompt),
                                     transition, blocks, "storyboard", shot, seed))
 
-    def push(self, prompt: str, at: int | None = None, transition: str = "cut", blend_blocks: int = 2) -> PromptEvent:
+    def push(self, prompt: str, at: int | None = None, transition: str = "cut", blend_blocks: int = 2,
+             seed: int | None = None) -> PromptEvent:
         """Live prompt: applies from block `at`, default the next block not yet generated. Thread-safe."""
         if not prompt.strip():
             raise ValueError("a live prompt must not be empty")
@@ -109,7 +110,7 @@ class PromptStreamBuffer:
         with self._lock:
             block = self._next_block if at is None else max(at, self._next_block)
         blocks = blend_blocks if transition == "blend" else 0
-        return self.add(PromptEvent(block, prompt, resolved, transition, blocks, "live"))
+        return self.add(PromptEvent(block, prompt, resolved, transition, blocks, "live", seed=seed))
 
     @property
     def events(self) -> list[PromptEvent]:

@@ -137,6 +137,47 @@ class RenderSession:
         """Live prompt from any thread: lands on the next block not yet generated."""
         return self.buffer.push(prompt, transition=transition, blend_blocks=blend_blocks)
 
+    def reroll(self, seed: int | None = None) -> PromptEvent:
+        """Re-roll the current shot from the next block on: same prompt, a new seed (random unless given)."""
+        import random
+
+        current = self.buffer.events[self.buffer.active_index(max(self.buffer.next_block - 1, 0))]
+        new_seed = random.randrange(2**31) if seed is None else seed
+        return self.buffer.push(current.prompt, transition="cut", seed=new_seed)
+
+    def rendered_storyboard(self) -> Storyboard:
+        """The storyboard of what was actually rendered: the shots plus live prompts at their times.
+
+        Re-rendering it with `lvstudio render` reproduces the session (live events become shots with their seeds).
+        """
+        from lvstudio.storyboard import parse_storyboard
+
+        sb = self.storyboard
+        fps = self.settings.fps
+        duration = max(self.frames_done, 1) / fps
+        anchors = [a for a in sb.anchors if a.image is not None and a.at < duration]
+        base = sb.model_copy(update={"shots": [], "anchors": anchors, "duration": duration})
+        lines = [dump_storyboard(base).rstrip("\n")]
+        n = self.bundle.preset.attention.block_frames
+        active: dict[int, PromptEvent] = {}
+        for ev in self.buffer.events:  # sorted by block; the last event of a block is the one that was active
+            active[ev.block] = ev
+        prev_at: float | None = None
+        for block in sorted(active):
+            ev = active[block]
+            at = block_start_frame(block, n) / fps
+            if at >= duration:
+                break
+            lines += ["", "[[shots]]", f"at = {at!r}", f"prompt = {json.dumps(ev.prompt)}"]
+            if ev.transition == "blend" and ev.blend_blocks and prev_at is not None:
+                blend = min(ev.blend_blocks * 4 * n / fps, (at - prev_at) - 1 / fps)
+                if blend > 0:
+                    lines.append(f'transition = "blend {blend!r}s"')
+            if ev.seed is not None:
+                lines.append(f"seed = {ev.seed}")
+            prev_at = at
+        return parse_storyboard("\n".join(lines) + "\n", source="<rendered session>")
+
     def stop(self) -> None:
         self._stop.set()
         self._pause.clear()

@@ -88,3 +88,32 @@ def test_interrupt_then_resume_equals_uninterrupted(preset: Path, tmp_path: Path
     for a, b in zip(ref_chunks, cut_chunks):
         assert torch.equal(load_file(str(a))["latents"], load_file(str(b))["latents"])
     assert probe_video(out).num_frames == probe_video(ref).num_frames == 128
+
+
+def test_live_pushes_and_reroll_are_saved_as_a_storyboard_that_rerenders(preset: Path, tmp_path: Path) -> None:
+    from lvstudio.bundle import load_bundle
+    from lvstudio.render import RenderRequest, resolve_settings
+    from lvstudio.session import RenderSession
+    from lvstudio.storyboard import dump_storyboard, load_storyboard
+
+    sb = load_storyboard(DEMO)
+    pre, settings = resolve_settings(sb, RenderRequest(DEMO, preset=str(preset), duration=3.0))
+    session = RenderSession(sb, load_bundle(pre), settings)
+    session.step()
+    session.step()
+    ev = session.push("{hero} spinning in the night sky", transition="blend")
+    assert ev.block == 2
+    session.step()
+    rr = session.reroll(seed=5)
+    assert rr.block == 3 and rr.seed == 5 and rr.prompt == ev.prompt
+    session.run()
+    saved = session.rendered_storyboard()
+    prompts = [s.prompt for s in saved.shots]
+    assert prompts[-1] == "{hero} spinning in the night sky" and saved.shots[-1].seed == 5
+    assert saved.duration == pytest.approx(3.0)
+    path = tmp_path / "session.toml"
+    path.write_text(dump_storyboard(saved))
+    r = _cli("render", str(path), "--preset", str(preset), "--out", str(tmp_path / "again.mp4"), "--no-progress",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert probe_video(tmp_path / "again.mp4").num_frames == 48

@@ -59,9 +59,21 @@ class IdentityCache:
 
 @dataclass
 class Anchor:
-    block: int  # first block the anchor applies to
+    """A keyframe. `latents[:, :, 0]` is a first-frame latent (used at block 0); `latents[:, :, 1]` a regular
+    4-frame latent of the same look (used when the anchor lands later in the video)."""
+
+    block: int  # the block whose first latent is pinned to the anchor
     source: str  # "image:<path>" or "shot:<n>"
-    latents: Tensor | None = None  # [1, C, n, h, w] clean latents (filled when encoded / generated)
+    latents: Tensor | None = None  # [1, C, >=2, h, w] clean latents (encoded image, or the captured shot block)
+    capture_block: int | None = None  # "shot:<n>" anchors: the block whose latents are captured
+
+    def pinned(self) -> Tensor | None:
+        """The latent to hold clean at the start of `block` ([1, C, 1, h, w]), or None if not captured yet."""
+        if self.latents is None:
+            return None
+        if self.block == 0 or self.latents.shape[2] < 2:
+            return self.latents[:, :, :1]
+        return self.latents[:, :, 1:2]
 
 
 @dataclass
@@ -75,11 +87,14 @@ class AnchorCache:
     def at_block(self, block: int) -> list[Anchor]:
         return [a for a in self.anchors if a.block == block]
 
+    def to_capture(self, block: int) -> list[Anchor]:
+        return [a for a in self.anchors if a.capture_block == block and a.latents is None]
+
     def latest(self, block: int) -> Anchor | None:
         """The most recent anchor with latents at or before `block` (the cross-clip reference)."""
         ready = [a for a in self.anchors if a.block <= block and a.latents is not None]
         return ready[-1] if ready else None
 
     def summary(self) -> list[dict[str, Any]]:
-        return [{"block": a.block, "source": a.source, "latent_frames": 0 if a.latents is None else a.latents.shape[2]}
-                for a in self.anchors]
+        return [{"block": a.block, "source": a.source, "capture_block": a.capture_block,
+                 "ready": a.latents is not None} for a in self.anchors]

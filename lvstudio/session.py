@@ -110,8 +110,8 @@ class RenderSession:
             if a.image is not None:
                 self.anchors.add(Anchor(block, f"image:{a.image}", self._encode_image(a.image)))
             else:
-                shot_at = storyboard.shots[a.shot - 1].at
-                self.anchors.add(Anchor(self.buffer.seconds_to_block(shot_at), f"shot:{a.shot}"))
+                capture = self.buffer.seconds_to_block(storyboard.shots[a.shot - 1].at)
+                self.anchors.add(Anchor(block, f"shot:{a.shot}", capture_block=capture))
         # Step 3: the backend.
         self.backend = make_backend(settings.backend, bundle, self.buffer, seed=settings.seed, width=settings.width,
                                     height=settings.height, anchors=self.anchors)
@@ -127,8 +127,9 @@ class RenderSession:
         img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (self.settings.width, self.settings.height),
                          interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(img).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
+        still = x.expand(-1, -1, 5, -1, -1)  # 1 + 4 frames of the still image
         with torch.no_grad():
-            return self.bundle.vae.encode(x.to(self.bundle.device)).cpu()
+            return self.bundle.vae.encode(still.to(self.bundle.device)).cpu()  # [1, C, 2, h, w]
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)

@@ -65,3 +65,20 @@ def test_multistep_sampler_with_cfg_runs() -> None:
     chunks = [be.step() for _ in range(3)]
     assert be.cache.layers[0].k.shape[0] == 2  # cond + uncond rows
     assert all(torch.isfinite(c.latents).all() for c in chunks)
+
+
+def test_anchors_pin_latents_image_and_first_frame_of_a_shot() -> None:
+    from lvstudio.caches import Anchor, AnchorCache
+
+    bundle = random_bundle()
+    img = torch.randn(1, 4, 2, 4, 4)
+    anchors = AnchorCache()
+    anchors.add(Anchor(0, "image:test.png", img))
+    anchors.add(Anchor(3, "shot:1", capture_block=0))
+    buf = PromptStreamBuffer(bundle.text.encode, block_latents=2, fps=16)
+    buf.add_shot(0.0, "a red ball over the sea")
+    be = CausalKVBackend(bundle, buf, seed=1, width=32, height=32, anchors=anchors)
+    chunks = [be.step() for _ in range(4)]
+    assert torch.equal(chunks[0].latents[:, :, 0], img[:, :, 0])
+    assert torch.equal(chunks[3].latents[:, :, 0], chunks[0].latents[:, :, 1])
+    assert anchors.summary()[1]["ready"]

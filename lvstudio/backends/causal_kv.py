@@ -184,19 +184,19 @@ class CausalKVBackend:
 
     def _pinned_latents(self, block: int) -> Tensor | None:
         for a in self.anchors.at_block(block):
-            if a.source.startswith("image:") and a.latents is not None:
-                return a.latents[:, :, : self.n].to(self.bundle.device)
+            pinned = a.pinned()
+            if pinned is not None and not (a.capture_block == block):
+                return pinned.to(self.bundle.device)
         return None
 
     def _capture_shot_anchor(self, block: int, x0: Tensor, cond: Conditioning) -> None:
-        """"First frame of shot N" anchors: keep the shot's first block and make its K/V the new attention sink."""
-        for a in self.anchors.at_block(block):
-            if a.source.startswith("shot:") and a.latents is None:
-                a.latents = x0.detach().cpu().clone()
-                if self.attn.sink_frames and block > 0:
-                    self.bundle.dit.recache(self.cache, x0.expand(self.batch, -1, -1, -1, -1), self.start_frame, cond,
-                                            keep_sink=False, block_frames=self.n, rope_mode=self.attn.rope_mode,
-                                            t_context=self.sampler.context_noise)
+        """"First frame of shot N" anchors: keep that shot's first block; with a sink, its K/V become the new sink."""
+        for a in self.anchors.to_capture(block):
+            a.latents = x0.detach().cpu().clone()
+            if self.attn.sink_frames and block > 0:
+                self.bundle.dit.recache(self.cache, x0.expand(self.batch, -1, -1, -1, -1), self.start_frame, cond,
+                                        keep_sink=False, block_frames=self.n, rope_mode=self.attn.rope_mode,
+                                        t_context=self.sampler.context_noise)
 
     def cache_summary(self) -> dict[str, float]:
         return {

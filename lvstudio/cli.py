@@ -165,12 +165,23 @@ def train_diffusion_forcing_cmd(
     typer.echo(f"done: step {result['step']}, loss {result['loss']:.4f}, weights in {cfg.out_dir}")
 
 
+@train_app.command("export")
+def train_export_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The diffusion-forcing config of the run.")],
+) -> None:
+    """Export dit/text safetensors (EMA) from the latest checkpoint of a diffusion-forcing run."""
+    from lvstudio.train.common import load_config
+    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint
+
+    typer.echo(f"exported EMA weights into {export_checkpoint(load_config(config, DFConfig))}")
+
+
 @train_app.command("vae")
 def train_vae_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="VAE training config.")],
 ) -> None:
     """Train the tiny causal VAE on the procedural world (resumes from out_dir)."""
-    from lvstudio.train.vae_recipe import run_vae_config
+    from lvstudio.train.vae_config import run_vae_config
 
     typer.echo(run_vae_config(config))
 

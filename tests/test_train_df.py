@@ -84,3 +84,30 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert r0[0] == r1[0] == "3"
     assert r0[1] == r1[1], "DDP ranks ended with different weights"
     assert (tmp_path / "checkpoint.safetensors").exists()
+
+
+def test_export_from_an_unfinished_run_writes_loadable_weights(tmp_path: Path) -> None:
+    from lvstudio.bundle import load_dit
+    from lvstudio.models.tiny_text import load_text_encoder
+    from lvstudio.train.diffusion_forcing import export_checkpoint
+
+    cfg = tiny_cfg(str(tmp_path / "run"), steps=2)
+    train_diffusion_forcing(cfg, progress=False, dataset=tiny_dataset(), vocabulary=VOCAB)
+    for name in ("dit.safetensors", "text.safetensors"):
+        (tmp_path / "run" / name).unlink()
+    export_checkpoint(cfg, vocabulary=VOCAB)
+    dit = load_dit(tmp_path / "run" / "dit.safetensors")
+    assert dit.cfg.dim == 32
+    assert load_text_encoder(tmp_path / "run" / "text.safetensors").cfg.vocab[1:] == tuple(sorted(VOCAB))
+
+
+def test_config_file_errors_name_the_key(tmp_path: Path) -> None:
+    from lvstudio.train.common import ConfigError, load_config
+    from lvstudio.train.diffusion_forcing import DFConfig
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = 10\nbatchsize = 4\n")
+    with pytest.raises(ConfigError, match="batchsize"):
+        load_config(bad, DFConfig)
+    cfg = load_config(ROOT / "presets" / "tiny" / "train_df.toml", DFConfig)
+    assert Path(cfg.vae) == ROOT / "presets" / "tiny" / "vae.safetensors"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -33,6 +33,7 @@ class TrainConfigBase(BaseModel):
     """Fields every recipe shares. Paths are relative to the config file."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[tuple[str, ...]] = ("out_dir",)  # resolved relative to the config file
 
     out_dir: str = "runs/train"
     steps: int = 1000
@@ -68,10 +69,12 @@ def load_config(path: str | Path, model: type[C]) -> C:
         key = ".".join(str(x) for x in first["loc"]) or "<top>"
         known = ", ".join(sorted(model.model_fields))
         raise ConfigError(f"{p}: {key}: {first['msg']} — valid keys are: {known}") from None
-    base = p.parent
-    if not Path(cfg.out_dir).is_absolute():
-        cfg = cfg.model_copy(update={"out_dir": str(base / cfg.out_dir)})
-    return cfg
+    update = {}
+    for name in cfg.path_fields:
+        value = getattr(cfg, name)
+        if value is not None and not Path(value).is_absolute():
+            update[name] = str((p.parent / value).resolve())
+    return cfg.model_copy(update=update)
 
 
 # ---------------------------------------------------------------------------------------------------------------

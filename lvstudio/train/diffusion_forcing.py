@@ -15,6 +15,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,12 @@ from lvstudio.train.common import (
 class DFConfig(TrainConfigBase):
     """`lvstudio train diffusion-forcing CONFIG.toml`."""
 
+    path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "vae", "init_dit")
+
     dit: dict = Field(default_factory=dict)  # overrides of the `tiny` DiT config fields
     text_dim: int = 128
     text_layers: int = 2
-    vae: str = "presets/tiny/vae.safetensors"  # relative to the current directory unless absolute
+    vae: str = "vae.safetensors"  # relative to the config file
     size: int = 128
     clip_latents: int = 9  # latents per encoded world clip (1 + 4*(9-1) = 33 frames)
     latent_frames: int = 6  # training window
@@ -279,6 +282,27 @@ def _dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
 
         tdist.barrier()
     return LatentDataset.load(path)
+
+
+def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: list[str] | None = None) -> Path:
+    """Write dit/text safetensors from the EMA of the latest checkpoint of a (possibly unfinished) run."""
+    out = Path(out_dir or cfg.out_dir)
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {out}")
+    if vocabulary is None:
+        from lvstudio.train.world import vocabulary as world_vocabulary
+
+        vocabulary = world_vocabulary()
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), "pt") as f:
+        channels = f.get_tensor("model.dit.patch_embedding.weight").shape[1]
+    model = build_model(cfg.model_copy(update={"init_dit": None}), vocabulary, channels)
+    ema = EMA(model, cfg.ema_decay)
+    step, _ = load_checkpoint(ckpt, model, None, ema)
+    export_weights(model, ema, out)
+    return out
 
 
 def export_weights(model: TinyDF, ema: EMA, out: Path) -> None:

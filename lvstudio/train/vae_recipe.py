@@ -1,0 +1,303 @@
+"""Training recipe for the tiny causal video VAE (`lvstudio.models.tiny_vae`).
+
+AdamW on L1 + MSE + edge reconstruction losses plus a tiny KL term; every step's data and noise come from
+`np.random.default_rng([seed, 0, step])`, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+Checkpoints are one safetensors file (model + AdamW state as tensors, step/config as JSON metadata), replaced atomically.
+At the end the held-out PSNR is measured and per-channel latent statistics are stored into the model config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from lvstudio.models.tiny_vae import TinyVAEConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from lvstudio.models.tiny_vae import TinyVAE
+
+CKPT_FORMAT = "lvstudio.vae_train_ckpt/1"
+CKPT_NAME = "checkpoint.safetensors"
+MODEL_NAME = "tiny_vae.safetensors"
+
+MakeBatch = Callable[[np.random.Generator, int], "Tensor"]
+Progress = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    """Hyper-parameters of `train_vae`."""
+
+    steps: int = 20_000
+    batch_size: int = 8
+    clip_frames: int = 9  # 1 + 4k pixel frames per clip
+    size: int = 128  # frame size make_batch produces
+    crop: int = 64  # random square crops of this size for training (0 = full frames); eval uses full frames
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio over `steps`
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    edge_weight: float = 0.5  # L1 on spatial finite differences (sharper edges)
+    kl_weight: float = 1e-6  # times the per-element mean KL
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_batches: int = 2  # held-out batches for the final PSNR
+    stats_batches: int = 8  # batches for the latent mean/std
+    out_dir: str = "runs/tiny_vae"
+    model: TinyVAEConfig = field(default_factory=TinyVAEConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError("steps must be >= 0 and batch_size >= 1")
+        if self.clip_frames < 1 or (self.clip_frames - 1) % 4:
+            raise ValueError(f"clip_frames must be 1 + 4k, got {self.clip_frames}")
+        if self.size % 8 or self.crop % 8 or self.crop > self.size:
+            raise ValueError("size and crop must be multiples of 8 with crop <= size")
+        if self.log_every < 1 or self.ckpt_every < 1:
+            raise ValueError("log_every and ckpt_every must be >= 1")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def lr_at(cfg: VAETrainConfig, step: int) -> float:
+    """Learning rate for (0-based) `step`: linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3) -> MakeBatch:
+    """`make_batch` over the procedural world (`lvstudio.train.world.sample_clip`, imported lazily)."""
+
+    def make_batch(rng: np.random.Generator, batch_size: int) -> Tensor:
+        import torch
+
+        from lvstudio.train.world import sample_clip
+
+        seeds = rng.integers(0, 2**31 - 1, size=batch_size)
+        clips = [sample_clip(int(s), num_frames, size=size, switch_prob=switch_prob).frames for s in seeds]
+        frames = torch.from_numpy(np.stack(clips))  # [B, F, H, W, 3] uint8
+        return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # [B, 3, F, H, W] in [-1, 1]
+
+    return make_batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses and metrics.
+
+
+def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+    """Weighted loss terms of one batch x [B, 3, F, H, W]; key "loss" is the total."""
+    import torch
+
+    recon, mu, logvar = vae(x, sample=True, generator=generator)
+    diff = recon - x
+    l1 = diff.abs().mean()
+    mse = diff.pow(2).mean()
+    edge = (diff.diff(dim=-1).abs().mean() + diff.diff(dim=-2).abs().mean()) * 0.5
+    kl = 0.5 * torch.mean(mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.kl_weight * kl
+    return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl}
+
+
+def _psnr_from_mse(mse: float) -> float:
+    return float("inf") if mse <= 0 else 10.0 * math.log10(4.0 / mse)  # [-1, 1] range: peak-to-peak 2
+
+
+def _get_batch(cfg: VAETrainConfig, make_batch: MakeBatch, rng: np.random.Generator, crop: int) -> Tensor:
+    """A checked batch [B, 3, F, H, W], randomly cropped to `crop` (0 = full size)."""
+    x = make_batch(rng, cfg.batch_size)
+    want = (cfg.batch_size, 3, cfg.clip_frames, cfg.size, cfg.size)
+    if tuple(x.shape) != want:
+        raise ValueError(f"make_batch returned {tuple(x.shape)}, expected {want}")
+    if crop and crop < cfg.size:
+        top, left = (int(v) for v in rng.integers(0, cfg.size - crop + 1, size=2))
+        x = x[..., top : top + crop, left : left + crop]
+    return x.float().contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.optim.Optimizer, step: int) -> None:
+    """Model + AdamW state as tensors, step and configs as JSON metadata."""
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    opt_sd = opt.state_dict()
+    for idx, st in opt_sd["state"].items():
+        for name, value in st.items():
+            tensors[f"optim/{idx}/{name}"] = value.detach().cpu().contiguous()
+    metadata = {
+        "format": CKPT_FORMAT,
+        "step": str(step),
+        "seed": str(cfg.seed),
+        "model_config": vae.config.to_json(),
+        "train_config": cfg.to_json(),
+        "param_groups": json.dumps(opt_sd["param_groups"]),
+    }
+    _atomic_save(tensors, path, metadata)
+
+
+def _load_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.optim.Optimizer) -> int:
+    """Restore model and optimizer from `path`; returns the number of completed steps."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a tiny VAE training checkpoint")
+    if TinyVAEConfig.from_json(meta["model_config"]) != cfg.model:
+        raise ValueError(f"{path} was trained with another model config; use another out_dir or resume=False")
+    tensors = load_file(path)
+    vae.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe.
+
+
+def train_vae(
+    cfg: VAETrainConfig,
+    make_batch: MakeBatch,
+    resume: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train the tiny VAE; returns figures (final loss, held-out PSNR, latent stats, paths).
+
+    `make_batch(rng, batch_size)` must return `[B, 3, clip_frames, size, size]` in [-1, 1].
+    `progress(step, metrics)` is called every `log_every` steps and at the last step.
+    """
+    import torch
+
+    from lvstudio.models.tiny_vae import TinyVAE, save_vae
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
+    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        vae = TinyVAE(cfg.model)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume and os.path.exists(ckpt_path):
+        start = _load_checkpoint(ckpt_path, cfg, vae, opt)
+
+    losses: list[float] = []
+    metrics: dict[str, float] = {}
+    vae.train()
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        # Step 1: this step's data and noise, derived from (seed, step) only.
+        rng = np.random.default_rng([cfg.seed, 0, step])
+        x = _get_batch(cfg, make_batch, rng, cfg.crop)
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        # Step 2: forward, backward, clip, AdamW update at the scheduled learning rate.
+        lr = lr_at(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        terms = _losses(cfg, vae, x, gen)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(terms["loss"].detach()))
+        done = step + 1
+        # Step 3: checkpoint and report.
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save_checkpoint(ckpt_path, cfg, vae, opt, done)
+        if progress is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+            metrics = {k: float(v.detach()) for k, v in terms.items()}
+            metrics.update(lr=lr, psnr=_psnr_from_mse(metrics["mse"]), sec_per_step=(time.perf_counter() - t0) / len(losses))
+            progress(done, metrics)
+
+    vae.eval()
+    held_out_psnr = evaluate_psnr(vae, cfg, make_batch)
+    mean, std = latent_stats(vae, cfg, make_batch)
+    vae.set_latent_stats(mean, std)
+    model_path = os.path.join(cfg.out_dir, MODEL_NAME)
+    save_vae(vae, model_path)
+    return {
+        "steps": cfg.steps,
+        "steps_run": len(losses),
+        "final_loss": losses[-1] if losses else float("nan"),
+        "psnr": held_out_psnr,
+        "latents_mean": mean,
+        "latents_std": std,
+        "checkpoint": ckpt_path,
+        "model_path": model_path,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def evaluate_psnr(vae: TinyVAE, cfg: VAETrainConfig, make_batch: MakeBatch) -> float:
+    """PSNR (dB) of decode(encode(x)) on `cfg.eval_batches` held-out full-size batches."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(cfg.eval_batches):
+            x = _get_batch(cfg, make_batch, np.random.default_rng([cfg.seed, 1, i]), crop=0)
+            total += float(torch.mean((vae.decode(vae.encode(x)) - x) ** 2)) * x.shape[0]
+            count += x.shape[0]
+    return _psnr_from_mse(total / max(count, 1))
+
+
+def latent_stats(vae: TinyVAE, cfg: VAETrainConfig, make_batch: MakeBatch) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the raw posterior mean over `cfg.stats_batches` full-size batches."""
+    import torch
+
+    z_dim = vae.config.z_dim
+    s1 = torch.zeros(z_dim, dtype=torch.float64)
+    s2 = torch.zeros(z_dim, dtype=torch.float64)
+    n = 0
+    with torch.no_grad():
+        for i in range(cfg.stats_batches):
+            x = _get_batch(cfg, make_batch, np.random.default_rng([cfg.seed, 2, i]), crop=0)
+            mu, _ = vae.encode_raw(x)  # [B, z, f, h, w]
+            flat = mu.transpose(0, 1).reshape(z_dim, -1).double()
+            s1 += flat.sum(1)
+            s2 += flat.pow(2).sum(1)
+            n += flat.shape[1]
+    if n == 0:
+        return [0.0] * z_dim, [1.0] * z_dim
+    mean = s1 / n
+    std = (s2 / n - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()

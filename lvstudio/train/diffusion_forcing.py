@@ -61,6 +61,8 @@ class DFConfig(TrainConfigBase):
     cfg_dropout: float = 0.1
     shift: float = 1.0  # timestep shift of the training noise distribution
     first_window_prob: float = 0.4  # how often a window starts at latent 0 (the 1-frame latent)
+    ar_prob: float = 0.5  # share of samples in the inference regime: blocks before a random block are near-clean
+    context_sigma_max: float = 0.05  # noise level range of that near-clean history (noise augmentation)
     init_dit: str | None = None  # start from these DiT weights (safetensors) instead of random
 
 
@@ -176,8 +178,14 @@ def df_loss(model: TinyDF, batch: Batch, cfg: DFConfig, gen: torch.Generator) ->
     x0 = batch.x0
     b, _, f = x0.shape[:3]
     nb = f // cfg.block_frames
-    u = torch.rand(b, nb, generator=gen)
-    sigma = shift_sigma(u, cfg.shift).repeat_interleave(cfg.block_frames, dim=1)  # [B, F]
+    u = shift_sigma(torch.rand(b, nb, generator=gen), cfg.shift)  # [B, nb] independent level per block
+    # A share of the samples mimics autoregressive inference: history blocks before block k are (nearly) clean.
+    ar = torch.rand(b, 1, generator=gen) < cfg.ar_prob
+    k = torch.randint(0, nb, (b, 1), generator=gen)
+    history = torch.arange(nb)[None, :] < k
+    clean = torch.rand(b, nb, generator=gen) * cfg.context_sigma_max
+    u = torch.where(ar & history, clean, u)
+    sigma = u.repeat_interleave(cfg.block_frames, dim=1)  # [B, F]
     eps = torch.randn(x0.shape, generator=gen)
     x_t = add_noise(x0, eps, sigma)
     ids, _ = _unwrap(model).text.tokenize(batch.prompts)

@@ -212,6 +212,18 @@ def bench_model_cmd(
     typer.echo("\n".join(run_model_bench(threads=threads).lines()))
 
 
+@bench_app.command("render")
+def bench_render_cmd(
+    preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml.")] = "tiny",
+    minutes: Annotated[float, typer.Option(help="Minutes of video to render.")] = 10.0,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+) -> None:
+    """Real-time factor with decode + H.264, first frame, chunk time and memory at minute 1 vs the end, re-cache stall."""
+    from lvstudio.eval.bench_render import run_render_bench
+
+    typer.echo("\n".join(run_render_bench(preset, minutes, threads).lines()))
+
+
 @presets_app.command("list")
 def presets_list_cmd() -> None:
     """List the presets shipped in presets/."""

@@ -151,6 +151,22 @@ def render(
     typer.echo(f"wrote {result.video} ({rt}x real time), {result.manifest}, {result.contact_sheet}")
 
 
+@app.command()
+def preview(
+    story: Annotated[Optional[Path], typer.Argument(metavar="[STORY.toml]", help="Storyboard to open (default: the demo).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default: first free from 7860).")] = None,
+    host: Annotated[str, typer.Option(help="Interface; anything but loopback needs --auth.")] = "127.0.0.1",
+    share: Annotated[bool, typer.Option("--share", help="Public gradio.live link (needs --auth).")] = False,
+    auth: Annotated[Optional[str], typer.Option(metavar="USER:PASSWORD_FILE", help="Password = first line of the file (chmod 600).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Default preset in the picker (name or preset.toml path).")] = None,
+    outputs: Annotated[Optional[Path], typer.Option(help="Folder for renders (default out/web); the only folder the page can read.")] = None,
+) -> None:
+    """Open the web studio: edit a storyboard, render with live preview, steer with prompts, download."""
+    from lvstudio.web.cli import preview_command
+
+    preview_command(story, port, host, share, auth, preset, outputs)
+
+
 @train_app.command("diffusion-forcing")
 def train_diffusion_forcing_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Training config (see presets/tiny/train_df.toml).")],

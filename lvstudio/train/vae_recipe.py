@@ -2,7 +2,8 @@
 
 AdamW on L1 + MSE + edge reconstruction losses plus a tiny KL term; every step's data and noise come from
 `np.random.default_rng([seed, 0, step])`, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
-Checkpoints are one safetensors file (model + AdamW state as tensors, step/config as JSON metadata), replaced atomically.
+Checkpoints are one safetensors file (model + AdamW state as tensors, step/config as JSON metadata), replaced
+atomically.
 At the end the held-out PSNR is measured and per-channel latent statistics are stored into the model config.
 """
 
@@ -204,7 +205,9 @@ def train_vae(
     """Train the tiny VAE; returns figures (final loss, held-out PSNR, latent stats, paths).
 
     `make_batch(rng, batch_size)` must return `[B, 3, clip_frames, size, size]` in [-1, 1].
-    `progress(step, metrics)` is called every `log_every` steps and at the last step.
+    `progress(step, metrics)` is called every `log_every` steps and at the last step with the mean loss terms over
+    the steps since the previous call (plus lr, psnr of that mean MSE, sec_per_step); `final_loss` is the last such
+    mean.
     """
     import torch
 
@@ -220,8 +223,8 @@ def train_vae(
     if resume and os.path.exists(ckpt_path):
         start = _load_checkpoint(ckpt_path, cfg, vae, opt)
 
-    losses: list[float] = []
-    metrics: dict[str, float] = {}
+    window: dict[str, float] = {}  # summed loss terms since the last report
+    window_steps, steps_run, final_loss = 0, 0, float("nan")
     vae.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
@@ -238,15 +241,22 @@ def train_vae(
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
         opt.step()
-        losses.append(float(terms["loss"].detach()))
+        for k, v in terms.items():
+            window[k] = window.get(k, 0.0) + float(v.detach())
+        window_steps += 1
+        steps_run += 1
         done = step + 1
-        # Step 3: checkpoint and report.
+        # Step 3: checkpoint, then report the window's mean terms.
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             _save_checkpoint(ckpt_path, cfg, vae, opt, done)
-        if progress is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            metrics = {k: float(v.detach()) for k, v in terms.items()}
-            metrics.update(lr=lr, psnr=_psnr_from_mse(metrics["mse"]), sec_per_step=(time.perf_counter() - t0) / len(losses))
-            progress(done, metrics)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics = {k: v / window_steps for k, v in window.items()}
+            final_loss = metrics["loss"]
+            sec_per_step = (time.perf_counter() - t0) / steps_run
+            metrics.update(lr=lr, psnr=_psnr_from_mse(metrics["mse"]), sec_per_step=sec_per_step)
+            window, window_steps = {}, 0
+            if progress is not None:
+                progress(done, metrics)
 
     vae.eval()
     held_out_psnr = evaluate_psnr(vae, cfg, make_batch)
@@ -256,8 +266,8 @@ def train_vae(
     save_vae(vae, model_path)
     return {
         "steps": cfg.steps,
-        "steps_run": len(losses),
-        "final_loss": losses[-1] if losses else float("nan"),
+        "steps_run": steps_run,
+        "final_loss": final_loss,
         "psnr": held_out_psnr,
         "latents_mean": mean,
         "latents_std": std,

@@ -1,0 +1,42 @@
+"""`lvstudio preview`: launch the web studio (registered in lvstudio/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lvstudio.errors import LvError
+
+MAX_STORY_BYTES = 1 << 20
+
+
+def _read_story(story: Path) -> str:
+    """The storyboard file's text for the editor (an invalid storyboard still opens, with its error shown)."""
+    if not story.is_file():
+        raise LvError(f"{story}: no such storyboard file", hint="check the path, or leave it out for the demo")
+    if story.stat().st_size > MAX_STORY_BYTES:
+        raise LvError(f"{story} is larger than 1 MiB", hint="storyboards are small TOML files")
+    try:
+        return story.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise LvError(f"cannot read {story} ({type(err).__name__})", hint="save it as UTF-8 text") from None
+
+
+def preview_command(story: Path | None, port: int | None, host: str, share: bool, auth: str | None,
+                    preset: str | None, outputs: Path | None) -> None:
+    """Open the studio on http://HOST:PORT (default 127.0.0.1) and serve until Ctrl-C."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise LvError("the web studio needs gradio, which is not installed", hint="pip install 'lvstudio[web]'")
+    from lvstudio.web.app import FALLBACK_STORY, Studio, StudioConfig, demo_story_path, launch_studio
+    from lvstudio.web.security import make_policy
+
+    policy = make_policy(host=host, port=port, share=share, auth=auth, outputs=outputs)
+    if story is None and demo_story_path().is_file():
+        story = demo_story_path()
+    if story is not None:
+        text, name, folder = _read_story(story), str(story), story.resolve().parent
+    else:
+        text, name, folder = FALLBACK_STORY, "storyboard.toml", Path.cwd()
+    config = StudioConfig(outputs=policy.outputs, story_text=text, story_name=name, story_dir=folder, preset=preset)
+    launch_studio(Studio(config), policy, block=True, quiet=False)

@@ -1,0 +1,294 @@
+"""`lvstudio preview` through its API: gradio_client against the studio launched on 127.0.0.1 (ephemeral port).
+
+Tiny *random* weights (tests/helpers/random_preset.py), 64x64; the studio paces chunks so a test can act mid-render.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+pytest.importorskip("gradio_client")
+
+import httpx  # noqa: E402  (a gradio dependency)
+import torch  # noqa: E402
+from gradio_client import Client  # noqa: E402
+
+from lvstudio.errors import LvError, StoryboardError  # noqa: E402
+from lvstudio.prompt_stream import block_start_frame  # noqa: E402
+from lvstudio.storyboard import parse_storyboard  # noqa: E402
+from lvstudio.video import probe_video  # noqa: E402
+from lvstudio.web.app import (  # noqa: E402
+    BUSY_MESSAGE,
+    FROM_STORYBOARD,
+    Studio,
+    StudioConfig,
+    TabState,
+    launch_studio,
+)
+from lvstudio.web.security import gradio_env, launch_kwargs, make_policy, read_auth  # noqa: E402
+from tests.helpers.random_preset import write_random_preset  # noqa: E402
+
+BLOCK_FRAMES = 2  # latent frames per block in the random preset -> 4 * 2 = 8 video frames per chunk
+CHUNK_FRAMES = 4 * BLOCK_FRAMES
+JOB_FILE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}\.(mp4|manifest\.json|storyboard\.toml|rendered\.toml|contact\.png)$")
+
+
+def story(duration: str = "3s", second_at: str = "1.5s") -> str:
+    return (f'title = "web test"\nfps = 16\nduration = "{duration}"\nseed = 3\n\n'
+            '[[shots]]\nat = 0\nprompt = "a red ball bouncing over the sea"\n\n'
+            f'[[shots]]\nat = "{second_at}"\nprompt = "a red ball resting on the snow"\n')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, outputs: Path, preset: Path, downloads: Path) -> None:
+        self.url, self.outputs, self.preset, self.downloads = url, outputs, preset, downloads
+
+    def client(self) -> Client:
+        """A new client = a new browser tab (its own session and gr.State)."""
+        return Client(self.url, verbose=False, download_files=str(self.downloads))
+
+    def render(self, client: Client, text: str):  # noqa: ANN201 - gradio_client Job
+        return client.submit(text, str(self.preset), FROM_STORYBOARD, None, api_name="/render")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("web")
+    preset = write_random_preset(root / "preset")
+    policy = make_policy(port=free_port(), outputs=root / "outputs")
+    config = StudioConfig(outputs=policy.outputs, story_text=story(), preset=str(preset), story_dir=root,
+                          min_chunk_seconds=0.15)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in gradio_env(policy).items():  # restored after the module
+            mp.setenv(key, value)
+        demo, url = launch_studio(Studio(config), policy, block=False)
+        try:
+            yield Server(url, policy.outputs, preset, root / "downloads")
+        finally:
+            demo.close()
+
+
+def final_outputs(job) -> tuple:  # noqa: ANN001
+    job.result(timeout=300)  # waits for the end
+    outs = job.outputs()
+    assert outs, job.status()
+    return outs[-1]
+
+
+def test_render_gives_playable_h264_with_previews_and_job_named_files(server: Server) -> None:
+    client = server.client()
+    try:
+        job = server.render(client, story())
+        updates = list(job)
+    finally:
+        client.close()
+    previews = [u[0] for u in updates[:-1] if u[0] is not None]
+    assert len(previews) >= 3  # one live preview per chunk (3 s = 48 frames = 6+ chunks)
+    preview, status, progress, video, sheet, files = updates[-1]
+    assert status.startswith("Done (complete)"), status
+    info = probe_video(video)  # downloaded through the server's /gradio_api/file= route
+    assert (info.codec, info.pix_fmt, info.num_frames, info.width, info.height) == ("h264", "yuv420p", 48, 64, 64)
+    assert info.faststart
+    assert Path(sheet).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "shot 2" in progress and "<script" not in progress
+    # Files on the server: one folder per job id, every name from the job id (never from prompt text).
+    [folder] = [p for p in server.outputs.iterdir() if p.is_dir() and not p.name.startswith(".")
+                and (p / f"{p.name}.mp4").exists() and p.name in status]
+    names = sorted(p.name for p in folder.iterdir())
+    assert all(JOB_FILE.match(n) for n in names), names
+    assert len(names) == 5 and len(files) == 5
+    manifest = json.loads((folder / f"{folder.name}.manifest.json").read_text())
+    assert manifest["job_id"] == folder.name and manifest["frames"] == 48 and not manifest["stopped"]
+    assert [s["source"] for s in manifest["shots"]] == ["storyboard", "storyboard"]
+
+
+def test_live_prompt_lands_in_manifest_at_its_block(server: Server) -> None:
+    client = server.client()
+    live = "a red ball moving right on the grass"
+    try:
+        job = server.render(client, story(duration="4s", second_at="0.5s"))
+        message, seen_chunks = None, 0
+        for update in job:
+            seen_chunks += update[0] is not None
+            if seen_chunks == 2 and message is None:
+                message = client.predict(live, "blend", api_name="/push")
+        final = final_outputs(job)
+    finally:
+        client.close()
+    assert message is not None
+    m = re.search(r"lands at block (\d+): frame (\d+)", message)
+    assert m, message
+    block, frame = int(m.group(1)), int(m.group(2))
+    assert block >= 2 and frame == block_start_frame(block, BLOCK_FRAMES)  # after the chunks already seen
+    assert final[1].startswith("Done (complete)"), final[1]
+    manifest = json.loads(Path(next(f for f in final[5] if f.endswith(".manifest.json"))).read_text())
+    [event] = [s for s in manifest["shots"] if s["source"] == "live"]
+    assert (event["prompt"], event["block"], event["frame_start"], event["transition"]) == (live, block, frame,
+                                                                                            "blend")
+    rendered = Path(next(f for f in final[5] if f.endswith(".rendered.toml"))).read_text()
+    assert live in rendered  # the storyboard of what was rendered includes the live prompt
+
+
+def test_stop_ends_within_one_chunk_and_keeps_a_playable_video(server: Server) -> None:
+    client = server.client()
+    try:
+        job = server.render(client, story(duration="30s", second_at="10s"))
+        reply, seen = None, 0
+        for update in job:
+            seen += update[0] is not None
+            if seen == 2 and reply is None:
+                reply = client.predict(api_name="/stop")
+        final = final_outputs(job)
+        after = client.predict(api_name="/stop")
+    finally:
+        client.close()
+    m = re.search(r"frame (\d+) done", reply or "")
+    assert m, reply
+    at_stop = int(m.group(1))
+    assert "stopped at frame" in final[1], final[1]
+    info = probe_video(final[3])
+    assert (info.codec, info.pix_fmt) == ("h264", "yuv420p")
+    assert at_stop <= info.num_frames <= at_stop + CHUNK_FRAMES  # at most the chunk in flight was finished
+    assert info.num_frames < 30 * 16
+    manifest = json.loads(Path(next(f for f in final[5] if f.endswith(".manifest.json"))).read_text())
+    assert manifest["stopped"] and manifest["frames"] == info.num_frames
+    assert all(s["frame_end"] <= info.num_frames for s in manifest["shots"])
+    assert after.startswith("Nothing to stop")
+
+
+def test_invalid_storyboard_returns_the_cli_message_not_a_traceback(server: Server) -> None:
+    bad = story().replace('at = "1.5s"', 'at = "0:99"')
+    with pytest.raises(StoryboardError) as expected:
+        parse_storyboard(bad, source="storyboard.toml")
+    before = sorted(p.name for p in server.outputs.iterdir())
+    client = server.client()
+    try:
+        final = final_outputs(server.render(client, bad))
+        panel = client.predict(bad, api_name="/validate")
+    finally:
+        client.close()
+    assert final[1] == f"Storyboard error, nothing rendered:\n{expected.value}"
+    assert panel == str(expected.value) and "storyboard.toml:" in panel
+    assert "Traceback" not in final[1] and final[3] is None
+    assert sorted(p.name for p in server.outputs.iterdir()) == before  # nothing written
+
+
+def test_one_render_per_process_busy_message_and_tabs_are_separate(server: Server) -> None:
+    tab_a, tab_b = server.client(), server.client()
+    try:
+        job = server.render(tab_a, story(duration="30s", second_at="10s"))
+        busy = push_b = None
+        for update in job:
+            if update[0] is not None and busy is None:
+                busy = final_outputs(server.render(tab_b, story()))
+                push_b = tab_b.predict("a red ball", "cut", api_name="/push")
+                assert tab_b.predict(api_name="/stop").startswith("Nothing to stop")  # B cannot stop A
+                tab_a.predict(api_name="/stop")
+        final = final_outputs(job)
+    finally:
+        tab_a.close()
+        tab_b.close()
+    assert busy is not None and busy[1] == BUSY_MESSAGE.format(n=1) and busy[3] is None
+    assert push_b.startswith("No render is running in this tab")
+    assert "stopped at frame" in final[1]
+
+
+def test_file_route_serves_only_the_outputs_folder(server: Server, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"  # under the system temp dir, but outside the outputs folder
+    secret.write_text("do not serve")
+    inside = server.outputs / "hello.txt"
+    inside.write_text("ok")
+    base = f"{server.url}gradio_api/file="
+    with httpx.Client(timeout=30) as http:
+        assert http.get(base + str(inside)).status_code == 200
+        for path in ("/etc/passwd", str(secret), f"{server.outputs}/../{secret.parent.name}/secret.txt",
+                     str(server.preset), str(Path(__file__).resolve())):
+            r = http.get(base + path)
+            assert r.status_code == 403, (path, r.status_code)
+            assert "do not serve" not in r.text
+        # No monitoring endpoint, strict CORS (no foreign or "null" origin is echoed back).
+        for route in ("monitoring", "gradio_api/monitoring", "monitoring/summary"):
+            assert http.get(server.url + route).status_code in (403, 404)
+        for origin in ("http://evil.example", "null"):
+            r = http.get(server.url + "config", headers={"Origin": origin})
+            assert r.headers.get("access-control-allow-origin") != origin
+        page = http.get(server.url).text
+        assert "fonts.googleapis" not in page
+
+
+def test_launch_policy_refuses_exposed_servers_without_auth(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert make_policy(outputs=out).host == "127.0.0.1"
+    for host in ("0.0.0.0", "192.168.1.5", "example.com", "::"):
+        with pytest.raises(LvError, match="without --auth"):
+            make_policy(host=host, outputs=out)
+    with pytest.raises(LvError, match="--share"):
+        make_policy(share=True, outputs=out)
+    assert make_policy(host="localhost", outputs=out).auth is None
+    assert make_policy(host="::1", outputs=out).auth is None
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery\n")
+    os.chmod(pw, 0o600)
+    policy = make_policy(host="0.0.0.0", share=False, auth=f"alice:{pw}", outputs=out)
+    assert policy.auth == ("alice", "correct horse battery")
+    kw = launch_kwargs(policy)
+    assert kw["allowed_paths"] == [str(out.resolve())] and kw["enable_monitoring"] is False
+    assert kw["strict_cors"] is True and kw["max_file_size"] and kw["show_error"] is False
+    assert gradio_env(policy)["GRADIO_ANALYTICS_ENABLED"] == "False"
+    os.chmod(pw, 0o644)
+    with pytest.raises(LvError, match="chmod 600"):
+        read_auth(f"alice:{pw}")
+    pw.write_text("short\n")
+    os.chmod(pw, 0o600)
+    for spec in (f"alice:{pw}", "alice", f":{pw}", f"alice:{tmp_path / 'missing'}"):
+        with pytest.raises(LvError):
+            read_auth(spec)
+    with pytest.raises(LvError, match="whole tree"):
+        make_policy(outputs=Path("/"))
+
+
+def test_studio_config_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_renders"):
+        StudioConfig(outputs=tmp_path, max_renders=0)
+    with pytest.raises(ValueError, match="min_chunk_seconds"):
+        StudioConfig(outputs=tmp_path, min_chunk_seconds=-1)
+    studio = Studio(StudioConfig(outputs=tmp_path))
+    assert studio.validate(story()).startswith("OK: 2 shot(s)")
+    with pytest.raises(LvError, match="whole number"):
+        Studio._seed("-1")
+    with pytest.raises(LvError, match="whole number"):
+        Studio._seed(str(2**63))
+    assert (Studio._seed(""), Studio._seed(None), Studio._seed(" 42 ")) == (None, None, 42)
+    # Stop pressed while a render is still loading its models ends it before its first chunk.
+    tab = TabState()
+    assert studio.stop(tab).startswith("Nothing to stop")
+    tab.loading = True
+    assert studio.stop(tab).startswith("Stopping") and tab.stop_early
+    assert studio.push("a red ball", "cut", TabState()).startswith("No render is running")
+
+
+def test_preview_command_refuses_before_launching(tmp_path: Path) -> None:
+    from lvstudio.web.cli import preview_command
+
+    with pytest.raises(LvError, match="without --auth"):
+        preview_command(None, None, "0.0.0.0", False, None, None, tmp_path / "o")
+    with pytest.raises(LvError, match="without --auth"):
+        preview_command(None, None, "127.0.0.1", True, None, None, tmp_path / "o")
+    with pytest.raises(LvError, match="no such storyboard"):
+        preview_command(tmp_path / "missing.toml", None, "127.0.0.1", False, None, None, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -44,6 +44,16 @@ class AttentionSettings(_Strict):
     recache_on_switch: bool = True
 
 
+class StreamingSettings(_Strict):
+    """The streaming-DiT backend's moving buffer (StreamDiT partitions)."""
+
+    buffer_chunks: int = Field(4, ge=1)  # N chunks in the buffer, each at its own noise level
+    chunk_frames: int | None = Field(None, ge=1)  # latent frames per chunk (default: attention.block_frames)
+    micro_steps: int = Field(2, ge=1)  # denoising steps per chunk before the buffer shifts (steps per frame = N * s)
+    shift: float = Field(2.0, gt=0)
+    causal_buffer: bool = True  # block-causal attention inside the buffer (as the tiny preset was trained)
+
+
 class FileEntry(_Strict):
     path: str  # relative to the preset folder (local) or the repo root (hub)
     sha256: str | None = None
@@ -62,6 +72,7 @@ class Preset(_Strict):
     files: dict[str, FileEntry] = Field(default_factory=dict)  # role -> file (dit, text_encoder, vae, lora...)
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     repo_id: str | None = None  # Hugging Face Hub presets
     revision: str | None = None
     licence: str = ""

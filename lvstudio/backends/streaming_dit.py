@@ -1,0 +1,177 @@
+"""The streaming-DiT backend (StreamDiT / Rolling-Forcing style): a moving buffer at staggered noise levels.
+
+The buffer holds N chunks of c latent frames; chunk 0 is the oldest and cleanest. Each model call denoises every frame
+of the buffer by one level of a StreamDiT partition (`lvstudio.sampling.schedules.stream_partition_levels`): per-frame
+timesteps into the DiT, attention block-causal (or bidirectional) inside the buffer plus the KV cache of emitted
+frames (sink + rolling window). After s micro-steps the first chunk is clean: it is emitted (context pass into the KV
+cache, streaming VAE decode), the buffer shifts by c and fresh noise enters. Each chunk takes its prompt from the
+Prompt Stream Buffer when it *enters* the buffer, so a prompt change reaches the output within one buffer length.
+Warm-up: chunks enter one per shift period and sit at the noisy end of the partition until the buffer is full.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lvstudio.backends.base import Chunk, block_generator, to_uint8_frames
+from lvstudio.bundle import ModelBundle
+from lvstudio.caches import AnchorCache
+from lvstudio.models.kv_cache import AttentionSpec
+from lvstudio.models.wan_dit import Conditioning
+from lvstudio.presets import StreamingSettings
+from lvstudio.prompt_stream import BlockConditioning, PromptStreamBuffer, block_start_frame
+from lvstudio.sampling.schedules import stream_partition_levels
+
+
+@dataclass
+class _BufferChunk:
+    block: int  # block index of this chunk in the whole video
+    cond: BlockConditioning
+
+
+class StreamingDiTBackend:
+    name = "streaming-dit"
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        buffer: PromptStreamBuffer,
+        *,
+        seed: int,
+        width: int,
+        height: int,
+        anchors: AnchorCache | None = None,
+        settings: StreamingSettings | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.prompts = buffer
+        self.buffer = buffer  # the Backend protocol's name for the prompt stream
+        self.seed = seed
+        self.anchors = anchors or AnchorCache()
+        self.st = settings or bundle.preset.streaming
+        attn = bundle.preset.attention
+        self.c = self.st.chunk_frames or attn.block_frames
+        self.attn = attn
+        self.h, self.w = bundle.latent_hw(width, height)
+        self.part = stream_partition_levels(self.st.buffer_chunks, self.c, self.st.micro_steps, self.st.shift)
+        self.spec = AttentionSpec(self.c if self.st.causal_buffer else None, attn.window_frames, attn.sink_frames)
+        cache_spec = AttentionSpec(self.c, attn.window_frames, attn.sink_frames)
+        self.cache = bundle.dit.new_kv_cache(cache_spec, (self.h, self.w))
+        self.decoder = bundle.vae.streaming_decoder()
+        self.x: Tensor | None = None  # [1, C, P*c, h, w] buffer latents
+        self.chunks: list[_BufferChunk] = []
+        self.micro = 0  # micro-step inside the current shift period
+        self.emitted = 0  # chunks emitted so far (= block index of the buffer's first chunk when full)
+        self.entered = 0  # chunks that have entered the buffer
+        self._conds: OrderedDict[str, Conditioning] = OrderedDict()
+
+    @property
+    def next_index(self) -> int:
+        return self.emitted
+
+    def _conditioning(self, bc: BlockConditioning) -> Conditioning:
+        if bc.key not in self._conds:
+            self._conds[bc.key] = self.bundle.dit.new_conditioning(bc.context.to(self.bundle.device))
+            while len(self._conds) > 8:
+                self._conds.popitem(last=False)
+        self._conds.move_to_end(bc.key)
+        return self._conds[bc.key]
+
+    def _enter(self) -> None:
+        """A fresh chunk of noise enters the noisy end of the buffer, with the prompt active for its block."""
+        b = self.entered
+        gen = block_generator(self.seed, b, torch.device("cpu"), salt="stream")
+        noise = torch.randn(1, self.bundle.latent_channels, self.c, self.h, self.w, generator=gen).to(self.bundle.device)
+        self.x = noise if self.x is None else torch.cat([self.x, noise], dim=2)
+        self.chunks.append(_BufferChunk(b, self.prompts.conditioning(b)))
+        self.entered += 1
+
+    # -- one emitted chunk ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> Chunk:
+        t_start = time.perf_counter()
+        t_model = 0.0
+        n = self.st.buffer_chunks
+        while True:
+            # Step 1: at the start of a shift period, fill the buffer up to N chunks (warm-up adds one per period).
+            if self.micro == 0 and len(self.chunks) < n:
+                self._enter()
+            # Step 2: one model call over the buffer; each frame moves down one level (Euler on its own sigma).
+            t0 = time.perf_counter()
+            self._micro_step()
+            t_model += time.perf_counter() - t0
+            self.micro += 1
+            if self.micro < self.st.micro_steps:
+                continue
+            self.micro = 0
+            if len(self.chunks) == n:
+                break  # the first chunk just reached sigma 0
+        # Step 3: emit the clean first chunk: context pass into the cache, decode, shift the buffer.
+        first = self.chunks.pop(0)
+        x0 = self.x[:, :, : self.c]
+        self.x = self.x[:, :, self.c :]
+        cond = self._conditioning(first.cond)
+        start = first.block * self.c
+        self.bundle.dit(x0, torch.full((1, self.c), 0.0, device=x0.device), cond, attention=AttentionSpec(self.c),
+                        kv_cache=self.cache, start_frame=start, write_cache=True, rope_mode=self.attn.rope_mode)
+        t0 = time.perf_counter()
+        frames = to_uint8_frames(self.decoder.decode(x0))
+        t_decode = time.perf_counter() - t0
+        self.emitted += 1
+        return Chunk(
+            index=first.block, frames=frames, frame_start=block_start_frame(first.block, self.c), latents=x0.cpu(),
+            latent_start=start, event_id=first.cond.event_id, prompt=first.cond.prompt,
+            blend_weight=first.cond.blend_weight, switched=first.cond.switched,
+            timings={"denoise": t_model, "recache": 0.0, "decode": t_decode, "total": time.perf_counter() - t_start},
+        )
+
+    def _micro_step(self) -> None:
+        p = len(self.chunks)
+        cols = slice(self.part.buffer_frames - p * self.c, None)  # warm-up: the noisy end of the partition
+        s_from = self.part.sigma_from[self.micro, cols].to(self.x)  # [P*c]
+        s_to = self.part.sigma_to[self.micro, cols].to(self.x)
+        t = (s_from * 1000)[None]  # [1, P*c]
+        start = self.chunks[0].block * self.c
+        v = torch.empty_like(self.x)
+        # Frames are conditioned on the prompt they entered with: one call per distinct prompt in the buffer.
+        keys = list(OrderedDict.fromkeys(ch.cond.key for ch in self.chunks))
+        for key in keys:
+            ch0 = next(ch for ch in self.chunks if ch.cond.key == key)
+            out = self.bundle.dit(self.x, t, self._conditioning(ch0.cond), attention=self.spec, kv_cache=self.cache,
+                                  start_frame=start, rope_mode=self.attn.rope_mode)
+            for i, ch in enumerate(self.chunks):
+                if ch.cond.key == key:
+                    v[:, :, i * self.c : (i + 1) * self.c] = out[:, :, i * self.c : (i + 1) * self.c]
+        self.x = self.x + (s_to - s_from)[None, None, :, None, None] * v
+
+    # -- protocol extras --------------------------------------------------------------------------------------------
+    def cache_summary(self) -> dict[str, float]:
+        return {
+            "kv_frames": float(self.cache.num_frames),
+            "kv_sink_frames": float(self.cache.num_sink),
+            "kv_mb": self.cache.nbytes() / 2**20,
+            "buffer_frames": float(0 if self.x is None else self.x.shape[2]),
+            "steps_per_frame": float(self.part.steps_per_frame),
+        }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"kv.{k}": v for k, v in self.cache.state_dict().items()}
+        state.update({f"dec.{k}": v for k, v in self.decoder.state_dict().items()})
+        state["counters"] = torch.tensor([self.micro, self.emitted, self.entered])
+        state["chunk_blocks"] = torch.tensor([ch.block for ch in self.chunks], dtype=torch.int64)
+        if self.x is not None:
+            state["buffer"] = self.x.contiguous()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.cache.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("kv.")})
+        self.decoder.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dec.")})
+        self.micro, self.emitted, self.entered = (int(v) for v in state["counters"])
+        self.x = state.get("buffer")
+        self.prompts.restore_position(self.entered)
+        self.chunks = [_BufferChunk(int(b), self.prompts.conditioning(int(b))) for b in state["chunk_blocks"]]

@@ -129,6 +129,7 @@ def render(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output / discard an old job.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     keep_job: Annotated[bool, typer.Option("--keep-job", help="Keep the job folder (per-chunk latents).")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
     """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet)."""
     from lvstudio.render import EXIT_INTERRUPTED as INTERRUPTED
@@ -143,7 +144,7 @@ def render(
         except ValueError as err:
             raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
     req = RenderRequest(story, out, preset, backend, seed, secs, resume, force, progress=not no_progress,
-                        keep_job=keep_job)
+                        keep_job=keep_job, threads=threads)
     result = run_render(req, echo=lambda m: typer.echo(m, err=True))
     if result.interrupted:
         raise typer.Exit(INTERRUPTED)
@@ -209,9 +210,15 @@ def eval_adherence_cmd(
     seconds: Annotated[float, typer.Option(help="Seconds rendered per prompt.")] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of the prompt sample and the renders.")] = 0,
     backend: Annotated[str, typer.Option(help="Backend to evaluate.")] = "causal-kv",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
     """Oracle prompt adherence (scene, object colour, shape) of generated video."""
+    import torch
+
     from lvstudio.bundle import load_bundle
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     from lvstudio.eval.adherence import evaluate_adherence
 
     report = evaluate_adherence(load_bundle(preset), prompts, seconds, seed, backend)

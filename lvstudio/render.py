@@ -37,6 +37,7 @@ class RenderRequest:
     force: bool = False
     progress: bool = True
     keep_job: bool = False  # keep the job folder (per-chunk latents) after success
+    threads: int = 1  # torch CPU threads (1 avoids OpenMP oversubscription; 0 = torch default)
     contact_every_s: float = 4.0
 
 
@@ -106,6 +107,8 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
             raise LvError(f"the options differ from the interrupted render ({saved})",
                           hint="resume with the same --preset/--backend/--seed/--duration, or start over with --force")
     torch.set_grad_enabled(False)
+    if req.threads > 0:
+        torch.set_num_threads(req.threads)
     bundle = load_bundle(preset)
     session = RenderSession(sb, bundle, settings, job_dir=job_dir)
     sink = VideoSink(out, settings.fps, settings.width, settings.height, force=True)

@@ -79,7 +79,9 @@ def test_shapes_and_range() -> None:
     assert latent_frames(17) == 5 and pixel_frames(5) == 17
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 8, 16, 16), (1, 3, 0, 16, 16), (1, 3, 5, 20, 16), (1, 3, 5, 16, 12), (1, 4, 5, 16, 16)])
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 8, 16, 16), (1, 3, 0, 16, 16), (1, 3, 5, 20, 16), (1, 3, 5, 16, 12), (1, 4, 5, 16, 16)]
+)
 def test_bad_video_raises(shape: tuple[int, ...]) -> None:
     vae = _vae()
     with pytest.raises(ValueError):

@@ -111,3 +111,31 @@ def test_config_file_errors_name_the_key(tmp_path: Path) -> None:
         load_config(bad, DFConfig)
     cfg = load_config(ROOT / "presets" / "tiny" / "train_df.toml", DFConfig)
     assert Path(cfg.vae) == ROOT / "presets" / "tiny" / "vae.safetensors"
+
+
+def test_object_masks_cover_the_world_objects() -> None:
+    from lvstudio.train.diffusion_forcing import object_masks
+    from lvstudio.train.world import sample_clip
+
+    clip = sample_clip(5, 9)
+    masks = object_masks(clip.truth, 3, 128)
+    assert masks.shape == (3, 16, 16) and 0 < masks.float().mean() < 0.5
+    for k, f in ((0, 0), (1, 4), (2, 8)):
+        for ob in clip.truth[f].objects:
+            assert masks[k, int(ob.y // 8), int(ob.x // 8)] == 1
+
+
+def test_object_weighting_changes_the_loss_only_when_enabled() -> None:
+    import torch
+
+    cfg = tiny_cfg("unused", cfg_dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB, 4)
+    batch = sample_batch(tiny_dataset(), cfg, np.random.default_rng(0))
+    with torch.no_grad():
+        plain = df_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+        batch.objects = torch.zeros(batch.x0.shape[0], batch.x0.shape[2], 4, 4)
+        batch.objects[:, :, 1, 1] = 1
+        same = df_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+        weighted = df_loss(model, batch, cfg.model_copy(update={"object_weight": 8.0}), torch.Generator().manual_seed(1))
+    assert torch.equal(plain, same) and not torch.allclose(plain, weighted)

@@ -226,7 +226,8 @@ class SpaceUp(nn.Module):
 
     def forward(self, x: Tensor, state: State) -> Tensor:  # [B, F, C, H, W] → [B, F, C', 2H, 2W]
         b, f = x.shape[:2]
-        up = F.interpolate(x.flatten(0, 1).contiguous(memory_format=torch.channels_last), scale_factor=2.0, mode="nearest")
+        frames = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # [B*F, C, H, W]
+        up = F.interpolate(frames, scale_factor=2.0, mode="nearest")
         shortcut = F.pixel_shuffle(_channel_dup(x, 4 * self.conv.conv.out_channels), 2)
         return self.conv(up.unflatten(0, (b, f)), state) + shortcut
 

@@ -61,6 +61,7 @@ class DFConfig(TrainConfigBase):
     cfg_dropout: float = 0.1
     shift: float = 1.0  # timestep shift of the training noise distribution
     first_window_prob: float = 0.4  # how often a window starts at latent 0 (the 1-frame latent)
+    object_weight: float = 0.0  # extra loss weight on latent pixels covered by objects (world ground truth)
     ar_prob: float = 0.5  # share of samples in the inference regime: blocks before a random block are near-clean
     context_sigma_max: float = 0.05  # noise level range of that near-clean history (noise augmentation)
     init_dit: str | None = None  # start from these DiT weights (safetensors) instead of random
@@ -104,12 +105,18 @@ def build_model(cfg: DFConfig, vocabulary: list[str], latent_channels: int) -> T
 class LatentDataset:
     latents: Tensor  # [N, C, L, h, w] normalised VAE latents
     captions: list[list[str]]  # per clip, per latent frame ("" where the frames of a latent disagree)
+    objects: Tensor | None = None  # [N, L, h, w] 1 where an object covers the latent pixel (world ground truth)
+    seeds: list[int] | None = None  # world seed of each clip
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
+        tensors = {"latents": self.latents.contiguous()}
+        if self.objects is not None:
+            tensors["objects"] = self.objects.contiguous()
         tmp = path.with_name(f".{path.name}.partial")
-        save_file({"latents": self.latents.contiguous()}, str(tmp), metadata={"captions": json.dumps(self.captions)})
+        meta = {"captions": json.dumps(self.captions), "seeds": json.dumps(self.seeds)}
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod
@@ -119,7 +126,23 @@ class LatentDataset:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        return cls(load_file(str(path))["latents"], json.loads(meta["captions"]))
+        t = load_file(str(path))
+        return cls(t["latents"], json.loads(meta["captions"]), t.get("objects"), json.loads(meta.get("seeds", "null")))
+
+
+def object_masks(truth: list, num_latents: int, size: int) -> Tensor:
+    """[L, h, w] coverage of a clip's objects on the latent grid (union over each latent's pixel frames, dilated 1 px)."""
+    import cv2
+
+    h = size // 8
+    out = np.zeros((num_latents, h, h), np.uint8)
+    for k in range(num_latents):
+        frames = [0] if k == 0 else range(4 * k - 3, 4 * k + 1)
+        for f in frames:
+            for ob in truth[f].objects:
+                r = int(round(ob.size / 16 + 1))
+                cv2.circle(out[k], (int(round(ob.x / 8 - 0.5)), int(round(ob.y / 8 - 0.5))), r, 1, -1)
+    return torch.from_numpy(out)
 
 
 def latent_captions(frame_captions: list[str], num_latents: int) -> list[str]:
@@ -138,14 +161,28 @@ def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int
     from lvstudio.train.world import sample_clip
 
     num_frames = 1 + 4 * (clip_latents - 1)
-    latents, captions = [], []
+    latents, captions, objects, seeds = [], [], [], []
     for start in range(0, num_clips, batch):
-        clips = [sample_clip(seed * 1_000_003 + i, num_frames, size=size, switch_prob=switch_prob)
-                 for i in range(start, min(num_clips, start + batch))]
+        clip_seeds = [seed * 1_000_003 + i for i in range(start, min(num_clips, start + batch))]
+        clips = [sample_clip(s, num_frames, size=size, switch_prob=switch_prob) for s in clip_seeds]
         video = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
         latents.append(vae.encode(video))  # [b, C, L, h, w]
         captions += [latent_captions(c.captions, clip_latents) for c in clips]
-    return LatentDataset(torch.cat(latents), captions)
+        objects += [object_masks(c.truth, clip_latents, size) for c in clips]
+        seeds += clip_seeds
+    return LatentDataset(torch.cat(latents), captions, torch.stack(objects), seeds)
+
+
+def add_object_masks(data: LatentDataset, cfg: DFConfig) -> LatentDataset:
+    """Re-render the (deterministic) world clips of a dataset built without masks, to add them."""
+    from lvstudio.train.world import sample_clip
+
+    n, length = data.latents.shape[0], data.latents.shape[2]
+    num_frames = 1 + 4 * (length - 1)
+    masks = [object_masks(sample_clip(cfg.seed * 1_000_003 + i, num_frames, size=cfg.size,
+                                      switch_prob=cfg.switch_prob).truth, length, cfg.size) for i in range(n)]
+    seeds = [cfg.seed * 1_000_003 + i for i in range(n)]
+    return LatentDataset(data.latents, data.captions, torch.stack(masks), seeds)
 
 
 @dataclass
@@ -153,6 +190,7 @@ class Batch:
     x0: Tensor  # [B, C, F, h, w]
     prompts: list[str]
     loss_mask: Tensor  # [B, F] 1 where the frame is trained
+    objects: Tensor | None = None  # [B, F, h, w] object coverage
 
 
 def sample_batch(data: LatentDataset, cfg: DFConfig, rng: np.random.Generator) -> Batch:
@@ -161,7 +199,7 @@ def sample_batch(data: LatentDataset, cfg: DFConfig, rng: np.random.Generator) -
     if cfg.latent_frames > length:
         raise ValueError(f"latent_frames={cfg.latent_frames} is longer than the encoded clips ({length} latents)")
     offsets = list(range(0, length - cfg.latent_frames + 1, cfg.block_frames))
-    xs, prompts, masks = [], [], []
+    xs, prompts, masks, objs = [], [], [], []
     for _ in range(cfg.batch_size):
         i = int(rng.integers(n))
         o = 0 if rng.random() < cfg.first_window_prob else int(rng.choice(offsets))
@@ -170,7 +208,10 @@ def sample_batch(data: LatentDataset, cfg: DFConfig, rng: np.random.Generator) -
         masks.append(torch.tensor([1.0 if c == prompt else 0.0 for c in caps]))
         prompts.append("" if rng.random() < cfg.cfg_dropout else prompt)
         xs.append(data.latents[i, :, o : o + cfg.latent_frames])
-    return Batch(torch.stack(xs).float(), prompts, torch.stack(masks))
+        if data.objects is not None:
+            objs.append(data.objects[i, o : o + cfg.latent_frames])
+    objects = torch.stack(objs).float() if objs else None
+    return Batch(torch.stack(xs).float(), prompts, torch.stack(masks), objects)
 
 
 def df_loss(model: TinyDF, batch: Batch, cfg: DFConfig, gen: torch.Generator) -> Tensor:
@@ -190,7 +231,12 @@ def df_loss(model: TinyDF, batch: Batch, cfg: DFConfig, gen: torch.Generator) ->
     x_t = add_noise(x0, eps, sigma)
     ids, _ = _unwrap(model).text.tokenize(batch.prompts)
     v = model(x_t, sigma * 1000, ids, AttentionSpec(block_frames=cfg.block_frames))
-    per_frame = (v - velocity_target(x0, eps)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+    err = (v - velocity_target(x0, eps)).pow(2).mean(dim=1)  # [B, F, h, w]
+    if batch.objects is not None and cfg.object_weight > 0:
+        # Objects are a few % of the pixels but carry the prompt's colour and shape: weight them up.
+        weight = 1.0 + cfg.object_weight * batch.objects
+        err = err * weight / weight.mean(dim=(2, 3), keepdim=True)
+    per_frame = err.mean(dim=(2, 3))  # [B, F]
     return (per_frame * batch.loss_mask).sum() / batch.loss_mask.sum().clamp_min(1.0)
 
 
@@ -284,7 +330,11 @@ def _dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
         from lvstudio.models.tiny_vae import load_vae
 
         vae = load_vae(cfg.vae).eval()
-        encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob, cfg.seed).save(path)
+        data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob, cfg.seed,
+                                    batch=4)
+        data.save(path)
+    elif dist.is_main and cfg.object_weight > 0 and LatentDataset.load(path).objects is None:
+        add_object_masks(LatentDataset.load(path), cfg).save(path)  # datasets built before masks existed
     if dist.enabled:
         import torch.distributed as tdist
 

@@ -185,12 +185,17 @@ def train_diffusion_forcing_cmd(
 @train_app.command("export")
 def train_export_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The diffusion-forcing config of the run.")],
+    to: Annotated[Optional[Path], typer.Option("--to", help="Also copy the weights (fp16) into this preset folder.")] = None,
 ) -> None:
     """Export dit/text safetensors (EMA) from the latest checkpoint of a diffusion-forcing run."""
     from lvstudio.train.common import load_config
-    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint
+    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint, ship_weights
 
-    typer.echo(f"exported EMA weights into {export_checkpoint(load_config(config, DFConfig))}")
+    run = export_checkpoint(load_config(config, DFConfig))
+    typer.echo(f"exported EMA weights into {run}")
+    if to is not None:
+        for path in ship_weights(run, to):
+            typer.echo(f"  -> {path}")
 
 
 @train_app.command("vae")

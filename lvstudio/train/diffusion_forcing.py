@@ -363,6 +363,28 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
     return out
 
 
+def ship_weights(run_dir: Path, preset_dir: Path, half: bool = True) -> list[Path]:
+    """Copy a run's exported dit/text weights into a preset folder (fp16 by default: half the size, same outputs
+    to ~1e-3), keeping the config metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    written = []
+    for name in ("dit.safetensors", "text.safetensors"):
+        src = Path(run_dir) / name
+        with safe_open(str(src), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(src))
+        if half:
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        dst = Path(preset_dir) / name
+        tmp = dst.with_name(f".{name}.partial")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(dst)
+        written.append(dst)
+    return written
+
+
 def export_weights(model: TinyDF, ema: EMA, out: Path) -> None:
     """Write the EMA weights as dit.safetensors / text.safetensors (with configs in metadata) into out."""
     from safetensors.torch import save_file

@@ -1,8 +1,15 @@
-"""A loaded preset: the DiT, its text encoder and its VAE behind small adapters every backend uses."""
+"""A loaded preset: the DiT, its text encoder and its VAE behind small adapters every backend uses.
+
+`tiny` presets load from their folder. Hub presets (umT5 text encoder, Wan VAE) load from the Hugging Face cache
+after `lvstudio presets pull` (lvstudio.hub): every file is sha256-checked before it is opened, `.pt` checkpoints are
+read only in their converted safetensors form, a LoRA (LongLive) is merged through peft, and the models go to the
+requested device in bfloat16 on a GPU (float32 on the CPU).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,16 +110,18 @@ def load_dit(path: Path, config: WanDiTConfig | None = None) -> WanDiT:
     return dit.eval()
 
 
-def load_bundle(preset: Preset | str, device: str | torch.device = "cpu") -> ModelBundle:
-    """Load the models a preset names (the tiny ones from presets/tiny/)."""
+def load_bundle(preset: Preset | str, device: str | torch.device | None = None) -> ModelBundle:
+    """Load the models a preset names: tiny ones from their folder, Hub ones from the Hugging Face cache.
+
+    device: "cpu", "cuda", "cuda:N", "mps" or "auto"; None = LVSTUDIO_DEVICE, else "cpu".
+    """
     if isinstance(preset, str):
         preset = load_preset(preset)
-    dev = torch.device(device)
-    if preset.text_encoder != "tiny" or preset.vae != "tiny":
-        raise PresetError(
-            f"preset {preset.name!r} uses {preset.text_encoder}/{preset.vae} components, which need the Hub adapters",
-            hint="Hub presets are not available in this build yet; use preset = \"tiny\"",
-        )
+    from lvstudio.models.wan_components import resolve_device
+
+    dev = resolve_device(device if device is not None else os.environ.get("LVSTUDIO_DEVICE", "cpu"))
+    if preset.is_hub or preset.text_encoder != "tiny" or preset.vae != "tiny":
+        return _load_hub_bundle(preset, dev)
     from lvstudio.models.tiny_text import load_text_encoder
     from lvstudio.models.tiny_vae import load_vae
 
@@ -121,3 +130,53 @@ def load_bundle(preset: Preset | str, device: str | torch.device = "cpu") -> Mod
     text = load_text_encoder(_require(preset.file_path("text_encoder"), preset, "text encoder")).to(dev)
     vae = load_vae(_require(preset.file_path("vae"), preset, "VAE"), device=dev).eval()
     return ModelBundle(preset, dit, TinyTextAdapter(text), vae, dev, latent_channels=dit.cfg.out_dim)
+
+
+def _load_hub_bundle(preset: Preset, dev: torch.device) -> ModelBundle:
+    """umT5 + Wan VAE + a Wan2.1 DiT (optionally with a merged LoRA) from the Hub cache, verified before loading."""
+    from lvstudio import hub
+    from lvstudio.models.wan_components import (
+        load_dit_weights,
+        load_umt5,
+        load_wan_vae,
+        merge_lora,
+        resolve_dtype,
+    )
+
+    if (preset.text_encoder, preset.vae) != ("umt5", "wan"):
+        raise PresetError(
+            f"preset {preset.name!r} mixes {preset.text_encoder} text with a {preset.vae} VAE",
+            hint='Hub presets use text_encoder = "umt5" and vae = "wan"; the tiny components live in presets/tiny',
+        )
+    for role in ("dit", "text_encoder", "tokenizer", "vae"):
+        if role not in preset.files:
+            raise PresetError(f"preset {preset.name!r} has no files.{role}",
+                              hint="Hub presets list dit, text_encoder, tokenizer and vae (see presets/*.toml)")
+    if not preset.dit_config:
+        raise PresetError(f"preset {preset.name!r} has no [dit_config]", hint="copy it from presets/self-forcing-1.3b.toml")
+    # Step 1: find every file (never the network) and check its sha256 before anything is opened.
+    resolved = hub.resolve(preset)
+    hub.require_ok(preset, hub.verify_resolved(resolved, use_stamps=True))
+    dtype = resolve_dtype(preset.dtype, dev)
+    vae_dtype = resolve_dtype(preset.vae_dtype, dev)
+    cfg = WanDiTConfig.from_dict(preset.dit_config)
+    # Step 2: the DiT in float32 on the CPU, LoRA merged there (exact), then cast and moved.
+    dit = load_dit_weights(resolved.files("dit") if resolved.paths["dit"].is_dir() else [resolved.paths["dit"]], cfg)
+    if preset.lora is not None:
+        from safetensors.torch import load_file
+
+        lora = load_file(str(resolved.paths[preset.lora.file]))
+        dit, _ = merge_lora(dit, lora, target_modules=preset.lora.target_modules, rank=preset.lora.rank,
+                            alpha=preset.lora.alpha)
+    dit = dit.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    # Step 3: the VAE, then the text encoder (offloaded to the CPU when GPU memory is short).
+    vae = load_wan_vae(resolved.paths["vae"], device=dev, dtype=vae_dtype)
+    if vae.z_dim != cfg.out_dim:
+        raise PresetError(f"preset {preset.name!r}: VAE z_dim {vae.z_dim} != DiT out_dim {cfg.out_dim}")
+    other = sum(p.numel() * p.element_size() for p in dit.parameters())
+    other += sum(p.numel() * p.element_size() for p in vae.model.parameters())
+    text = load_umt5(resolved.paths["text_encoder"], resolved.paths["tokenizer"], text_len=cfg.text_len, device=dev,
+                     dtype=dtype, offload=preset.text_offload, other_bytes=other)
+    if text.dim != cfg.text_dim:
+        raise PresetError(f"preset {preset.name!r}: text encoder width {text.dim} != DiT text_dim {cfg.text_dim}")
+    return ModelBundle(preset, dit, text, vae, dev, latent_channels=cfg.out_dim, spatial_stride=8)

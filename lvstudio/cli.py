@@ -129,6 +129,7 @@ def render(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output / discard an old job.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     keep_job: Annotated[bool, typer.Option("--keep-job", help="Keep the job folder (per-chunk latents).")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: $LVSTUDIO_DEVICE or cpu).")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
     """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet)."""
@@ -144,7 +145,7 @@ def render(
         except ValueError as err:
             raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
     req = RenderRequest(story, out, preset, backend, seed, secs, resume, force, progress=not no_progress,
-                        keep_job=keep_job, threads=threads)
+                        keep_job=keep_job, threads=threads, device=device)
     result = run_render(req, echo=lambda m: typer.echo(m, err=True))
     if result.interrupted:
         raise typer.Exit(INTERRUPTED)
@@ -250,6 +251,16 @@ def bench_render_cmd(
     from lvstudio.eval.bench_render import run_render_bench
 
     typer.echo("\n".join(run_render_bench(preset, minutes, threads).lines()))
+
+
+def _register_hub_commands() -> None:
+    """`presets pull|verify|convert` (their heavy imports stay inside the commands)."""
+    from lvstudio.hub_cli import register
+
+    register(presets_app)
+
+
+_register_hub_commands()
 
 
 @presets_app.command("list")

@@ -1,19 +1,36 @@
 """Presets: one TOML file per model setup in `presets/` (or any path), validated by pydantic.
 
-A preset names the backend default, native size and fps, the model files (in-repo for `tiny`), the sampler and the
-attention settings. `lvstudio presets list|info` read these; `lvstudio.bundle.load_bundle` turns one into models.
+A preset names the backend default, native size and fps, the model files (in-repo for `tiny`, on the Hugging Face
+Hub for the others), the sampler and the attention settings. `lvstudio presets list|info` read these;
+`lvstudio presets pull|verify|convert` (lvstudio.hub) fetch Hub files; `lvstudio.bundle.load_bundle` turns a preset
+into models.
+
+Presets are found in the repository's `presets/` folder and in the folders listed in `LVSTUDIO_PRESET_PATH`
+(os.pathsep-separated), by exact name or by a unique name prefix (`self-forcing` -> `self-forcing-1.3b`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import re
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lvstudio.errors import PresetError
 
 BackendName = Literal["causal-kv", "streaming-dit", "erft-crossclip"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+# A Hub revision that still has to be pinned: `lvstudio presets pull NAME --revision <40-hex>` fills it in the lock.
+REVISION_PLACEHOLDER = "FILL-ME"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# What may come from the Hub: weights and JSON. `.pt`/`.pth` are pickles: only `lvstudio presets convert` opens them
+# (torch.load(weights_only=True)) and turns them into safetensors; nothing else ever unpickles a downloaded file.
+HUB_SUFFIXES = {".safetensors": "safetensors", ".json": "json", ".pt": "pt", ".pth": "pt"}
 
 
 def presets_dir() -> Path:
@@ -55,8 +72,66 @@ class StreamingSettings(_Strict):
 
 
 class FileEntry(_Strict):
+    """One file (or, with format = "diffusers", one diffusers component folder) a preset needs.
+
+    Local presets name files relative to the preset folder. Hub presets name them relative to the repository root
+    of `repo_id` (default: the preset's `repo_id`) at the pinned revision.
+    """
+
     path: str  # relative to the preset folder (local) or the repo root (hub)
-    sha256: str | None = None
+    sha256: str | None = None  # expected sha256 of a single file (hex); None = check against the Hub's LFS etag
+    repo_id: str | None = None  # Hub repository holding the file (default: the preset's repo_id)
+    format: Literal["safetensors", "pt", "json", "diffusers"] | None = None  # None = from the file suffix
+    state_key: str | None = None  # pt: the dict inside the checkpoint to take (e.g. "generator_ema")
+    size: int | None = Field(None, ge=0)  # bytes, if known (informational; pull asks the Hub)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.fullmatch(value.lower()):
+            raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
+        return None if value is None else value.lower()
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo(cls, value: str | None) -> str | None:
+        if value is not None and not _REPO_ID.fullmatch(value):
+            raise ValueError(f"repo_id must look like 'owner/name', got {value!r}")
+        return value
+
+    @property
+    def kind(self) -> str:
+        """safetensors | pt | json | diffusers (a folder with config.json + *.safetensors)."""
+        if self.format is not None:
+            return self.format
+        return HUB_SUFFIXES.get(PurePosixPath(self.path).suffix.lower(), "unknown")
+
+    def check_hub_path(self, role: str) -> None:
+        """Refuse Hub entries that could deliver code or escape the snapshot (ValueError)."""
+        p = PurePosixPath(self.path)
+        if p.is_absolute() or ".." in p.parts or "\\" in self.path or not self.path.strip():
+            raise ValueError(f"files.{role}.path {self.path!r} must be a relative path inside the repository")
+        if self.kind == "diffusers":
+            if p.suffix:
+                raise ValueError(f"files.{role}: a diffusers entry names a folder, got {self.path!r}")
+            return
+        if p.suffix.lower() not in HUB_SUFFIXES:
+            raise ValueError(
+                f"files.{role}.path {self.path!r}: only *.safetensors, *.json and *.pt/*.pth (converted to "
+                "safetensors by `lvstudio presets convert`) may come from the Hub — never code"
+            )
+        if HUB_SUFFIXES[p.suffix.lower()] != self.kind:
+            raise ValueError(f"files.{role}: format {self.kind!r} does not match the file suffix of {self.path!r}")
+
+
+class LoraSettings(_Strict):
+    """A LoRA adapter applied (merged) at load time through peft (LongLive: rank 256, alpha 256)."""
+
+    file: str = "lora"  # role in [files] holding the adapter
+    rank: int | None = Field(None, ge=1)  # None = read from the adapter's lora_A shapes
+    alpha: float | None = Field(None, gt=0)  # None = rank (scale 1)
+    # Module names (regex, full match) that carry adapters: all attention and FFN linears of every block.
+    target_modules: str = r"blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o)|ffn\.(0|2))"
 
 
 class Preset(_Strict):
@@ -74,28 +149,126 @@ class Preset(_Strict):
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     repo_id: str | None = None  # Hugging Face Hub presets
-    revision: str | None = None
+    revision: str | None = None  # 40-hex commit of repo_id, or "FILL-ME" (pinned by `presets pull --revision`)
+    revisions: dict[str, str] = Field(default_factory=dict)  # other repos: repo_id -> 40-hex commit or "FILL-ME"
     licence: str = ""
+    lora: LoraSettings | None = None
+    dtype: DType = "auto"  # DiT and text encoder: auto = bfloat16 on GPU, float32 on CPU
+    vae_dtype: DType = "auto"
+    text_offload: Literal["auto", "never", "cpu", "swap"] = "auto"  # where the text encoder lives on a GPU run
     training: dict = Field(default_factory=dict)  # how the weights were made, and their figures (informational)
     folder: Path | None = Field(None, exclude=True)  # where the preset file lives (set by load_preset)
 
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        return None if value is None else _check_revision(value, "revision")
+
+    @field_validator("revisions")
+    @classmethod
+    def _revisions(cls, value: dict[str, str]) -> dict[str, str]:
+        for repo, rev in value.items():
+            if not _REPO_ID.fullmatch(repo):
+                raise ValueError(f"revisions: {repo!r} is not a repo id ('owner/name')")
+            _check_revision(rev, f"revisions.{repo}")
+        return value
+
+    @model_validator(mode="after")
+    def _hub_files(self) -> Preset:
+        if self.repo_id is not None and not _REPO_ID.fullmatch(self.repo_id):
+            raise ValueError(f"repo_id must look like 'owner/name', got {self.repo_id!r}")
+        for role, entry in self.files.items():
+            if self.is_hub_file(role):
+                entry.check_hub_path(role)
+                if entry.repo_id is None and self.repo_id is None:
+                    raise ValueError(f"files.{role} has no repo_id and the preset has none")
+        if self.lora is not None and self.lora.file not in self.files:
+            raise ValueError(f"lora.file = {self.lora.file!r} is not a role in [files]")
+        return self
+
+    # -- Hub helpers --------------------------------------------------------------------------------------------
+    @property
+    def is_hub(self) -> bool:
+        """True when any file comes from the Hugging Face Hub."""
+        return any(self.is_hub_file(role) for role in self.files)
+
+    def is_hub_file(self, role: str) -> bool:
+        return self.files[role].repo_id is not None or self.repo_id is not None
+
+    def file_repo(self, role: str) -> str:
+        """The Hub repository of a file (its own repo_id, else the preset's)."""
+        repo = self.files[role].repo_id or self.repo_id
+        if repo is None:
+            raise PresetError(f"preset {self.name!r}: files.{role} is not a Hub file")
+        return repo
+
+    def hub_repos(self) -> list[str]:
+        """Every Hub repository the preset reads from, main repo first."""
+        repos: list[str] = []
+        for role in self.files:
+            if self.is_hub_file(role) and self.file_repo(role) not in repos:
+                repos.append(self.file_repo(role))
+        if self.repo_id in repos:
+            repos.remove(self.repo_id)
+            repos.insert(0, self.repo_id)
+        return repos
+
+    def pinned_revision(self, repo_id: str) -> str | None:
+        """The 40-hex commit the preset pins for a repository, or None (absent or "FILL-ME")."""
+        rev = self.revisions.get(repo_id)
+        if rev is None and repo_id == self.repo_id:
+            rev = self.revision
+        return rev if rev is not None and _COMMIT.fullmatch(rev) else None
+
     def file_path(self, role: str) -> Path:
+        """A local preset's file (next to its preset.toml). Hub files are found with `lvstudio.hub.resolve`."""
         if role not in self.files:
             raise PresetError(f"preset {self.name!r} has no {role!r} file", hint=f"add [files.{role}] to its preset.toml")
+        if self.is_hub_file(role):
+            raise PresetError(f"preset {self.name!r}: files.{role} lives on the Hub, not next to the preset",
+                              hint=f"`lvstudio presets pull {self.name}` fetches it; lvstudio.hub.resolve finds it")
         assert self.folder is not None
         return self.folder / self.files[role].path
 
 
+def _check_revision(value: str, key: str) -> str:
+    if value == REVISION_PLACEHOLDER or _COMMIT.fullmatch(value):
+        return value
+    raise ValueError(
+        f"{key} must be a 40-hex commit id or {REVISION_PLACEHOLDER!r} (got {value!r}); a branch or tag such as "
+        "'main' would silently change the weights"
+    )
+
+
+def is_commit(revision: str | None) -> bool:
+    """True for a full 40-hex (lowercase) commit id."""
+    return revision is not None and _COMMIT.fullmatch(revision) is not None
+
+
+def preset_search_dirs() -> list[Path]:
+    """Folders searched for presets: those in LVSTUDIO_PRESET_PATH (first), then the repository's presets/."""
+    extra = [Path(p) for p in os.environ.get("LVSTUDIO_PRESET_PATH", "").split(os.pathsep) if p.strip()]
+    return [*extra, presets_dir()]
+
+
 def available_presets() -> dict[str, Path]:
-    """name -> preset file for every preset shipped in presets/ (`NAME.toml` or `NAME/preset.toml`)."""
-    root = presets_dir()
+    """name -> preset file for every preset found (`NAME.toml` or `NAME/preset.toml`; earlier folders win)."""
     found: dict[str, Path] = {}
-    if root.is_dir():
+    for root in reversed(preset_search_dirs()):
+        if not root.is_dir():
+            continue
         for p in sorted(root.glob("*.toml")):
             found[p.stem] = p
         for p in sorted(root.glob("*/preset.toml")):
             found[p.parent.name] = p
-    return found
+    return dict(sorted(found.items()))
+
+
+def _resolve_name(name: str, known: dict[str, Path]) -> Path | None:
+    if name in known:
+        return known[name]
+    matches = [n for n in known if n.startswith(name + "-") or n.startswith(name + ".")]
+    return known[matches[0]] if len(matches) == 1 else None
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
@@ -105,12 +278,13 @@ def load_preset(name_or_path: str | Path) -> Preset:
     path = Path(name_or_path)
     if not (path.suffix == ".toml" and path.exists()):
         known = available_presets()
-        if str(name_or_path) not in known:
+        found = _resolve_name(str(name_or_path), known)
+        if found is None:
             raise PresetError(
                 f"unknown preset {str(name_or_path)!r}",
                 hint=f"choose one of: {', '.join(sorted(known)) or '(none found)'}; `lvstudio presets list` shows them",
             )
-        path = known[str(name_or_path)]
+        path = found
     try:
         data = tomli.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError) as err:

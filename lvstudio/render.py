@@ -37,6 +37,7 @@ class RenderRequest:
     force: bool = False
     progress: bool = True
     keep_job: bool = False  # keep the job folder (per-chunk latents) after success
+    device: str | None = None  # None: $LVSTUDIO_DEVICE or cpu
     threads: int = 1  # torch CPU threads (1 avoids OpenMP oversubscription; 0 = torch default)
     contact_every_s: float = 4.0
 
@@ -109,7 +110,7 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
     torch.set_grad_enabled(False)
     if req.threads > 0:
         torch.set_num_threads(req.threads)
-    bundle = load_bundle(preset)
+    bundle = load_bundle(preset, req.device)
     session = RenderSession(sb, bundle, settings, job_dir=job_dir)
     sink = VideoSink(out, settings.fps, settings.width, settings.height, force=True)
     thumbs = _Thumbnails(settings.fps, req.contact_every_s)

@@ -81,7 +81,8 @@ def few_step_sample(
         if j + 1 < len(ts):
             t_next = ts[j + 1]
             sigma_next = float(table.sigma_at(t_next)) if table is not None else t_next / 1000.0
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            gen_device = generator.device if generator is not None else x.device  # a CPU generator also serves CUDA
+            eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
             x = add_noise(x0, eps, sigma_next)
     return x0
 

@@ -188,7 +188,8 @@ def addnoise_condition(
     factor = 0.001 * amount
     out = latents.clone()
     prefix = out[:, :, :p]  # [B, C, p, H, W]
-    eps = torch.randn(prefix.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    gen_device = generator.device if generator is not None else latents.device
+    eps = torch.randn(prefix.shape, generator=generator, device=gen_device, dtype=latents.dtype).to(latents.device)
     out[:, :, :p] = prefix * (1.0 - factor) + eps * factor
     new_t = None
     if timesteps is not None:

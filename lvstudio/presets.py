@@ -61,6 +61,18 @@ class AttentionSettings(_Strict):
     recache_on_switch: bool = True
 
 
+class CrossClipSettings(_Strict):
+    """The ERFT cross-clip backend (Stable Video Infinity style)."""
+
+    clip_frames: int = Field(6, ge=2)  # latent frames per clip, carried frames included
+    carry_frames: int = Field(2, ge=0)  # last latents of the previous clip, re-used clean (latent carry-over)
+    bidirectional: bool = False  # attention inside a clip (the tiny model was trained block-causal)
+    use_anchor: bool = True  # prepend the AnchorCache's latest anchor (or the video's first latent) as a reference
+    steps: int = Field(8, ge=1)
+    shift: float = Field(2.0, gt=0)
+    lora: str | None = None  # role in [files] of an ERFT LoRA to apply (safetensors)
+
+
 class StreamingSettings(_Strict):
     """The streaming-DiT backend's moving buffer (StreamDiT partitions)."""
 
@@ -148,6 +160,7 @@ class Preset(_Strict):
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    crossclip: CrossClipSettings = Field(default_factory=CrossClipSettings)
     repo_id: str | None = None  # Hugging Face Hub presets
     revision: str | None = None  # 40-hex commit of repo_id, or "FILL-ME" (pinned by `presets pull --revision`)
     revisions: dict[str, str] = Field(default_factory=dict)  # other repos: repo_id -> 40-hex commit or "FILL-ME"

@@ -17,6 +17,10 @@ def make_backend(name: str, bundle, buffer, *, seed: int, width: int, height: in
         from lvstudio.backends.streaming_dit import StreamingDiTBackend
 
         return StreamingDiTBackend(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors)
+    if name == "erft-crossclip":
+        from lvstudio.backends.erft_crossclip import ERFTCrossClipBackend
+
+        return ERFTCrossClipBackend(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors)
     if name in BACKENDS:
         raise LvError(f"backend {name!r} is not available in this build yet", hint="use backend = \"causal-kv\"")
     raise LvError(f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")

@@ -1,0 +1,146 @@
+"""The ERFT cross-clip backend (Stable Video Infinity style): the video is made clip by clip.
+
+Each clip is a short sequence of latent frames sampled jointly (bidirectional or block-causal inside the clip, as the
+preset says), conditioned on
+  - the last K latents of the previous clip, carried over clean (latent carry-over: no VAE round trip) and held at
+    timestep 0 while the clip is sampled;
+  - a reference: the latest anchor of the AnchorCache (an anchor image or the first frame of a shot), or else the
+    video's first latent, prepended as one clean frame;
+  - one prompt per clip from the Prompt Stream Buffer (the prompt active at the clip's first new block).
+Clip k uses its own seed. Models fine-tuned with Error-Recycling (an ERFT LoRA named by the preset) learn to repair
+the errors such carried history accumulates.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from lvstudio.backends.base import Chunk, block_generator, to_uint8_frames
+from lvstudio.bundle import ModelBundle
+from lvstudio.caches import AnchorCache
+from lvstudio.models.kv_cache import AttentionSpec
+from lvstudio.presets import CrossClipSettings
+from lvstudio.prompt_stream import PromptStreamBuffer, block_start_frame
+from lvstudio.sampling.flow_matching import sigma_grid
+from lvstudio.sampling.samplers import euler_sample
+
+
+class ERFTCrossClipBackend:
+    name = "erft-crossclip"
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        buffer: PromptStreamBuffer,
+        *,
+        seed: int,
+        width: int,
+        height: int,
+        anchors: AnchorCache | None = None,
+        settings: CrossClipSettings | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.buffer = buffer
+        self.seed = seed
+        self.anchors = anchors or AnchorCache()
+        self.st = settings or bundle.preset.crossclip
+        self.n = bundle.preset.attention.block_frames
+        if self.st.clip_frames % self.n or self.st.carry_frames % self.n or self.st.carry_frames >= self.st.clip_frames:
+            raise ValueError(
+                f"clip_frames ({self.st.clip_frames}) and carry_frames ({self.st.carry_frames}) must be multiples of the "
+                f"block size ({self.n}), with carry_frames < clip_frames"
+            )
+        self.h, self.w = bundle.latent_hw(width, height)
+        self.decoder = bundle.vae.streaming_decoder()
+        self.clip = 0
+        self.latents_done = 0  # latent frames emitted so far
+        self.carry: Tensor | None = None  # [1, C, K, h, w]
+        self.first: Tensor | None = None  # [1, C, 1, h, w] the video's first latent (default reference)
+
+    @property
+    def next_index(self) -> int:
+        return self.clip
+
+    def _reference(self, block: int) -> Tensor | None:
+        """The clean reference frame prepended to the clip (a 4-frame-type latent)."""
+        if not self.st.use_anchor:
+            return None
+        anchor = self.anchors.latest(block)
+        if anchor is not None and anchor.pinned() is not None and block > 0:
+            return anchor.latents[:, :, -1:].to(self.bundle.device)
+        return None if self.first is None else self.first
+
+    @torch.no_grad()
+    def step(self) -> Chunk:
+        t_start = time.perf_counter()
+        dev, dit = self.bundle.device, self.bundle.dit
+        k = 0 if self.carry is None else self.carry.shape[2]
+        new = self.st.clip_frames - k
+        first_block = self.latents_done // self.n
+        bc = self.buffer.conditioning(first_block)
+        for b in range(first_block + 1, first_block + new // self.n):
+            self.buffer.conditioning(b)  # mark the clip's blocks as handed out (live pushes land after the clip)
+        cond = dit.new_conditioning(bc.context.to(dev))
+        # Step 1: the clip = [reference] + [carried latents] + [noise]; clean frames are held at t = 0.
+        ref = self._reference(first_block)
+        prefix = [x for x in (ref, self.carry) if x is not None]
+        clean = torch.cat(prefix, dim=2) if prefix else None
+        p = 0 if clean is None else clean.shape[2]
+        gen = block_generator(self.seed if bc.seed is None else bc.seed, self.clip, torch.device("cpu"), salt="clip")
+        noise = torch.randn(1, self.bundle.latent_channels, new, self.h, self.w, generator=gen).to(dev)
+        spec = AttentionSpec(None if self.st.bidirectional else self.n)
+
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            if clean is None:
+                return dit(x, t, cond, attention=spec)
+            seq = torch.cat([clean, x], dim=2)
+            ts = torch.cat([torch.zeros(1, p, device=dev), t], dim=1)
+            return dit(seq, ts, cond, attention=spec, start_frame=self._start(p))[:, :, p:]
+
+        # Step 2: sample the new frames.
+        t0 = time.perf_counter()
+        x0 = euler_sample(denoise, noise, sigma_grid(self.st.steps, self.st.shift))
+        t_denoise = time.perf_counter() - t0
+        # Step 3: carry the tail over, decode the new latents (one continuous streaming decode).
+        if self.first is None:
+            self.first = x0[:, :, :1].clone()
+        self.carry = x0[:, :, new - self.st.carry_frames :] if self.st.carry_frames else None
+        t0 = time.perf_counter()
+        frames = to_uint8_frames(self.decoder.decode(x0))
+        t_decode = time.perf_counter() - t0
+        chunk = Chunk(
+            index=self.clip, frames=frames, frame_start=block_start_frame(first_block, self.n), latents=x0.cpu(),
+            latent_start=self.latents_done, event_id=bc.event_id, prompt=bc.prompt, blend_weight=bc.blend_weight,
+            switched=bc.switched, timings={"denoise": t_denoise, "recache": 0.0, "decode": t_decode,
+                                           "total": time.perf_counter() - t_start},
+        )
+        self.clip += 1
+        self.latents_done += new
+        return chunk
+
+    def _start(self, prefix: int) -> int:
+        """Frame index of the clip's first frame, aligned to the block grid so block-causal masks line up."""
+        return 0 if prefix % self.n == 0 else self.n - prefix % self.n
+
+    def cache_summary(self) -> dict[str, float]:
+        return {"carry_frames": float(0 if self.carry is None else self.carry.shape[2]),
+                "clip_frames": float(self.st.clip_frames), "clips": float(self.clip)}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"dec.{k}": v for k, v in self.decoder.state_dict().items()}
+        state["counters"] = torch.tensor([self.clip, self.latents_done])
+        if self.carry is not None:
+            state["carry"] = self.carry.contiguous()
+        if self.first is not None:
+            state["first"] = self.first.contiguous()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.decoder.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dec.")})
+        self.clip, self.latents_done = (int(v) for v in state["counters"])
+        self.carry = state.get("carry")
+        self.first = state.get("first")
+        self.buffer.restore_position(self.latents_done // self.n)

@@ -139,3 +139,12 @@ def test_object_weighting_changes_the_loss_only_when_enabled() -> None:
         same = df_loss(model, batch, cfg, torch.Generator().manual_seed(1))
         weighted = df_loss(model, batch, cfg.model_copy(update={"object_weight": 8.0}), torch.Generator().manual_seed(1))
     assert torch.equal(plain, same) and not torch.allclose(plain, weighted)
+
+
+def test_learning_rate_schedule_warmup_constant_cosine() -> None:
+    from lvstudio.train.common import lr_at
+
+    assert lr_at(0, 1e-3, 10) == pytest.approx(1e-4)
+    assert lr_at(50, 1e-3, 10, decay_start=100, total=200, min_lr=1e-4) == pytest.approx(1e-3)
+    assert lr_at(150, 1e-3, 10, decay_start=100, total=200, min_lr=1e-4) == pytest.approx(5.5e-4)
+    assert lr_at(200, 1e-3, 10, decay_start=100, total=200, min_lr=1e-4) == pytest.approx(1e-4)

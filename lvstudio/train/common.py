@@ -43,6 +43,8 @@ class TrainConfigBase(BaseModel):
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     warmup_steps: int = 50
+    decay_start: int | None = None  # from this step, cosine decay of the learning rate to min_lr at `steps`
+    min_lr: float = 0.0
     ema_decay: float = 0.999
     ema_start: int = 100
     seed: int = 0
@@ -268,6 +270,12 @@ def progress_bar(total: int, start: int, enabled: bool, description: str) -> Ite
         yield update
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up, then constant."""
+def lr_at(step: int, base_lr: float, warmup: int, decay_start: int | None = None, total: int = 0,
+          min_lr: float = 0.0) -> float:
+    """Linear warm-up, constant, then (from decay_start) cosine decay to min_lr at `total`."""
+    import math
+
+    if decay_start is not None and step >= decay_start and total > decay_start:
+        frac = min(1.0, (step - decay_start) / (total - decay_start))
+        return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
     return base_lr * min(1.0, (step + 1) / max(1, warmup))

@@ -290,7 +290,7 @@ def train_diffusion_forcing(cfg: DFConfig, *, progress: bool = True, dataset: La
             batch = sample_batch(data, cfg, rng)
             # Step 2: loss, backward, clip, AdamW with warm-up.
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps)
+                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr)
             loss = df_loss(train_model, batch, cfg, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -183,6 +183,20 @@ def train_diffusion_forcing_cmd(
     typer.echo(f"done: step {result['step']}, loss {result['loss']:.4f}, weights in {cfg.out_dir}")
 
 
+@train_app.command("streaming")
+def train_streaming_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Streaming-buffer training config.")],
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
+) -> None:
+    """StreamDiT-style buffer training: staggered partition levels + boundary consistency (resumes from out_dir)."""
+    from lvstudio.train.common import load_config
+    from lvstudio.train.streaming import StreamConfig, train_streaming
+
+    cfg = load_config(config, StreamConfig)
+    result = train_streaming(cfg, progress=not no_progress)
+    typer.echo(f"done: step {result['step']}, loss {result['loss']:.4f}, weights in {cfg.out_dir}")
+
+
 @train_app.command("export")
 def train_export_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The diffusion-forcing config of the run.")],

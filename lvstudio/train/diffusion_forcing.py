@@ -15,6 +15,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from lvstudio.train.common import (
 class DFConfig(TrainConfigBase):
     """`lvstudio train diffusion-forcing CONFIG.toml`."""
 
-    path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "vae", "init_dit")
+    path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "vae", "init_dit", "init_text")
 
     dit: dict = Field(default_factory=dict)  # overrides of the `tiny` DiT config fields
     text_dim: int = 128
@@ -65,6 +66,7 @@ class DFConfig(TrainConfigBase):
     ar_prob: float = 0.5  # share of samples in the inference regime: blocks before a random block are near-clean
     context_sigma_max: float = 0.05  # noise level range of that near-clean history (noise augmentation)
     init_dit: str | None = None  # start from these DiT weights (safetensors) instead of random
+    init_text: str | None = None  # start from these text-encoder weights (safetensors)
 
 
 class TinyDF(nn.Module):
@@ -92,8 +94,13 @@ def build_model(cfg: DFConfig, vocabulary: list[str], latent_channels: int) -> T
 
         from lvstudio.models.key_maps import load_dit_state_dict
 
-        load_dit_state_dict(dit, load_file(cfg.init_dit), source=cfg.init_dit)
-    return TinyDF(dit, TinyTextEncoder(text_cfg))
+        load_dit_state_dict(dit, {k: v.float() for k, v in load_file(cfg.init_dit).items()}, source=cfg.init_dit)
+    text = TinyTextEncoder(text_cfg)
+    if cfg.init_text:
+        from safetensors.torch import load_file
+
+        text.load_state_dict({k: v.float() for k, v in load_file(cfg.init_text).items()})
+    return TinyDF(dit, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,9 +263,18 @@ def step_generator(seed: int, step: int, rank: int) -> tuple[np.random.Generator
 # ---------------------------------------------------------------------------------------------------------------
 
 
+LossFn = Callable[[nn.Module, "Batch", DFConfig, torch.Generator], Tensor]
+
+
 def train_diffusion_forcing(cfg: DFConfig, *, progress: bool = True, dataset: LatentDataset | None = None,
                             vocabulary: list[str] | None = None) -> dict:
     """Train (or resume) a DF run in cfg.out_dir. Returns final figures. Works under torchrun (DDP)."""
+    return run_training(cfg, df_loss, "diffusion-forcing", progress=progress, dataset=dataset, vocabulary=vocabulary)
+
+
+def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool = True,
+                 dataset: LatentDataset | None = None, vocabulary: list[str] | None = None) -> dict:
+    """The training loop every latent-space recipe shares (DF, streaming): data, AdamW, EMA, DDP, checkpoints."""
     dist = init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -283,7 +299,7 @@ def train_diffusion_forcing(cfg: DFConfig, *, progress: bool = True, dataset: La
     log = TrainLog(out, dist.is_main)
     last_loss = math.nan
     t_last = time.perf_counter()
-    with progress_bar(cfg.steps, step, progress and dist.is_main, "diffusion forcing") as update:
+    with progress_bar(cfg.steps, step, progress and dist.is_main, recipe) as update:
         while step < cfg.steps:
             # Step 1: a deterministic batch and noise for (seed, step, rank).
             rng, gen = step_generator(cfg.seed, step, dist.rank)
@@ -291,7 +307,7 @@ def train_diffusion_forcing(cfg: DFConfig, *, progress: bool = True, dataset: La
             # Step 2: loss, backward, clip, AdamW with warm-up.
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr)
-            loss = df_loss(train_model, batch, cfg, gen)
+            loss = loss_fn(train_model, batch, cfg, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -307,7 +323,7 @@ def train_diffusion_forcing(cfg: DFConfig, *, progress: bool = True, dataset: La
                           sec_per_step=(now - t_last) / cfg.log_every, time=time.time())
                 t_last = now
             if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_checkpoint(out / "checkpoint.safetensors", model, opt, ema, step, {"recipe": "diffusion-forcing"})
+                save_checkpoint(out / "checkpoint.safetensors", model, opt, ema, step, {"recipe": recipe})
     if dist.is_main:
         export_weights(model, ema, out)
     shutdown_distributed(dist)
@@ -356,7 +372,7 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
 
     with safe_open(str(ckpt), "pt") as f:
         channels = f.get_tensor("model.dit.patch_embedding.weight").shape[1]
-    model = build_model(cfg.model_copy(update={"init_dit": None}), vocabulary, channels)
+    model = build_model(cfg.model_copy(update={"init_dit": None, "init_text": None}), vocabulary, channels)
     ema = EMA(model, cfg.ema_decay)
     step, _ = load_checkpoint(ckpt, model, None, ema)
     export_weights(model, ema, out)

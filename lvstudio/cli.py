@@ -154,6 +154,21 @@ def render(
 
 
 @app.command()
+def tui(
+    story: Annotated[Optional[Path], typer.Argument(metavar="[STORY.toml]", help="Storyboard to render live (or use --prompt).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Start from one prompt; runs until stopped.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset name or preset.toml (overrides the storyboard's).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override the seed.")] = None,
+    duration: Annotated[Optional[str], typer.Option(help="Stop after this long (seconds or m:ss).")] = None,
+    record: Annotated[Optional[Path], typer.Option(help="Record from the first frame: a folder or an .mp4 path.")] = None,
+) -> None:
+    """Terminal studio: live preview, timeline, live prompts, recording."""
+    from lvstudio.tui.cli import tui_command
+
+    tui_command(story, prompt, preset, seed, duration, record)
+
+
+@app.command()
 def preview(
     story: Annotated[Optional[Path], typer.Argument(metavar="[STORY.toml]", help="Storyboard to open (default: the demo).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: first free from 7860).")] = None,

@@ -157,7 +157,7 @@ class RenderSession:
         fps = self.settings.fps
         duration = max(self.frames_done, 1) / fps
         anchors = [a for a in sb.anchors if a.image is not None and a.at < duration]
-        base = sb.model_copy(update={"shots": [], "anchors": anchors, "duration": duration})
+        base = sb.model_copy(update={"shots": [], "anchors": anchors, "duration": duration, "seed": self.settings.seed})
         lines = [dump_storyboard(base).rstrip("\n")]
         n = self.bundle.preset.attention.block_frames
         active: dict[int, PromptEvent] = {}

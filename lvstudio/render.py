@@ -113,7 +113,8 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
     bundle = load_bundle(preset, req.device)
     session = RenderSession(sb, bundle, settings, job_dir=job_dir)
     sink = VideoSink(out, settings.fps, settings.width, settings.height, force=True)
-    thumbs = _Thumbnails(settings.fps, req.contact_every_s)
+    mids = {(r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges()}
+    thumbs = _Thumbnails(settings.fps, req.contact_every_s, mids)
     all_frames: list[np.ndarray] = []  # kept only for the oracle summary of short renders
     keep_frames = settings.num_frames <= 16 * 120
 
@@ -208,27 +209,33 @@ def _run_with_progress(session, label: str) -> None:  # noqa: ANN001
 class _Thumbnails:
     """Keeps one frame every N seconds and the first frame of every chunk index (to pick shot thumbnails)."""
 
-    def __init__(self, fps: int, every_s: float) -> None:
+    def __init__(self, fps: int, every_s: float, wanted: set[int] | None = None) -> None:
         self.fps = fps
         self.every = max(1, round(every_s * fps))
+        self.wanted = wanted or set()  # e.g. the middle frame of every storyboard shot
         self.frames: dict[int, np.ndarray] = {}
+        self.extra: dict[int, np.ndarray] = {}
 
     def offer(self, frames: np.ndarray, start: int) -> None:
         for i in range(frames.shape[0]):
             if (start + i) % self.every == 0:
                 self.frames[start + i] = frames[i].copy()
+            elif start + i in self.wanted:
+                self.extra[start + i] = frames[i].copy()
 
     def items(self, session) -> list[tuple[str, np.ndarray]]:  # noqa: ANN001
         from lvstudio.storyboard import format_time
 
         out: list[tuple[str, np.ndarray]] = []
-        keys = sorted(self.frames)
+        pool = {**self.frames, **self.extra}
+        keys = sorted(pool)
         for r in session.shot_ranges():
             mid = (r["frame_start"] + r["frame_end"]) // 2
             near = min(keys, key=lambda k: abs(k - mid)) if keys else None
             if near is not None:
                 label = f"shot {r['shot'] + 1}" if r["shot"] is not None else "live"
-                out.append((f"{label} {format_time(near / self.fps)}", self.frames[near]))
+                out.append((f"{label} {format_time(near / self.fps)}", pool[near]))
+        keys = sorted(self.frames)
         out += [(format_time(k / self.fps), self.frames[k]) for k in keys]
         return out
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from rich.segment import Segment
 from textual import events
+from textual.widgets import Input
 
 from lvstudio.backends.base import Chunk
 from lvstudio.bundle import ModelBundle, load_bundle
@@ -485,3 +486,31 @@ def test_frame_player_plays_the_newest_chunk_at_the_video_rate_and_jumps_to_new_
     player.offer(a[:2], frame_start=4)
     assert player.next_frame(player._t0)[0] == 4 and not player.exhausted()  # noqa: SLF001 - a new chunk: at once
     assert player.chunks_offered == 2 and player.latest()[0] == 5
+
+
+def test_studio_with_the_shipped_tiny_preset(tmp_path: Path) -> None:
+    """The same studio on the trained tiny preset (80x24, a short demo): the preview shows real frames, a typed
+    prompt lands on the next block and conditions the blocks after it."""
+    tiny = load_bundle("tiny")
+    studio, gate = studio_for(Path("tiny"), tiny, tmp_path, duration=2.0)
+
+    async def scenario() -> None:
+        app = StudioApp(studio, preview_fps=200, preview_budget=1.0)
+        async with app.run_test(size=(80, 24)) as pilot:
+            pane = app.query_one(PreviewPane)
+            await wait_for(lambda: len(gate.chunks) >= 1, "the first chunk")
+            await wait_for(lambda: pane.frame_index is not None, "the preview")
+            inp = app.query_one("#prompt", Input)
+            inp.value = "a green cube resting on the snow"
+            await pilot.press("enter")
+            await wait_for(lambda: any(e.source == "live" for e in studio.session.buffer.events), "the live prompt")
+            live = next(e for e in studio.session.buffer.events if e.source == "live")
+            gate.open()
+            await wait_for(studio.finished.is_set, "generation to finish")
+            later = [c for c in gate.chunks if c.index >= live.block]
+            assert later and all(c.prompt == "a green cube resting on the snow" for c in later)
+            assert UPPER_HALF in screen_text(app)
+            await quit_app(app)
+
+    asyncio.run(scenario())
+    assert studio.error is None

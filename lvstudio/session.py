@@ -256,19 +256,16 @@ class RenderSession:
 
     # -- job folder: per-chunk latents + snapshots ---------------------------------------------------------------------
     def _save_chunk(self, chunk: Chunk) -> None:
-        from safetensors.torch import save_file
+        from lvstudio.atomic import save_safetensors_atomic
 
         folder = self.job_dir / "chunks"
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"frame_start": str(chunk.frame_start), "num_frames": str(chunk.num_frames),
                 "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched)}
-        path = folder / f"{chunk.index:06d}.safetensors"
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file({"latents": chunk.latents.contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_safetensors_atomic({"latents": chunk.latents}, folder / f"{chunk.index:06d}.safetensors", meta)
 
     def write_snapshot(self) -> None:
-        from safetensors.torch import save_file
+        from lvstudio.atomic import save_safetensors_atomic
 
         if self.job_dir is None:
             return
@@ -276,10 +273,7 @@ class RenderSession:
         events = [e.__dict__ for e in self.buffer.events if e.source == "live"]
         meta = {"format": JOB_FORMAT, "next_index": str(self.backend.next_index), "frames_done": str(self.frames_done),
                 "live_events": json.dumps(events)}
-        path = self.job_dir / "snapshot.safetensors"
-        tmp = path.with_name(".snapshot.safetensors.partial")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_safetensors_atomic(state, self.job_dir / "snapshot.safetensors", meta)
 
     def write_job_info(self) -> None:
         from lvstudio.video import atomic_write_text

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple, Sequence
 
@@ -531,20 +530,10 @@ class StreamingEncoder(_Streaming):
 
 def save_vae(vae: TinyVAE, path: str | os.PathLike[str]) -> None:
     """Write the weights and config to `path` (safetensors, atomic replace)."""
-    from safetensors.torch import save_file
+    from lvstudio.atomic import save_safetensors_atomic
 
-    path = os.fspath(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    metadata = {"format": FORMAT, "config": vae.config.to_json()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    tensors = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
+    save_safetensors_atomic(tensors, path, {"format": FORMAT, "config": vae.config.to_json()})
 
 
 def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> TinyVAE:

@@ -180,7 +180,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write model (+ EMA, optimizer) tensors and metadata atomically: tmp file in the same folder, then rename."""
-    from safetensors.torch import save_file
+    from lvstudio.atomic import save_safetensors_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,11 +193,7 @@ def save_checkpoint(
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_meta
     tensors["rng.torch"] = torch.get_rng_state()
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path, meta)
 
 
 def load_checkpoint(

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -116,15 +115,13 @@ class LatentDataset:
     seeds: list[int] | None = None  # world seed of each clip
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
+        from lvstudio.atomic import save_safetensors_atomic
 
-        tensors = {"latents": self.latents.contiguous()}
+        tensors = {"latents": self.latents}
         if self.objects is not None:
-            tensors["objects"] = self.objects.contiguous()
-        tmp = path.with_name(f".{path.name}.partial")
+            tensors["objects"] = self.objects
         meta = {"captions": json.dumps(self.captions), "seeds": json.dumps(self.seeds)}
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_safetensors_atomic(tensors, path, meta)
 
     @classmethod
     def load(cls, path: Path) -> LatentDataset:
@@ -383,7 +380,9 @@ def ship_weights(run_dir: Path, preset_dir: Path, half: bool = True) -> list[Pat
     """Copy a run's exported dit/text weights into a preset folder (fp16 by default: half the size, same outputs
     to ~1e-3), keeping the config metadata."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from lvstudio.atomic import save_safetensors_atomic
 
     written = []
     for name in ("dit.safetensors", "text.safetensors"):
@@ -393,11 +392,7 @@ def ship_weights(run_dir: Path, preset_dir: Path, half: bool = True) -> list[Pat
         tensors = load_file(str(src))
         if half:
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        dst = Path(preset_dir) / name
-        tmp = dst.with_name(f".{name}.partial")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(dst)
-        written.append(dst)
+        written.append(save_safetensors_atomic(tensors, Path(preset_dir) / name, meta))
     return written
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -139,17 +138,9 @@ def _get_batch(cfg: VAETrainConfig, make_batch: MakeBatch, rng: np.random.Genera
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from lvstudio.atomic import save_safetensors_atomic
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_safetensors_atomic(tensors, path, metadata)
 
 
 def _save_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.optim.Optimizer, step: int) -> None:

@@ -107,7 +107,7 @@ def load_dit(path: Path, config: WanDiTConfig | None = None) -> WanDiT:
     dit = WanDiT(config)
     sd = {k: v.float() for k, v in load_file(str(path)).items()}
     load_dit_state_dict(dit, sd, source=str(path))
-    return dit.eval()
+    return dit.train(False)
 
 
 def load_bundle(preset: Preset | str, device: str | torch.device | None = None) -> ModelBundle:
@@ -128,7 +128,7 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
     dit_cfg = WanDiTConfig.from_dict(preset.dit_config) if preset.dit_config else None
     dit = load_dit(_require(preset.file_path("dit"), preset, "DiT"), dit_cfg).to(dev)
     text = load_text_encoder(_require(preset.file_path("text_encoder"), preset, "text encoder")).to(dev)
-    vae = load_vae(_require(preset.file_path("vae"), preset, "VAE"), device=dev).eval()
+    vae = load_vae(_require(preset.file_path("vae"), preset, "VAE"), device=dev).train(False)
     return ModelBundle(preset, dit, TinyTextAdapter(text), vae, dev, latent_channels=dit.cfg.out_dim)
 
 
@@ -168,7 +168,7 @@ def _load_hub_bundle(preset: Preset, dev: torch.device) -> ModelBundle:
         lora = load_file(str(resolved.paths[preset.lora.file]))
         dit, _ = merge_lora(dit, lora, target_modules=preset.lora.target_modules, rank=preset.lora.rank,
                             alpha=preset.lora.alpha)
-    dit = dit.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    dit = dit.to(device=dev, dtype=dtype).train(False).requires_grad_(False)
     # Step 3: the VAE, then the text encoder (offloaded to the CPU when GPU memory is short).
     vae = load_wan_vae(resolved.paths["vae"], device=dev, dtype=vae_dtype)
     if vae.z_dim != cfg.out_dim:

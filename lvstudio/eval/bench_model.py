@@ -47,7 +47,7 @@ def run_model_bench(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = CONFIGS["tiny"]
-    model = WanDiT(cfg).eval()
+    model = WanDiT(cfg).train(False)
     cond = model.new_conditioning(torch.randn(1, cfg.text_len, cfg.text_dim))
     h, w = latent_hw
 

@@ -106,4 +106,4 @@ def load_text_encoder(path: str | Path) -> TinyTextEncoder:
         raise ValueError(f"{path}: no text-encoder config in the safetensors metadata")
     model = TinyTextEncoder(config_from_json(meta["config"]))
     model.load_state_dict(load_file(str(path)))
-    return model.eval()
+    return model.train(False)

@@ -548,7 +548,7 @@ def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
         raise ValueError(f"{path} is not a tiny VAE file (format {metadata.get('format')!r}, expected {FORMAT!r})")
     vae = TinyVAE(TinyVAEConfig.from_json(metadata["config"]))
     vae.load_state_dict(load_file(path, device="cpu"), strict=True)
-    return vae.to(device).eval()
+    return vae.to(device).train(False)
 
 
 def psnr(a: Tensor, b: Tensor) -> float:

@@ -149,7 +149,7 @@ def load_umt5(text_dir: Path, tokenizer_dir: Path, *, text_len: int, device: tor
     except (OSError, ValueError) as err:
         raise PresetError(f"cannot load the umT5 text encoder from {text_dir}: {str(err).splitlines()[0]}",
                           hint="pull the preset again (`lvstudio presets pull NAME --force`)") from None
-    model.eval().requires_grad_(False)
+    model.train(False).requires_grad_(False)
     model.to("cpu" if mode in ("cpu", "swap") else device)
     return UMT5Text(model, tokenizer, text_len, device, mode)
 
@@ -275,7 +275,7 @@ def load_wan_vae(vae_dir: Path, *, device: torch.device, dtype: torch.dtype) -> 
     except (OSError, ValueError) as err:
         raise PresetError(f"cannot load the Wan VAE from {vae_dir}: {str(err).splitlines()[0]}",
                           hint="pull the preset again (`lvstudio presets pull NAME --force`)") from None
-    model.eval().requires_grad_(False).to(device)
+    model.train(False).requires_grad_(False).to(device)
     return WanVAE(model, device, dtype)
 
 
@@ -301,7 +301,7 @@ def load_dit_weights(paths: list[Path], config: Any) -> Any:
         load_dit_state_dict(dit, sd, source=", ".join(str(p) for p in paths))
     except WeightsError as err:
         raise PresetError(str(err), hint="the preset's dit_config does not match the checkpoint") from None
-    return dit.float().eval()
+    return dit.float().train(False)
 
 
 @dataclass(frozen=True)

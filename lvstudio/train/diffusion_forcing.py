@@ -342,7 +342,7 @@ def _dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
     if dist.is_main and not path.exists():
         from lvstudio.models.tiny_vae import load_vae
 
-        vae = load_vae(cfg.vae).eval()
+        vae = load_vae(cfg.vae).train(False)
         data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob, cfg.seed,
                                     batch=4)
         data.save(path)

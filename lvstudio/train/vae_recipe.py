@@ -249,7 +249,7 @@ def train_vae(
             if progress is not None:
                 progress(done, metrics)
 
-    vae.eval()
+    vae.train(False)
     held_out_psnr = evaluate_psnr(vae, cfg, make_batch)
     mean, std = latent_stats(vae, cfg, make_batch)
     vae.set_latent_stats(mean, std)

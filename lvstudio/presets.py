@@ -240,7 +240,8 @@ class Preset(_Strict):
         if self.is_hub_file(role):
             raise PresetError(f"preset {self.name!r}: files.{role} lives on the Hub, not next to the preset",
                               hint=f"`lvstudio presets pull {self.name}` fetches it; lvstudio.hub.resolve finds it")
-        assert self.folder is not None
+        if self.folder is None:
+            raise PresetError(f"preset {self.name!r} was not loaded from a file", hint="load it with load_preset()")
         return self.folder / self.files[role].path
 
 

@@ -278,7 +278,8 @@ class RenderSession:
     def write_job_info(self) -> None:
         from lvstudio.video import atomic_write_text
 
-        assert self.job_dir is not None
+        if self.job_dir is None:
+            raise LvError("this render session has no job folder", hint="create it with job_dir=...")
         self.job_dir.mkdir(parents=True, exist_ok=True)
         info = {"format": JOB_FORMAT, "storyboard_sha256": storyboard_hash(self.storyboard),
                 "settings": self.settings.__dict__}
@@ -289,7 +290,8 @@ class RenderSession:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        assert self.job_dir is not None
+        if self.job_dir is None:
+            raise LvError("this render session has no job folder", hint="create it with job_dir=...")
         snap = self.job_dir / "snapshot.safetensors"
         with safe_open(str(snap), "pt") as f:
             meta = f.metadata()

@@ -197,10 +197,11 @@ def _run_with_progress(session, label: str) -> None:  # noqa: ANN001
         t0, f0 = time.perf_counter(), session.frames_done
 
         def update(chunk) -> None:  # noqa: ANN001
-            rate = (session.frames_done - f0) / max(time.perf_counter() - t0, 1e-9)
+            done = chunk.frame_start + chunk.num_frames  # sinks run before the session counts the chunk
+            rate = (done - f0) / max(time.perf_counter() - t0, 1e-9)
             ev = session.buffer.events[chunk.event_id]
             shot = f"{ev.shot + 1}" if ev.shot is not None else "live"
-            prog.update(task, completed=session.frames_done, fps=rate, rt=rate / session.settings.fps, shot=shot)
+            prog.update(task, completed=done, fps=rate, rt=rate / session.settings.fps, shot=shot)
 
         session.add_sink(update)
         session.run()

@@ -43,7 +43,7 @@ def test_buffer_and_cache_memory_are_constant() -> None:
 def test_prompt_change_reaches_the_output_within_one_buffer_length() -> None:
     bundle = random_bundle()
     be = _backend(bundle, cut_at=1.0)
-    switch_block = be.prompts.seconds_to_block(1.0)
+    switch_block = be.buffer.seconds_to_block(1.0)
     chunks = [be.step() for _ in range(switch_block + 3)]
     prompts = [c.prompt for c in chunks]
     assert prompts[switch_block - 1] == "a red ball over the sea"

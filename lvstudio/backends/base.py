@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +54,28 @@ class Backend(Protocol):
 
     def cache_summary(self) -> dict[str, float]:
         ...
+
+
+class ConditioningCache:
+    """DiT conditionings by BlockConditioning.key, each with its own cross-attention K/V cache (a small LRU).
+
+    `uncond` (text features of the empty prompt) adds an unconditional row for classifier-free guidance.
+    """
+
+    def __init__(self, dit, device: torch.device, uncond: Tensor | None = None, size: int = 8) -> None:  # noqa: ANN001
+        self.dit, self.device, self.uncond, self.size = dit, device, uncond, size
+        self._items: OrderedDict[str, object] = OrderedDict()
+
+    def get(self, key: str, context: Tensor):  # noqa: ANN201 - lvstudio.models.wan_dit.Conditioning
+        if key not in self._items:
+            ctx = context.to(self.device)
+            if self.uncond is not None:
+                ctx = torch.cat([ctx, self.uncond.to(self.device)])  # rows: [cond, uncond]
+            self._items[key] = self.dit.new_conditioning(ctx)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        return self._items[key]
 
 
 def block_seed(run_seed: int, index: int, salt: str = "block") -> int:

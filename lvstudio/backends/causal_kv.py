@@ -12,18 +12,16 @@ Per block of n latent frames:
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-
 import torch
 from torch import Tensor
 
-from lvstudio.backends.base import Chunk, block_generator, to_uint8_frames
+from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
 from lvstudio.bundle import ModelBundle
 from lvstudio.caches import AnchorCache
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.wan_dit import Conditioning
 from lvstudio.presets import AttentionSettings, SamplerSettings
-from lvstudio.prompt_stream import BlockConditioning, PromptStreamBuffer
+from lvstudio.prompt_stream import PromptStreamBuffer, block_start_frame
 from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, warp_steps
 from lvstudio.sampling.samplers import euler_sample, few_step_sample, unipc_sample
 
@@ -75,25 +73,8 @@ class CausalKVBackend:
         self.keep_latents = self.attn.window_frames or 4 * self.n * 8
         self.recent: Tensor | None = None  # [1, C, k, h, w] last clean latents (for re-cache)
         self.block = 0
-        self._conds: OrderedDict[str, Conditioning] = OrderedDict()
-        self._uncond: Tensor | None = None
-
-    # -- conditioning ------------------------------------------------------------------------------------------
-    def _conditioning(self, bc: BlockConditioning) -> Conditioning:
-        """DiT conditioning (with its own cross-attention cache) for a block; [cond, uncond] rows under CFG."""
-        if bc.key in self._conds:
-            self._conds.move_to_end(bc.key)
-            return self._conds[bc.key]
-        ctx = bc.context.to(self.bundle.device)
-        if self.batch == 2:
-            if self._uncond is None:
-                self._uncond = self.buffer.embedding("").to(self.bundle.device)
-            ctx = torch.cat([ctx, self._uncond])
-        cond = self.bundle.dit.new_conditioning(ctx)
-        self._conds[bc.key] = cond
-        while len(self._conds) > 8:
-            self._conds.popitem(last=False)
-        return cond
+        uncond = buffer.embedding("") if self.batch == 2 else None
+        self.conds = ConditioningCache(bundle.dit, bundle.device, uncond)
 
     @property
     def next_index(self) -> int:
@@ -110,7 +91,7 @@ class CausalKVBackend:
         b, s, n = self.block, self.start_frame, self.n
         t_start = time.perf_counter()
         bc = self.buffer.conditioning(b)
-        cond = self._conditioning(bc)
+        cond = self.conds.get(bc.key, bc.context)
         # Step 1: a hard cut re-encodes the window under the new prompt (LongLive KV re-cache).
         t_recache = 0.0
         if bc.switched and self.attn.recache_on_switch and self.recent is not None:
@@ -137,8 +118,6 @@ class CausalKVBackend:
         t0 = time.perf_counter()
         frames = to_uint8_frames(self.decoder.decode(x0))
         t_decode = time.perf_counter() - t0
-        from lvstudio.prompt_stream import block_start_frame
-
         chunk = Chunk(
             index=b, frames=frames, frame_start=block_start_frame(b, n), latents=x0.cpu(), latent_start=s,
             event_id=bc.event_id, prompt=bc.prompt, blend_weight=bc.blend_weight, switched=bc.switched,

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lvstudio.backends.base import Chunk, block_generator, to_uint8_frames
+from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
 from lvstudio.bundle import ModelBundle
 from lvstudio.caches import AnchorCache
 from lvstudio.models.kv_cache import AttentionSpec
-from lvstudio.models.wan_dit import Conditioning
 from lvstudio.presets import StreamingSettings
 from lvstudio.prompt_stream import BlockConditioning, PromptStreamBuffer, block_start_frame
 from lvstudio.sampling.schedules import stream_partition_levels
@@ -49,8 +48,7 @@ class StreamingDiTBackend:
         settings: StreamingSettings | None = None,
     ) -> None:
         self.bundle = bundle
-        self.prompts = buffer
-        self.buffer = buffer  # the Backend protocol's name for the prompt stream
+        self.buffer = buffer
         self.seed = seed
         self.anchors = anchors or AnchorCache()
         self.st = settings or bundle.preset.streaming
@@ -68,19 +66,11 @@ class StreamingDiTBackend:
         self.micro = 0  # micro-step inside the current shift period
         self.emitted = 0  # chunks emitted so far (= block index of the buffer's first chunk when full)
         self.entered = 0  # chunks that have entered the buffer
-        self._conds: OrderedDict[str, Conditioning] = OrderedDict()
+        self.conds = ConditioningCache(bundle.dit, bundle.device)
 
     @property
     def next_index(self) -> int:
         return self.emitted
-
-    def _conditioning(self, bc: BlockConditioning) -> Conditioning:
-        if bc.key not in self._conds:
-            self._conds[bc.key] = self.bundle.dit.new_conditioning(bc.context.to(self.bundle.device))
-            while len(self._conds) > 8:
-                self._conds.popitem(last=False)
-        self._conds.move_to_end(bc.key)
-        return self._conds[bc.key]
 
     def _enter(self) -> None:
         """A fresh chunk of noise enters the noisy end of the buffer, with the prompt active for its block."""
@@ -88,7 +78,7 @@ class StreamingDiTBackend:
         gen = block_generator(self.seed, b, torch.device("cpu"), salt="stream")
         noise = torch.randn(1, self.bundle.latent_channels, self.c, self.h, self.w, generator=gen).to(self.bundle.device)
         self.x = noise if self.x is None else torch.cat([self.x, noise], dim=2)
-        self.chunks.append(_BufferChunk(b, self.prompts.conditioning(b)))
+        self.chunks.append(_BufferChunk(b, self.buffer.conditioning(b)))
         self.entered += 1
 
     # -- one emitted chunk ----------------------------------------------------------------------------------------
@@ -115,7 +105,7 @@ class StreamingDiTBackend:
         first = self.chunks.pop(0)
         x0 = self.x[:, :, : self.c]
         self.x = self.x[:, :, self.c :]
-        cond = self._conditioning(first.cond)
+        cond = self.conds.get(first.cond.key, first.cond.context)
         start = first.block * self.c
         self.bundle.dit(x0, torch.full((1, self.c), 0.0, device=x0.device), cond, attention=AttentionSpec(self.c),
                         kv_cache=self.cache, start_frame=start, write_cache=True, rope_mode=self.attn.rope_mode)
@@ -142,7 +132,7 @@ class StreamingDiTBackend:
         keys = list(OrderedDict.fromkeys(ch.cond.key for ch in self.chunks))
         for key in keys:
             ch0 = next(ch for ch in self.chunks if ch.cond.key == key)
-            out = self.bundle.dit(self.x, t, self._conditioning(ch0.cond), attention=self.spec, kv_cache=self.cache,
+            out = self.bundle.dit(self.x, t, self.conds.get(ch0.cond.key, ch0.cond.context), attention=self.spec, kv_cache=self.cache,
                                   start_frame=start, rope_mode=self.attn.rope_mode)
             for i, ch in enumerate(self.chunks):
                 if ch.cond.key == key:
@@ -173,5 +163,5 @@ class StreamingDiTBackend:
         self.decoder.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dec.")})
         self.micro, self.emitted, self.entered = (int(v) for v in state["counters"])
         self.x = state.get("buffer")
-        self.prompts.restore_position(self.entered)
-        self.chunks = [_BufferChunk(int(b), self.prompts.conditioning(int(b))) for b in state["chunk_blocks"]]
+        self.buffer.restore_position(self.entered)
+        self.chunks = [_BufferChunk(int(b), self.buffer.conditioning(int(b))) for b in state["chunk_blocks"]]

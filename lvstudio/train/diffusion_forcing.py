@@ -235,13 +235,21 @@ def df_loss(model: TinyDF, batch: Batch, cfg: DFConfig, gen: torch.Generator) ->
     x_t = add_noise(x0, eps, sigma)
     ids, _ = _unwrap(model).text.tokenize(batch.prompts)
     v = model(x_t, sigma * 1000, ids, AttentionSpec(block_frames=cfg.block_frames))
-    err = (v - velocity_target(x0, eps)).pow(2).mean(dim=1)  # [B, F, h, w]
-    if batch.objects is not None and cfg.object_weight > 0:
-        # Objects are a few % of the pixels but carry the prompt's colour and shape: weight them up.
-        weight = 1.0 + cfg.object_weight * batch.objects
+    return flow_error(v, velocity_target(x0, eps), batch.loss_mask, batch.objects, cfg.object_weight)
+
+
+def flow_error(v: Tensor, target: Tensor, frame_mask: Tensor, objects: Tensor | None, object_weight: float) -> Tensor:
+    """Mean squared velocity error over trained frames; v/target [B, C, F, h, w], frame_mask [B, F].
+
+    Objects are a few % of the pixels but carry the prompt's colour and shape: pixels they cover (objects
+    [B, F, h, w]) weigh `1 + object_weight` (renormalised per frame).
+    """
+    err = (v - target).pow(2).mean(dim=1)  # [B, F, h, w]
+    if objects is not None and object_weight > 0:
+        weight = 1.0 + object_weight * objects
         err = err * weight / weight.mean(dim=(2, 3), keepdim=True)
     per_frame = err.mean(dim=(2, 3))  # [B, F]
-    return (per_frame * batch.loss_mask).sum() / batch.loss_mask.sum().clamp_min(1.0)
+    return (per_frame * frame_mask).sum() / frame_mask.sum().clamp_min(1.0)
 
 
 def _unwrap(model: nn.Module) -> TinyDF:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.sampling.flow_matching import add_noise, sigma_grid, velocity_target
 from lvstudio.sampling.schedules import stream_partition_levels
-from lvstudio.train.diffusion_forcing import Batch, DFConfig, LatentDataset, _unwrap, run_training
+from lvstudio.train.diffusion_forcing import Batch, DFConfig, LatentDataset, _unwrap, flow_error, run_training
 
 
 class StreamConfig(DFConfig):
@@ -55,11 +55,8 @@ def stream_loss(model: nn.Module, batch: Batch, cfg: StreamConfig, gen: torch.Ge
     # Step 1: the current buffer state, every frame at its own level.
     x_now = add_noise(x0, eps, sig_now)
     v = model(x_now, sig_now * 1000, ids, spec)
-    err = (v - velocity_target(x0, eps)).pow(2).mean(dim=1)  # [B, F, h, w]
-    if batch.objects is not None and cfg.object_weight > 0:
-        weight = 1.0 + cfg.object_weight * batch.objects[:, :length]
-        err = err * weight / weight.mean(dim=(2, 3), keepdim=True)
-    flow = (err.mean(dim=(2, 3)) * mask).sum() / mask.sum().clamp_min(1.0)
+    objects = None if batch.objects is None else batch.objects[:, :length]
+    flow = flow_error(v, velocity_target(x0, eps), mask, objects, cfg.object_weight)
     if cfg.consistency_weight <= 0:
         return flow
     # Step 2: the previous state (one level noisier everywhere) predicted the leaving chunk too; agree with it.

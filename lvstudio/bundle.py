@@ -74,10 +74,26 @@ class ModelBundle:
     device: torch.device
     latent_channels: int
     spatial_stride: int = 8
+    variants: dict[str, WanDiT] = field(default_factory=dict, repr=False)  # role -> DiT loaded by dit_for
 
     def latent_hw(self, width: int, height: int) -> tuple[int, int]:
         s = self.spatial_stride
         return height // s, width // s
+
+    def dit_for(self, role: str | None) -> WanDiT:
+        """The DiT a backend runs: the preset's main one, or (role given) weights fine-tuned for that backend,
+        e.g. `[streaming] dit = "dit_stream"`, loaded once and kept on the bundle. They must share the main DiT's
+        text encoder and VAE."""
+        if role is None:
+            return self.dit
+        if role not in self.variants:
+            path = _require(self.preset.file_path(role), self.preset, f"{role!r} DiT")
+            dit = load_dit(path)
+            if dit.cfg.to_dict() != self.dit.cfg.to_dict():
+                raise PresetError(f"preset {self.preset.name!r}: files.{role} ({path}) has another architecture than "
+                                  "files.dit", hint="a backend's DiT must be a fine-tune of the preset's DiT")
+            self.variants[role] = dit.to(self.device)
+        return self.variants[role]
 
 
 def _metadata(path: Path) -> dict[str, str]:

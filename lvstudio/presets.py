@@ -81,6 +81,8 @@ class StreamingSettings(_Strict):
     micro_steps: int = Field(2, ge=1)  # denoising steps per chunk before the buffer shifts (steps per frame = N * s)
     shift: float = Field(2.0, gt=0)
     causal_buffer: bool = True  # block-causal attention inside the buffer (as the tiny preset was trained)
+    cfg_scale: float | None = Field(None, ge=0)  # classifier-free guidance; None = the preset's sampler.cfg_scale
+    dit: str | None = None  # role in [files] of DiT weights fine-tuned for this backend (`lvstudio train streaming`)
 
 
 class FileEntry(_Strict):

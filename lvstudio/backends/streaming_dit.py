@@ -58,15 +58,19 @@ class StreamingDiTBackend:
         self.h, self.w = bundle.latent_hw(width, height)
         self.part = stream_partition_levels(self.st.buffer_chunks, self.c, self.st.micro_steps, self.st.shift)
         self.spec = AttentionSpec(self.c if self.st.causal_buffer else None, attn.window_frames, attn.sink_frames)
+        self.dit = bundle.dit_for(self.st.dit)
+        self.cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
+        self.batch = 2 if self.cfg_scale != 1.0 else 1  # rows [cond, uncond] in the model calls and the cache
         cache_spec = AttentionSpec(self.c, attn.window_frames, attn.sink_frames)
-        self.cache = bundle.dit.new_kv_cache(cache_spec, (self.h, self.w))
+        self.cache = self.dit.new_kv_cache(cache_spec, (self.h, self.w))
         self.decoder = bundle.vae.streaming_decoder()
         self.x: Tensor | None = None  # [1, C, P*c, h, w] buffer latents
         self.chunks: list[_BufferChunk] = []
         self.micro = 0  # micro-step inside the current shift period
         self.emitted = 0  # chunks emitted so far (= block index of the buffer's first chunk when full)
         self.entered = 0  # chunks that have entered the buffer
-        self.conds = ConditioningCache(bundle.dit, bundle.device)
+        uncond = buffer.embedding("") if self.batch == 2 else None
+        self.conds = ConditioningCache(self.dit, bundle.device, uncond)
 
     @property
     def next_index(self) -> int:
@@ -107,8 +111,9 @@ class StreamingDiTBackend:
         self.x = self.x[:, :, self.c :]
         cond = self.conds.get(first.cond.key, first.cond.context)
         start = first.block * self.c
-        self.bundle.dit(x0, torch.full((1, self.c), 0.0, device=x0.device), cond, attention=AttentionSpec(self.c),
-                        kv_cache=self.cache, start_frame=start, write_cache=True, rope_mode=self.attn.rope_mode)
+        self.dit(x0.expand(self.batch, -1, -1, -1, -1), torch.zeros(self.batch, self.c, device=x0.device), cond,
+                 attention=AttentionSpec(self.c), kv_cache=self.cache, start_frame=start, write_cache=True,
+                 rope_mode=self.attn.rope_mode)
         t0 = time.perf_counter()
         frames = to_uint8_frames(self.decoder.decode(x0))
         t_decode = time.perf_counter() - t0
@@ -132,8 +137,11 @@ class StreamingDiTBackend:
         keys = list(OrderedDict.fromkeys(ch.cond.key for ch in self.chunks))
         for key in keys:
             ch0 = next(ch for ch in self.chunks if ch.cond.key == key)
-            out = self.bundle.dit(self.x, t, self.conds.get(ch0.cond.key, ch0.cond.context), attention=self.spec, kv_cache=self.cache,
-                                  start_frame=start, rope_mode=self.attn.rope_mode)
+            cond = self.conds.get(ch0.cond.key, ch0.cond.context)
+            out = self.dit(self.x.expand(self.batch, -1, -1, -1, -1), t.expand(self.batch, -1), cond,
+                           attention=self.spec, kv_cache=self.cache, start_frame=start, rope_mode=self.attn.rope_mode)
+            if self.batch == 2:
+                out = out[1:] + self.cfg_scale * (out[:1] - out[1:])  # classifier-free guidance
             for i, ch in enumerate(self.chunks):
                 if ch.cond.key == key:
                     v[:, :, i * self.c : (i + 1) * self.c] = out[:, :, i * self.c : (i + 1) * self.c]

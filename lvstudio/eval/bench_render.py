@@ -30,6 +30,7 @@ def _rss_mb() -> float:
 @dataclass
 class RenderBenchResult:
     preset: str
+    backend: str
     minutes: float
     threads: int
     realtime_factor: float
@@ -42,10 +43,12 @@ class RenderBenchResult:
     kv_mb_last: float
     recache_ms: float
     chunk_ms_median: float
+    frames_per_second: float = 0.0
 
     def lines(self) -> list[str]:
         return [
-            f"render bench: preset {self.preset}, {self.minutes:g} min of video, {self.threads} torch thread(s)",
+            f"render bench: preset {self.preset}, backend {self.backend}, {self.minutes:g} min of video, "
+            f"{self.threads} torch thread(s)",
             f"  real time factor (DiT + decode + H.264): x{self.realtime_factor:.2f}",
             f"  time to first frame: {1000 * self.first_frame_s:.0f} ms",
             f"  chunk time: minute 1 {self.chunk_ms_minute1:.1f} ms, last minute {self.chunk_ms_last:.1f} ms "
@@ -57,7 +60,7 @@ class RenderBenchResult:
 
 
 def run_render_bench(preset: str = "tiny", minutes: float = 10.0, threads: int = 1, cut_every_s: float = 20.0,
-                     seed: int = 0) -> RenderBenchResult:
+                     seed: int = 0, backend: str | None = None) -> RenderBenchResult:
     import torch
 
     from lvstudio.bundle import load_bundle
@@ -73,7 +76,7 @@ def run_render_bench(preset: str = "tiny", minutes: float = 10.0, threads: int =
                "a yellow star spinning in the night sky", "a pink triangle resting on the snow"]
     sb = parse_storyboard(f'title = "bench"\npreset = "tiny"\nduration = {minutes * 60}\n'
                           f'[[shots]]\nat = 0\nprompt = "{prompts[0]}"\n')
-    settings = RenderSettings(p.name, p.backend, seed, p.fps, p.width, p.height, round(minutes * 60 * p.fps))
+    settings = RenderSettings(p.name, backend or p.backend, seed, p.fps, p.width, p.height, round(minutes * 60 * p.fps))
     session = RenderSession(sb, load_bundle(p), settings)
     times: list[tuple[float, float, float, float]] = []  # (video second, chunk seconds, rss, kv MB)
     recache: list[float] = []
@@ -103,11 +106,26 @@ def run_render_bench(preset: str = "tiny", minutes: float = 10.0, threads: int =
     first, last = around(60.0), around(minutes * 60 - 20)
     med = statistics.median
     return RenderBenchResult(
-        preset=p.name, minutes=minutes, threads=threads, realtime_factor=(settings.num_frames / p.fps) / wall,
+        preset=p.name, backend=settings.backend, minutes=minutes, threads=threads, realtime_factor=(settings.num_frames / p.fps) / wall,
         first_frame_s=session.stats.first_frame_s or float("nan"),
         chunk_ms_minute1=1000 * med(t[1] for t in first), chunk_ms_last=1000 * med(t[1] for t in last),
         rss_mb_minute1=med(t[2] for t in first), rss_mb_last=med(t[2] for t in last),
         kv_mb_minute1=med(t[3] for t in first), kv_mb_last=med(t[3] for t in last),
         recache_ms=1000 * med(recache) if recache else float("nan"),
-        chunk_ms_median=1000 * med(t[1] for t in times),
+        chunk_ms_median=1000 * med(t[1] for t in times), frames_per_second=settings.num_frames / wall,
     )
+
+
+def comparison_lines(results: list[RenderBenchResult]) -> list[str]:
+    """Side-by-side ratios against the first result (all measured in the same process, one after the other)."""
+    base = results[0]
+    out = [f"side by side (ratios vs {base.backend}):",
+           f"  {'backend':16s} {'x real time':>11s} {'frames/s':>9s} {'first frame ms':>15s} {'chunk ms':>9s} "
+           f"{'last/min1':>9s}"]
+    for r in results:
+        out.append(f"  {r.backend:16s} {r.realtime_factor:11.2f} {r.frames_per_second:9.2f} {1000 * r.first_frame_s:15.0f} "
+                   f"{r.chunk_ms_median:9.1f} {r.chunk_ms_last / r.chunk_ms_minute1:9.3f}")
+    for r in results[1:]:
+        out.append(f"  {r.backend} / {base.backend}: speed x{r.realtime_factor / base.realtime_factor:.2f}, "
+                   f"first frame x{r.first_frame_s / base.first_frame_s:.2f}")
+    return out

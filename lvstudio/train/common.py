@@ -105,7 +105,10 @@ def init_distributed() -> DistInfo:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        from datetime import timedelta
+
+        # Rank 0 may spend a long time building the latent dataset while the others wait at a barrier.
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=4))
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 

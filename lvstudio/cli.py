@@ -190,12 +190,7 @@ def train_diffusion_forcing_cmd(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
 ) -> None:
     """Diffusion Forcing: per-block noise levels, block-causal attention (resumes from out_dir)."""
-    from lvstudio.train.common import load_config
-    from lvstudio.train.diffusion_forcing import DFConfig, train_diffusion_forcing
-
-    cfg = load_config(config, DFConfig)
-    result = train_diffusion_forcing(cfg, progress=not no_progress)
-    typer.echo(f"done: step {result['step']}, loss {result['loss']:.4f}, weights in {cfg.out_dir}")
+    _train(config, "diffusion_forcing", "DFConfig", "train_diffusion_forcing", not no_progress)
 
 
 @train_app.command("streaming")
@@ -204,12 +199,50 @@ def train_streaming_cmd(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
 ) -> None:
     """StreamDiT-style buffer training: staggered partition levels + boundary consistency (resumes from out_dir)."""
-    from lvstudio.train.common import load_config
-    from lvstudio.train.streaming import StreamConfig, train_streaming
+    _train(config, "streaming", "StreamConfig", "train_streaming", not no_progress)
 
-    cfg = load_config(config, StreamConfig)
-    result = train_streaming(cfg, progress=not no_progress)
-    typer.echo(f"done: step {result['step']}, loss {result['loss']:.4f}, weights in {cfg.out_dir}")
+
+def _train(config: Path, module: str, config_class: str, function: str, progress: bool) -> None:
+    """Load CONFIG.toml into the recipe's config class and run the recipe (imports stay lazy)."""
+    import importlib
+
+    from lvstudio.train.common import load_config
+
+    mod = importlib.import_module(f"lvstudio.train.{module}")
+    cfg = load_config(config, getattr(mod, config_class))
+    result = getattr(mod, function)(cfg, progress=progress)
+    loss = result.get("loss", float("nan"))
+    typer.echo(f"done: step {result['step']}, loss {loss:.4f}, weights in {cfg.out_dir}")
+
+
+_NO_PROGRESS = typer.Option("--no-progress", help="No progress bar (logs still written).")
+
+
+@train_app.command("erft")
+def train_erft_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="ERFT config (see presets/tiny/train_erft.toml).")],
+    no_progress: Annotated[bool, _NO_PROGRESS] = False,
+) -> None:
+    """Error-Recycling Fine-Tuning: a LoRA taught to steer back from its own recorded errors (resumes from out_dir)."""
+    _train(config, "erft", "ERFTConfig", "train_erft", not no_progress)
+
+
+@train_app.command("self-forcing")
+def train_self_forcing_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Self-Forcing config (see presets/tiny/train_sf.toml).")],
+    no_progress: Annotated[bool, _NO_PROGRESS] = False,
+) -> None:
+    """Self-Forcing: autoregressive KV rollouts in training, DMD against the base model (resumes from out_dir)."""
+    _train(config, "self_forcing", "SelfForcingConfig", "train_self_forcing", not no_progress)
+
+
+@train_app.command("causal-distill")
+def train_causal_distill_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="CausVid config (see presets/tiny/train_ode.toml).")],
+    no_progress: Annotated[bool, _NO_PROGRESS] = False,
+) -> None:
+    """CausVid: ODE-pair regression from the teacher as the causal student's init, then DMD (resumes from out_dir)."""
+    _train(config, "causal_distill", "CausalDistillConfig", "train_causal_distill", not no_progress)
 
 
 @train_app.command("export")
@@ -260,6 +293,73 @@ def eval_adherence_cmd(
     typer.echo("\n".join(report.lines()))
 
 
+@eval_app.command("drift")
+def eval_drift_cmd(
+    minutes: Annotated[float, typer.Option(help="Minutes of video per variant.")] = 5.0,
+    window: Annotated[float, typer.Option(help="Seconds of video per measured window.")] = 10.0,
+    variant: Annotated[Optional[list[str]], typer.Option(
+        "--variant", help="NAME=PRESET:BACKEND[:lora=off|on|PATH], repeatable (default: base, sf, crossclip, erft)."
+    )] = None,
+    prompts: Annotated[int, typer.Option(help="Distinct prompts in the cycle.")] = 8,
+    seconds_per_prompt: Annotated[float, typer.Option(help="Seconds each prompt is held.")] = 15.0,
+    seed: Annotated[int, typer.Option(help="Seed of the storyboard and of every render.")] = 0,
+    out: Annotated[Path, typer.Option(help="The PNG plot (its data goes next to it as .json).")] = Path("docs/drift.png"),
+    json_dir: Annotated[Path, typer.Option(help="Folder for one JSON report per variant.")] = Path("runs/drift"),
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    replot: Annotated[Optional[list[Path]], typer.Option(
+        "--replot", help="Redraw the plot from these JSON reports instead of rendering (repeatable)."
+    )] = None,
+) -> None:
+    """Long-horizon drift: adherence and image statistics per window over a long cycled storyboard, per variant."""
+    from lvstudio.eval.drift import (
+        DEFAULT_VARIANTS,
+        DriftConfig,
+        check_variant,
+        evaluate_drift,
+        load_reports,
+        parse_variant,
+        plot_drift,
+        summary_lines,
+        variant_problem,
+    )
+
+    if replot:
+        reports = [r for path in replot for r in load_reports(path)]
+    else:
+        try:
+            cfg = DriftConfig(minutes, window, prompts, seconds_per_prompt, seed, threads)
+        except ValueError as err:
+            raise LvError(str(err)) from None
+        chosen = []
+        for text in variant or DEFAULT_VARIANTS:
+            v = parse_variant(text)
+            if variant:
+                check_variant(v)
+            elif (problem := variant_problem(v)) is not None:
+                typer.echo(f"skipping variant {v.name} ({v.text}): {problem}", err=True)
+                continue
+            chosen.append(v)
+        if not chosen:
+            raise LvError("no variant can run", hint="pass --variant NAME=PRESET:BACKEND, e.g. base=tiny:causal-kv")
+        if len({v.name for v in chosen}) != len(chosen):
+            raise LvError("variant names must be unique", hint="give each --variant its own NAME=")
+        reports = []
+        for v in chosen:
+            typer.echo(f"{v.name}: rendering {minutes:g} min with {v.text}", err=True)
+
+            def show(row: dict, name: str = v.name) -> None:
+                typer.echo(f"  {name} {row['start_s']:6.0f}-{row['end_s']:4.0f} s  scene {row['scene']:.2f} "
+                           f"colour {row['colour']:.2f} shape {row['shape']:.2f}  contrast {row['contrast']:.3f} "
+                           f"sat {row['saturation']:.3f} sharp {row['sharpness']:.0f} "
+                           f"hist {row['hist_distance']:.3f}", err=True)
+
+            report = evaluate_drift(v, cfg, on_window=show)
+            typer.echo(f"  -> {report.save(json_dir / f'{v.name}.json')}", err=True)
+            reports.append(report)
+    typer.echo("\n".join(summary_lines(reports)))
+    typer.echo(f"wrote {plot_drift(reports, out)} (+ {out.with_suffix('.json')})")
+
+
 @bench_app.command("model")
 def bench_model_cmd(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
@@ -275,11 +375,25 @@ def bench_render_cmd(
     preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml.")] = "tiny",
     minutes: Annotated[float, typer.Option(help="Minutes of video to render.")] = 10.0,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    backend: Annotated[list[str] | None, typer.Option(
+        help="Backend(s) to measure, one after the other in this process (repeat the option); default: the "
+             "preset's. With several, prints ratios against the first.")] = None,
 ) -> None:
     """Real-time factor with decode + H.264, first frame, chunk time and memory at minute 1 vs the end, re-cache stall."""
-    from lvstudio.eval.bench_render import run_render_bench
+    from lvstudio.backends import BACKENDS
+    from lvstudio.eval.bench_render import comparison_lines, run_render_bench
 
-    typer.echo("\n".join(run_render_bench(preset, minutes, threads).lines()))
+    from lvstudio.errors import LvError
+
+    for name in backend or []:
+        if name not in BACKENDS:
+            raise LvError(f"--backend {name!r} is not a backend", hint=f"choose one of: {', '.join(BACKENDS)}")
+    results = []
+    for name in backend or [None]:
+        results.append(run_render_bench(preset, minutes, threads, backend=name))
+        typer.echo("\n".join(results[-1].lines()))
+    if len(results) > 1:
+        typer.echo("\n".join(comparison_lines(results)))
 
 
 def _register_hub_commands() -> None:

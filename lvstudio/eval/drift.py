@@ -1,0 +1,659 @@
+"""`lvstudio eval drift`: how long videos drift, measured on the procedural world.
+
+The same long storyboard (a seeded cycle of K world-grammar prompts, each held for S seconds, repeated to fill the
+duration, so every prompt recurs late in the video) is rendered with the same seed through several *variants*
+(`name=PRESET:BACKEND[:lora=off|on|PATH]`). Frames are never written to a video: each chunk is measured as it comes
+and dropped, so memory stays flat. Per time window (e.g. every 10 s of video) the report records
+  - oracle adherence to the active prompt: scene, colour, shape (fractions of frames, as `eval adherence`);
+  - image statistics: mean luminance, luminance std (contrast), mean HSV saturation, mean chroma, sharpness
+    (variance of the Laplacian), fraction of vivid pixels (chroma >= oracle.VIVID_CHROMA), the colour-histogram
+    (Hellinger) distance to the first window's worth of frames of the same prompt, and frame-to-frame flicker
+    (consecutive frames under the same prompt only).
+Per storyboard shot it records the same metrics, to compare a prompt's early and late occurrences (image
+statistics depend on the prompt: a night scene is dark, so windows are best compared across variants, and a prompt's
+late showing against its early one). `plot_drift` draws a grid of panels (x = minutes, one line per variant) from reports, which round-trip
+through JSON so a plot can be redrawn without re-rendering.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lvstudio.errors import LvError
+
+ADHERENCE_KEYS = ("scene", "colour", "shape")
+STAT_KEYS = ("luminance", "contrast", "saturation", "chroma", "sharpness", "vivid")
+# (key, label) of every per-window metric, in table / panel order.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("scene", "scene adherence"),
+    ("colour", "colour adherence"),
+    ("shape", "shape adherence"),
+    ("luminance", "mean luminance"),
+    ("contrast", "luminance std (contrast)"),
+    ("saturation", "mean saturation"),
+    ("chroma", "mean chroma"),
+    ("sharpness", "sharpness (Laplacian var)"),
+    ("vivid", "vivid pixel fraction"),
+    ("hist_distance", "colour-hist distance to prompt start"),
+    ("flicker", "flicker"),
+)
+PLOT_KEYS = ("scene", "colour", "shape", "contrast", "saturation", "sharpness", "hist_distance", "luminance", "flicker")
+RECURRENCE_KEYS = ("scene", "colour", "shape", "contrast", "chroma", "sharpness", "hist_distance")
+DEFAULT_VARIANTS = (
+    "base=tiny:causal-kv",
+    "sf=tiny-fast:causal-kv",
+    "crossclip=tiny:erft-crossclip:lora=off",
+    "erft=tiny:erft-crossclip:lora=on",  # lora=on: skipped (not silently run LoRA-less) when the preset has none
+)
+HIST_BINS = 8  # per RGB channel: 512-bin colour histograms
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+# -- configuration ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DriftConfig:
+    """What to render and how to slice it: `minutes` of video, windows of `window_seconds`, a cycle of `prompts`
+    prompts held `seconds_per_prompt` each, `seed` (storyboard and renders), torch `threads` (0 = torch default)."""
+
+    minutes: float = 5.0
+    window_seconds: float = 10.0
+    prompts: int = 8
+    seconds_per_prompt: float = 15.0
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("minutes", "window_seconds", "seconds_per_prompt"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.prompts, int) or self.prompts < 1:
+            raise ValueError(f"prompts must be a positive integer, got {self.prompts!r}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch default), got {self.threads!r}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to render: a preset, a backend and (erft-crossclip only) the LoRA choice.
+
+    lora: None = whatever the preset says, False = forced off, True = required on (the preset's LoRA), a string =
+    path of a LoRA file to apply instead.
+    """
+
+    name: str
+    preset: str
+    backend: str
+    lora: bool | str | None = None
+
+    @property
+    def text(self) -> str:
+        """Back to the `name=PRESET:BACKEND[:lora=...]` form."""
+        tail = {None: "", False: ":lora=off", True: ":lora=on"}.get(self.lora, f":lora={self.lora}")  # type: ignore[arg-type]
+        return f"{self.name}={self.preset}:{self.backend}{tail}"
+
+
+def parse_variant(text: str) -> Variant:
+    """Parse `name=PRESET:BACKEND[:lora=off|on|PATH]` (the name may be left out: it defaults to PRESET-BACKEND)."""
+    from lvstudio.backends import BACKENDS
+
+    hint = "write NAME=PRESET:BACKEND[:lora=off], e.g. base=tiny:causal-kv"
+    raw = text.strip()
+    name = None
+    if "=" in raw.split(":", 1)[0]:
+        name, raw = (s.strip() for s in raw.split("=", 1))
+    parts = [p.strip() for p in raw.split(":")]
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise LvError(f"variant {text!r}: expected PRESET:BACKEND", hint=hint)
+    preset, backend, options = parts[0], parts[1], parts[2:]
+    if backend not in BACKENDS:
+        raise LvError(f"variant {text!r}: unknown backend {backend!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
+    lora: bool | str | None = None
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if key.strip() != "lora" or not sep or not value.strip():
+            raise LvError(f"variant {text!r}: unknown option {opt!r}", hint="the only option is lora=off|on|PATH")
+        value = value.strip()
+        lora = False if value.lower() == "off" else True if value.lower() == "on" else value
+    if lora is not None and backend != "erft-crossclip":
+        raise LvError(f"variant {text!r}: lora= applies only to the erft-crossclip backend", hint=hint)
+    name = name if name is not None else f"{Path(preset).stem}-{backend}"
+    if not _NAME.fullmatch(name):
+        raise LvError(f"variant {text!r}: name {name!r} must be letters, digits, '_', '.', '+' or '-'", hint=hint)
+    return Variant(name, preset, backend, lora)
+
+
+def _accepts_lora(fn: Callable[..., Any]) -> bool:
+    try:
+        return "lora" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _preset_lora_path(preset: Any) -> Path | None:  # lvstudio.presets.Preset
+    """The ERFT LoRA file the preset names (crossclip.lora is a role in [files]), or None."""
+    role = preset.crossclip.lora
+    if role is None or role not in preset.files or preset.is_hub_file(role):
+        return None
+    return preset.file_path(role)
+
+
+def variant_problem(variant: Variant) -> str | None:
+    """Why this variant cannot run here (unknown preset, missing weights or LoRA, lora= unsupported), or None."""
+    from lvstudio.errors import PresetError
+    from lvstudio.presets import load_preset
+
+    try:
+        preset = load_preset(variant.preset)
+    except PresetError as err:
+        return str(err)
+    if not preset.is_hub:
+        for role in ("dit", "text_encoder", "vae"):
+            if role in preset.files and not preset.is_hub_file(role) and not preset.file_path(role).exists():
+                return f"preset {preset.name!r}: {role} weights missing at {preset.file_path(role)}"
+    if variant.backend != "erft-crossclip" or variant.lora is None:
+        return None
+    lora_file = _preset_lora_path(preset)
+    if variant.lora is True:
+        if lora_file is None:
+            return f"preset {preset.name!r} names no ERFT LoRA (crossclip.lora)"
+        if not lora_file.exists():
+            return f"preset {preset.name!r}: ERFT LoRA missing at {lora_file}"
+    if isinstance(variant.lora, str) and not Path(variant.lora).exists():
+        return f"ERFT LoRA {variant.lora!r} not found"
+    if not _lora_supported() and (variant.lora is not False or preset.crossclip.lora is not None):
+        return "the erft-crossclip backend does not accept a lora= setting in this build"
+    return None
+
+
+def check_variant(variant: Variant) -> None:
+    """Raise LvError if the variant cannot run (see `variant_problem`)."""
+    problem = variant_problem(variant)
+    if problem is not None:
+        raise LvError(f"variant {variant.name!r} ({variant.text}): {problem}",
+                      hint="`lvstudio presets list` shows the presets; lora=off renders without a LoRA")
+
+
+def _lora_supported() -> bool:
+    from lvstudio.backends import make_backend
+    from lvstudio.backends.erft_crossclip import ERFTCrossClipBackend
+
+    return _accepts_lora(make_backend) or _accepts_lora(ERFTCrossClipBackend.__init__)
+
+
+def _make_variant_backend(variant: Variant, bundle: Any, buffer: Any, seed: int) -> Any:
+    """The variant's backend; the LoRA choice goes to `lora=` (False = off) when the build supports it."""
+    from lvstudio.backends import make_backend
+
+    p = bundle.preset
+    size = {"seed": seed, "width": p.width, "height": p.height}
+    if variant.backend == "erft-crossclip" and variant.lora is not None:
+        if _accepts_lora(make_backend):
+            return make_backend(variant.backend, bundle, buffer, lora=variant.lora, **size)
+        from lvstudio.backends.erft_crossclip import ERFTCrossClipBackend
+
+        if _accepts_lora(ERFTCrossClipBackend.__init__):
+            return ERFTCrossClipBackend(bundle, buffer, lora=variant.lora, **size)
+        if not (variant.lora is False and p.crossclip.lora is None):  # off with no LoRA named = the default
+            raise LvError(f"variant {variant.name!r}: the erft-crossclip backend does not accept lora= in this build",
+                          hint="drop the lora option, or update lvstudio")
+    return make_backend(variant.backend, bundle, buffer, **size)
+
+
+# -- storyboard -----------------------------------------------------------------------------------------------------
+def drift_storyboard(cfg: DriftConfig) -> list[tuple[float, str, Any]]:
+    """(start seconds, prompt, SceneSpec) shots: `cfg.prompts` distinct seeded prompts cycled, each held
+    `cfg.seconds_per_prompt`, until `cfg.minutes` are filled."""
+    from lvstudio.train.world import sample_spec
+
+    rng = np.random.default_rng(cfg.seed)
+    specs: dict[str, Any] = {}
+    tries = 0
+    while len(specs) < cfg.prompts:
+        spec = sample_spec(rng)
+        specs.setdefault(spec.caption(), spec)
+        tries += 1
+        if tries > 200 * cfg.prompts:
+            raise ValueError(f"could not draw {cfg.prompts} distinct prompts from the world grammar")
+    cycle = list(specs.items())
+    total = cfg.minutes * 60.0
+    shots = []
+    i = 0
+    while i * cfg.seconds_per_prompt < total - 1e-9:
+        prompt, spec = cycle[i % len(cycle)]
+        shots.append((i * cfg.seconds_per_prompt, prompt, spec))
+        i += 1
+    return shots
+
+
+# -- image statistics ---------------------------------------------------------------------------------------------
+def _frames(frames: np.ndarray) -> np.ndarray:
+    """Validate RGB frames [F, H, W, 3] (or one [H, W, 3]) as uint8."""
+    if not isinstance(frames, np.ndarray) or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be RGB [F, H, W, 3] or [H, W, 3], got {getattr(frames, 'shape', frames)}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    return frames[None] if frames.ndim == 3 else frames
+
+
+def luminance(frames: np.ndarray) -> np.ndarray:
+    """Rec. 601 luma in [0, 1]: [F, H, W, 3] uint8 -> [F, H, W] float32."""
+    x = _frames(frames).astype(np.float32) * (1.0 / 255.0)
+    return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+
+
+def image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-frame statistics of [F, H, W, 3] uint8 frames, each an array [F]:
+    luminance (mean luma, 0..1), contrast (luma std), saturation (mean HSV saturation, 0..1), chroma (mean
+    (max - min) / 255), sharpness (variance of the Laplacian of the luma in 0..255 units), vivid (fraction of
+    pixels with chroma >= oracle.VIVID_CHROMA)."""
+    import cv2
+
+    from lvstudio.eval.oracle import VIVID_CHROMA
+
+    frames = _frames(frames)
+    y = luminance(frames)  # [F, H, W]
+    mx = frames.max(axis=-1).astype(np.int16)  # [F, H, W]
+    mn = frames.min(axis=-1).astype(np.int16)
+    chroma = mx - mn
+    sat = np.where(mx > 0, chroma / np.maximum(mx, 1).astype(np.float32), 0.0)
+    sharp = np.array([cv2.Laplacian(f * 255.0, cv2.CV_32F).var() for f in y], np.float64)
+    return {
+        "luminance": y.mean(axis=(1, 2)).astype(np.float64),
+        "contrast": y.std(axis=(1, 2)).astype(np.float64),
+        "saturation": sat.mean(axis=(1, 2)).astype(np.float64),
+        "chroma": chroma.mean(axis=(1, 2)) / 255.0,
+        "sharpness": sharp,
+        "vivid": (chroma >= VIVID_CHROMA).mean(axis=(1, 2)).astype(np.float64),
+    }
+
+
+def colour_histograms(frames: np.ndarray) -> np.ndarray:
+    """Per-frame RGB histograms (HIST_BINS per channel) as pixel counts: [F, H, W, 3] uint8 -> [F, HIST_BINS**3]."""
+    frames = _frames(frames)
+    q = (frames.astype(np.int32) * HIST_BINS) >> 8  # [F, H, W, 3] in 0..HIST_BINS-1
+    idx = (q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]  # [F, H, W]
+    bins = HIST_BINS**3
+    offsets = np.arange(len(frames))[:, None] * bins
+    flat = (idx.reshape(len(frames), -1) + offsets).ravel()
+    return np.bincount(flat, minlength=len(frames) * bins).reshape(len(frames), bins).astype(np.float64)
+
+
+def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Hellinger distance in [0, 1] between two histograms (counts or probabilities); NaN if either is empty."""
+    sa, sb = float(np.sum(a)), float(np.sum(b))
+    if sa <= 0 or sb <= 0:
+        return float("nan")
+    bc = float(np.sum(np.sqrt((np.asarray(a) / sa) * (np.asarray(b) / sb))))
+    return math.sqrt(max(0.0, 1.0 - min(bc, 1.0)))
+
+
+def frame_flicker(frames: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
+    """Mean absolute difference of each frame to the one before, in [0, 1] units: [F, H, W, 3] -> [F] (the first
+    entry is NaN unless `previous` [H, W, 3] is given)."""
+    frames = _frames(frames)
+    x = frames.astype(np.float32) * (1.0 / 255.0)
+    out = np.full(len(frames), np.nan)
+    if len(frames) > 1:
+        out[1:] = np.abs(np.diff(x, axis=0)).mean(axis=(1, 2, 3))
+    if previous is not None:
+        out[0] = float(np.abs(x[0] - previous.astype(np.float32) * (1.0 / 255.0)).mean())
+    return out
+
+
+# -- accumulation ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Acc:
+    """Running sums over a set of frames (a window or a shot)."""
+
+    frames: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    flicker_sum: float = 0.0
+    flicker_pairs: int = 0
+    hist: dict[int, np.ndarray] = field(default_factory=dict)  # prompt index -> counts [HIST_BINS**3]
+
+    def add(self, n: int, values: dict[str, float], prompt: int, hist: np.ndarray, flick: np.ndarray) -> None:
+        self.frames += n
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if prompt in self.hist:
+            self.hist[prompt] = self.hist[prompt] + hist
+        else:
+            self.hist[prompt] = hist.copy()
+        ok = np.isfinite(flick)
+        self.flicker_sum += float(flick[ok].sum())
+        self.flicker_pairs += int(ok.sum())
+
+    def mean(self, key: str) -> float:
+        return self.sums.get(key, float("nan")) / self.frames if self.frames else float("nan")
+
+    def hist_distance(self, refs: dict[int, np.ndarray]) -> float:
+        """Frame-weighted mean distance of each prompt's histogram here to that prompt's reference."""
+        total, weight = 0.0, 0.0
+        for prompt, counts in self.hist.items():
+            d = histogram_distance(counts, refs.get(prompt, np.zeros(1)))
+            w = float(counts.sum())
+            if math.isfinite(d):
+                total, weight = total + d * w, weight + w
+        return total / weight if weight else float("nan")
+
+    def row(self, refs: dict[int, np.ndarray]) -> dict[str, float]:
+        out = {k: self.mean(k) for k in (*ADHERENCE_KEYS, *STAT_KEYS)}
+        out["hist_distance"] = self.hist_distance(refs)
+        out["flicker"] = self.flicker_sum / self.flicker_pairs if self.flicker_pairs else float("nan")
+        return out
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+@dataclass
+class DriftReport:
+    """The drift measurements of one variant. windows: one dict per window (index, start_s, end_s, minutes =
+    window centre, frames, prompts, and every METRICS key); shots: one dict per storyboard shot (shot, prompt_index,
+    occurrence, start_s, frames, and every METRICS key)."""
+
+    variant: str  # name=PRESET:BACKEND[:lora=...]
+    name: str
+    preset: str
+    backend: str
+    config: DriftConfig
+    fps: int
+    width: int
+    height: int
+    prompts: list[str]
+    windows: list[dict] = field(default_factory=list)
+    shots: list[dict] = field(default_factory=list)
+    frames_per_second: float = 0.0  # generation speed (frames / second spent in backend.step)
+    wall_seconds: float = 0.0  # whole evaluation, oracle and statistics included
+    device: str = "cpu"
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(_nan_to_none(data), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> DriftReport:
+        data = json.loads(text)
+        if not isinstance(data, dict) or "variant" not in data or "windows" not in data:
+            raise ValueError("not a drift report (expected a JSON object with 'variant' and 'windows')")
+        data["config"] = DriftConfig(**data["config"])
+        for rows in (data.get("windows", []), data.get("shots", [])):
+            for row in rows:
+                for k, v in row.items():
+                    if v is None:
+                        row[k] = float("nan")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(minutes [W], values [W]) of one metric over the windows."""
+        x = np.array([w["minutes"] for w in self.windows], np.float64)
+        y = np.array([w.get(key, float("nan")) for w in self.windows], np.float64)
+        return x, y
+
+
+def load_reports(path: str | Path) -> list[DriftReport]:
+    """Reports from a JSON file: one report (per-variant file) or a list of reports (the file next to a plot)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise LvError(f"cannot read drift report {path}: {err}") from None
+    try:
+        items = data if isinstance(data, list) else [data]
+        return [DriftReport.from_json(json.dumps(item)) for item in items]
+    except (TypeError, ValueError) as err:
+        raise LvError(f"{path}: {err}", hint="pass JSON files written by `lvstudio eval drift`") from None
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+def evaluate_drift(
+    variant: Variant | str,
+    cfg: DriftConfig,
+    on_window: Callable[[dict], None] | None = None,
+    *,
+    bundle: Any = None,  # a ModelBundle to use instead of loading the variant's preset (tests)
+) -> DriftReport:
+    """Render the drift storyboard with one variant, chunk by chunk (no video written), and measure every window."""
+    import torch
+
+    from lvstudio.eval.oracle import adherence
+    from lvstudio.prompt_stream import PromptStreamBuffer
+
+    if isinstance(variant, str):
+        variant = parse_variant(variant)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    if bundle is None:
+        check_variant(variant)
+        from lvstudio.bundle import load_bundle
+
+        bundle = load_bundle(variant.preset)
+    p = bundle.preset
+    # Step 1: the storyboard as cuts in a prompt stream; the backend renders it with the run seed.
+    shots = drift_storyboard(cfg)
+    prompts = list(dict.fromkeys(prompt for _, prompt, _ in shots))
+    prompt_index = {prompt: i for i, prompt in enumerate(prompts)}
+    buffer = PromptStreamBuffer(bundle.text.encode, block_latents=p.attention.block_frames, fps=p.fps)
+    for i, (at, prompt, _) in enumerate(shots):
+        buffer.add_shot(at, prompt, shot=i)
+    backend = _make_variant_backend(variant, bundle, buffer, cfg.seed)
+    total = round(cfg.minutes * 60.0 * p.fps)
+    per_window = max(1, round(cfg.window_seconds * p.fps))
+    ref_frames = per_window  # a prompt's reference histogram: its first window's worth of frames
+    report = DriftReport(variant.text, variant.name, p.name, variant.backend, cfg, p.fps, p.width, p.height, prompts,
+                         device=str(bundle.device))
+    refs: dict[int, np.ndarray] = {}
+    ref_count: dict[int, int] = {}
+    shot_accs: dict[int, _Acc] = {}
+    window, win_index, done, gen_seconds = _Acc(), 0, 0, 0.0
+    previous: tuple[int, np.ndarray] | None = None  # (shot, last frame) for flicker across chunks
+
+    def close_window() -> None:
+        nonlocal window, win_index
+        start = win_index * per_window
+        row = {"index": win_index, "start_s": start / p.fps, "end_s": (start + window.frames) / p.fps,
+               "minutes": (start + window.frames / 2) / p.fps / 60.0, "frames": window.frames,
+               "prompts": sorted(window.hist), **window.row(refs)}
+        report.windows.append(row)
+        if on_window is not None:
+            on_window(row)
+        window, win_index = _Acc(), win_index + 1
+
+    with torch.no_grad():
+        while done < total:
+            # Step 2: one chunk from the backend (timed on its own: the generation speed).
+            t0 = time.perf_counter()
+            chunk = backend.step()
+            gen_seconds += time.perf_counter() - t0
+            frames = chunk.frames[: total - done]  # [n, H, W, 3] uint8
+            shot = min(max(int(chunk.event_id), 0), len(shots) - 1)
+            spec, k = shots[shot][2], prompt_index[shots[shot][1]]
+            # Step 3: per-frame measurements of the chunk, split where a window boundary falls.
+            stats = image_stats(frames)
+            hists = colour_histograms(frames)  # [n, bins]
+            prev = previous[1] if previous is not None and previous[0] == shot else None
+            flick = frame_flicker(frames, prev)
+            pos = 0
+            while pos < len(frames):
+                take = min(len(frames) - pos, per_window - window.frames)
+                sl = slice(pos, pos + take)
+                score = adherence(frames[sl], spec)
+                values = {key: score[key] * take for key in ADHERENCE_KEYS}
+                values.update({key: float(stats[key][sl].sum()) for key in STAT_KEYS})
+                h = hists[sl].sum(axis=0)
+                # Step 4: the prompt's reference histogram fills from its first window's worth of frames.
+                have = ref_count.get(k, 0)
+                if have < ref_frames:
+                    extra = hists[sl][: ref_frames - have].sum(axis=0)
+                    refs[k] = refs.get(k, np.zeros_like(extra)) + extra
+                    ref_count[k] = have + min(take, ref_frames - have)
+                window.add(take, values, k, h, flick[sl])
+                shot_accs.setdefault(shot, _Acc()).add(take, values, k, h, flick[sl])
+                pos += take
+                if window.frames >= per_window:
+                    close_window()
+            previous = (shot, frames[-1].copy())
+            done += len(frames)
+            del frames, stats, hists, chunk
+    if window.frames:
+        close_window()
+    # Step 5: per-shot adherence and drift (early vs late occurrences of the same prompt).
+    for shot, acc in sorted(shot_accs.items()):
+        row = acc.row(refs)
+        report.shots.append({"shot": shot, "prompt_index": prompt_index[shots[shot][1]],
+                             "occurrence": shot // len(prompts), "start_s": shots[shot][0], "frames": acc.frames,
+                             **row})
+    report.frames_per_second = done / max(gen_seconds, 1e-9)
+    report.wall_seconds = time.perf_counter() - t_start
+    return report
+
+
+# -- summaries and plots --------------------------------------------------------------------------------------------
+def _slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope dy/dx over finite points (NaN with fewer than two distinct x)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2 or np.ptp(x[ok]) <= 0:
+        return float("nan")
+    return float(np.polyfit(x[ok], y[ok], 1)[0])
+
+
+def _span_mean(x: np.ndarray, y: np.ndarray, lo: float, hi: float) -> float:
+    ok = (x >= lo) & (x <= hi) & np.isfinite(y)
+    return float(y[ok].mean()) if ok.any() else float("nan")
+
+
+def first_last(report: DriftReport, key: str) -> tuple[float, float, float]:
+    """(first-minute mean, last-minute mean, slope per minute) of one metric (window centres decide membership)."""
+    x, y = report.series(key)
+    if not len(x):
+        return float("nan"), float("nan"), float("nan")
+    end = max(w["end_s"] for w in report.windows) / 60.0
+    return _span_mean(x, y, 0.0, 1.0), _span_mean(x, y, end - 1.0, end), _slope(x, y)
+
+
+def recurrence(report: DriftReport, key: str) -> tuple[float, float]:
+    """Mean over prompts shown at least twice of (first occurrence, last occurrence) values of a shot metric."""
+    by_prompt: dict[int, list[dict]] = {}
+    for row in report.shots:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    nan = float("nan")
+    pairs = [(rows[0].get(key, nan), rows[-1].get(key, nan)) for rows in by_prompt.values() if len(rows) >= 2]
+    pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    if not pairs:
+        return float("nan"), float("nan")
+    return float(np.mean([a for a, _ in pairs])), float(np.mean([b for _, b in pairs]))
+
+
+def _fmt(v: float, key: str) -> str:
+    if not math.isfinite(v):
+        return "-"
+    return f"{v:.1f}" if key == "sharpness" else f"{v:.3f}"
+
+
+def summary_lines(reports: Sequence[DriftReport]) -> list[str]:
+    """A table per variant: first-minute vs last-minute value, change and slope per minute of every metric, plus the
+    early vs late occurrences of the same prompts."""
+    if not reports:
+        return ["drift: no reports"]
+    c = reports[0].config
+    out = [(f"drift: {c.minutes:g} min, windows of {c.window_seconds:g} s, {c.prompts} prompts x "
+            f"{c.seconds_per_prompt:g} s cycled, seed {c.seed}"),
+           f"  {'variant':<12} {'metric':<37} {'first min':>10} {'last min':>10} {'change':>9} {'slope/min':>10}"]
+    for r in reports:
+        out.append(f"  {r.name:<12} {r.variant}  ({r.preset}, {r.width}x{r.height}@{r.fps}, "
+                   f"generation {r.frames_per_second:.1f} frames/s, {r.device})")
+        for key, label in METRICS:
+            first, last, slope = first_last(r, key)
+            out.append(f"  {'':<12} {label:<37} {_fmt(first, key):>10} {_fmt(last, key):>10} "
+                       f"{_fmt(last - first, key):>9} {_fmt(slope, key):>10}")
+        rec = {key: recurrence(r, key) for key in RECURRENCE_KEYS}
+        if math.isfinite(rec["scene"][0]):
+            out.append(f"  {'':<12} same prompts, first vs last showing (mean over prompts shown twice or more):")
+            for key, label in METRICS:
+                if key in rec:
+                    a, b = rec[key]
+                    out.append(f"  {'':<12}   {label:<35} {_fmt(a, key):>10} {_fmt(b, key):>10} {_fmt(b - a, key):>9}")
+    return out
+
+
+def _rolling(y: np.ndarray, k: int) -> np.ndarray:
+    """Centred NaN-aware moving average over k points ([W] -> [W])."""
+    k = min(k, len(y))
+    if k <= 1:
+        return y
+    ok = np.isfinite(y)
+    kernel = np.ones(k)
+    num = np.convolve(np.where(ok, y, 0.0), kernel, mode="same")
+    den = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1e-12), np.nan)
+
+
+def plot_drift(reports: Sequence[DriftReport], out_png: str | Path, smooth: int = 3,
+               title: str | None = None) -> Path:
+    """A grid of panels (PLOT_KEYS), x = minutes, one line per variant (rolling mean over `smooth` windows, raw
+    values faint). Also writes `<out_png stem>.json` next to the PNG with every report, for `--replot`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not reports:
+        raise ValueError("plot_drift needs at least one report")
+    labels = dict(METRICS)
+    cols = 3
+    rows = math.ceil(len(PLOT_KEYS) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, key in enumerate(PLOT_KEYS):
+        ax = axes[i // cols][i % cols]
+        for j, r in enumerate(reports):
+            x, y = r.series(key)
+            colour = colours[j % len(colours)]
+            ax.plot(x, y, color=colour, alpha=0.25, lw=0.8)
+            ax.plot(x, _rolling(y, smooth), color=colour, lw=1.6, label=r.name)
+        ax.set_title(labels[key], fontsize=9)
+        ax.set_xlabel("minutes")
+        ax.grid(alpha=0.3)
+        if key in ADHERENCE_KEYS:
+            ax.set_ylim(-0.02, 1.02)
+    for i in range(len(PLOT_KEYS), rows * cols):
+        axes[i // cols][i % cols].axis("off")
+    axes[0][0].legend(fontsize=8)
+    c = reports[0].config
+    fig.suptitle(title or f"drift over {c.minutes:g} min ({c.prompts} prompts x {c.seconds_per_prompt:g} s cycled, "
+                          f"windows {c.window_seconds:g} s, seed {c.seed})", fontsize=10)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    data = [json.loads(r.to_json()) for r in reports]
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return out

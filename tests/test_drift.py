@@ -1,0 +1,220 @@
+"""`lvstudio eval drift`: image statistics with known answers, variants, the storyboard, reports, plot and CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lvstudio.errors import LvError
+from lvstudio.eval.drift import (
+    DriftConfig,
+    DriftReport,
+    Variant,
+    check_variant,
+    colour_histograms,
+    drift_storyboard,
+    evaluate_drift,
+    first_last,
+    frame_flicker,
+    histogram_distance,
+    image_stats,
+    load_reports,
+    parse_variant,
+    plot_drift,
+    summary_lines,
+    variant_problem,
+)
+
+TINY_CFG = DriftConfig(minutes=0.1, window_seconds=2.0, prompts=2, seconds_per_prompt=1.5, seed=0, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_report() -> tuple[DriftReport, list[dict]]:
+    """A 6-second drift run of the tiny preset on causal-kv (shared by several tests)."""
+    seen: list[dict] = []
+    return evaluate_drift("base=tiny:causal-kv", TINY_CFG, on_window=seen.append), seen
+
+
+# -- image statistics ---------------------------------------------------------------------------------------------
+def test_grey_frame_has_no_saturation_chroma_or_vivid_pixels() -> None:
+    grey = np.full((2, 32, 32, 3), 128, np.uint8)
+    s = image_stats(grey)
+    assert set(s) == {"luminance", "contrast", "saturation", "chroma", "sharpness", "vivid"}
+    assert all(v.shape == (2,) for v in s.values())
+    assert np.allclose(s["saturation"], 0) and np.allclose(s["chroma"], 0) and np.allclose(s["vivid"], 0)
+    assert np.allclose(s["luminance"], 128 / 255, atol=1e-4)
+    assert np.allclose(s["contrast"], 0, atol=1e-6) and np.allclose(s["sharpness"], 0)
+
+
+def test_pure_red_is_fully_saturated_and_vivid() -> None:
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[..., 0] = 255
+    s = image_stats(red)  # a single [H, W, 3] frame is accepted
+    assert s["saturation"][0] == pytest.approx(1.0) and s["chroma"][0] == pytest.approx(1.0)
+    assert s["vivid"][0] == pytest.approx(1.0) and s["luminance"][0] == pytest.approx(0.299, abs=1e-4)
+
+
+def test_half_black_half_white_contrast() -> None:
+    f = np.zeros((1, 32, 32, 3), np.uint8)
+    f[:, :, 16:] = 255
+    s = image_stats(f)
+    assert s["luminance"][0] == pytest.approx(0.5, abs=1e-3) and s["contrast"][0] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_blur_lowers_sharpness() -> None:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    blurred = cv2.GaussianBlur(sharp, (7, 7), 2.0)
+    a, b = image_stats(np.stack([sharp, blurred]))["sharpness"]
+    assert a > 5 * b > 0
+
+
+def test_histograms_and_distance() -> None:
+    black = np.zeros((1, 16, 16, 3), np.uint8)
+    white = np.full((1, 16, 16, 3), 255, np.uint8)
+    hb, hw = colour_histograms(black), colour_histograms(white)
+    assert hb.shape == (1, 512) and hb.sum() == 256 and hb[0, 0] == 256 and hw[0, 511] == 256
+    assert histogram_distance(hb[0], hb[0] * 3) == pytest.approx(0.0, abs=1e-9)  # counts are normalised
+    assert histogram_distance(hb[0], hw[0]) == pytest.approx(1.0)
+    assert math.isnan(histogram_distance(hb[0], np.zeros(512)))
+    mixed = np.concatenate([black, white], axis=2)  # half and half
+    assert 0.0 < histogram_distance(colour_histograms(mixed)[0], hb[0]) < 1.0
+
+
+def test_frame_flicker() -> None:
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    frames[2] = 255
+    f = frame_flicker(frames)
+    assert math.isnan(f[0]) and f[1] == 0.0 and f[2] == pytest.approx(1.0)
+    assert frame_flicker(frames[:1], previous=frames[2])[0] == pytest.approx(1.0)
+
+
+def test_stats_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        image_stats(np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        colour_histograms(np.zeros((8, 8), np.uint8))
+
+
+# -- config, variants, storyboard ------------------------------------------------------------------------------------
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="minutes"):
+        DriftConfig(minutes=0)
+    with pytest.raises(ValueError, match="prompts"):
+        DriftConfig(prompts=0)
+    with pytest.raises(ValueError, match="threads"):
+        DriftConfig(threads=-1)
+
+
+def test_parse_variant() -> None:
+    assert parse_variant("base=tiny:causal-kv") == Variant("base", "tiny", "causal-kv", None)
+    v = parse_variant(" crossclip = tiny : erft-crossclip : lora=off ")
+    assert v == Variant("crossclip", "tiny", "erft-crossclip", False) and v.text == "crossclip=tiny:erft-crossclip:lora=off"
+    assert parse_variant("e=tiny:erft-crossclip:lora=on").lora is True
+    assert parse_variant("e=tiny:erft-crossclip:lora=runs/x.safetensors").lora == "runs/x.safetensors"
+    assert parse_variant("tiny:streaming-dit").name == "tiny-streaming-dit"
+    for text in ("base=tiny:causal-kv", "e=tiny:erft-crossclip:lora=on", "e=tiny:erft-crossclip:lora=a/b.st"):
+        assert parse_variant(text).text == text
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("base=tiny", "PRESET:BACKEND"),
+    ("base=tiny:warp-drive", "unknown backend"),
+    ("base=tiny:causal-kv:lora=off", "only to the erft-crossclip"),
+    ("base=tiny:erft-crossclip:steps=3", "unknown option"),
+    ("b/a=tiny:causal-kv", "name"),
+])
+def test_parse_variant_errors(text: str, match: str) -> None:
+    with pytest.raises(LvError, match=match):
+        parse_variant(text)
+
+
+def test_variant_availability() -> None:
+    problem = variant_problem(parse_variant("sf=tiny-fast:causal-kv"))
+    assert problem is not None and "tiny-fast" in problem and "tiny" in problem.split("choose one of", 1)[1]
+    with pytest.raises(LvError, match="tiny-fast"):
+        check_variant(parse_variant("sf=tiny-fast:causal-kv"))
+    assert variant_problem(parse_variant("base=tiny:causal-kv")) is None
+    assert variant_problem(parse_variant("cc=tiny:erft-crossclip:lora=off")) is None  # tiny names no LoRA: fine
+    assert "LoRA" in (variant_problem(parse_variant("erft=tiny:erft-crossclip:lora=on")) or "")
+    assert "not found" in (variant_problem(parse_variant("erft=tiny:erft-crossclip:lora=/nonexistent.st")) or "")
+
+
+def test_storyboard_cycles_prompts_and_fills_the_duration() -> None:
+    cfg = DriftConfig(minutes=2.0, prompts=3, seconds_per_prompt=25.0, seed=4)
+    shots = drift_storyboard(cfg)
+    assert [t for t, _, _ in shots] == [25.0 * i for i in range(5)]  # 0..100 s; 125 s is past 120 s
+    prompts = [p for _, p, _ in shots]
+    assert len(set(prompts)) == 3 and prompts[3:] == prompts[:2]
+    assert all(spec.caption() == p for _, p, spec in shots)
+    assert drift_storyboard(cfg) == shots and drift_storyboard(DriftConfig(minutes=2.0, prompts=3,
+                                                                           seconds_per_prompt=25.0, seed=5)) != shots
+
+
+# -- a tiny run, reports, plot ---------------------------------------------------------------------------------------
+def test_tiny_run(tiny_report: tuple[DriftReport, list[dict]]) -> None:
+    report, seen = tiny_report
+    assert [w["index"] for w in report.windows] == [0, 1, 2] and seen == report.windows
+    assert sum(w["frames"] for w in report.windows) == 96  # 6 s at 16 fps
+    assert report.windows[-1]["end_s"] == pytest.approx(6.0)
+    for w in report.windows:
+        for key in ("scene", "colour", "shape", "saturation", "chroma", "vivid", "hist_distance"):
+            assert 0.0 <= w[key] <= 1.0, (key, w)
+        assert w["sharpness"] > 0 and 0 <= w["flicker"] < 1
+    assert len(report.prompts) == 2 and len(report.shots) == 4
+    assert [s["occurrence"] for s in report.shots] == [0, 0, 1, 1]
+    assert report.frames_per_second > 0 and report.preset == "tiny"
+    first, last, slope = first_last(report, "scene")
+    assert 0 <= first <= 1 and 0 <= last <= 1 and math.isfinite(slope)
+
+
+def test_crossclip_with_lora_off() -> None:
+    cfg = DriftConfig(minutes=0.03, window_seconds=1.0, prompts=1, seconds_per_prompt=10.0, threads=1)
+    report = evaluate_drift(parse_variant("cc=tiny:erft-crossclip:lora=off"), cfg)
+    assert report.backend == "erft-crossclip" and sum(w["frames"] for w in report.windows) == round(0.03 * 60 * 16)
+    assert len(report.shots) == 1 and report.variant == "cc=tiny:erft-crossclip:lora=off"
+
+
+def test_json_round_trip_and_plot(tmp_path: Path, tiny_report: tuple[DriftReport, list[dict]]) -> None:
+    report = tiny_report[0]
+    odd = DriftReport.from_json(report.to_json())
+    odd.windows[0]["flicker"] = float("nan")  # NaN survives as null
+    again = DriftReport.from_json(odd.to_json())
+    assert math.isnan(again.windows[0]["flicker"]) and again.config == report.config
+    assert again.windows[1:] == report.windows[1:] and again.shots == report.shots
+    path = report.save(tmp_path / "base.json")
+    assert load_reports(path)[0].windows == report.windows
+    png = plot_drift([report, again], tmp_path / "plots" / "drift.png")
+    assert png.exists() and png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert [r.name for r in load_reports(png.with_suffix(".json"))] == ["base", "base"]
+    lines = summary_lines([report])
+    assert any("scene adherence" in line for line in lines) and any("base=tiny:causal-kv" in line for line in lines)
+    with pytest.raises(LvError):
+        (tmp_path / "junk.json").write_text(json.dumps({"x": 1}))
+        load_reports(tmp_path / "junk.json")
+
+
+# -- the CLI --------------------------------------------------------------------------------------------------------
+def test_cli_drift(tmp_path: Path) -> None:
+    from lvstudio.cli import app
+
+    out, runs = tmp_path / "d.png", tmp_path / "runs"
+    args = ["eval", "drift", "--minutes", "0.05", "--window", "1", "--prompts", "2", "--seconds-per-prompt", "1",
+            "--variant", "base=tiny:causal-kv", "--out", str(out), "--json-dir", str(runs)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert out.exists() and (runs / "base.json").exists() and out.with_suffix(".json").exists()
+    assert "scene adherence" in result.stdout
+    replot = CliRunner().invoke(app, ["eval", "drift", "--replot", str(runs / "base.json"), "--out",
+                                      str(tmp_path / "again.png")])
+    assert replot.exit_code == 0, replot.output
+    assert (tmp_path / "again.png").exists()
+    bad = CliRunner().invoke(app, ["eval", "drift", "--variant", "sf=tiny-fast:causal-kv", "--out", str(out)])
+    assert bad.exit_code == 2 and "tiny-fast" in bad.stderr

@@ -13,7 +13,9 @@ the errors such carried history accumulates.
 
 from __future__ import annotations
 
+import copy
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -26,6 +28,9 @@ from lvstudio.presets import CrossClipSettings
 from lvstudio.prompt_stream import PromptStreamBuffer, block_start_frame
 from lvstudio.sampling.flow_matching import sigma_grid
 from lvstudio.sampling.samplers import euler_sample
+
+MERGED_MARK = "_lvstudio_erft_lora"  # set on a large DiT whose weights carry a LoRA merged in place
+INPLACE_MERGE_PARAMS = 1e8  # DiTs above this size get the LoRA merged in place instead of into a copy
 
 
 class ERFTCrossClipBackend:
@@ -41,7 +46,10 @@ class ERFTCrossClipBackend:
         height: int,
         anchors: AnchorCache | None = None,
         settings: CrossClipSettings | None = None,
+        lora: str | Path | bool | None = None,
     ) -> None:
+        """lora: None = the preset's ERFT LoRA (settings.lora, a role in [files]) if it names one; False = none
+        (the "without ERFT" baseline); True = the preset's, required; a path = that LoRA file."""
         self.bundle = bundle
         self.buffer = buffer
         self.seed = seed
@@ -53,6 +61,13 @@ class ERFTCrossClipBackend:
                 f"clip_frames ({self.st.clip_frames}) and carry_frames ({self.st.carry_frames}) must be multiples of the "
                 f"block size ({self.n}), with carry_frames < clip_frames"
             )
+        self.lora_path = self._lora_path(lora)
+        if self.lora_path is None and getattr(bundle.dit, MERGED_MARK, None) is not None:
+            from lvstudio.errors import PresetError
+
+            raise PresetError(f"the bundle's DiT carries the ERFT LoRA {getattr(bundle.dit, MERGED_MARK)} (merged in "
+                              "place: it is too large to copy)", hint="load the bundle again for a run without ERFT")
+        self.dit = bundle.dit if self.lora_path is None else _merged_copy(bundle.dit, self.lora_path)
         self.h, self.w = bundle.latent_hw(width, height)
         self.decoder = bundle.vae.streaming_decoder()
         self.clip = 0
@@ -63,6 +78,20 @@ class ERFTCrossClipBackend:
     @property
     def next_index(self) -> int:
         return self.clip
+
+    def _lora_path(self, lora: str | Path | bool | None) -> Path | None:
+        if lora is False:
+            return None
+        if isinstance(lora, (str, Path)):
+            return Path(lora)
+        if self.st.lora is None:
+            if lora is True:
+                from lvstudio.errors import PresetError
+
+                raise PresetError(f"preset {self.bundle.preset.name!r} names no ERFT LoRA",
+                                  hint="set crossclip.lora to a role in [files] (e.g. erft_lora) or pass a LoRA path")
+            return None
+        return self.bundle.preset.file_path(self.st.lora)
 
     def _reference(self, block: int) -> Tensor | None:
         """The clean reference frame prepended to the clip (a 4-frame-type latent)."""
@@ -76,7 +105,7 @@ class ERFTCrossClipBackend:
     @torch.no_grad()
     def step(self) -> Chunk:
         t_start = time.perf_counter()
-        dev, dit = self.bundle.device, self.bundle.dit
+        dev, dit = self.bundle.device, self.dit
         k = 0 if self.carry is None else self.carry.shape[2]
         new = self.st.clip_frames - k
         first_block = self.latents_done // self.n
@@ -144,3 +173,23 @@ class ERFTCrossClipBackend:
         self.carry = state.get("carry")
         self.first = state.get("first")
         self.buffer.restore_position(self.latents_done // self.n)
+
+
+def _merged_copy(dit: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """The DiT with the LoRA merged in. The bundle's DiT serves other backends too, so small DiTs are copied first;
+    a DiT over 1e8 parameters (Hub presets) is merged IN PLACE to avoid doubling its memory — the bundle's DiT then
+    carries the LoRA for the rest of the process (marked, so it is never merged twice)."""
+    from lvstudio.errors import PresetError
+    from lvstudio.models.lora import apply_lora
+
+    if sum(p.numel() for p in dit.parameters()) <= INPLACE_MERGE_PARAMS:
+        return apply_lora(copy.deepcopy(dit), path, merge=True).train(False).requires_grad_(False)
+    merged = getattr(dit, MERGED_MARK, None)
+    if merged == str(path):
+        return dit
+    if merged is not None:
+        raise PresetError(f"this DiT already has the LoRA {merged} merged in place; cannot apply {path} as well",
+                          hint="load the bundle again to switch ERFT LoRAs")
+    dit = apply_lora(dit, path, merge=True).train(False).requires_grad_(False)
+    setattr(dit, MERGED_MARK, str(path))
+    return dit

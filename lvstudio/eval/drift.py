@@ -17,7 +17,6 @@ through JSON so a plot can be redrawn without re-rendering.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -133,13 +132,6 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, preset, backend, lora)
 
 
-def _accepts_lora(fn: Callable[..., Any]) -> bool:
-    try:
-        return "lora" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _preset_lora_path(preset: Any) -> Path | None:  # lvstudio.presets.Preset
     """The ERFT LoRA file the preset names (crossclip.lora is a role in [files]), or None."""
     role = preset.crossclip.lora
@@ -171,8 +163,6 @@ def variant_problem(variant: Variant) -> str | None:
             return f"preset {preset.name!r}: ERFT LoRA missing at {lora_file}"
     if isinstance(variant.lora, str) and not Path(variant.lora).exists():
         return f"ERFT LoRA {variant.lora!r} not found"
-    if not _lora_supported() and (variant.lora is not False or preset.crossclip.lora is not None):
-        return "the erft-crossclip backend does not accept a lora= setting in this build"
     return None
 
 
@@ -184,30 +174,13 @@ def check_variant(variant: Variant) -> None:
                       hint="`lvstudio presets list` shows the presets; lora=off renders without a LoRA")
 
 
-def _lora_supported() -> bool:
-    from lvstudio.backends import make_backend
-    from lvstudio.backends.erft_crossclip import ERFTCrossClipBackend
-
-    return _accepts_lora(make_backend) or _accepts_lora(ERFTCrossClipBackend.__init__)
-
-
 def _make_variant_backend(variant: Variant, bundle: Any, buffer: Any, seed: int) -> Any:
-    """The variant's backend; the LoRA choice goes to `lora=` (False = off) when the build supports it."""
+    """The variant's backend; the LoRA choice (False = off) goes to the cross-clip backend's `lora=`."""
     from lvstudio.backends import make_backend
 
     p = bundle.preset
-    size = {"seed": seed, "width": p.width, "height": p.height}
-    if variant.backend == "erft-crossclip" and variant.lora is not None:
-        if _accepts_lora(make_backend):
-            return make_backend(variant.backend, bundle, buffer, lora=variant.lora, **size)
-        from lvstudio.backends.erft_crossclip import ERFTCrossClipBackend
-
-        if _accepts_lora(ERFTCrossClipBackend.__init__):
-            return ERFTCrossClipBackend(bundle, buffer, lora=variant.lora, **size)
-        if not (variant.lora is False and p.crossclip.lora is None):  # off with no LoRA named = the default
-            raise LvError(f"variant {variant.name!r}: the erft-crossclip backend does not accept lora= in this build",
-                          hint="drop the lora option, or update lvstudio")
-    return make_backend(variant.backend, bundle, buffer, **size)
+    lora = variant.lora if variant.backend == "erft-crossclip" else None
+    return make_backend(variant.backend, bundle, buffer, seed=seed, width=p.width, height=p.height, lora=lora)
 
 
 # -- storyboard -----------------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class CrossClipSettings(_Strict):
     use_anchor: bool = True  # prepend the AnchorCache's latest anchor (or the video's first latent) as a reference
     steps: int = Field(8, ge=1)
     shift: float = Field(2.0, gt=0)
+    cfg_scale: float | None = Field(None, ge=0)  # classifier-free guidance; None = the preset's sampler.cfg_scale
     lora: str | None = None  # role in [files] of an ERFT LoRA to apply (safetensors)
 
 

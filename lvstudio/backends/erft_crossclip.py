@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lvstudio.backends.base import Chunk, block_generator, to_uint8_frames
+from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
 from lvstudio.bundle import ModelBundle
 from lvstudio.caches import AnchorCache
 from lvstudio.models.kv_cache import AttentionSpec
@@ -68,6 +68,9 @@ class ERFTCrossClipBackend:
             raise PresetError(f"the bundle's DiT carries the ERFT LoRA {getattr(bundle.dit, MERGED_MARK)} (merged in "
                               "place: it is too large to copy)", hint="load the bundle again for a run without ERFT")
         self.dit = bundle.dit if self.lora_path is None else _merged_copy(bundle.dit, self.lora_path)
+        self.cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
+        self.batch = 2 if self.cfg_scale != 1.0 else 1  # rows [cond, uncond]
+        self.conds = ConditioningCache(self.dit, bundle.device, buffer.embedding("") if self.batch == 2 else None)
         self.h, self.w = bundle.latent_hw(width, height)
         self.decoder = bundle.vae.streaming_decoder()
         self.clip = 0
@@ -112,7 +115,7 @@ class ERFTCrossClipBackend:
         bc = self.buffer.conditioning(first_block)
         for b in range(first_block + 1, first_block + new // self.n):
             self.buffer.conditioning(b)  # mark the clip's blocks as handed out (live pushes land after the clip)
-        cond = dit.new_conditioning(bc.context.to(dev))
+        cond = self.conds.get(bc.key, bc.context)
         # Step 1: the clip = [reference] + [carried latents] + [noise]; clean frames are held at t = 0.
         ref = self._reference(first_block)
         prefix = [x for x in (ref, self.carry) if x is not None]
@@ -123,11 +126,11 @@ class ERFTCrossClipBackend:
         spec = AttentionSpec(None if self.st.bidirectional else self.n)
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
-            if clean is None:
-                return dit(x, t, cond, attention=spec)
-            seq = torch.cat([clean, x], dim=2)
-            ts = torch.cat([torch.zeros(1, p, device=dev), t], dim=1)
-            return dit(seq, ts, cond, attention=spec, start_frame=self._start(p))[:, :, p:]
+            seq = x if clean is None else torch.cat([clean, x], dim=2)
+            ts = t if clean is None else torch.cat([torch.zeros(1, p, device=dev), t], dim=1)
+            v = dit(seq.expand(self.batch, -1, -1, -1, -1), ts.expand(self.batch, -1), cond, attention=spec,
+                    start_frame=self._start(p))[:, :, p:]
+            return v if self.batch == 1 else v[1:] + self.cfg_scale * (v[:1] - v[1:])  # classifier-free guidance
 
         # Step 2: sample the new frames.
         t0 = time.perf_counter()

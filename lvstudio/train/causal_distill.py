@@ -1,0 +1,282 @@
+"""CausVid-style causal distillation of the tiny preset (`lvstudio train causal-distill CONFIG.toml`).
+
+Stage 1a, ODE pairs: the teacher (the base DiT, many-step Euler with CFG) samples windows of `num_blocks` blocks
+from world prompts; the trajectory is stored at the student's step list (the Euler grid passes through those σ
+exactly) plus the clean end. Teacher attention "causal" samples block by block over the KV cache like the backend
+(what the tiny base was trained for), "bidirectional" denoises the whole window jointly. Pairs are written in parts
+(out_dir/ode_pairs/part_NNNNN.safetensors), so an interrupted run resumes.
+Stage 1b, ODE regression: per block a random index of the list (or the clean end), one block-causal forward,
+MSE(x0 prediction, clean end) over the noisy frames. The output out_dir/dit.safetensors (EMA) is the `init_dit` of
+the Self-Forcing config.
+Stage 2 (optional, dmd_steps > 0): DMD with backward_simulation = false, run by `self_forcing.train_self_forcing`
+in out_dir/dmd.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lvstudio.models.kv_cache import AttentionSpec
+from lvstudio.models.wan_dit import WanDiT
+from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, x0_from_velocity
+from lvstudio.sampling.samplers import euler_sample
+from lvstudio.train.common import (
+    EMA,
+    TrainLog,
+    load_checkpoint,
+    lr_at,
+    progress_bar,
+    save_checkpoint,
+)
+from lvstudio.train.diffusion_forcing import LatentDataset, step_generator
+from lvstudio.train.self_forcing import (
+    DistillModels,
+    SelfForcingConfig,
+    export_generator,
+    load_models,
+    sampler_settings,
+    train_self_forcing,
+    world_prompts,
+)
+
+
+class CausalDistillConfig(SelfForcingConfig):
+    """ODE pairs + ODE regression (steps / lr / batch_size / ema_* apply to the regression); optional DMD stage 2
+    (dmd_* fields plus the inherited Self-Forcing fields)."""
+
+    path_fields: ClassVar[tuple[str, ...]] = SelfForcingConfig.path_fields
+
+    teacher_steps: int = 24  # Euler steps of the teacher (the step list's σ are added to the grid)
+    teacher_shift: float = 2.0
+    teacher_cfg: float = 3.0  # uncond + s·(cond − uncond), the preset convention
+    teacher_attention: Literal["causal", "bidirectional"] = "causal"
+    num_pairs: int = 256
+    pair_batch: int = 16  # pairs per saved part
+    clean_index: bool = True  # the regression may also draw the clean end for a block (clean history, no loss)
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = 2e-4
+    batch_size: int = 8
+    ema_decay: float = 0.99
+    ema_start: int = 20
+    dmd_steps: int = 0  # stage 2 iterations (0 = ODE init only)
+    dmd_lr: float = 1e-4
+    dmd_batch_size: int = 2
+    dmd_betas: tuple[float, float] = (0.0, 0.999)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1a: ODE pairs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def list_sigmas(cfg: SelfForcingConfig) -> list[float]:
+    """σ of the student's (warped) steps, looked up in the shifted table like the sampler does."""
+    table = FlowMatchTable(shift=cfg.shift)
+    return [float(table.sigma_at(t)) for t in cfg.timesteps()]
+
+
+def teacher_grid(cfg: CausalDistillConfig) -> list[float]:
+    """Descending Euler σ grid: sigma_grid(teacher_steps, teacher_shift) with the list's σ inserted exactly."""
+    marks = list_sigmas(cfg)
+    base = [float(s) for s in sigma_grid(cfg.teacher_steps, cfg.teacher_shift)]
+    grid = sorted({*marks, *(s for s in base if all(abs(s - m) > 1e-4 for m in marks))}, reverse=True)
+    if grid[0] < 1.0 - 1e-6:
+        grid = [1.0, *grid]
+    return grid
+
+
+@torch.no_grad()
+def teacher_trajectories(teacher: WanDiT, context: Tensor, uncond: Tensor, noise: Tensor,
+                         cfg: CausalDistillConfig) -> Tensor:
+    """Teacher samples from `noise` [B, C, F, h, w]; returns the trajectory [B, K+1, C, F, h, w] at the list's
+    σ (K entries) plus the clean end."""
+    grid = teacher_grid(cfg)
+    marks = list_sigmas(cfg)
+    b = noise.shape[0]
+    cond2 = teacher.new_conditioning(torch.cat([context, uncond]))  # rows: cond, uncond
+
+    def run(x: Tensor, denoise) -> list[Tensor]:
+        states: dict[int, Tensor] = {}
+        if grid[0] in marks:
+            states[marks.index(grid[0])] = x.clone()
+
+        def record(i: int, _t: float, xi: Tensor) -> None:
+            s = grid[i + 1]
+            if s in marks:
+                states[marks.index(s)] = xi.clone()
+
+        x0 = euler_sample(denoise, x, grid, callback=record)
+        return [states[j] for j in range(len(marks))] + [x0]
+
+    def denoiser(**kw):
+        def both(x: Tensor, t: Tensor) -> Tensor:
+            v = teacher(torch.cat([x, x]), torch.cat([t, t]), cond2, **kw)
+            return v[b:] + cfg.teacher_cfg * (v[:b] - v[b:])
+
+        return both
+
+    if cfg.teacher_attention == "bidirectional":
+        return torch.stack(run(noise, denoiser(attention=AttentionSpec())), dim=1)
+    # Causal: block by block over the KV cache, then the clean context pass (as the causal-KV backend).
+    n, (h, w) = cfg.block_frames, noise.shape[-2:]
+    cache = teacher.new_kv_cache(cfg.spec, (h, w))
+    blocks = []
+    for k in range(cfg.num_blocks):
+        s = k * n
+        traj = run(noise[:, :, s : s + n], denoiser(attention=cfg.spec, kv_cache=cache, start_frame=s,
+                                                    rope_mode=cfg.rope_mode))
+        x0 = traj[-1]
+        t_ctx = torch.full((2 * b, n), float(cfg.context_noise))
+        teacher(torch.cat([x0, x0]), t_ctx, cond2, attention=cfg.spec, kv_cache=cache, start_frame=s,
+                write_cache=True, rope_mode=cfg.rope_mode)
+        blocks.append(torch.stack(traj, dim=1))  # [B, K+1, C, n, h, w]
+    return torch.cat(blocks, dim=3)
+
+
+def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Path, progress: bool = False) -> Path:
+    """Write (or finish writing) the ODE-pair parts in out/ode_pairs; returns that folder."""
+    folder = out / "ode_pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    from lvstudio.atomic import save_safetensors_atomic
+
+    parts = math.ceil(cfg.num_pairs / cfg.pair_batch)
+    h = cfg.size // 8
+    timesteps = torch.tensor([*cfg.timesteps(), 0.0], dtype=torch.float32)
+    with progress_bar(parts, 0, progress, "ode pairs") as update:
+        for p in range(parts):
+            path = folder / f"part_{p:05d}.safetensors"
+            if path.exists():
+                update(p + 1, math.nan)
+                continue
+            b = min(cfg.pair_batch, cfg.num_pairs - p * cfg.pair_batch)
+            rng = np.random.default_rng([cfg.seed, p, 17])
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            prompts = world_prompts(b, rng)
+            noise = torch.randn(b, models.real.cfg.out_dim, cfg.num_frames, h, h, generator=gen)
+            traj = teacher_trajectories(models.real, models.encode(prompts), models.encode([""] * b), noise, cfg)
+            save_safetensors_atomic({"trajectory": traj.contiguous(), "timesteps": timesteps}, path,
+                                    {"prompts": json.dumps(prompts), "format": "pt"})
+            update(p + 1, math.nan)
+    return folder
+
+
+def load_ode_pairs(folder: Path) -> tuple[Tensor, Tensor, list[str]]:
+    """All parts: trajectories [N, K+1, C, F, h, w], timesteps [K+1] (last 0), prompts."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    trajs, prompts, timesteps = [], [], None
+    for path in sorted(folder.glob("part_*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            prompts += json.loads((f.metadata() or {})["prompts"])
+        t = load_file(str(path))
+        trajs.append(t["trajectory"])
+        timesteps = t["timesteps"]
+    if not trajs:
+        raise FileNotFoundError(f"no ODE pairs in {folder}")
+    return torch.cat(trajs), timesteps, prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1b: ODE regression
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ode_regression_loss(generator: WanDiT, context: Tensor, traj: Tensor, timesteps: Tensor,
+                        cfg: CausalDistillConfig, gen: torch.Generator) -> Tensor:
+    """traj [B, K+1, C, F, h, w]; per block one random index (the clean end too if clean_index); one block-causal
+    forward; MSE(x0 prediction, clean end) over the noisy frames."""
+    b, kk = traj.shape[:2]
+    n, nb = cfg.block_frames, cfg.num_blocks
+    choices = kk if cfg.clean_index else kk - 1
+    idx = torch.randint(0, choices, (b, nb), generator=gen).repeat_interleave(n, dim=1)  # [B, F]
+    x_t = torch.gather(traj, 1, idx[:, None, None, :, None, None].expand(-1, 1, *traj.shape[2:])).squeeze(1)
+    t = timesteps[idx]  # [B, F]
+    table = FlowMatchTable(shift=cfg.shift)
+    sigma = torch.where(t > 0, table.sigma_at(t), torch.zeros_like(t))
+    v = generator(x_t, t, generator.new_conditioning(context), attention=cfg.spec)
+    x0 = x0_from_velocity(x_t, v, sigma)
+    noisy = (t > 0).float()  # [B, F]
+    err = (x0 - traj[:, -1]).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+    return (err * noisy).sum() / noisy.sum().clamp_min(1.0)
+
+
+def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dataset: LatentDataset | None = None,
+                         vocabulary: list[str] | None = None) -> dict:
+    """ODE pairs → ODE regression (→ out_dir/dit.safetensors) → optional DMD stage 2 (out_dir/dmd). Resumable."""
+    import os
+
+    del vocabulary
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("causal-distill runs in one process (launch it without torchrun)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    models = load_models(cfg, with_critic=False)
+    # Stage 1a: teacher ODE pairs.
+    t0 = time.perf_counter()
+    folder = generate_ode_pairs(cfg, models, out, progress)
+    pair_seconds = time.perf_counter() - t0
+    trajs, timesteps, prompts = load_ode_pairs(folder)
+    # Stage 1b: regression.
+    generator = models.generator
+    opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = EMA(generator, cfg.ema_decay)
+    ckpt = out / "checkpoint.safetensors"
+    step = load_checkpoint(ckpt, generator, opt, ema)[0] if ckpt.exists() else 0
+    log = TrainLog(out, True)
+    loss_value = math.nan
+    t_last, since = time.perf_counter(), 0
+    with progress_bar(cfg.steps, step, progress, "ode regression") as update:
+        while step < cfg.steps:
+            # Step 1: a deterministic batch of pairs and per-block indices.
+            rng, gen = step_generator(cfg.seed, step, 0)
+            rows = rng.integers(len(prompts), size=cfg.batch_size)
+            context = models.encode([prompts[int(i)] for i in rows])
+            # Step 2: loss, AdamW with warm-up, EMA.
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr)
+            loss = ode_regression_loss(generator, context, trajs[torch.as_tensor(rows)], timesteps, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            since += 1
+            ema.update(generator, decay=0.0 if step <= cfg.ema_start else None)
+            loss_value = float(loss.detach())
+            update(step, loss_value)
+            # Step 3: logging and checkpoints.
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                log.write(stage="ode", step=step, loss=loss_value, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"],
+                          sec_per_step=(now - t_last) / max(1, since), time=time.time())
+                t_last, since = now, 0
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_checkpoint(ckpt, generator, opt, ema, step, {"recipe": "causal-distill-ode"})
+    export_generator(generator, ema, out, sampler_settings(cfg))
+    result = {"step": step, "loss": loss_value, "pairs": len(prompts), "pair_seconds": pair_seconds,
+              "out_dir": str(out)}
+    # Stage 2: DMD on noised real latents (CausVid), the Self-Forcing loop with backward_simulation = false.
+    if cfg.dmd_steps > 0:
+        result["dmd"] = train_self_forcing(dmd_config(cfg), progress=progress, dataset=dataset)
+    return result
+
+
+def dmd_config(cfg: CausalDistillConfig) -> SelfForcingConfig:
+    """The stage-2 Self-Forcing config: generator from the ODE init, noised real latents, out_dir/dmd."""
+    fields = {k: getattr(cfg, k) for k in SelfForcingConfig.model_fields}
+    fields.update(out_dir=str(Path(cfg.out_dir) / "dmd"), init_dit=str(Path(cfg.out_dir) / "dit.safetensors"),
+                  backward_simulation=False, mode="dmd", steps=cfg.dmd_steps, lr=cfg.dmd_lr,
+                  batch_size=cfg.dmd_batch_size, betas=cfg.dmd_betas)
+    return SelfForcingConfig(**fields)

@@ -233,3 +233,22 @@ def test_rolling_forcing_windows() -> None:
     assert [(w.start_block, w.end_block) for w in short] == [(0, 1), (0, 2), (0, 2), (0, 2), (0, 2), (1, 2)]
     with pytest.raises(ValueError):
         rolling_forcing_windows(0, steps)
+
+
+def test_overlap_history_segments_cover_the_video_like_skyreels() -> None:
+    from lvstudio.sampling.schedules import HistorySegment, overlap_history_segments
+
+    # SkyReels' recommended long-video setting: 97-frame base, 17 frames of overlap, 257 frames -> 65 latents.
+    segs = overlap_history_segments(257, 97, 17, causal_block_size=1)
+    assert segs[0] == HistorySegment(0, 25, 0)
+    # n_iter = 1 + (65 - 25 - 1) // (25 - 5) + 1 = 3; finished before k: 25, 45
+    assert segs[1:] == [HistorySegment(20, 25, 5), HistorySegment(40, 25, 5)]
+    assert segs[-1].start + segs[-1].num_frames == 65
+    # every segment after the first starts inside the previous one by exactly the overlap
+    for a, b in zip(segs, segs[1:]):
+        assert b.start == a.start + a.num_frames - 5
+    # a causal block of 2 cuts the 5-latent prefix to 4; short videos are one segment
+    assert overlap_history_segments(257, 97, 17, causal_block_size=2)[1].prefix == 4
+    assert overlap_history_segments(97, 97, 17) == [HistorySegment(0, 25, 0)]
+    with pytest.raises(ValueError, match="shorter"):
+        overlap_history_segments(257, 17, 17)

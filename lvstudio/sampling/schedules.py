@@ -163,6 +163,41 @@ def skyreels_timestep_matrix(
     return step_matrix, step_index, update_mask, intervals
 
 
+@dataclass(frozen=True)
+class HistorySegment:
+    """One iteration of SkyReels' long-video loop (`overlap_history`), in latent frames."""
+
+    start: int  # first latent of this segment in the whole video
+    num_frames: int  # latents this segment's timestep matrix covers (prefix included)
+    prefix: int  # clean conditioning latents from the previous segment (num_pre_ready)
+
+
+def overlap_history_segments(num_frames: int, base_num_frames: int, overlap_history: int,
+                             causal_block_size: int = 1) -> list[HistorySegment]:
+    """SkyReels-V2 long video: split `num_frames` pixel frames into segments of at most `base_num_frames`, each after
+    the first conditioned on the last `overlap_history` pixel frames of the video so far (re-encoded: the prefix is
+    (overlap_history - 1) // 4 + 1 latents, cut down to a multiple of the causal block). Run
+    `skyreels_timestep_matrix(seg.num_frames, ..., num_pre_ready=seg.prefix)` per segment.
+    """
+    if min(num_frames, base_num_frames, overlap_history, causal_block_size) < 1:
+        raise ValueError("num_frames, base_num_frames, overlap_history and causal_block_size must be >= 1")
+    lat, base = (num_frames - 1) // 4 + 1, (base_num_frames - 1) // 4 + 1
+    ov = (overlap_history - 1) // 4 + 1
+    if ov >= base:
+        raise ValueError(f"overlap_history ({overlap_history} frames = {ov} latents) must be shorter than "
+                         f"base_num_frames ({base_num_frames} frames = {base} latents)")
+    if lat <= base:
+        return [HistorySegment(0, lat, 0)]
+    prefix = ov // causal_block_size * causal_block_size
+    segments = [HistorySegment(0, base, 0)]
+    n_iter = 1 + (lat - base - 1) // (base - ov) + 1
+    for k in range(1, n_iter):
+        finished = k * (base - ov) + ov  # latents done before segment k
+        frames = min(lat - finished + ov, base)
+        segments.append(HistorySegment(finished - ov, frames, prefix))
+    return segments
+
+
 def addnoise_condition(
     latents: Tensor,
     prefix_len: int,

@@ -211,8 +211,8 @@ def _train(config: Path, module: str, config_class: str, function: str, progress
     mod = importlib.import_module(f"lvstudio.train.{module}")
     cfg = load_config(config, getattr(mod, config_class))
     result = getattr(mod, function)(cfg, progress=progress)
-    loss = result.get("loss", float("nan"))
-    typer.echo(f"done: step {result['step']}, loss {loss:.4f}, weights in {cfg.out_dir}")
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("loss") and isinstance(v, float))
+    typer.echo(f"done: step {result['step']}, {losses or 'no loss logged'}, weights in {cfg.out_dir}")
 
 
 _NO_PROGRESS = typer.Option("--no-progress", help="No progress bar (logs still written).")

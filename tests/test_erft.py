@@ -131,6 +131,11 @@ def test_injection_shapes_and_probabilities() -> None:
     assert not (off.noise | off.latent | off.cond).any() and off.x0.abs().sum() == 0
     again = inject_errors(x0, eps, prefix, grids, banks, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(again.eps, inj.eps) and torch.equal(again.prefix, inj.prefix)
+    # error_scale multiplies every injected error (same draws)
+    half = inject_errors(x0, eps, prefix, grids, banks, cfg.model_copy(update={"error_scale": 0.5}),
+                         torch.Generator().manual_seed(0))
+    for a, b_ in ((half.eps, inj.eps), (half.x0, inj.x0), (half.prefix, inj.prefix)):
+        torch.testing.assert_close(a, 0.5 * b_)
 
 
 def test_recycled_target_and_one_step_errors_by_hand() -> None:

@@ -36,3 +36,23 @@ def test_demo_storyboard_renders_with_the_tiny_preset(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     info = probe_video(out)
     assert (info.codec, info.pix_fmt, info.width, info.height, info.num_frames) == ("h264", "yuv420p", 128, 128, 80)
+
+
+def test_tiny_fast_preset_is_a_four_step_causal_generator_without_guidance() -> None:
+    """The Self-Forcing distilled preset: same text encoder and VAE as tiny, 4 warped steps, CFG distilled in."""
+    import numpy as np
+
+    from lvstudio.bundle import load_bundle
+    from lvstudio.eval.adherence import render_prompt
+    from lvstudio.eval.oracle import adherence
+    from lvstudio.presets import load_preset
+    from lvstudio.train.world import ObjectSpec, SceneSpec
+
+    p = load_preset("tiny-fast")
+    assert p.sampler.kind == "few-step" and len(p.sampler.step_list) == 4 and p.sampler.cfg_scale == 1.0
+    assert p.file_path("text_encoder").resolve() == load_preset("tiny").file_path("text_encoder").resolve()
+    bundle = load_bundle(p)
+    frames = render_prompt(bundle, "a red ball bouncing over the sea", 1.5, seed=1)
+    assert frames.shape == (24, 128, 128, 3) and frames.dtype == np.uint8
+    score = adherence(frames, SceneSpec("sea", (ObjectSpec("red", "ball", "bouncing"),)))
+    assert score["scene"] > 0.8 and score["colour"] > 0.8, score

@@ -87,6 +87,7 @@ class ERFTConfig(DFConfig):
     latent_prob: float = Field(0.9, ge=0, le=1)
     cond_prob: float = Field(0.9, ge=0, le=1)
     clean_prob: float = Field(0.5, ge=0, le=1)
+    error_scale: float = Field(1.0, ge=0)  # banked errors are added times this (SVI: unscaled; a small model errs more)
     clean_buffer_update_prob: float = Field(0.1, ge=0, le=1)
     buffer_warmup_steps: int = Field(50, ge=0)  # gather errors from every rank into every bank until this step
 
@@ -306,17 +307,17 @@ def inject_errors(x0: Tensor, eps: Tensor, prefix: Tensor | None, grids: Tensor,
     for i in range(b):
         g = int(grids[i])
         if want_noise[i] and (e := banks.noise.sample(g, gen)) is not None:
-            eps[i] += e
+            eps[i] += cfg.error_scale * e
             done[0, i] = True
         if want_latent[i] and (e := banks.latent.sample(g, gen)) is not None:
-            x0[i] += e
+            x0[i] += cfg.error_scale * e
             done[1, i] = True
         if prefix is not None and want_cond[i] and (e := banks.latent.sample_any(gen)) is not None:
             # SVI adds a window of a latent error to the first frames of y; here the clean prefix (ref + carry).
             p, n = prefix.shape[2], e.shape[1]
             k = min(p, n)
             j = int(torch.randint(n - k + 1, (1,), generator=gen))
-            prefix[i, :, p - k :] += e[:, j : j + k]
+            prefix[i, :, p - k :] += cfg.error_scale * e[:, j : j + k]
             done[2, i] = True
     return Injected(eps, x0, prefix, clean, done[0], done[1], done[2])
 

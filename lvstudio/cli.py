@@ -372,26 +372,29 @@ def bench_model_cmd(
 
 @bench_app.command("render")
 def bench_render_cmd(
-    preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml.")] = "tiny",
+    preset: Annotated[list[str] | None, typer.Option(
+        help="Preset name or path to a preset.toml (repeat to compare presets, e.g. tiny and tiny-fast).")] = None,
     minutes: Annotated[float, typer.Option(help="Minutes of video to render.")] = 10.0,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     backend: Annotated[list[str] | None, typer.Option(
-        help="Backend(s) to measure, one after the other in this process (repeat the option); default: the "
-             "preset's. With several, prints ratios against the first.")] = None,
+        help="Backend(s) to measure (repeat the option); default: the preset's.")] = None,
 ) -> None:
-    """Real-time factor with decode + H.264, first frame, chunk time and memory at minute 1 vs the end, re-cache stall."""
-    from lvstudio.backends import BACKENDS
-    from lvstudio.eval.bench_render import comparison_lines, run_render_bench
+    """Real-time factor with decode + H.264, first frame, chunk time and memory at minute 1 vs the end, re-cache stall.
 
+    Every preset x backend combination runs one after the other in this process; with several, the ratios against
+    the first are printed."""
+    from lvstudio.backends import BACKENDS
     from lvstudio.errors import LvError
+    from lvstudio.eval.bench_render import comparison_lines, run_render_bench
 
     for name in backend or []:
         if name not in BACKENDS:
             raise LvError(f"--backend {name!r} is not a backend", hint=f"choose one of: {', '.join(BACKENDS)}")
     results = []
-    for name in backend or [None]:
-        results.append(run_render_bench(preset, minutes, threads, backend=name))
-        typer.echo("\n".join(results[-1].lines()))
+    for p in preset or ["tiny"]:
+        for name in backend or [None]:
+            results.append(run_render_bench(p, minutes, threads, backend=name))
+            typer.echo("\n".join(results[-1].lines()))
     if len(results) > 1:
         typer.echo("\n".join(comparison_lines(results)))
 

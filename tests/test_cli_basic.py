@@ -100,3 +100,14 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_usage_error_exits_2() -> None:
     result = CliRunner().invoke(app, ["check"])
     assert result.exit_code == 2
+
+
+def test_bench_render_compares_backends_and_presets_side_by_side() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "render", "--minutes", "0.02", "--preset", "tiny", "--preset", "tiny-fast",
+                                 "--backend", "causal-kv"])
+    assert result.exit_code == 0, result.output
+    assert "side by side (ratios vs tiny/causal-kv)" in result.output
+    assert "tiny-fast/causal-kv / tiny/causal-kv: speed x" in result.output
+    bad = _run("-m", "lvstudio", "bench", "render", "--minutes", "0.02", "--backend", "nope")
+    assert bad.returncode == 2 and "is not a backend" in bad.stderr

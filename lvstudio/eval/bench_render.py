@@ -119,13 +119,17 @@ def run_render_bench(preset: str = "tiny", minutes: float = 10.0, threads: int =
 def comparison_lines(results: list[RenderBenchResult]) -> list[str]:
     """Side-by-side ratios against the first result (all measured in the same process, one after the other)."""
     base = results[0]
-    out = [f"side by side (ratios vs {base.backend}):",
-           f"  {'backend':16s} {'x real time':>11s} {'frames/s':>9s} {'first frame ms':>15s} {'chunk ms':>9s} "
+
+    def label(r: RenderBenchResult) -> str:
+        return f"{r.preset}/{r.backend}"
+
+    out = [f"side by side (ratios vs {label(base)}):",
+           f"  {'preset/backend':26s} {'x real time':>11s} {'frames/s':>9s} {'first frame ms':>15s} {'chunk ms':>9s} "
            f"{'last/min1':>9s}"]
     for r in results:
-        out.append(f"  {r.backend:16s} {r.realtime_factor:11.2f} {r.frames_per_second:9.2f} {1000 * r.first_frame_s:15.0f} "
-                   f"{r.chunk_ms_median:9.1f} {r.chunk_ms_last / r.chunk_ms_minute1:9.3f}")
+        out.append(f"  {label(r):26s} {r.realtime_factor:11.2f} {r.frames_per_second:9.2f} "
+                   f"{1000 * r.first_frame_s:15.0f} {r.chunk_ms_median:9.1f} {r.chunk_ms_last / r.chunk_ms_minute1:9.3f}")
     for r in results[1:]:
-        out.append(f"  {r.backend} / {base.backend}: speed x{r.realtime_factor / base.realtime_factor:.2f}, "
+        out.append(f"  {label(r)} / {label(base)}: speed x{r.realtime_factor / base.realtime_factor:.2f}, "
                    f"first frame x{r.first_frame_s / base.first_frame_s:.2f}")
     return out

@@ -137,11 +137,13 @@ def test_parse_variant_errors(text: str, match: str) -> None:
 
 
 def test_variant_availability() -> None:
-    problem = variant_problem(parse_variant("sf=tiny-fast:causal-kv"))
-    assert problem is not None and "tiny-fast" in problem and "tiny" in problem.split("choose one of", 1)[1]
-    with pytest.raises(LvError, match="tiny-fast"):
-        check_variant(parse_variant("sf=tiny-fast:causal-kv"))
+    problem = variant_problem(parse_variant("sf=tiny-slow:causal-kv"))
+    assert problem is not None and "tiny-slow" in problem and "tiny" in problem.split("choose one of", 1)[1]
+    with pytest.raises(LvError, match="tiny-slow"):
+        check_variant(parse_variant("sf=tiny-slow:causal-kv"))
     assert variant_problem(parse_variant("base=tiny:causal-kv")) is None
+    assert variant_problem(parse_variant("sf=tiny-fast:causal-kv")) is None
+    assert variant_problem(parse_variant("erft=tiny-erft:erft-crossclip:lora=on")) is None
     assert variant_problem(parse_variant("cc=tiny:erft-crossclip:lora=off")) is None  # tiny names no LoRA: fine
     assert "LoRA" in (variant_problem(parse_variant("erft=tiny:erft-crossclip:lora=on")) or "")
     assert "not found" in (variant_problem(parse_variant("erft=tiny:erft-crossclip:lora=/nonexistent.st")) or "")
@@ -216,5 +218,5 @@ def test_cli_drift(tmp_path: Path) -> None:
                                       str(tmp_path / "again.png")])
     assert replot.exit_code == 0, replot.output
     assert (tmp_path / "again.png").exists()
-    bad = CliRunner().invoke(app, ["eval", "drift", "--variant", "sf=tiny-fast:causal-kv", "--out", str(out)])
-    assert bad.exit_code == 2 and "tiny-fast" in bad.stderr
+    bad = CliRunner().invoke(app, ["eval", "drift", "--variant", "sf=tiny-slow:causal-kv", "--out", str(out)])
+    assert bad.exit_code == 2 and "tiny-slow" in bad.stderr

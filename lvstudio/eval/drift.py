@@ -52,7 +52,7 @@ DEFAULT_VARIANTS = (
     "base=tiny:causal-kv",
     "sf=tiny-fast:causal-kv",
     "crossclip=tiny:erft-crossclip:lora=off",
-    "erft=tiny:erft-crossclip:lora=on",  # lora=on: skipped (not silently run LoRA-less) when the preset has none
+    "erft=tiny-erft:erft-crossclip:lora=on",  # lora=on: skipped (not silently run LoRA-less) when the preset has none
 )
 HIST_BINS = 8  # per RGB channel: 512-bin colour histograms
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

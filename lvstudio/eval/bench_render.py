@@ -63,6 +63,14 @@ def run_render_bench(preset: str = "tiny", minutes: float = 10.0, threads: int =
                      seed: int = 0, backend: str | None = None) -> RenderBenchResult:
     import torch
 
+    with torch.no_grad():  # not torch.set_grad_enabled(False): callers in the same process keep their autograd
+        return _bench(preset, minutes, threads, cut_every_s, seed, backend)
+
+
+def _bench(preset: str, minutes: float, threads: int, cut_every_s: float, seed: int,
+           backend: str | None) -> RenderBenchResult:
+    import torch
+
     from lvstudio.bundle import load_bundle
     from lvstudio.presets import load_preset
     from lvstudio.session import RenderSession, RenderSettings
@@ -70,7 +78,6 @@ def run_render_bench(preset: str = "tiny", minutes: float = 10.0, threads: int =
     from lvstudio.video import VideoSink
 
     torch.set_num_threads(threads)
-    torch.set_grad_enabled(False)
     p = load_preset(preset)
     prompts = ["a red ball bouncing over the sea", "a blue cube moving left on the grass",
                "a yellow star spinning in the night sky", "a pink triangle resting on the snow"]

@@ -38,6 +38,20 @@ def test_demo_storyboard_renders_with_the_tiny_preset(tmp_path: Path) -> None:
     assert (info.codec, info.pix_fmt, info.width, info.height, info.num_frames) == ("h264", "yuv420p", 128, 128, 80)
 
 
+@pytest.mark.parametrize(("story", "extra"), [("stream.toml", []), ("crossclip.toml", []),
+                                             ("crossclip.toml", ["--preset", "tiny-erft"])])
+def test_backend_storyboards_render_playable_mp4(tmp_path: Path, story: str, extra: list[str]) -> None:
+    """The streaming-DiT and cross-clip examples (and the ERFT LoRA preset) render end to end to H.264."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "x.mp4"
+    r = subprocess.run([sys.executable, "-m", "lvstudio", "render", str(ROOT / "storyboards" / story), "--out",
+                        str(out), "--duration", "3s", "--no-progress", *extra], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    info = probe_video(out)
+    assert (info.codec, info.pix_fmt, info.width, info.height, info.num_frames) == ("h264", "yuv420p", 128, 128, 48)
+
+
 def test_tiny_fast_preset_is_a_four_step_causal_generator_without_guidance() -> None:
     """The Self-Forcing distilled preset: same text encoder and VAE as tiny, 4 warped steps, CFG distilled in."""
     import numpy as np

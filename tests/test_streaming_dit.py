@@ -118,3 +118,33 @@ def test_a_prompt_switch_changes_the_content_on_the_tiny_preset() -> None:
     assert stale["colour"] < 0.2, stale  # the red ball is gone
     first_new = next(c for c in chunks if c.prompt == "a yellow ball bouncing on the grass")
     assert first_new.index == buf.seconds_to_block(1.0)
+
+
+def test_backend_specific_dit_weights_are_used_and_checked(tmp_path) -> None:
+    """`[streaming] dit = "<role>"` runs a fine-tune of the main DiT; another architecture is refused."""
+    import copy
+    import json
+
+    import pytest
+    from safetensors.torch import save_file
+
+    from lvstudio.errors import PresetError
+    from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
+    from lvstudio.presets import FileEntry
+
+    bundle = random_bundle()
+    tuned = copy.deepcopy(bundle.dit)
+    with torch.no_grad():
+        tuned.head.head.weight.add_(0.05)
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, str(tmp_path / "tuned.safetensors"),
+              metadata={"config": json.dumps(tuned.cfg.to_dict())})
+    other = WanDiT(WanDiTConfig.from_dict({**bundle.dit.cfg.to_dict(), "num_layers": 1}))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "other.safetensors"),
+              metadata={"config": json.dumps(other.cfg.to_dict())})
+    files = {"tuned": FileEntry(path="tuned.safetensors"), "other": FileEntry(path="other.safetensors")}
+    bundle.preset = bundle.preset.model_copy(update={"folder": tmp_path, "files": files})
+    be = _backend(bundle, dit="tuned")
+    assert be.dit is not bundle.dit and bundle.dit_for("tuned") is be.dit  # loaded once, kept on the bundle
+    assert not torch.equal(be.step().latents, _backend(bundle).step().latents)
+    with pytest.raises(PresetError, match="another architecture"):
+        _backend(bundle, dit="other")

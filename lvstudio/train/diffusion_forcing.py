@@ -277,19 +277,28 @@ def train_diffusion_forcing(cfg: DFConfig, *, progress: bool = True, dataset: La
     return run_training(cfg, df_loss, "diffusion-forcing", progress=progress, dataset=dataset, vocabulary=vocabulary)
 
 
-def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool = True,
-                 dataset: LatentDataset | None = None, vocabulary: list[str] | None = None) -> dict:
-    """The training loop every latent-space recipe shares (DF, streaming): data, AdamW, EMA, DDP, checkpoints."""
+def start_run(cfg: DFConfig, dataset: LatentDataset | None, vocabulary: list[str] | None,
+              make_dataset: Callable[[DFConfig, Path, DistInfo], LatentDataset] | None = None,
+              ) -> tuple[DistInfo, Path, LatentDataset, list[str]]:
+    """What every latent-space run does first: join torchrun's group, set threads, make out_dir, get the latent
+    dataset (given, else built/loaded by `make_dataset`, default `_dataset`) and the world vocabulary."""
     dist = init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = dataset if dataset is not None else _dataset(cfg, out, dist)
+    data = dataset if dataset is not None else (make_dataset or _dataset)(cfg, out, dist)
     if vocabulary is None:
         from lvstudio.train.world import vocabulary as world_vocabulary
 
         vocabulary = world_vocabulary()
+    return dist, out, data, vocabulary
+
+
+def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool = True,
+                 dataset: LatentDataset | None = None, vocabulary: list[str] | None = None) -> dict:
+    """The training loop every latent-space recipe shares (DF, streaming): data, AdamW, EMA, DDP, checkpoints."""
+    dist, out, data, vocabulary = start_run(cfg, dataset, vocabulary)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocabulary, data.latents.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -40,7 +40,6 @@ from lvstudio.train.common import (
     TrainLog,
     _flatten_optimizer,
     _unflatten_optimizer,
-    init_distributed,
     lr_at,
     progress_bar,
     shutdown_distributed,
@@ -50,6 +49,7 @@ from lvstudio.train.diffusion_forcing import (
     LatentDataset,
     _dataset,
     build_model,
+    start_run,
     step_generator,
 )
 
@@ -534,16 +534,7 @@ def _barrier(dist: DistInfo) -> None:
 def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset | None = None,
                vocabulary: list[str] | None = None) -> dict:
     """Train (or resume) an ERFT LoRA in cfg.out_dir; writes out_dir/erft_lora.safetensors. Works under torchrun."""
-    dist = init_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = dataset if dataset is not None else _erft_dataset(cfg, out, dist)
-    if vocabulary is None:
-        from lvstudio.train.world import vocabulary as world_vocabulary
-
-        vocabulary = world_vocabulary()
+    dist, out, data, vocabulary = start_run(cfg, dataset, vocabulary, _erft_dataset)
     # Step 1: frozen base (DiT + text), LoRA adapters (same init on every rank), AdamW on the adapters only.
     torch.manual_seed(cfg.seed)
     base_model = build_model(cfg, vocabulary, data.latents.shape[1])

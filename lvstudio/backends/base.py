@@ -57,14 +57,21 @@ class Backend(Protocol):
 
 
 class ConditioningCache:
-    """DiT conditionings by BlockConditioning.key, each with its own cross-attention K/V cache (a small LRU).
+    """DiT conditionings by BlockConditioning.key, each with its own cross-attention K/V cache (a small LRU), and
+    the classifier-free guidance that goes with them.
 
-    `uncond` (text features of the empty prompt) adds an unconditional row for classifier-free guidance.
+    With `cfg_scale != 1` every conditioning gets a second, unconditional row (text features of the empty prompt):
+    model calls and KV caches then carry `rows = 2` rows [cond, uncond], and `guide` combines the two outputs.
     """
 
-    def __init__(self, dit, device: torch.device, uncond: Tensor | None = None, size: int = 8) -> None:  # noqa: ANN001
-        self.dit, self.device, self.uncond, self.size = dit, device, uncond, size
+    def __init__(self, dit, device: torch.device, buffer, cfg_scale: float = 1.0, size: int = 8) -> None:  # noqa: ANN001
+        self.dit, self.device, self.cfg_scale, self.size = dit, device, cfg_scale, size
+        self.uncond = buffer.embedding("") if cfg_scale != 1.0 else None  # [1, text_len, text_dim]
         self._items: OrderedDict[str, object] = OrderedDict()
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.uncond is None else 2
 
     def get(self, key: str, context: Tensor):  # noqa: ANN201 - lvstudio.models.wan_dit.Conditioning
         if key not in self._items:
@@ -76,6 +83,10 @@ class ConditioningCache:
                 self._items.popitem(last=False)
         self._items.move_to_end(key)
         return self._items[key]
+
+    def guide(self, v: Tensor) -> Tensor:
+        """[rows, ...] model outputs -> [1, ...]: uncond + scale * (cond - uncond), or v itself without guidance."""
+        return v if self.uncond is None else v[1:] + self.cfg_scale * (v[:1] - v[1:])
 
 
 def block_seed(run_seed: int, index: int, salt: str = "block") -> int:

@@ -66,15 +66,13 @@ class CausalKVBackend:
         self.h, self.w = bundle.latent_hw(width, height)
         self.n = self.attn.block_frames
         self.spec = AttentionSpec(self.n, self.attn.window_frames, self.attn.sink_frames)
-        self.cfg_scale = self.sampler.cfg_scale
-        self.batch = 2 if self.cfg_scale != 1.0 else 1
+        self.conds = ConditioningCache(bundle.dit, bundle.device, buffer, self.sampler.cfg_scale)
+        self.batch = self.conds.rows  # [cond, uncond] rows with guidance
         self.cache = bundle.dit.new_kv_cache(self.spec, (self.h, self.w))
         self.decoder = bundle.vae.streaming_decoder()
         self.keep_latents = self.attn.window_frames or 4 * self.n * 8
         self.recent: Tensor | None = None  # [1, C, k, h, w] last clean latents (for re-cache)
         self.block = 0
-        uncond = buffer.embedding("") if self.batch == 2 else None
-        self.conds = ConditioningCache(bundle.dit, bundle.device, uncond)
 
     @property
     def next_index(self) -> int:
@@ -128,7 +126,7 @@ class CausalKVBackend:
         return chunk
 
     def _denoiser(self, cond: Conditioning, start: int, pinned: Tensor | None):
-        dit, scale = self.bundle.dit, self.cfg_scale
+        dit = self.bundle.dit
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
             if pinned is not None:
@@ -139,9 +137,7 @@ class CausalKVBackend:
             tb = t.expand(self.batch, -1)
             v = dit(xb, tb, cond, attention=self.spec, kv_cache=self.cache, start_frame=start,
                     rope_mode=self.attn.rope_mode)
-            if self.batch == 2:
-                v = v[1:] + scale * (v[:1] - v[1:])
-            return v
+            return self.conds.guide(v)
 
         return denoise
 

@@ -68,9 +68,9 @@ class ERFTCrossClipBackend:
             raise PresetError(f"the bundle's DiT carries the ERFT LoRA {getattr(bundle.dit, MERGED_MARK)} (merged in "
                               "place: it is too large to copy)", hint="load the bundle again for a run without ERFT")
         self.dit = bundle.dit if self.lora_path is None else _merged_copy(bundle.dit, self.lora_path)
-        self.cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
-        self.batch = 2 if self.cfg_scale != 1.0 else 1  # rows [cond, uncond]
-        self.conds = ConditioningCache(self.dit, bundle.device, buffer.embedding("") if self.batch == 2 else None)
+        cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
+        self.conds = ConditioningCache(self.dit, bundle.device, buffer, cfg_scale)
+        self.batch = self.conds.rows  # [cond, uncond] rows with guidance
         self.h, self.w = bundle.latent_hw(width, height)
         self.decoder = bundle.vae.streaming_decoder()
         self.clip = 0
@@ -130,7 +130,7 @@ class ERFTCrossClipBackend:
             ts = t if clean is None else torch.cat([torch.zeros(1, p, device=dev), t], dim=1)
             v = dit(seq.expand(self.batch, -1, -1, -1, -1), ts.expand(self.batch, -1), cond, attention=spec,
                     start_frame=self._start(p))[:, :, p:]
-            return v if self.batch == 1 else v[1:] + self.cfg_scale * (v[:1] - v[1:])  # classifier-free guidance
+            return self.conds.guide(v)
 
         # Step 2: sample the new frames.
         t0 = time.perf_counter()

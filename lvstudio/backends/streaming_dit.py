@@ -59,8 +59,9 @@ class StreamingDiTBackend:
         self.part = stream_partition_levels(self.st.buffer_chunks, self.c, self.st.micro_steps, self.st.shift)
         self.spec = AttentionSpec(self.c if self.st.causal_buffer else None, attn.window_frames, attn.sink_frames)
         self.dit = bundle.dit_for(self.st.dit)
-        self.cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
-        self.batch = 2 if self.cfg_scale != 1.0 else 1  # rows [cond, uncond] in the model calls and the cache
+        cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
+        self.conds = ConditioningCache(self.dit, bundle.device, buffer, cfg_scale)
+        self.batch = self.conds.rows  # [cond, uncond] rows in the model calls and the cache with guidance
         cache_spec = AttentionSpec(self.c, attn.window_frames, attn.sink_frames)
         self.cache = self.dit.new_kv_cache(cache_spec, (self.h, self.w))
         self.decoder = bundle.vae.streaming_decoder()
@@ -69,8 +70,6 @@ class StreamingDiTBackend:
         self.micro = 0  # micro-step inside the current shift period
         self.emitted = 0  # chunks emitted so far (= block index of the buffer's first chunk when full)
         self.entered = 0  # chunks that have entered the buffer
-        uncond = buffer.embedding("") if self.batch == 2 else None
-        self.conds = ConditioningCache(self.dit, bundle.device, uncond)
 
     @property
     def next_index(self) -> int:
@@ -138,10 +137,9 @@ class StreamingDiTBackend:
         for key in keys:
             ch0 = next(ch for ch in self.chunks if ch.cond.key == key)
             cond = self.conds.get(ch0.cond.key, ch0.cond.context)
-            out = self.dit(self.x.expand(self.batch, -1, -1, -1, -1), t.expand(self.batch, -1), cond,
-                           attention=self.spec, kv_cache=self.cache, start_frame=start, rope_mode=self.attn.rope_mode)
-            if self.batch == 2:
-                out = out[1:] + self.cfg_scale * (out[:1] - out[1:])  # classifier-free guidance
+            out = self.conds.guide(self.dit(self.x.expand(self.batch, -1, -1, -1, -1), t.expand(self.batch, -1), cond,
+                                            attention=self.spec, kv_cache=self.cache, start_frame=start,
+                                            rope_mode=self.attn.rope_mode))
             for i, ch in enumerate(self.chunks):
                 if ch.cond.key == key:
                     v[:, :, i * self.c : (i + 1) * self.c] = out[:, :, i * self.c : (i + 1) * self.c]

@@ -49,6 +49,10 @@ class TinyVAEConfig:
     enc_blocks: tuple[int, int, int] = (1, 1, 1)  # residual blocks per level (encoder)
     dec_blocks: tuple[int, int, int] = (1, 1, 1)  # residual blocks per level (decoder)
     temporal_blocks: tuple[bool, bool, bool] = (False, False, True)  # causal 3×3×3 first conv in blocks of that level
+    # "progressive": the decoder upsamples time at H/8 and H/4 (2× each), so H/4 and H/2 run at 2× / 4× the latent
+    # frame rate. "late": every decoder level runs at the latent frame rate and the output conv emits the 4 pixel
+    # frames of each latent as channels (a temporal pixel-shuffle): about 3× less decoder work per video second.
+    decoder_time_up: str = "progressive"
     latents_mean: tuple[float, ...] = field(default=())
     latents_std: tuple[float, ...] = field(default=())
 
@@ -64,6 +68,8 @@ class TinyVAEConfig:
                 f"channels {self.channels} need 4*c0 % c1 == 0, 4*c1 % c2 == 0 and c2 % z_dim == 0 "
                 "(parameter-free space/channel shortcuts)"
             )
+        if self.decoder_time_up not in ("progressive", "late"):
+            raise ValueError(f"decoder_time_up must be 'progressive' or 'late', got {self.decoder_time_up!r}")
         if not self.latents_mean:
             object.__setattr__(self, "latents_mean", (0.0,) * self.z_dim)
         if not self.latents_std:
@@ -309,35 +315,50 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Raw latents [B, f, z, h, w] → video [B, 1+4(f-1) (4f after the first chunk), 3, 8h, 8w] (unclamped)."""
+    """Raw latents [B, f, z, h, w] → video [B, 1+4(f-1) (4f after the first chunk), 3, 8h, 8w] (unclamped).
+
+    `decoder_time_up = "late"`: no TimeUp layers; the output conv gives 4 frames × 12 channels per latent frame, and
+    the first latent of a video keeps only its last frame (latent 0 ↔ pixel frame 0, as in the progressive layout).
+    """
 
     def __init__(self, cfg: TinyVAEConfig) -> None:
         super().__init__()
         c0, c1, c2 = cfg.channels
         t0, t1, t2 = cfg.temporal_blocks
+        self.late = cfg.decoder_time_up == "late"
         self.conv_in = CausalConv3d(cfg.z_dim, c2, (3, 3, 3))
         self.blocks2 = nn.ModuleList(ResBlock(c2, t2) for _ in range(cfg.dec_blocks[2]))
-        self.time_up2 = TimeUp(c2)
+        self.time_up2 = None if self.late else TimeUp(c2)
         self.up2 = SpaceUp(c2, c1)
         self.blocks1 = nn.ModuleList(ResBlock(c1, t1) for _ in range(cfg.dec_blocks[1]))
-        self.time_up1 = TimeUp(c1)
+        self.time_up1 = None if self.late else TimeUp(c1)
         self.up1 = SpaceUp(c1, c0)
         self.blocks0 = nn.ModuleList(ResBlock(c0, t0) for _ in range(cfg.dec_blocks[0]))
         self.norm_out = RMSNorm(c0)
-        self.conv_out = CausalConv3d(c0, 4 * cfg.in_channels, (1, 3, 3))  # then pixel-shuffle 2×
+        frames_out = TEMPORAL_STRIDE if self.late else 1
+        self.conv_out = CausalConv3d(c0, frames_out * 4 * cfg.in_channels, (1, 3, 3))  # then pixel-shuffle 2×
         self.cache_keys = _name_caches(self)
 
     def forward(self, z: Tensor, state: State) -> Tensor:
+        first = self.conv_in.cache_key not in state  # the first chunk of a video
         x = self.conv_in(z, state) + _channel_dup(z, self.conv_in.conv.out_channels)  # [B, f, c2, h, w]
         for block in self.blocks2:
             x = block(x, state)
-        x = self.up2(self.time_up2(x, state), state)  # [B, 2f-1, c1, 2h, 2w]
+        if self.time_up2 is not None:
+            x = self.time_up2(x, state)  # [B, 2f-1, c2, h, w]
+        x = self.up2(x, state)  # [B, f or 2f-1, c1, 2h, 2w]
         for block in self.blocks1:
             x = block(x, state)
-        x = self.up1(self.time_up1(x, state), state)  # [B, 4f-3, c0, 4h, 4w]
+        if self.time_up1 is not None:
+            x = self.time_up1(x, state)  # [B, 4f-3, c1, 2h, 2w]
+        x = self.up1(x, state)  # [B, f or 4f-3, c0, 4h, 4w]
         for block in self.blocks0:
             x = block(x, state)
-        x = self.conv_out(F.silu(self.norm_out(x)), state)  # [B, 4f-3, 12, 4h, 4w]
+        x = self.conv_out(F.silu(self.norm_out(x)), state)  # [B, f or 4f-3, 12 (x4 late), 4h, 4w]
+        if self.late:
+            x = x.unflatten(2, (TEMPORAL_STRIDE, -1)).flatten(1, 2)  # [B, 4f, 12, 4h, 4w]
+            if first:
+                x = x[:, TEMPORAL_STRIDE - 1 :]  # latent 0 → pixel frame 0 only
         return F.pixel_shuffle(x, 2)  # [B, 4f-3, 3, 8h, 8w]
 
 

@@ -22,6 +22,7 @@ class VAEFileConfig(TrainConfigBase):
     mse_weight: float = 1.0
     edge_weight: float = 0.5
     kl_weight: float = 1e-6
+    object_weight: float = 0.0
     eval_batches: int = 4
     stats_batches: int = 16
     switch_prob: float = 0.3
@@ -46,7 +47,7 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         steps=cfg.steps, batch_size=cfg.batch_size, clip_frames=cfg.clip_frames, size=cfg.size, crop=cfg.crop,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
         grad_clip=cfg.grad_clip, l1_weight=cfg.l1_weight, mse_weight=cfg.mse_weight, edge_weight=cfg.edge_weight,
-        kl_weight=cfg.kl_weight, seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+        kl_weight=cfg.kl_weight, object_weight=cfg.object_weight, seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
         eval_batches=cfg.eval_batches, stats_batches=cfg.stats_batches, out_dir=cfg.out_dir, model=model,
     )
     log = Path(cfg.out_dir) / "train_log.jsonl"

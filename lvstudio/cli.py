@@ -2,8 +2,8 @@
 
 Each command is a small function that imports its implementation lazily, so `lvstudio --help` stays instant
 (no torch, gradio or textual at import time). User errors (`LvError`) print one short message to stderr and exit
-2; Ctrl-C exits 130. Sub-command groups (`presets`, `train`, `eval`, `bench`) are created here, empty for now:
-add commands to them with `@presets_app.command()` and keep the heavy imports inside the function.
+2; Ctrl-C exits 130. Sub-command groups: `presets` lives with the presets (`lvstudio.presets.cli.presets_app`);
+`train`, `eval` and `bench` are here. Keep the heavy imports inside the command functions.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from lvstudio import __version__
 from lvstudio.errors import LvError
+from lvstudio.presets.cli import presets_app
 
 if TYPE_CHECKING:
     import click
@@ -50,7 +51,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-presets_app = typer.Typer(help="List, pull, verify and convert model presets.", no_args_is_help=True)
 train_app = typer.Typer(help="Training recipes (diffusion forcing, self forcing, error recycling, streaming).",
                         no_args_is_help=True)
 eval_app = typer.Typer(help="Long-horizon quality metrics on the procedural world.", no_args_is_help=True)
@@ -283,7 +283,7 @@ def eval_adherence_cmd(
     """Oracle prompt adherence (scene, object colour, shape) of generated video."""
     import torch
 
-    from lvstudio.bundle import load_bundle
+    from lvstudio.presets import load_bundle
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -397,40 +397,6 @@ def bench_render_cmd(
             typer.echo("\n".join(results[-1].lines()))
     if len(results) > 1:
         typer.echo("\n".join(comparison_lines(results)))
-
-
-def _register_hub_commands() -> None:
-    """`presets pull|verify|convert` (their heavy imports stay inside the commands)."""
-    from lvstudio.hub_cli import register
-
-    register(presets_app)
-
-
-_register_hub_commands()
-
-
-@presets_app.command("list")
-def presets_list_cmd() -> None:
-    """List the presets shipped in presets/."""
-    from lvstudio.presets import available_presets, load_preset
-
-    for name in available_presets():
-        p = load_preset(name)
-        typer.echo(f"{name:24s} {p.backend:14s} {p.width}x{p.height}@{p.fps}  {p.description}")
-
-
-@presets_app.command("info")
-def presets_info_cmd(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
-    """Show a preset's settings, files and (for tiny) its vocabulary."""
-    from lvstudio.presets import load_preset
-
-    p = load_preset(name)
-    typer.echo(p.model_dump_json(indent=2, exclude={"folder"}))
-    if p.text_encoder == "tiny" and "text_encoder" in p.files and p.file_path("text_encoder").exists():
-        from lvstudio.models.tiny_text import load_text_encoder
-
-        vocab = [w for w in load_text_encoder(p.file_path("text_encoder")).cfg.vocab if not w.startswith("<")]
-        typer.echo(f"vocabulary ({len(vocab)} words): {' '.join(vocab)}")
 
 
 def main() -> None:

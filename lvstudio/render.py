@@ -78,7 +78,7 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
     """Render a storyboard (see module docstring). Raises LvError for user problems."""
     import torch
 
-    from lvstudio.bundle import load_bundle
+    from lvstudio.presets.load import load_bundle
     from lvstudio.session import RenderSession, storyboard_hash
     from lvstudio.storyboard import load_storyboard
     from lvstudio.video import VideoSink
@@ -149,7 +149,8 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
     sheet = out.with_name(out.stem + ".contact.png")
     frames = np.concatenate(all_frames) if keep_frames and all_frames else None
     data = build_manifest(session, sb, req.story, video, frames)
-    from lvstudio.video import atomic_write_text, write_contact_sheet
+    from lvstudio.atomic import atomic_write_text
+    from lvstudio.video import write_contact_sheet
 
     atomic_write_text(manifest, json.dumps(data, indent=2))
     write_contact_sheet(sheet, thumbs.items(session))

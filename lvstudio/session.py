@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from lvstudio.backends.base import Chunk, to_uint8_frames
-from lvstudio.bundle import ModelBundle
 from lvstudio.caches import Anchor, AnchorCache, IdentityCache
 from lvstudio.errors import LvError
+from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptEvent, PromptStreamBuffer, block_start_frame
 from lvstudio.storyboard import Storyboard, dump_storyboard
 
@@ -276,7 +276,7 @@ class RenderSession:
         save_safetensors_atomic(state, self.job_dir / "snapshot.safetensors", meta)
 
     def write_job_info(self) -> None:
-        from lvstudio.video import atomic_write_text
+        from lvstudio.atomic import atomic_write_text
 
         if self.job_dir is None:
             raise LvError("this render session has no job folder", hint="create it with job_dir=...")

@@ -1,20 +1,20 @@
-"""Video output: an atomic H.264 mp4 sink that browsers play, a probe to check files, contact sheets, atomic writes.
+"""Video output: an atomic H.264 mp4 sink that browsers play, a probe to check files, contact sheets.
 
-Every file lvstudio writes goes through a temporary file in the same folder and `os.replace`, so a crash or Ctrl-C
-leaves either the old file or the new one, never a truncated one. PyAV and OpenCV are imported lazily.
+The mp4 is written to a partial file next to its final path and renamed into place when complete (`lvstudio.atomic`),
+so a crash or Ctrl-C leaves either the old file or the new one, never a truncated one. PyAV and OpenCV are imported
+lazily.
 """
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from lvstudio.atomic import atomic_write_bytes, fsync_file, replace_durably
 from lvstudio.errors import OutputExistsError
 
 if TYPE_CHECKING:
@@ -23,73 +23,9 @@ if TYPE_CHECKING:
 __all__ = [
     "VideoInfo",
     "VideoSink",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "probe_video",
     "write_contact_sheet",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entry table so a rename survives a power cut (best effort; not on every OS)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _new_file_mode(path: Path) -> int:
-    """Permissions for a replaced file: the old file's, else 0o666 minus the umask (read without changing it)."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o644
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically: temp file in the same folder, fsync, `os.replace`, fsync the folder."""
-    final = Path(path)
-    folder = final.parent if str(final.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, _new_file_mode(final))
-        os.replace(tmp_name, final)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-    return final
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 `text` to `path` atomically (see `atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -196,11 +132,7 @@ class VideoSink:
             self._container.mux(self._stream.encode())  # flush delayed frames
             self._container.close()
             self._container = None
-            fd = os.open(self.partial_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(self.partial_path)
         except BaseException:
             self.abort()
             raise
@@ -211,8 +143,7 @@ class VideoSink:
                 f"{self.path} appeared while rendering; the new video was kept as {self.partial_path}",
                 hint="rename it, or rerun with --force",
             )
-        os.replace(self.partial_path, self.path)
-        _fsync_dir(self.path.parent)
+        replace_durably(self.partial_path, self.path)
         self._done = True
         return self.path
 

@@ -67,7 +67,7 @@ def test_clip_boundaries_are_continuous_on_the_tiny_preset() -> None:
     differences inside a clip; without the carried latents and the reference it jumps (about 4x)."""
     import numpy as np
 
-    from lvstudio.bundle import load_bundle
+    from lvstudio.presets.load import load_bundle
 
     torch.set_num_threads(1)
     bundle = load_bundle("tiny")

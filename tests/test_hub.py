@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def hubenv(tmp_path_factory: pytest.TempPathFactory):
     """The cache, three test presets (shipped presets at tiny size) pulled from it offline, and converted."""
-    from lvstudio.hub_cli import presets_pull
+    from lvstudio.presets.cli import presets_pull
 
     root = tmp_path_factory.mktemp("hub")
     hc = build_hub_cache(root / "hub")
@@ -66,9 +67,9 @@ def _fresh_lv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_shipped_hub_presets_pin_or_mark_revisions_and_fetch_no_code() -> None:
-    from lvstudio.hub import allow_patterns
     from lvstudio.models.wan_dit import CONFIGS
     from lvstudio.presets import load_preset
+    from lvstudio.presets.hub import allow_patterns
 
     full = CONFIGS["wan2.1-t2v-1.3b"].to_dict()
     for name in SHIPPED:
@@ -122,9 +123,8 @@ def test_pull_resolves_from_the_offline_cache_locks_commits_and_converts(hubenv)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from lvstudio import hub
-    from lvstudio.hub_cli import presets_pull
-    from lvstudio.presets import load_preset
+    from lvstudio.presets import hub, load_preset
+    from lvstudio.presets.cli import presets_pull
 
     hc, root, logs = hubenv
     for name in SHIPPED:
@@ -148,8 +148,8 @@ def test_pull_resolves_from_the_offline_cache_locks_commits_and_converts(hubenv)
 
 
 def test_pull_refuses_to_float_on_main_without_revision(hubenv, tmp_path, monkeypatch) -> None:
-    from lvstudio.bundle import load_bundle
-    from lvstudio.hub_cli import presets_pull
+    from lvstudio.presets.cli import presets_pull
+    from lvstudio.presets.load import load_bundle
 
     _fresh_lv(monkeypatch, tmp_path)
     with pytest.raises(PresetError, match="never floats on 'main'") as err:
@@ -160,8 +160,8 @@ def test_pull_refuses_to_float_on_main_without_revision(hubenv, tmp_path, monkey
 
 
 def test_not_converted_yet_names_the_command(hubenv, tmp_path, monkeypatch) -> None:
-    from lvstudio.bundle import load_bundle
-    from lvstudio.hub_cli import presets_pull
+    from lvstudio.presets.cli import presets_pull
+    from lvstudio.presets.load import load_bundle
 
     _fresh_lv(monkeypatch, tmp_path)
     presets_pull("hubtest-causvid-1.3b", ["main"], convert=False, echo=lambda _m: None)
@@ -170,7 +170,7 @@ def test_not_converted_yet_names_the_command(hubenv, tmp_path, monkeypatch) -> N
 
 
 def test_offline_and_not_cached_is_a_clear_error(hubenv, tmp_path, monkeypatch) -> None:
-    from lvstudio.hub_cli import presets_pull
+    from lvstudio.presets.cli import presets_pull
 
     _fresh_lv(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
@@ -184,11 +184,10 @@ def test_verify_catches_a_flipped_byte_before_anything_is_loaded(hubenv, monkeyp
 
     import safetensors.torch
 
-    from lvstudio import hub
-    from lvstudio.bundle import load_bundle
-    from lvstudio.convert import convert_preset
-    from lvstudio.hub_cli import presets_verify
-    from lvstudio.presets import load_preset
+    from lvstudio.presets import hub, load_preset
+    from lvstudio.presets.cli import presets_verify
+    from lvstudio.presets.convert import convert_preset
+    from lvstudio.presets.load import load_bundle
 
     p = load_preset("hubtest-longlive-1.3b")
     resolved = hub.resolve(p)
@@ -230,8 +229,8 @@ def test_verify_catches_a_flipped_byte_before_anything_is_loaded(hubenv, monkeyp
 def test_disk_space_is_checked_before_downloading(hubenv, tmp_path, monkeypatch) -> None:
     import huggingface_hub
 
-    from lvstudio import hub
-    from lvstudio.hub_cli import presets_pull
+    from lvstudio.presets import hub
+    from lvstudio.presets.cli import presets_pull
 
     _fresh_lv(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -264,8 +263,8 @@ def _http_error(cls, status: int):
 def test_hub_errors_become_clear_preset_errors(hubenv, tmp_path, monkeypatch, make, words) -> None:
     from huggingface_hub import errors
 
-    from lvstudio import hub
-    from lvstudio.hub_cli import presets_pull
+    from lvstudio.presets import hub
+    from lvstudio.presets.cli import presets_pull
 
     _fresh_lv(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -284,7 +283,7 @@ def test_hub_errors_become_clear_preset_errors(hubenv, tmp_path, monkeypatch, ma
 
 
 def test_convert_refuses_code_in_a_pickle_and_is_the_only_unpickler(tmp_path: Path) -> None:
-    from lvstudio.hub_cli import presets_convert
+    from lvstudio.presets.cli import presets_convert
 
     marker = tmp_path / "pwned"
 
@@ -298,15 +297,15 @@ def test_convert_refuses_code_in_a_pickle_and_is_the_only_unpickler(tmp_path: Pa
         presets_convert(str(bad), tmp_path / "evil.safetensors", echo=lambda _m: None)
     assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
     # AST scan of the Hub code: torch.load appears only in convert.py, always with weights_only=True.
-    for rel in ("lvstudio/hub.py", "lvstudio/hub_cli.py", "lvstudio/convert.py", "lvstudio/bundle.py",
-                "lvstudio/presets.py", "lvstudio/models/wan_components.py"):
+    for rel in ("lvstudio/presets/hub.py", "lvstudio/presets/cli.py", "lvstudio/presets/convert.py",
+                "lvstudio/presets/load.py", "lvstudio/presets/schema.py", "lvstudio/models/wan_components.py"):
         tree = ast.parse((ROOT / rel).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 name = node.func.attr
                 kw = {k.arg: k.value for k in node.keywords}
                 if name == "load" and isinstance(node.func.value, ast.Name) and node.func.value.id in ("torch", "pickle"):
-                    assert rel == "lvstudio/convert.py" and node.func.value.id == "torch", rel
+                    assert rel == "lvstudio/presets/convert.py" and node.func.value.id == "torch", rel
                     assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
                 assert not (name == "from_pretrained" and "trust_remote_code" in kw), rel
 
@@ -314,8 +313,8 @@ def test_convert_refuses_code_in_a_pickle_and_is_the_only_unpickler(tmp_path: Pa
 def test_convert_single_checkpoint_maps_upstream_keys(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from lvstudio.hub_cli import presets_convert
     from lvstudio.models.key_maps import official_to_diffusers
+    from lvstudio.presets.cli import presets_convert
 
     dit = tiny_dit(3)
     want = dit.state_dict()
@@ -369,7 +368,7 @@ def test_streaming_vae_decode_equals_full_decode(tmp_path: Path) -> None:
 
 
 def test_hub_bundle_text_zero_padding_and_longlive_lora(hubenv) -> None:
-    from lvstudio.bundle import load_bundle
+    from lvstudio.presets.load import load_bundle
 
     hc, _, _ = hubenv
     b = load_bundle("hubtest-longlive-1.3b", device="cpu")
@@ -438,17 +437,47 @@ def test_render_storyboard_with_a_hub_preset_by_changing_preset_only(hubenv, tmp
     assert f"hubtest-{name}" in json.dumps(manifest)
 
 
+def test_presets_list_says_whether_files_are_present_and_verified(hubenv, tmp_path, monkeypatch) -> None:
+    """`presets list` status column: local presets ready or missing a file; Hub presets unpinned, verified after a
+    pull, "pulled, not verified" when no hash is remembered (nothing large is hashed by `list`)."""
+    from typer.testing import CliRunner
+
+    from lvstudio.cli import app
+    from lvstudio.presets import hub
+    from lvstudio.presets.cli import presets_list
+
+    _, root, _ = hubenv
+    broken = tmp_path / "presets"
+    broken.mkdir()
+    (broken / "half.toml").write_text('name = "half"\n[files.dit]\npath = "nowhere.safetensors"\n')
+    monkeypatch.setenv("LVSTUDIO_PRESET_PATH", os.pathsep.join([str(root / "presets"), str(broken)]))
+    status = dict(presets_list(echo=lambda _m: None))
+    assert status["tiny"] == "ready" and status["half"] == "missing nowhere.safetensors"
+    assert status["self-forcing-1.3b"] == "unpinned"  # the shipped file says FILL-ME and nothing was pulled here
+    assert {status[f"hubtest-{n}"] for n in SHIPPED} == {"verified"}
+    stamps = root / "lv" / "verified.json"
+    saved = stamps.read_bytes()
+    try:
+        stamps.unlink()
+        monkeypatch.setattr(hub, "SMALL_FILE", 0)  # the test weights are small; real ones are not hashed by `list`
+        assert dict(presets_list(echo=lambda _m: None))["hubtest-longlive-1.3b"] == "pulled, not verified"
+    finally:
+        stamps.write_bytes(saved)
+    result = CliRunner().invoke(app, ["presets", "list"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("hubtest-causvid-1.3b "))
+    assert "verified" in line and "causal-kv" in line
+
+
 def test_hub_cli_commands_exit_2_with_one_clear_line(hubenv, tmp_path, monkeypatch) -> None:
     import typer
     from typer.testing import CliRunner
 
     from lvstudio.cli import _LvGroup
-    from lvstudio.hub_cli import register
+    from lvstudio.presets.cli import presets_app
 
     root = typer.Typer(cls=_LvGroup)
-    group = typer.Typer()
-    register(group)
-    root.add_typer(group, name="presets")
+    root.add_typer(presets_app, name="presets")
     runner = CliRunner()
     ok = runner.invoke(root, ["presets", "verify", "hubtest-self-forcing-1.3b"])
     assert ok.exit_code == 0, ok.output

@@ -91,7 +91,7 @@ def test_interrupt_then_resume_equals_uninterrupted(preset: Path, tmp_path: Path
 
 
 def test_live_pushes_and_reroll_are_saved_as_a_storyboard_that_rerenders(preset: Path, tmp_path: Path) -> None:
-    from lvstudio.bundle import load_bundle
+    from lvstudio.presets.load import load_bundle
     from lvstudio.render import RenderRequest, resolve_settings
     from lvstudio.session import RenderSession
     from lvstudio.storyboard import dump_storyboard, load_storyboard

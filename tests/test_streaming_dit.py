@@ -97,8 +97,8 @@ def test_a_prompt_switch_changes_the_content_on_the_tiny_preset() -> None:
     and the switch reaches the output one buffer length after it was made."""
     import numpy as np
 
-    from lvstudio.bundle import load_bundle
     from lvstudio.eval.oracle import adherence
+    from lvstudio.presets.load import load_bundle
     from lvstudio.train.world import ObjectSpec, SceneSpec
 
     torch.set_num_threads(1)

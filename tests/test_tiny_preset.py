@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_preset_loads_and_knows_the_world_vocabulary() -> None:
-    from lvstudio.bundle import load_bundle
+    from lvstudio.presets.load import load_bundle
     from lvstudio.train.world import vocabulary
 
     bundle = load_bundle("tiny")
@@ -56,10 +56,10 @@ def test_tiny_fast_preset_is_a_four_step_causal_generator_without_guidance() -> 
     """The Self-Forcing distilled preset: same text encoder and VAE as tiny, 4 warped steps, CFG distilled in."""
     import numpy as np
 
-    from lvstudio.bundle import load_bundle
     from lvstudio.eval.adherence import render_prompt
     from lvstudio.eval.oracle import adherence
     from lvstudio.presets import load_preset
+    from lvstudio.presets.load import load_bundle
     from lvstudio.train.world import ObjectSpec, SceneSpec
 
     p = load_preset("tiny-fast")

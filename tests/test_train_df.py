@@ -87,8 +87,8 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 
 
 def test_export_from_an_unfinished_run_writes_loadable_weights(tmp_path: Path) -> None:
-    from lvstudio.bundle import load_dit
     from lvstudio.models.tiny_text import load_text_encoder
+    from lvstudio.presets.load import load_dit
     from lvstudio.train.diffusion_forcing import export_checkpoint
 
     cfg = tiny_cfg(str(tmp_path / "run"), steps=2)

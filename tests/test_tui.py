@@ -23,9 +23,9 @@ from textual import events
 from textual.widgets import Input
 
 from lvstudio.backends.base import Chunk
-from lvstudio.bundle import ModelBundle, load_bundle
 from lvstudio.errors import LvError
 from lvstudio.presets import load_preset
+from lvstudio.presets.load import ModelBundle, load_bundle
 from lvstudio.prompt_stream import block_start_frame
 from lvstudio.render import RenderRequest, render
 from lvstudio.storyboard import load_storyboard

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lvstudio.atomic import atomic_write_bytes, atomic_write_text
 from lvstudio.errors import LvError, OutputExistsError
-from lvstudio.video import VideoSink, atomic_write_bytes, atomic_write_text, probe_video, write_contact_sheet
+from lvstudio.video import VideoSink, probe_video, write_contact_sheet
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 64, 48

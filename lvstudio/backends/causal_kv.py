@@ -12,15 +12,16 @@ Per block of n latent frames:
 from __future__ import annotations
 
 import time
+
 import torch
 from torch import Tensor
 
 from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
-from lvstudio.bundle import ModelBundle
 from lvstudio.caches import AnchorCache
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.wan_dit import Conditioning
 from lvstudio.presets import AttentionSettings, SamplerSettings
+from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptStreamBuffer, block_start_frame
 from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, warp_steps
 from lvstudio.sampling.samplers import euler_sample, few_step_sample, unipc_sample

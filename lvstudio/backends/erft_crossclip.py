@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
-from lvstudio.bundle import ModelBundle
 from lvstudio.caches import AnchorCache
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.presets import CrossClipSettings
+from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptStreamBuffer, block_start_frame
 from lvstudio.sampling.flow_matching import sigma_grid
 from lvstudio.sampling.samplers import euler_sample

@@ -71,8 +71,8 @@ def _bench(preset: str, minutes: float, threads: int, cut_every_s: float, seed: 
            backend: str | None) -> RenderBenchResult:
     import torch
 
-    from lvstudio.bundle import load_bundle
     from lvstudio.presets import load_preset
+    from lvstudio.presets.load import load_bundle
     from lvstudio.session import RenderSession, RenderSettings
     from lvstudio.storyboard import parse_storyboard
     from lvstudio.video import VideoSink

@@ -424,7 +424,7 @@ def evaluate_drift(
     t_start = time.perf_counter()
     if bundle is None:
         check_variant(variant)
-        from lvstudio.bundle import load_bundle
+        from lvstudio.presets.load import load_bundle
 
         bundle = load_bundle(variant.preset)
     p = bundle.preset

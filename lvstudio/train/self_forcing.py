@@ -262,8 +262,8 @@ class DistillModels:
 
 
 def load_models(cfg: SelfForcingConfig, with_critic: bool) -> DistillModels:
-    from lvstudio.bundle import load_dit
     from lvstudio.models.tiny_text import load_text_encoder
+    from lvstudio.presets.load import load_dit
 
     for key in ("real_dit", "init_dit", "critic_dit", "text"):
         path = getattr(cfg, key)

@@ -24,7 +24,7 @@ from lvstudio.tui.recorder import Recorder, Recording, timestamp_name
 
 if TYPE_CHECKING:
     from lvstudio.backends.base import Chunk
-    from lvstudio.bundle import ModelBundle
+    from lvstudio.presets.load import ModelBundle
     from lvstudio.prompt_stream import PromptEvent
     from lvstudio.session import RenderSession
     from lvstudio.storyboard import Storyboard
@@ -137,8 +137,8 @@ def open_studio(options: StudioOptions, *, bundle: ModelBundle | None = None,
 
     Pass `bundle` to reuse models already loaded (tests, benchmarks).
     """
-    from lvstudio.bundle import load_bundle
     from lvstudio.presets import load_preset
+    from lvstudio.presets.load import load_bundle
     from lvstudio.render import RenderRequest, resolve_settings
     from lvstudio.session import RenderSession
     from lvstudio.storyboard import load_storyboard
@@ -402,7 +402,7 @@ class Studio:
 
     def write_storyboard(self) -> Path | None:
         """Write the rendered storyboard (atomic); None when nothing was rendered."""
-        from lvstudio.video import atomic_write_text
+        from lvstudio.atomic import atomic_write_text
 
         if self.session.frames_done == 0:
             return None

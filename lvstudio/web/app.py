@@ -32,7 +32,7 @@ from lvstudio.errors import LvError, StoryboardError
 if TYPE_CHECKING:
     import gradio as gr
 
-    from lvstudio.bundle import ModelBundle
+    from lvstudio.presets.load import ModelBundle
     from lvstudio.session import RenderSession
     from lvstudio.storyboard import Storyboard
     from lvstudio.video import VideoSink
@@ -232,7 +232,7 @@ class Studio:
     # -- models ------------------------------------------------------------------------------------------------------
     def bundle(self, preset: Any) -> ModelBundle:
         """Load a preset's models once per studio and reuse them."""
-        from lvstudio.bundle import load_bundle
+        from lvstudio.presets.load import load_bundle
 
         key = f"{preset.folder}::{preset.name}"
         with self._bundle_lock:
@@ -346,9 +346,10 @@ class Studio:
                seed: int | None) -> RenderJob:
         import torch
 
+        from lvstudio.atomic import atomic_write_text
         from lvstudio.render import RenderRequest, resolve_settings
         from lvstudio.session import RenderSession
-        from lvstudio.video import VideoSink, atomic_write_text
+        from lvstudio.video import VideoSink
 
         job_id = new_job_id()
         folder = self.config.outputs / job_id
@@ -396,9 +397,10 @@ class Studio:
                 f"chunk {s.stats.chunks}, {rate:.1f} frames/s (x{rate / s.settings.fps:.2f} real time)")
 
     def _finish(self, job: RenderJob, preview: np.ndarray | None) -> tuple[Any, ...]:
+        from lvstudio.atomic import atomic_write_text
         from lvstudio.render import build_manifest
         from lvstudio.storyboard import dump_storyboard
-        from lvstudio.video import atomic_write_text, write_contact_sheet
+        from lvstudio.video import write_contact_sheet
 
         session = job.session
         stopped = not session.done

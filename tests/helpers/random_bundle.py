@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from lvstudio.bundle import ModelBundle, TinyTextAdapter
 from lvstudio.models.tiny_text import TinyTextConfig, TinyTextEncoder
 from lvstudio.models.tiny_vae import TinyVAE, TinyVAEConfig
 from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
 from lvstudio.presets import AttentionSettings, Preset, SamplerSettings
+from lvstudio.presets.load import ModelBundle, TinyTextAdapter
 
 WORDS = ["a", "red", "blue", "ball", "cube", "bouncing", "over", "the", "sea", "on", "grass", "sky", "in"]
 

@@ -1,9 +1,9 @@
-"""Presets: one TOML file per model setup in `presets/` (or any path), validated by pydantic.
+"""Preset schema: one TOML file per model setup in `presets/` (or any path), validated by pydantic.
 
 A preset names the backend default, native size and fps, the model files (in-repo for `tiny`, on the Hugging Face
 Hub for the others), the sampler and the attention settings. `lvstudio presets list|info` read these;
-`lvstudio presets pull|verify|convert` (lvstudio.hub) fetch Hub files; `lvstudio.bundle.load_bundle` turns a preset
-into models.
+`lvstudio presets pull|verify|convert` (`lvstudio.presets.hub`, `.convert`) fetch Hub files;
+`lvstudio.presets.load.load_bundle` turns a preset into models.
 
 Presets are found in the repository's `presets/` folder and in the folders listed in `LVSTUDIO_PRESET_PATH`
 (os.pathsep-separated), by exact name or by a unique name prefix (`self-forcing` -> `self-forcing-1.3b`).
@@ -35,7 +35,7 @@ HUB_SUFFIXES = {".safetensors": "safetensors", ".json": "json", ".pt": "pt", ".p
 
 def presets_dir() -> Path:
     """The repository's `presets/` folder (next to the package)."""
-    return Path(__file__).resolve().parent.parent / "presets"
+    return Path(__file__).resolve().parents[2] / "presets"
 
 
 class _Strict(BaseModel):
@@ -237,12 +237,12 @@ class Preset(_Strict):
         return rev if rev is not None and _COMMIT.fullmatch(rev) else None
 
     def file_path(self, role: str) -> Path:
-        """A local preset's file (next to its preset.toml). Hub files are found with `lvstudio.hub.resolve`."""
+        """A local preset's file (next to its preset.toml). Hub files are found with `lvstudio.presets.hub.resolve`."""
         if role not in self.files:
             raise PresetError(f"preset {self.name!r} has no {role!r} file", hint=f"add [files.{role}] to its preset.toml")
         if self.is_hub_file(role):
             raise PresetError(f"preset {self.name!r}: files.{role} lives on the Hub, not next to the preset",
-                              hint=f"`lvstudio presets pull {self.name}` fetches it; lvstudio.hub.resolve finds it")
+                              hint=f"`lvstudio presets pull {self.name}` fetches it; lvstudio.presets.hub.resolve finds it")
         if self.folder is None:
             raise PresetError(f"preset {self.name!r} was not loaded from a file", hint="load it with load_preset()")
         return self.folder / self.files[role].path

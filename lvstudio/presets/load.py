@@ -1,9 +1,9 @@
-"""A loaded preset: the DiT, its text encoder and its VAE behind small adapters every backend uses.
+"""Loading a preset into models: the DiT, its text encoder and its VAE behind small adapters every backend uses.
 
 `tiny` presets load from their folder. Hub presets (umT5 text encoder, Wan VAE) load from the Hugging Face cache
-after `lvstudio presets pull` (lvstudio.hub): every file is sha256-checked before it is opened, `.pt` checkpoints are
-read only in their converted safetensors form, a LoRA (LongLive) is merged through peft, and the models go to the
-requested device in bfloat16 on a GPU (float32 on the CPU).
+after `lvstudio presets pull` (`lvstudio.presets.hub`): every file is sha256-checked before it is opened, `.pt`
+checkpoints are read only in their converted safetensors form, a LoRA (LongLive) is merged through peft, and the
+models go to the requested device in bfloat16 on a GPU (float32 on the CPU).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lvstudio.errors import PresetError
 from lvstudio.models.wan_dit import CONFIGS, WanDiT, WanDiTConfig
-from lvstudio.presets import Preset, load_preset
+from lvstudio.presets.schema import Preset, load_preset
 
 
 class TextEncoder(Protocol):
@@ -150,7 +150,6 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
 
 def _load_hub_bundle(preset: Preset, dev: torch.device) -> ModelBundle:
     """umT5 + Wan VAE + a Wan2.1 DiT (optionally with a merged LoRA) from the Hub cache, verified before loading."""
-    from lvstudio import hub
     from lvstudio.models.wan_components import (
         load_dit_weights,
         load_umt5,
@@ -158,6 +157,7 @@ def _load_hub_bundle(preset: Preset, dev: torch.device) -> ModelBundle:
         merge_lora,
         resolve_dtype,
     )
+    from lvstudio.presets import hub
 
     if (preset.text_encoder, preset.vae) != ("umt5", "wan"):
         raise PresetError(

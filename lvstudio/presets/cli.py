@@ -1,30 +1,33 @@
-"""`lvstudio presets pull | verify | convert`: the command-line face of lvstudio.hub and lvstudio.convert.
+"""`lvstudio presets list | info | pull | verify | convert`: one typer sub-app over the presets package.
 
-The `presets_*` functions do the work and report through `echo` (one line per step); the `*_cmd` functions are
-typer commands with the documented options. `register(presets_app)` adds all three to a typer group. Heavy imports
-(torch, huggingface_hub) happen inside the functions, so importing this module stays cheap.
+The `presets_*` functions do the work and report through `echo` (one line per step); the `*_cmd` functions are the
+typer commands with the documented options, registered on `presets_app` (which `lvstudio.cli` mounts as
+`lvstudio presets`). Heavy imports (pydantic, torch, huggingface_hub) happen inside the functions, so importing this
+module keeps `lvstudio --help` instant.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from lvstudio.errors import PresetError
 
 if TYPE_CHECKING:
-    from lvstudio.convert import Converted
-    from lvstudio.hub import FileCheck, PullResult
-    from lvstudio.presets import Preset
+    from lvstudio.presets.convert import Converted
+    from lvstudio.presets.hub import FileCheck, PullResult
+    from lvstudio.presets.schema import Preset
 
 Echo = Callable[[str], None]
 
+presets_app = typer.Typer(help="List, pull, verify and convert model presets.", no_args_is_help=True)
+
 
 def _hub_preset(name: str) -> Preset:
-    from lvstudio.presets import load_preset
+    from lvstudio.presets.schema import load_preset
 
     preset = load_preset(name)
     if not preset.is_hub:
@@ -38,13 +41,25 @@ def _gib(n: int) -> str:
 
 
 def preset_status(preset: Preset) -> str:
-    """One word for `presets list`: local | ready | not converted | not pulled | unpinned."""
-    from lvstudio import hub
+    """Whether a preset's files are present and verified, in a few words (the status column of `presets list`).
+
+    Local presets: "ready" (every file present; sha256 checked where the preset gives one), "missing <file>" or
+    "checksum mismatch". Hub presets: "unpinned", "not pulled", "not converted", "verified" (every file matched its
+    reference hash when last checked, and is unchanged since), "pulled, not verified" (some file was never hashed:
+    `lvstudio presets verify NAME` does it) or "checksum mismatch". Nothing large is hashed here.
+    """
+    from lvstudio.presets import hub
 
     if not preset.is_hub:
-        return "local"
+        for role, entry in preset.files.items():
+            path = preset.file_path(role)
+            if not path.exists():
+                return f"missing {entry.path}"
+            if entry.sha256 is not None and hub.sha256_file(path) != entry.sha256:
+                return "checksum mismatch"
+        return "ready"
     try:
-        hub.resolve(preset)
+        resolved = hub.resolve(preset)
     except PresetError as err:
         text = str(err)
         if "pins no revision" in text:
@@ -52,7 +67,41 @@ def preset_status(preset: Preset) -> str:
         if "converted" in text:
             return "not converted"
         return "not pulled"
-    return "ready"
+    checks = hub.verify_resolved(resolved, use_stamps=True, cached_only=True)
+    if any(c.status == "mismatch" for c in checks):
+        return "checksum mismatch"
+    if any(c.status == "unchecked" for c in checks):
+        return "pulled, not verified"
+    return "verified"
+
+
+def presets_list(*, echo: Echo = print) -> list[tuple[str, str]]:
+    """One line per preset found (name, backend, native size, status, description); returns (name, status)."""
+    from lvstudio.presets.schema import available_presets, load_preset
+
+    out = []
+    for name in available_presets():
+        p = load_preset(name)
+        status = preset_status(p)
+        size = f"{p.width}x{p.height}@{p.fps}"
+        echo(f"{name:24s} {p.backend:14s} {size:12s} {status:20s} {p.description}")
+        out.append((name, status))
+    return out
+
+
+def presets_info(name: str, *, echo: Echo = print) -> Preset:
+    """A preset's settings and files as JSON, its status, and (tiny text encoder) its vocabulary."""
+    from lvstudio.presets.schema import load_preset
+
+    p = load_preset(name)
+    echo(p.model_dump_json(indent=2, exclude={"folder"}))
+    echo(f"status: {preset_status(p)}")
+    if p.text_encoder == "tiny" and "text_encoder" in p.files and p.file_path("text_encoder").exists():
+        from lvstudio.models.tiny_text import load_text_encoder
+
+        vocab = [w for w in load_text_encoder(p.file_path("text_encoder")).cfg.vocab if not w.startswith("<")]
+        echo(f"vocabulary ({len(vocab)} words): {' '.join(vocab)}")
+    return p
 
 
 def presets_pull(
@@ -68,7 +117,7 @@ def presets_pull(
     revision: `--revision` values — `OWNER/NAME=COMMIT`, a bare 40-hex commit (the main repo), or a branch such as
     `main` (an explicit, one-time opt-in for every unpinned repo; the resolved commits go into the lock).
     """
-    from lvstudio import hub
+    from lvstudio.presets import hub
 
     preset = _hub_preset(name)
     overrides = hub.parse_revision_args(revision or [], preset)
@@ -93,7 +142,7 @@ def presets_pull(
 
 def presets_verify(name: str, *, echo: Echo = print) -> list[FileCheck]:
     """Re-hash every file of a pulled preset (sources and converted files); PresetError on any mismatch."""
-    from lvstudio import hub
+    from lvstudio.presets import hub
 
     preset = _hub_preset(name)
     checks = hub.verify(preset, full=True)
@@ -115,7 +164,7 @@ def presets_convert(
     echo: Echo = print,
 ) -> list[Converted]:
     """Convert a pulled preset's `.pt` files (by preset name), or one `.pt` file (by path) to safetensors."""
-    from lvstudio import convert
+    from lvstudio.presets import convert
 
     src = Path(name_or_path)
     if src.suffix.lower() in (".pt", ".pth") and src.is_file():
@@ -138,7 +187,7 @@ def presets_convert(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# typer commands (register with `register(presets_app)`)
+# typer commands
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -146,9 +195,22 @@ def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+@presets_app.command("list")
+def list_cmd() -> None:
+    """List the presets found (presets/ and $LVSTUDIO_PRESET_PATH): backend, size, whether the files are ready."""
+    presets_list(echo=typer.echo)
+
+
+@presets_app.command("info")
+def info_cmd(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
+    """Show a preset's settings, files, status and (for tiny) its vocabulary."""
+    presets_info(name, echo=typer.echo)
+
+
+@presets_app.command("pull")
 def pull_cmd(
     name: Annotated[str, typer.Argument(help="Preset name (or unique prefix), e.g. self-forcing-1.3b.")],
-    revision: Annotated[Optional[list[str]], typer.Option(
+    revision: Annotated[list[str] | None, typer.Option(
         "--revision", "-r", metavar="[REPO=]REV",
         help="Commit to pull: OWNER/NAME=COMMIT, a bare COMMIT for the preset's main repo, or a branch such as "
              "'main' to pin today's commit of every unpinned repo. Repeatable.")] = None,
@@ -159,24 +221,20 @@ def pull_cmd(
     presets_pull(name, revision, force=force, convert=not no_convert, echo=_echo)
 
 
+@presets_app.command("verify")
 def verify_cmd(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
     """Re-hash every file of a pulled preset against its pinned or Hub checksums."""
     presets_verify(name, echo=_echo)
 
 
+@presets_app.command("convert")
 def convert_cmd(
     target: Annotated[str, typer.Argument(metavar="PRESET|FILE.pt", help="A pulled preset, or one .pt checkpoint.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output .safetensors (single file).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .safetensors (single file).")] = None,
     kind: Annotated[str, typer.Option(help="Single file: dit | lora | tensors.")] = "dit",
-    state_key: Annotated[Optional[str], typer.Option(help="Single file: dict inside the checkpoint, e.g. generator_ema.")] = None,
+    state_key: Annotated[str | None, typer.Option(
+        help="Single file: dict inside the checkpoint, e.g. generator_ema.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Convert again even if up to date.")] = False,
 ) -> None:
     """Convert upstream .pt checkpoints to safetensors once (torch.load(weights_only=True), official Wan keys)."""
     presets_convert(target, output, kind=kind, state_key=state_key, force=force, echo=_echo)
-
-
-def register(presets_app: typer.Typer) -> None:
-    """Add `pull`, `verify` and `convert` to the `lvstudio presets` group."""
-    presets_app.command("pull")(pull_cmd)
-    presets_app.command("verify")(verify_cmd)
-    presets_app.command("convert")(convert_cmd)

@@ -24,17 +24,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from lvstudio.atomic import atomic_write_json
 from lvstudio.errors import PresetError
-from lvstudio.presets import REVISION_PLACEHOLDER, FileEntry, Preset, is_commit
+from lvstudio.presets.schema import REVISION_PLACEHOLDER, FileEntry, Preset, is_commit
 
 CHUNK = 1 << 20  # hash in 1 MiB reads
+SMALL_FILE = 16 << 20  # bytes; files up to this size are hashed even when only remembered hashes are wanted
 DISK_MARGIN = 2 << 30  # keep 2 GiB free after a download (bytes)
 WEIGHT_SUFFIXES = (".safetensors",)
 TEXT_SUFFIXES = (".json",)
@@ -94,17 +95,9 @@ def sidecar_path(converted: Path) -> Path:
     return converted.with_name(converted.name + ".lvstudio.json")
 
 
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+def _write_json(path: Path, data: Mapping[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return atomic_write_json(path, data, sort_keys=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -128,7 +121,7 @@ def read_lock(preset_name: str) -> dict[str, str]:
 
 def write_lock(preset_name: str, revisions: Mapping[str, str]) -> Path:
     path = lock_path(preset_name)
-    _write_json_atomic(path, {"preset": preset_name, "revisions": dict(revisions),
+    _write_json(path, {"preset": preset_name, "revisions": dict(revisions),
                               "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return path
 
@@ -386,41 +379,50 @@ class FileCheck:
     """The result of hashing one file."""
 
     path: Path  # as the user sees it (the snapshot path or the converted file)
-    status: str  # ok | mismatch | unreferenced (no expected hash known)
+    status: str  # ok | mismatch | unreferenced (no expected hash known) | unchecked (not hashed yet: cached_only)
     sha256: str
     expected: str | None  # what it was compared with (sha256 or git-sha1), if anything
     reference: str  # preset | hub-etag | converted-record | none
 
 
 class _Stamps:
-    """sha256 remembered per (real path, size, mtime) so loading does not re-hash gigabytes every time."""
+    """sha256 remembered per (real path, size, mtime) so loading does not re-hash gigabytes every time.
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    Every hash computed is remembered; `trust` says whether a remembered one may be used instead of hashing again
+    (loads and `presets list` trust them; `pull` and `presets verify` hash everything afresh).
+    """
+
+    def __init__(self, trust: bool) -> None:
+        self.trust = trust
         self.path = lvstudio_cache_dir() / "verified.json"
-        self.data: dict[str, list] = _read_json(self.path) if enabled else {}
+        self.data: dict[str, list] = _read_json(self.path)
         self.dirty = False
 
-    def sha256(self, path: Path) -> str:
+    def sha256(self, path: Path, *, compute: bool = True) -> str | None:
+        """The file's sha256 (remembered, else hashed now); None when `compute` is off, nothing is remembered and
+        the file is large."""
         real = os.path.realpath(path)
         st = os.stat(real)
         key = [st.st_size, st.st_mtime_ns]
         hit = self.data.get(real)
-        if self.enabled and hit is not None and hit[:2] == key:
+        if self.trust and hit is not None and hit[:2] == key:
             return str(hit[2])
+        if not compute and st.st_size > SMALL_FILE:
+            return None
         digest = sha256_file(Path(real))
-        if self.enabled:
-            self.data[real] = [*key, digest]
-            self.dirty = True
+        self.data[real] = [*key, digest]
+        self.dirty = True
         return digest
 
     def save(self) -> None:
-        if self.enabled and self.dirty:
-            _write_json_atomic(self.path, self.data)
+        if self.dirty:
+            _write_json(self.path, self.data)
 
 
-def _check_file(path: Path, expected_sha256: str | None, stamps: _Stamps) -> FileCheck:
-    digest = stamps.sha256(path)
+def _check_file(path: Path, expected_sha256: str | None, stamps: _Stamps, compute: bool = True) -> FileCheck:
+    digest = stamps.sha256(path, compute=compute)
+    if digest is None:
+        return FileCheck(path, "unchecked", "", expected_sha256, "none")
     if expected_sha256 is not None:
         status = "ok" if digest == expected_sha256 else "mismatch"
         return FileCheck(path, status, digest, expected_sha256, "preset")
@@ -434,9 +436,14 @@ def _check_file(path: Path, expected_sha256: str | None, stamps: _Stamps) -> Fil
 
 
 def verify_resolved(resolved: Resolved, *, use_stamps: bool, include_sources: bool = False,
-                    roles: Iterable[str] | None = None) -> list[FileCheck]:
-    """Hash the files of a resolved preset (converted files against their record, others against preset/etag)."""
-    stamps = _Stamps(use_stamps)
+                    roles: Iterable[str] | None = None, cached_only: bool = False) -> list[FileCheck]:
+    """Hash the files of a resolved preset (converted files against their record, others against preset/etag).
+
+    cached_only: hash nothing large, use only the hashes remembered from earlier checks (files never checked come
+    back "unchecked"); `presets list` uses this to say whether a preset is verified without reading gigabytes.
+    """
+    stamps = _Stamps(use_stamps or cached_only)
+    compute = not cached_only
     checks: list[FileCheck] = []
     preset = resolved.preset
     wanted = set(roles) if roles is not None else set(resolved.paths)
@@ -447,17 +454,17 @@ def verify_resolved(resolved: Resolved, *, use_stamps: bool, include_sources: bo
             entry = preset.files[role]
             if entry.kind == "pt":
                 if include_sources and role in resolved.sources:
-                    checks.append(_check_file(resolved.sources[role], entry.sha256, stamps))
+                    checks.append(_check_file(resolved.sources[role], entry.sha256, stamps, compute))
                 if path.is_file():
                     record = _read_json(sidecar_path(path))
-                    digest = stamps.sha256(path)
+                    digest = stamps.sha256(path, compute=compute)
                     exp = record.get("sha256")
-                    status = "ok" if exp == digest else "mismatch"
-                    checks.append(FileCheck(path, status, digest, exp, "converted-record"))
+                    status = "unchecked" if digest is None else "ok" if exp == digest else "mismatch"
+                    checks.append(FileCheck(path, status, digest or "", exp, "converted-record"))
                 continue
             single = entry.sha256 if entry.kind != "diffusers" else None
             for f in resolved.files(role):
-                checks.append(_check_file(f, single, stamps))
+                checks.append(_check_file(f, single, stamps, compute))
     finally:
         stamps.save()
     return checks

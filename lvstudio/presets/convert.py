@@ -8,21 +8,20 @@ LongLive's LoRA as `{"generator_lora": peft_state_dict}`. A pickle can run code 
     anything but tensors and plain containers), and only on a file whose sha256 was checked first;
   * the output is safetensors (a JSON header plus raw buffers) with official Wan key names, written atomically,
     and a small JSON record beside it (`<file>.lvstudio.json`: sha256 of the output, source repo/commit/path and
-    source sha256) that `lvstudio.hub.verify` checks before every load.
+    source sha256) that `lvstudio.presets.hub.verify` checks before every load.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lvstudio.atomic import atomic_write_json, save_safetensors_atomic
 from lvstudio.errors import PresetError
 
 FORMAT_DIT = "lvstudio-dit"
@@ -102,21 +101,6 @@ def _tensors_only(sd: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _save_atomic(tensors: Mapping[str, Any], output: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=output.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=metadata)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def dit_state_dict(ckpt: Any, *, state_key: str | None = None, path: Path = Path("checkpoint")) -> dict[str, Any]:
     """An upstream DiT checkpoint -> official-name state dict (EMA preferred, wrappers stripped, diffusers mapped)."""
     from lvstudio.models.key_maps import diffusers_to_official, looks_like_diffusers, strip_wrappers
@@ -145,7 +129,8 @@ def check_dit_keys(sd: Mapping[str, Any], config: Any, source: str) -> None:
         raise PresetError(str(err), hint="the preset's dit_config does not match this checkpoint") from None
 
 
-def lora_state_dict(ckpt: Any, *, state_key: str | None = "generator_lora", path: Path = Path("lora")) -> dict[str, Any]:
+def lora_state_dict(ckpt: Any, *, state_key: str | None = "generator_lora",
+                    path: Path = Path("lora")) -> dict[str, Any]:
     """LongLive-style LoRA -> `blocks.N.<module>.lora_{A,B}.weight` keys (peft wrappers and adapter names removed)."""
     inner: Mapping[str, Any]
     if isinstance(ckpt, Mapping) and state_key is not None and isinstance(ckpt.get(state_key), Mapping):
@@ -191,7 +176,7 @@ def convert_checkpoint(
     kind: "dit" (official Wan keys, checked against `dit_config` when given), "lora" (LongLive adapter) or
     "tensors" (every tensor, wrappers stripped). source_info (repo, commit, path, sha256) goes into the record.
     """
-    from lvstudio.hub import sha256_file, sidecar_path
+    from lvstudio.presets.hub import sha256_file, sidecar_path
 
     source, output = Path(source), Path(output)
     if not source.is_file():
@@ -223,13 +208,13 @@ def convert_checkpoint(
         meta["format"] = FORMAT_TENSORS
     else:
         raise ValueError(f"kind must be 'dit', 'lora' or 'tensors' (got {kind!r})")
-    _save_atomic(sd, output, meta)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(sd, output, meta)
     del ckpt, sd
     out_sha = sha256_file(output)
-    from lvstudio.hub import _write_json_atomic
-
-    _write_json_atomic(record_path, {**info, "source_sha256": src_sha, "sha256": out_sha, "kind": kind,
-                                     "num_tensors": len(_read_keys(output)), "converter": CONVERTER_VERSION})
+    atomic_write_json(record_path, {**info, "source_sha256": src_sha, "sha256": out_sha, "kind": kind,
+                                     "num_tensors": len(_read_keys(output)), "converter": CONVERTER_VERSION},
+                      sort_keys=True)
     return Converted(source, output, kind, len(_read_keys(output)), out_sha)
 
 
@@ -249,8 +234,8 @@ def role_kind(preset: Any, role: str) -> Kind:
 
 def convert_preset(preset: Any, *, force: bool = False) -> list[Converted]:
     """Convert every `.pt` file of a pulled preset (verifying each source's sha256 first)."""
-    from lvstudio.hub import hub_entries, require_ok, resolve, verify_resolved
     from lvstudio.models.wan_dit import WanDiTConfig
+    from lvstudio.presets.hub import hub_entries, require_ok, resolve, verify_resolved
 
     resolved = resolve(preset, require_converted=False)
     pt_roles = [e.role for e in hub_entries(preset) if e.kind == "pt"]

@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from lvstudio import __version__
+from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
 from lvstudio.errors import LvError
 from lvstudio.presets.cli import presets_app
 
@@ -122,7 +123,7 @@ def render(
     story: Annotated[Path, typer.Argument(metavar="STORY.toml", help="The storyboard to render.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output mp4 (default out/<story>.mp4).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Override the storyboard's preset.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="causal-kv | streaming-dit | erft-crossclip.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help=" | ".join(BACKENDS) + ".")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override the storyboard's seed.")] = None,
     duration: Annotated[Optional[str], typer.Option(help="Render only this long (seconds or m:ss).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted render of this output.")] = False,
@@ -277,7 +278,7 @@ def eval_adherence_cmd(
     prompts: Annotated[int, typer.Option(help="Number of prompts sampled from the world grammar.")] = 100,
     seconds: Annotated[float, typer.Option(help="Seconds rendered per prompt.")] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of the prompt sample and the renders.")] = 0,
-    backend: Annotated[str, typer.Option(help="Backend to evaluate.")] = "causal-kv",
+    backend: Annotated[str, typer.Option(help="Backend to evaluate: " + " | ".join(BACKENDS) + ".")] = DEFAULT_BACKEND,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
     """Oracle prompt adherence (scene, object colour, shape) of generated video."""
@@ -383,8 +384,6 @@ def bench_render_cmd(
 
     Every preset x backend combination runs one after the other in this process; with several, the ratios against
     the first are printed."""
-    from lvstudio.backends import BACKENDS
-    from lvstudio.errors import LvError
     from lvstudio.eval.bench_render import comparison_lines, run_render_bench
 
     for name in backend or []:

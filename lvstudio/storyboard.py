@@ -33,6 +33,7 @@ import tomli
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from lvstudio.backends.registry import BACKENDS
 from lvstudio.errors import StoryboardError
 
 __all__ = [
@@ -60,9 +61,7 @@ MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_SIDE = 8192
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1920, 8
 MIN_FPS, MAX_FPS = 1, 60
-BACKENDS = ("causal-kv", "streaming-dit", "erft-crossclip")
 TIME_FIX = 'use seconds ("90s", 90) or m:ss ("1:30")'
-BackendName = Literal["causal-kv", "streaming-dit", "erft-crossclip"]
 
 _SECONDS_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*s?", re.ASCII)
 _MSS_RE = re.compile(r"([0-9]+):([0-9]{1,2}(?:\.[0-9]+)?)", re.ASCII)
@@ -548,7 +547,7 @@ class Storyboard(BaseModel):
 
     title: str
     preset: str = "tiny"
-    backend: BackendName | None = None
+    backend: str | None = None  # a name in lvstudio.backends.registry (checked by _backend)
     fps: int = 16
     resolution: tuple[int, int] | None = None
     duration: float

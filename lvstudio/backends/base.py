@@ -1,15 +1,47 @@
-"""What every backend shares: the Chunk it emits, the protocol the session drives, and per-block seeds."""
+"""What every backend shares: the Chunk it emits, the BackendBase class it derives from, and per-block seeds.
+
+A backend turns a model bundle and a PromptStreamBuffer into a stream of `Chunk`s, one per `step()`. `BackendBase`
+owns everything that does not depend on how the latents are made:
+
+  - setup: bundle, buffer, seed, latent size, anchors, the streaming VAE decoder, classifier-free guidance
+    (`ConditioningCache`) and, for backends that keep one, the KV cache;
+  - `step()`: times the work, asks the subclass for the next clean latents (`_generate`), decodes them and builds
+    the `Chunk` (frame ranges, prompt, timings);
+  - the conditioning of a block (`_read_conditioning`), which calls the transition hooks `on_prompt_switch` and
+    `on_new_shot`;
+  - snapshots with fixed key prefixes (`kv.` KV cache, `dec.` decoder caches, `anchor.N` captured anchors, plus
+    whatever the subclass adds in `_state`) and `cache_summary()` with the same keys for every backend.
+
+A subclass sets `name`, `block_latents` and `dit`, and implements `_generate`, `next_index`, `next_block`,
+`_state`/`_load_state` and `held_latents`. Register it in `lvstudio.backends.registry`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lvstudio.caches import AnchorCache
+from lvstudio.prompt_stream import BlockConditioning, block_start_frame
+
+if TYPE_CHECKING:
+    from lvstudio.models.kv_cache import KVCache
+    from lvstudio.models.wan_dit import Conditioning, WanDiT
+    from lvstudio.presets.load import ModelBundle
+    from lvstudio.prompt_stream import PromptStreamBuffer
+
+SUMMARY_KEYS = ("kv_frames", "kv_sink_frames", "kv_mb", "latent_frames", "latent_mb", "state_mb")
+TIMING_KEYS = ("denoise", "recache", "decode")
 
 
 @dataclass
@@ -17,6 +49,7 @@ class Chunk:
     """One emitted piece of video (a block for causal-KV, a buffer step for streaming, a clip for cross-clip)."""
 
     index: int  # block / step / clip index
+    block: int  # the prompt-stream block of its first latent frame
     frames: np.ndarray  # [n, H, W, 3] uint8 RGB
     frame_start: int  # index of frames[0] in the whole video
     latents: Tensor  # [1, C, n_lat, h, w] clean latents of this chunk
@@ -32,28 +65,14 @@ class Chunk:
         return int(self.frames.shape[0])
 
 
-class Backend(Protocol):
-    """Drives a model bundle over a PromptStreamBuffer; stateful, one chunk per `step()`."""
+@dataclass(frozen=True)
+class Generated:
+    """What a backend's `_generate` made: clean latents starting at prompt-stream block `block`."""
 
-    name: str
-
-    def step(self) -> Chunk:
-        """Generate and return the next chunk."""
-        ...
-
-    @property
-    def next_index(self) -> int:
-        ...
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Everything needed to continue exactly from the next chunk (tensors only; saved as safetensors)."""
-        ...
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        ...
-
-    def cache_summary(self) -> dict[str, float]:
-        ...
+    index: int  # the chunk index (block, buffer step or clip)
+    block: int
+    latents: Tensor  # [1, C, n, h, w]
+    cond: BlockConditioning  # the conditioning the chunk was made under (its prompt, event, blend weight)
 
 
 class ConditioningCache:
@@ -64,16 +83,18 @@ class ConditioningCache:
     model calls and KV caches then carry `rows = 2` rows [cond, uncond], and `guide` combines the two outputs.
     """
 
-    def __init__(self, dit, device: torch.device, buffer, cfg_scale: float = 1.0, size: int = 8) -> None:  # noqa: ANN001
+    def __init__(self, dit: WanDiT, device: torch.device, buffer: PromptStreamBuffer, cfg_scale: float = 1.0,
+                 size: int = 8) -> None:
         self.dit, self.device, self.cfg_scale, self.size = dit, device, cfg_scale, size
         self.uncond = buffer.embedding("") if cfg_scale != 1.0 else None  # [1, text_len, text_dim]
-        self._items: OrderedDict[str, object] = OrderedDict()
+        self._items: OrderedDict[str, Conditioning] = OrderedDict()
 
     @property
     def rows(self) -> int:
         return 1 if self.uncond is None else 2
 
-    def get(self, key: str, context: Tensor):  # noqa: ANN201 - lvstudio.models.wan_dit.Conditioning
+    def get(self, key: str, context: Tensor) -> Conditioning:
+        """The conditioning of `context` [1, L, D] (rows [cond, uncond] with guidance), cached under `key`."""
         if key not in self._items:
             ctx = context.to(self.device)
             if self.uncond is not None:
@@ -87,6 +108,153 @@ class ConditioningCache:
     def guide(self, v: Tensor) -> Tensor:
         """[rows, ...] model outputs -> [1, ...]: uncond + scale * (cond - uncond), or v itself without guidance."""
         return v if self.uncond is None else v[1:] + self.cfg_scale * (v[:1] - v[1:])
+
+
+class BackendBase(ABC):
+    """Drives a model bundle over a PromptStreamBuffer; stateful, one chunk per `step()` (see the module docstring).
+
+    Constructor keywords every backend takes: seed, width, height (pixels), anchors, cfg_scale (None: the preset's
+    guidance for this backend). A backend with more keyword options lists them in `options`, so `make_backend` can
+    refuse an option that does not apply.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, bundle: ModelBundle, buffer: PromptStreamBuffer, *, seed: int, width: int, height: int,
+                 anchors: AnchorCache | None = None) -> None:
+        self.bundle = bundle
+        self.buffer = buffer
+        self.seed = seed
+        self.anchors = anchors or AnchorCache()
+        self.h, self.w = bundle.latent_hw(width, height)
+        self.block_latents = bundle.preset.attention.block_frames  # latent frames per prompt-stream block
+        self.dit: WanDiT = bundle.dit
+        self.cache: KVCache | None = None  # backends that keep a KV cache of emitted frames set it
+        self.decoder = bundle.vae.streaming_decoder()
+        self._timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
+
+    def _use_guidance(self, dit: WanDiT, cfg_scale: float) -> None:
+        """Run `dit` with classifier-free guidance `cfg_scale` (1 = none): sets `dit`, `conds` and `batch` (rows)."""
+        self.dit = dit
+        self.conds = ConditioningCache(dit, self.bundle.device, self.buffer, cfg_scale)
+        self.batch = self.conds.rows  # [cond, uncond] rows in model calls and KV caches with guidance
+
+    # -- what a subclass provides ------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def next_index(self) -> int:
+        """Index of the next chunk (block, buffer step or clip)."""
+
+    @property
+    @abstractmethod
+    def next_block(self) -> int:
+        """The prompt-stream block the next chunk starts at. A live prompt pushed now lands on block
+        `next_block + lead_blocks` (the blocks in between already hold their prompt) and shows from the first chunk
+        that starts at or after it."""
+
+    @property
+    def lead_blocks(self) -> int:
+        """How many blocks past `next_block` a live prompt lands (see `next_block`); 0 unless a backend holds
+        blocks whose prompt is already fixed (the streaming buffer)."""
+        return 0
+
+    @abstractmethod
+    def _generate(self) -> Generated:
+        """Make the next chunk's clean latents (and advance the backend's counters)."""
+
+    @abstractmethod
+    def held_latents(self) -> list[Tensor]:
+        """The latents the backend keeps between chunks besides its KV cache (window, moving buffer, carry)."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, Tensor]:
+        """Backend-specific snapshot tensors (counters, buffers), next to the base's `kv.`/`dec.`/`anchor.N` keys."""
+
+    @abstractmethod
+    def _load_state(self, state: dict[str, Tensor]) -> None:
+        """Restore `_state()` and the prompt stream's position (`buffer.restore_position`)."""
+
+    # -- transition hooks ------------------------------------------------------------------------------------------
+    def on_prompt_switch(self, bc: BlockConditioning) -> None:  # noqa: B027 - an optional hook, no-op by default
+        """A hard prompt change inside the video takes effect at block `bc.block` (the prompt stream's `switched`
+        flag, set today by a `cut`). Default: nothing — the new prompt conditions the blocks from here on.
+        causal-kv re-encodes its KV window under the new prompt (LongLive re-cache)."""
+
+    def on_new_shot(self, bc: BlockConditioning) -> None:
+        """A new shot starts at block `bc.block`: a backend that carries history (KV cache, carried latents) may
+        forget it so the shot starts fresh. The prompt stream does not mark shots yet; until it does, this hook is
+        not called. Default: treat it as a prompt switch."""
+        self.on_prompt_switch(bc)
+
+    def _read_conditioning(self, block: int) -> BlockConditioning:
+        """The conditioning of `block` from the prompt stream (marking it handed out); a switch calls the hook."""
+        bc = self.buffer.conditioning(block)
+        if bc.switched:
+            self.on_prompt_switch(bc)
+        return bc
+
+    # -- one chunk ---------------------------------------------------------------------------------------------------
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Add the wall time of the block to this chunk's `timings[key]`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timings[key] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def step(self) -> Chunk:
+        """Generate, decode and return the next chunk."""
+        t_start = time.perf_counter()
+        self._timings = dict.fromkeys(TIMING_KEYS, 0.0)
+        out = self._generate()
+        with self.timed("decode"):
+            frames = to_uint8_frames(self.decoder.decode(out.latents))
+        bc = out.cond
+        return Chunk(
+            index=out.index, block=out.block, frames=frames,
+            frame_start=block_start_frame(out.block, self.block_latents), latents=out.latents.cpu(),
+            latent_start=out.block * self.block_latents, event_id=bc.event_id, prompt=bc.prompt,
+            blend_weight=bc.blend_weight, switched=bc.switched,
+            timings={**self._timings, "total": time.perf_counter() - t_start},
+        )
+
+    # -- snapshots and summaries -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed to continue exactly from the next chunk (tensors only; saved as safetensors)."""
+        state = {} if self.cache is None else {f"kv.{k}": v for k, v in self.cache.state_dict().items()}
+        state.update({f"dec.{k}": v for k, v in self.decoder.state_dict().items()})
+        for i, a in enumerate(self.anchors.anchors):
+            if a.latents is not None:
+                state[f"anchor.{i}"] = a.latents.contiguous()
+        state.update(self._state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Continue from a `state_dict()` (the buffer must hold the same prompt events)."""
+        if self.cache is not None:
+            self.cache.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("kv.")})
+        self.decoder.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dec.")})
+        for i, a in enumerate(self.anchors.anchors):
+            if f"anchor.{i}" in state:
+                a.latents = state[f"anchor.{i}"]
+        self._load_state(state)
+
+    def cache_summary(self) -> dict[str, float]:
+        """Sizes of what the backend keeps between chunks; the same keys (`SUMMARY_KEYS`) for every backend."""
+        kv_mb = 0.0 if self.cache is None else self.cache.nbytes() / 2**20
+        held = self.held_latents()
+        latent_mb = sum(t.numel() * t.element_size() for t in held) / 2**20
+        return {
+            "kv_frames": float(0 if self.cache is None else self.cache.num_frames),
+            "kv_sink_frames": float(0 if self.cache is None else self.cache.num_sink),
+            "kv_mb": kv_mb,
+            "latent_frames": float(sum(t.shape[2] for t in held)),
+            "latent_mb": latent_mb,
+            "state_mb": kv_mb + latent_mb,
+        }
 
 
 def block_seed(run_seed: int, index: int, salt: str = "block") -> int:

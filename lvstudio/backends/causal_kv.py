@@ -6,33 +6,34 @@ Per block of n latent frames:
   2. sample the block from per-block seeded noise, attending to the cache (few-step with re-noising, or Euler/UniPC);
      frames pinned by an anchor are held clean (timestep 0) throughout;
   3. clean context pass: the block's x0 at t = context_noise is written into the KV cache (eviction keeps the sink);
-  4. streaming VAE decode of the block (the decoder keeps its causal caches across blocks).
+  4. streaming VAE decode of the block (the decoder keeps its causal caches across blocks; done by BackendBase).
+A live prompt lands on the next block (lead 0).
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
-from lvstudio.caches import AnchorCache
+from lvstudio.backends.base import BackendBase, Generated, block_generator
 from lvstudio.models.kv_cache import AttentionSpec
-from lvstudio.models.wan_dit import Conditioning
-from lvstudio.presets import AttentionSettings, SamplerSettings
-from lvstudio.presets.load import ModelBundle
-from lvstudio.prompt_stream import PromptStreamBuffer, block_start_frame
+from lvstudio.presets.schema import AttentionSettings, SamplerSettings
 from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, warp_steps
 from lvstudio.sampling.samplers import euler_sample, few_step_sample, unipc_sample
 
+if TYPE_CHECKING:
+    from lvstudio.caches import AnchorCache
+    from lvstudio.models.wan_dit import Conditioning
+    from lvstudio.presets.load import ModelBundle
+    from lvstudio.prompt_stream import BlockConditioning, PromptStreamBuffer
 
-def sample_block(
-    denoise_fn,  # (x [B,C,F,h,w], t [B,F]) -> velocity
-    noise: Tensor,
-    settings: SamplerSettings,
-    generator: torch.Generator,
-) -> Tensor:
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x [B, C, F, h, w], t [B, F]) -> velocity
+
+
+def sample_block(denoise_fn: Denoiser, noise: Tensor, settings: SamplerSettings, generator: torch.Generator) -> Tensor:
     """Run the preset's sampler on one block; returns clean latents."""
     if settings.kind == "few-step":
         steps = warp_steps(settings.step_list, settings.shift) if settings.warp else list(settings.step_list)
@@ -43,7 +44,7 @@ def sample_block(
     return unipc_sample(denoise_fn, noise, sigmas)
 
 
-class CausalKVBackend:
+class CausalKVBackend(BackendBase):
     name = "causal-kv"
 
     def __init__(
@@ -55,22 +56,17 @@ class CausalKVBackend:
         width: int,
         height: int,
         anchors: AnchorCache | None = None,
+        cfg_scale: float | None = None,
         sampler: SamplerSettings | None = None,
         attention: AttentionSettings | None = None,
     ) -> None:
-        self.bundle = bundle
-        self.buffer = buffer
-        self.seed = seed
-        self.anchors = anchors or AnchorCache()
+        super().__init__(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors)
         self.sampler = sampler or bundle.preset.sampler
         self.attn = attention or bundle.preset.attention
-        self.h, self.w = bundle.latent_hw(width, height)
-        self.n = self.attn.block_frames
+        self.n = self.block_latents = self.attn.block_frames
         self.spec = AttentionSpec(self.n, self.attn.window_frames, self.attn.sink_frames)
-        self.conds = ConditioningCache(bundle.dit, bundle.device, buffer, self.sampler.cfg_scale)
-        self.batch = self.conds.rows  # [cond, uncond] rows with guidance
-        self.cache = bundle.dit.new_kv_cache(self.spec, (self.h, self.w))
-        self.decoder = bundle.vae.streaming_decoder()
+        self._use_guidance(bundle.dit, self.sampler.cfg_scale if cfg_scale is None else cfg_scale)
+        self.cache = self.dit.new_kv_cache(self.spec, (self.h, self.w))
         self.keep_latents = self.attn.window_frames or 4 * self.n * 8
         self.recent: Tensor | None = None  # [1, C, k, h, w] last clean latents (for re-cache)
         self.block = 0
@@ -80,55 +76,38 @@ class CausalKVBackend:
         return self.block
 
     @property
+    def next_block(self) -> int:
+        return self.block
+
+    @property
     def start_frame(self) -> int:
         return self.block * self.n
 
     # -- one block ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self) -> Chunk:
-        dit, dev = self.bundle.dit, self.bundle.device
+    def _generate(self) -> Generated:
         b, s, n = self.block, self.start_frame, self.n
-        t_start = time.perf_counter()
-        bc = self.buffer.conditioning(b)
+        # Step 1: conditioning; a hard cut re-encodes the window under the new prompt (on_prompt_switch).
+        bc = self._read_conditioning(b)
         cond = self.conds.get(bc.key, bc.context)
-        # Step 1: a hard cut re-encodes the window under the new prompt (LongLive KV re-cache).
-        t_recache = 0.0
-        if bc.switched and self.attn.recache_on_switch and self.recent is not None:
-            t0 = time.perf_counter()
-            self.recache(cond)
-            t_recache = time.perf_counter() - t0
         # Step 2: anchors pinned to this block (their first latents are held clean).
         pinned = self._pinned_latents(b)
         # Step 3: sample the block against the cache.
         gen = block_generator(self.seed if bc.seed is None else bc.seed, b, torch.device("cpu"))
-        noise = torch.randn(1, self.bundle.latent_channels, n, self.h, self.w, generator=gen).to(dev)
-        t0 = time.perf_counter()
-        x0 = sample_block(self._denoiser(cond, s, pinned), noise, self.sampler, gen)
-        if pinned is not None:
-            x0[:, :, : pinned.shape[2]] = pinned
-        t_denoise = time.perf_counter() - t0
+        noise = torch.randn(1, self.bundle.latent_channels, n, self.h, self.w, generator=gen).to(self.bundle.device)
+        with self.timed("denoise"):
+            x0 = sample_block(self._denoiser(cond, s, pinned), noise, self.sampler, gen)
+            if pinned is not None:
+                x0[:, :, : pinned.shape[2]] = pinned
         # Step 4: clean context pass writes the block's K/V.
-        t_ctx = torch.full((self.batch, n), float(self.sampler.context_noise), device=dev)
-        dit(x0.expand(self.batch, -1, -1, -1, -1), t_ctx, cond, attention=self.spec, kv_cache=self.cache,
-            start_frame=s, write_cache=True, rope_mode=self.attn.rope_mode)
+        t_ctx = torch.full((self.batch, n), float(self.sampler.context_noise), device=self.bundle.device)
+        self.dit(x0.expand(self.batch, -1, -1, -1, -1), t_ctx, cond, attention=self.spec, kv_cache=self.cache,
+                 start_frame=s, write_cache=True, rope_mode=self.attn.rope_mode)
         self._remember(x0)
         self._capture_shot_anchor(b, x0, cond)
-        # Step 5: streaming decode.
-        t0 = time.perf_counter()
-        frames = to_uint8_frames(self.decoder.decode(x0))
-        t_decode = time.perf_counter() - t0
-        chunk = Chunk(
-            index=b, frames=frames, frame_start=block_start_frame(b, n), latents=x0.cpu(), latent_start=s,
-            event_id=bc.event_id, prompt=bc.prompt, blend_weight=bc.blend_weight, switched=bc.switched,
-            timings={"denoise": t_denoise, "recache": t_recache, "decode": t_decode,
-                     "total": time.perf_counter() - t_start},
-        )
         self.block += 1
-        return chunk
+        return Generated(b, b, x0, bc)
 
-    def _denoiser(self, cond: Conditioning, start: int, pinned: Tensor | None):
-        dit = self.bundle.dit
-
+    def _denoiser(self, cond: Conditioning, start: int, pinned: Tensor | None) -> Denoiser:
         def denoise(x: Tensor, t: Tensor) -> Tensor:
             if pinned is not None:
                 k = pinned.shape[2]
@@ -136,13 +115,19 @@ class CausalKVBackend:
                 t = torch.cat([torch.zeros_like(t[:, :k]), t[:, k:]], dim=1)
             xb = x.expand(self.batch, -1, -1, -1, -1)
             tb = t.expand(self.batch, -1)
-            v = dit(xb, tb, cond, attention=self.spec, kv_cache=self.cache, start_frame=start,
-                    rope_mode=self.attn.rope_mode)
+            v = self.dit(xb, tb, cond, attention=self.spec, kv_cache=self.cache, start_frame=start,
+                         rope_mode=self.attn.rope_mode)
             return self.conds.guide(v)
 
         return denoise
 
     # -- re-cache, anchors, memory ----------------------------------------------------------------------------------
+    def on_prompt_switch(self, bc: BlockConditioning) -> None:
+        """LongLive: re-encode the window under the new prompt (if the preset says so and there is history)."""
+        if self.attn.recache_on_switch and self.recent is not None:
+            with self.timed("recache"):
+                self.recache(self.conds.get(bc.key, bc.context))
+
     def recache(self, cond: Conditioning) -> None:
         """Re-encode the recent clean latents (the window) under `cond` (LongLive `_recache_after_switch`)."""
         if self.recent is None:
@@ -151,9 +136,8 @@ class CausalKVBackend:
         if self.attn.window_frames is not None:
             k = min(k, self.attn.window_frames)
         frames = self.recent[:, :, -k:].expand(self.batch, -1, -1, -1, -1)
-        self.bundle.dit.recache(self.cache, frames, self.start_frame - k, cond, keep_sink=self.attn.global_sink,
-                                block_frames=self.n, rope_mode=self.attn.rope_mode,
-                                t_context=self.sampler.context_noise)
+        self.dit.recache(self.cache, frames, self.start_frame - k, cond, keep_sink=self.attn.global_sink,
+                         block_frames=self.n, rope_mode=self.attn.rope_mode, t_context=self.sampler.context_noise)
 
     def _remember(self, x0: Tensor) -> None:
         self.recent = x0 if self.recent is None else torch.cat([self.recent, x0], dim=2)[:, :, -self.keep_latents :]
@@ -170,36 +154,21 @@ class CausalKVBackend:
         for a in self.anchors.to_capture(block):
             a.latents = x0.detach().cpu().clone()
             if self.attn.sink_frames and block > 0:
-                self.bundle.dit.recache(self.cache, x0.expand(self.batch, -1, -1, -1, -1), self.start_frame, cond,
-                                        keep_sink=False, block_frames=self.n, rope_mode=self.attn.rope_mode,
-                                        t_context=self.sampler.context_noise)
+                self.dit.recache(self.cache, x0.expand(self.batch, -1, -1, -1, -1), self.start_frame, cond,
+                                 keep_sink=False, block_frames=self.n, rope_mode=self.attn.rope_mode,
+                                 t_context=self.sampler.context_noise)
 
-    def cache_summary(self) -> dict[str, float]:
-        return {
-            "kv_frames": float(self.cache.num_frames),
-            "kv_sink_frames": float(self.cache.num_sink),
-            "kv_mb": self.cache.nbytes() / 2**20,
-            "recent_latents": float(0 if self.recent is None else self.recent.shape[2]),
-        }
+    def held_latents(self) -> list[Tensor]:
+        return [] if self.recent is None else [self.recent]
 
     # -- snapshot -----------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
-        state = {f"kv.{k}": v for k, v in self.cache.state_dict().items()}
-        state.update({f"dec.{k}": v for k, v in self.decoder.state_dict().items()})
-        state["block"] = torch.tensor(self.block)
+    def _state(self) -> dict[str, Tensor]:
+        state = {"block": torch.tensor(self.block)}
         if self.recent is not None:
             state["recent"] = self.recent.contiguous()
-        for i, a in enumerate(self.anchors.anchors):
-            if a.latents is not None:
-                state[f"anchor.{i}"] = a.latents.contiguous()
         return state
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.cache.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("kv.")})
-        self.decoder.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dec.")})
+    def _load_state(self, state: dict[str, Tensor]) -> None:
         self.block = int(state["block"])
         self.recent = state.get("recent")
-        for i, a in enumerate(self.anchors.anchors):
-            if f"anchor.{i}" in state:
-                a.latents = state[f"anchor.{i}"]
         self.buffer.restore_position(self.block)

@@ -6,7 +6,8 @@ preset says), conditioned on
     timestep 0 while the clip is sampled;
   - a reference: the latest anchor of the AnchorCache (an anchor image or the first frame of a shot), or else the
     video's first latent, prepended as one clean frame;
-  - one prompt per clip from the Prompt Stream Buffer (the prompt active at the clip's first new block).
+  - one prompt per clip from the Prompt Stream Buffer (the prompt active at the clip's first new block), so a prompt
+    change shows from the first clip that starts at or after it; a live prompt lands on the next clip (lead 0).
 Clip k uses its own seed. Models fine-tuned with Error-Recycling (an ERFT LoRA named by the preset) learn to repair
 the errors such carried history accumulates.
 """
@@ -14,27 +15,32 @@ the errors such carried history accumulates.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
-from lvstudio.caches import AnchorCache
+from lvstudio.backends.base import BackendBase, Generated, block_generator
+from lvstudio.errors import PresetError
 from lvstudio.models.kv_cache import AttentionSpec
-from lvstudio.presets import CrossClipSettings
-from lvstudio.presets.load import ModelBundle
-from lvstudio.prompt_stream import PromptStreamBuffer, block_start_frame
+from lvstudio.presets.schema import CrossClipSettings
 from lvstudio.sampling.flow_matching import sigma_grid
 from lvstudio.sampling.samplers import euler_sample
+
+if TYPE_CHECKING:
+    from lvstudio.caches import AnchorCache
+    from lvstudio.models.wan_dit import WanDiT
+    from lvstudio.presets.load import ModelBundle
+    from lvstudio.prompt_stream import PromptStreamBuffer
 
 MERGED_MARK = "_lvstudio_erft_lora"  # set on a large DiT whose weights carry a LoRA merged in place
 INPLACE_MERGE_PARAMS = 1e8  # DiTs above this size get the LoRA merged in place instead of into a copy
 
 
-class ERFTCrossClipBackend:
+class ERFTCrossClipBackend(BackendBase):
     name = "erft-crossclip"
+    options = ("lora",)
 
     def __init__(
         self,
@@ -45,34 +51,28 @@ class ERFTCrossClipBackend:
         width: int,
         height: int,
         anchors: AnchorCache | None = None,
+        cfg_scale: float | None = None,
         settings: CrossClipSettings | None = None,
         lora: str | Path | bool | None = None,
     ) -> None:
         """lora: None = the preset's ERFT LoRA (settings.lora, a role in [files]) if it names one; False = none
         (the "without ERFT" baseline); True = the preset's, required; a path = that LoRA file."""
-        self.bundle = bundle
-        self.buffer = buffer
-        self.seed = seed
-        self.anchors = anchors or AnchorCache()
+        super().__init__(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors)
         self.st = settings or bundle.preset.crossclip
-        self.n = bundle.preset.attention.block_frames
+        self.n = self.block_latents
         if self.st.clip_frames % self.n or self.st.carry_frames % self.n or self.st.carry_frames >= self.st.clip_frames:
             raise ValueError(
-                f"clip_frames ({self.st.clip_frames}) and carry_frames ({self.st.carry_frames}) must be multiples of the "
-                f"block size ({self.n}), with carry_frames < clip_frames"
+                f"clip_frames ({self.st.clip_frames}) and carry_frames ({self.st.carry_frames}) must be multiples of "
+                f"the block size ({self.n}), with carry_frames < clip_frames"
             )
         self.lora_path = self._lora_path(lora)
         if self.lora_path is None and getattr(bundle.dit, MERGED_MARK, None) is not None:
-            from lvstudio.errors import PresetError
-
             raise PresetError(f"the bundle's DiT carries the ERFT LoRA {getattr(bundle.dit, MERGED_MARK)} (merged in "
                               "place: it is too large to copy)", hint="load the bundle again for a run without ERFT")
-        self.dit = bundle.dit if self.lora_path is None else _merged_copy(bundle.dit, self.lora_path)
-        cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
-        self.conds = ConditioningCache(self.dit, bundle.device, buffer, cfg_scale)
-        self.batch = self.conds.rows  # [cond, uncond] rows with guidance
-        self.h, self.w = bundle.latent_hw(width, height)
-        self.decoder = bundle.vae.streaming_decoder()
+        dit = bundle.dit if self.lora_path is None else _merged_copy(bundle.dit, self.lora_path)
+        if cfg_scale is None:
+            cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
+        self._use_guidance(dit, cfg_scale)
         self.clip = 0
         self.latents_done = 0  # latent frames emitted so far
         self.carry: Tensor | None = None  # [1, C, K, h, w]
@@ -82,6 +82,10 @@ class ERFTCrossClipBackend:
     def next_index(self) -> int:
         return self.clip
 
+    @property
+    def next_block(self) -> int:
+        return self.latents_done // self.n
+
     def _lora_path(self, lora: str | Path | bool | None) -> Path | None:
         if lora is False:
             return None
@@ -89,8 +93,6 @@ class ERFTCrossClipBackend:
             return Path(lora)
         if self.st.lora is None:
             if lora is True:
-                from lvstudio.errors import PresetError
-
                 raise PresetError(f"preset {self.bundle.preset.name!r} names no ERFT LoRA",
                                   hint="set crossclip.lora to a role in [files] (e.g. erft_lora) or pass a LoRA path")
             return None
@@ -105,14 +107,12 @@ class ERFTCrossClipBackend:
             return anchor.latents[:, :, -1:].to(self.bundle.device)
         return None if self.first is None else self.first
 
-    @torch.no_grad()
-    def step(self) -> Chunk:
-        t_start = time.perf_counter()
-        dev, dit = self.bundle.device, self.dit
+    def _generate(self) -> Generated:
+        dev = self.bundle.device
         k = 0 if self.carry is None else self.carry.shape[2]
         new = self.st.clip_frames - k
         first_block = self.latents_done // self.n
-        bc = self.buffer.conditioning(first_block)
+        bc = self._read_conditioning(first_block)
         for b in range(first_block + 1, first_block + new // self.n):
             self.buffer.conditioning(b)  # mark the clip's blocks as handed out (live pushes land after the clip)
         cond = self.conds.get(bc.key, bc.context)
@@ -128,61 +128,48 @@ class ERFTCrossClipBackend:
         def denoise(x: Tensor, t: Tensor) -> Tensor:
             seq = x if clean is None else torch.cat([clean, x], dim=2)
             ts = t if clean is None else torch.cat([torch.zeros(1, p, device=dev), t], dim=1)
-            v = dit(seq.expand(self.batch, -1, -1, -1, -1), ts.expand(self.batch, -1), cond, attention=spec,
-                    start_frame=self._start(p))[:, :, p:]
+            v = self.dit(seq.expand(self.batch, -1, -1, -1, -1), ts.expand(self.batch, -1), cond, attention=spec,
+                         start_frame=self._start(p))[:, :, p:]
             return self.conds.guide(v)
 
         # Step 2: sample the new frames.
-        t0 = time.perf_counter()
-        x0 = euler_sample(denoise, noise, sigma_grid(self.st.steps, self.st.shift))
-        t_denoise = time.perf_counter() - t0
-        # Step 3: carry the tail over, decode the new latents (one continuous streaming decode).
+        with self.timed("denoise"):
+            x0 = euler_sample(denoise, noise, sigma_grid(self.st.steps, self.st.shift))
+        # Step 3: carry the tail over (the base decodes the new latents: one continuous streaming decode).
         if self.first is None:
             self.first = x0[:, :, :1].clone()
         self.carry = x0[:, :, new - self.st.carry_frames :] if self.st.carry_frames else None
-        t0 = time.perf_counter()
-        frames = to_uint8_frames(self.decoder.decode(x0))
-        t_decode = time.perf_counter() - t0
-        chunk = Chunk(
-            index=self.clip, frames=frames, frame_start=block_start_frame(first_block, self.n), latents=x0.cpu(),
-            latent_start=self.latents_done, event_id=bc.event_id, prompt=bc.prompt, blend_weight=bc.blend_weight,
-            switched=bc.switched, timings={"denoise": t_denoise, "recache": 0.0, "decode": t_decode,
-                                           "total": time.perf_counter() - t_start},
-        )
+        out = Generated(self.clip, first_block, x0, bc)
         self.clip += 1
         self.latents_done += new
-        return chunk
+        return out
 
     def _start(self, prefix: int) -> int:
         """Frame index of the clip's first frame, aligned to the block grid so block-causal masks line up."""
         return 0 if prefix % self.n == 0 else self.n - prefix % self.n
 
-    def cache_summary(self) -> dict[str, float]:
-        return {"carry_frames": float(0 if self.carry is None else self.carry.shape[2]),
-                "clip_frames": float(self.st.clip_frames), "clips": float(self.clip)}
+    def held_latents(self) -> list[Tensor]:
+        return [x for x in (self.carry, self.first) if x is not None]
 
-    def state_dict(self) -> dict[str, Tensor]:
-        state = {f"dec.{k}": v for k, v in self.decoder.state_dict().items()}
-        state["counters"] = torch.tensor([self.clip, self.latents_done])
+    def _state(self) -> dict[str, Tensor]:
+        state = {"counters": torch.tensor([self.clip, self.latents_done])}
         if self.carry is not None:
             state["carry"] = self.carry.contiguous()
         if self.first is not None:
             state["first"] = self.first.contiguous()
         return state
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.decoder.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dec.")})
+    def _load_state(self, state: dict[str, Tensor]) -> None:
         self.clip, self.latents_done = (int(v) for v in state["counters"])
         self.carry = state.get("carry")
         self.first = state.get("first")
         self.buffer.restore_position(self.latents_done // self.n)
 
 
-def _merged_copy(dit: torch.nn.Module, path: Path) -> torch.nn.Module:
+def _merged_copy(dit: WanDiT, path: Path) -> WanDiT:
     """The DiT with the LoRA merged in. The bundle's DiT serves other backends too, so small DiTs are copied first;
     a DiT over 1e8 parameters (Hub presets) is merged IN PLACE to avoid doubling its memory — the bundle's DiT then
     carries the LoRA for the rest of the process (marked, so it is never merged twice)."""
-    from lvstudio.errors import PresetError
     from lvstudio.models.lora import apply_lora
 
     if sum(p.numel() for p in dit.parameters()) <= INPLACE_MERGE_PARAMS:

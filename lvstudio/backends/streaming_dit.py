@@ -5,26 +5,30 @@ of the buffer by one level of a StreamDiT partition (`lvstudio.sampling.schedule
 timesteps into the DiT, attention block-causal (or bidirectional) inside the buffer plus the KV cache of emitted
 frames (sink + rolling window). After s micro-steps the first chunk is clean: it is emitted (context pass into the KV
 cache, streaming VAE decode), the buffer shifts by c and fresh noise enters. Each chunk takes its prompt from the
-Prompt Stream Buffer when it *enters* the buffer, so a prompt change reaches the output within one buffer length.
+Prompt Stream Buffer when it *enters* the buffer, so a prompt change reaches the output within one buffer length: a
+live prompt lands N - 1 blocks after the next emitted one (`lead_blocks`, once the buffer is full).
 Warm-up: chunks enter one per shift period and sit at the noisy end of the partition until the buffer is full.
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lvstudio.backends.base import Chunk, ConditioningCache, block_generator, to_uint8_frames
-from lvstudio.caches import AnchorCache
+from lvstudio.backends.base import BackendBase, Generated, block_generator
 from lvstudio.models.kv_cache import AttentionSpec
-from lvstudio.presets import StreamingSettings
-from lvstudio.presets.load import ModelBundle
-from lvstudio.prompt_stream import BlockConditioning, PromptStreamBuffer, block_start_frame
+from lvstudio.presets.schema import StreamingSettings
+from lvstudio.prompt_stream import BlockConditioning
 from lvstudio.sampling.schedules import stream_partition_levels
+
+if TYPE_CHECKING:
+    from lvstudio.caches import AnchorCache
+    from lvstudio.presets.load import ModelBundle
+    from lvstudio.prompt_stream import PromptStreamBuffer
 
 
 @dataclass
@@ -33,7 +37,7 @@ class _BufferChunk:
     cond: BlockConditioning
 
 
-class StreamingDiTBackend:
+class StreamingDiTBackend(BackendBase):
     name = "streaming-dit"
 
     def __init__(
@@ -45,26 +49,21 @@ class StreamingDiTBackend:
         width: int,
         height: int,
         anchors: AnchorCache | None = None,
+        cfg_scale: float | None = None,
         settings: StreamingSettings | None = None,
     ) -> None:
-        self.bundle = bundle
-        self.buffer = buffer
-        self.seed = seed
-        self.anchors = anchors or AnchorCache()
+        super().__init__(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors)
         self.st = settings or bundle.preset.streaming
         attn = bundle.preset.attention
-        self.c = self.st.chunk_frames or attn.block_frames
+        self.c = self.block_latents = self.st.chunk_frames or attn.block_frames
         self.attn = attn
-        self.h, self.w = bundle.latent_hw(width, height)
         self.part = stream_partition_levels(self.st.buffer_chunks, self.c, self.st.micro_steps, self.st.shift)
         self.spec = AttentionSpec(self.c if self.st.causal_buffer else None, attn.window_frames, attn.sink_frames)
-        self.dit = bundle.dit_for(self.st.dit)
-        cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
-        self.conds = ConditioningCache(self.dit, bundle.device, buffer, cfg_scale)
-        self.batch = self.conds.rows  # [cond, uncond] rows in the model calls and the cache with guidance
+        if cfg_scale is None:
+            cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
+        self._use_guidance(bundle.dit_for(self.st.dit), cfg_scale)
         cache_spec = AttentionSpec(self.c, attn.window_frames, attn.sink_frames)
         self.cache = self.dit.new_kv_cache(cache_spec, (self.h, self.w))
-        self.decoder = bundle.vae.streaming_decoder()
         self.x: Tensor | None = None  # [1, C, P*c, h, w] buffer latents
         self.chunks: list[_BufferChunk] = []
         self.micro = 0  # micro-step inside the current shift period
@@ -75,54 +74,51 @@ class StreamingDiTBackend:
     def next_index(self) -> int:
         return self.emitted
 
+    @property
+    def next_block(self) -> int:
+        return self.emitted
+
+    @property
+    def lead_blocks(self) -> int:
+        """Chunks already in the buffer hold their prompt: N - 1 once the buffer is full."""
+        return self.st.buffer_chunks - 1
+
     def _enter(self) -> None:
         """A fresh chunk of noise enters the noisy end of the buffer, with the prompt active for its block."""
         b = self.entered
         gen = block_generator(self.seed, b, torch.device("cpu"), salt="stream")
-        noise = torch.randn(1, self.bundle.latent_channels, self.c, self.h, self.w, generator=gen).to(self.bundle.device)
+        noise = torch.randn(1, self.bundle.latent_channels, self.c, self.h, self.w, generator=gen)
+        noise = noise.to(self.bundle.device)
         self.x = noise if self.x is None else torch.cat([self.x, noise], dim=2)
-        self.chunks.append(_BufferChunk(b, self.buffer.conditioning(b)))
+        self.chunks.append(_BufferChunk(b, self._read_conditioning(b)))
         self.entered += 1
 
     # -- one emitted chunk ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self) -> Chunk:
-        t_start = time.perf_counter()
-        t_model = 0.0
+    def _generate(self) -> Generated:
         n = self.st.buffer_chunks
         while True:
             # Step 1: at the start of a shift period, fill the buffer up to N chunks (warm-up adds one per period).
             if self.micro == 0 and len(self.chunks) < n:
                 self._enter()
             # Step 2: one model call over the buffer; each frame moves down one level (Euler on its own sigma).
-            t0 = time.perf_counter()
-            self._micro_step()
-            t_model += time.perf_counter() - t0
+            with self.timed("denoise"):
+                self._micro_step()
             self.micro += 1
             if self.micro < self.st.micro_steps:
                 continue
             self.micro = 0
             if len(self.chunks) == n:
                 break  # the first chunk just reached sigma 0
-        # Step 3: emit the clean first chunk: context pass into the cache, decode, shift the buffer.
+        # Step 3: emit the clean first chunk: context pass into the cache, shift the buffer (decoded by the base).
         first = self.chunks.pop(0)
         x0 = self.x[:, :, : self.c]
         self.x = self.x[:, :, self.c :]
         cond = self.conds.get(first.cond.key, first.cond.context)
-        start = first.block * self.c
         self.dit(x0.expand(self.batch, -1, -1, -1, -1), torch.zeros(self.batch, self.c, device=x0.device), cond,
-                 attention=AttentionSpec(self.c), kv_cache=self.cache, start_frame=start, write_cache=True,
-                 rope_mode=self.attn.rope_mode)
-        t0 = time.perf_counter()
-        frames = to_uint8_frames(self.decoder.decode(x0))
-        t_decode = time.perf_counter() - t0
+                 attention=AttentionSpec(self.c), kv_cache=self.cache, start_frame=first.block * self.c,
+                 write_cache=True, rope_mode=self.attn.rope_mode)
         self.emitted += 1
-        return Chunk(
-            index=first.block, frames=frames, frame_start=block_start_frame(first.block, self.c), latents=x0.cpu(),
-            latent_start=start, event_id=first.cond.event_id, prompt=first.cond.prompt,
-            blend_weight=first.cond.blend_weight, switched=first.cond.switched,
-            timings={"denoise": t_model, "recache": 0.0, "decode": t_decode, "total": time.perf_counter() - t_start},
-        )
+        return Generated(first.block, first.block, x0, first.cond)
 
     def _micro_step(self) -> None:
         p = len(self.chunks)
@@ -145,28 +141,18 @@ class StreamingDiTBackend:
                     v[:, :, i * self.c : (i + 1) * self.c] = out[:, :, i * self.c : (i + 1) * self.c]
         self.x = self.x + (s_to - s_from)[None, None, :, None, None] * v
 
-    # -- protocol extras --------------------------------------------------------------------------------------------
-    def cache_summary(self) -> dict[str, float]:
-        return {
-            "kv_frames": float(self.cache.num_frames),
-            "kv_sink_frames": float(self.cache.num_sink),
-            "kv_mb": self.cache.nbytes() / 2**20,
-            "buffer_frames": float(0 if self.x is None else self.x.shape[2]),
-            "steps_per_frame": float(self.part.steps_per_frame),
-        }
+    # -- state ------------------------------------------------------------------------------------------------------
+    def held_latents(self) -> list[Tensor]:
+        return [] if self.x is None else [self.x]
 
-    def state_dict(self) -> dict[str, Tensor]:
-        state = {f"kv.{k}": v for k, v in self.cache.state_dict().items()}
-        state.update({f"dec.{k}": v for k, v in self.decoder.state_dict().items()})
-        state["counters"] = torch.tensor([self.micro, self.emitted, self.entered])
-        state["chunk_blocks"] = torch.tensor([ch.block for ch in self.chunks], dtype=torch.int64)
+    def _state(self) -> dict[str, Tensor]:
+        state = {"counters": torch.tensor([self.micro, self.emitted, self.entered]),
+                 "chunk_blocks": torch.tensor([ch.block for ch in self.chunks], dtype=torch.int64)}
         if self.x is not None:
             state["buffer"] = self.x.contiguous()
         return state
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.cache.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("kv.")})
-        self.decoder.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dec.")})
+    def _load_state(self, state: dict[str, Tensor]) -> None:
         self.micro, self.emitted, self.entered = (int(v) for v in state["counters"])
         self.x = state.get("buffer")
         self.buffer.restore_position(self.entered)

@@ -4,7 +4,8 @@ Measured in one run, on one long single-prompt render with live cuts pushed ever
   - real-time factor (video seconds per wall second) including decode and encode;
   - time to first frame;
   - per-chunk time around minute 1 vs around the last minute (rolling window => ratio ~ 1);
-  - resident memory and KV-cache size at minute 1 vs the last minute (flat);
+  - resident memory, KV-cache size and the backend's whole state (KV cache + the latents it holds) at minute 1 vs
+    the last minute (flat);
   - the stall of a prompt-switch re-cache (ms), against the median chunk.
 """
 
@@ -41,6 +42,8 @@ class RenderBenchResult:
     rss_mb_last: float
     kv_mb_minute1: float
     kv_mb_last: float
+    state_mb_minute1: float
+    state_mb_last: float
     recache_ms: float
     chunk_ms_median: float
     frames_per_second: float = 0.0
@@ -54,7 +57,8 @@ class RenderBenchResult:
             f"  chunk time: minute 1 {self.chunk_ms_minute1:.1f} ms, last minute {self.chunk_ms_last:.1f} ms "
             f"(ratio {self.chunk_ms_last / self.chunk_ms_minute1:.3f})",
             f"  memory: RSS {self.rss_mb_minute1:.0f} MB -> {self.rss_mb_last:.0f} MB; "
-            f"KV cache {self.kv_mb_minute1:.2f} MB -> {self.kv_mb_last:.2f} MB",
+            f"KV cache {self.kv_mb_minute1:.2f} MB -> {self.kv_mb_last:.2f} MB; "
+            f"backend state {self.state_mb_minute1:.2f} MB -> {self.state_mb_last:.2f} MB",
             f"  prompt-switch re-cache stall: {self.recache_ms:.1f} ms (median chunk {self.chunk_ms_median:.1f} ms)",
         ]
 
@@ -85,7 +89,7 @@ def _bench(preset: str, minutes: float, threads: int, cut_every_s: float, seed: 
                           f'[[shots]]\nat = 0\nprompt = "{prompts[0]}"\n')
     settings = RenderSettings(p.name, backend or p.backend, seed, p.fps, p.width, p.height, round(minutes * 60 * p.fps))
     session = RenderSession(sb, load_bundle(p), settings)
-    times: list[tuple[float, float, float, float]] = []  # (video second, chunk seconds, rss, kv MB)
+    times: list[tuple[float, float, float, float, float]] = []  # (video second, chunk s, rss, kv MB, state MB)
     recache: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         sink = VideoSink(Path(tmp) / "bench.mp4", p.fps, p.width, p.height)
@@ -103,11 +107,12 @@ def _bench(preset: str, minutes: float, threads: int, cut_every_s: float, seed: 
             if chunk.timings.get("recache", 0) > 0:
                 recache.append(chunk.timings["recache"])
             else:
-                times.append((now_s, dt, _rss_mb(), session.backend.cache_summary()["kv_mb"]))
+                caches = session.backend.cache_summary()
+                times.append((now_s, dt, _rss_mb(), caches["kv_mb"], caches["state_mb"]))
         wall = time.perf_counter() - t0
         sink.close()
 
-    def around(second: float) -> list[tuple[float, float, float, float]]:
+    def around(second: float) -> list[tuple[float, float, float, float, float]]:
         return [t for t in times if abs(t[0] - second) <= 15] or times
 
     first, last = around(60.0), around(minutes * 60 - 20)
@@ -118,6 +123,7 @@ def _bench(preset: str, minutes: float, threads: int, cut_every_s: float, seed: 
         chunk_ms_minute1=1000 * med(t[1] for t in first), chunk_ms_last=1000 * med(t[1] for t in last),
         rss_mb_minute1=med(t[2] for t in first), rss_mb_last=med(t[2] for t in last),
         kv_mb_minute1=med(t[3] for t in first), kv_mb_last=med(t[3] for t in last),
+        state_mb_minute1=med(t[4] for t in first), state_mb_last=med(t[4] for t in last),
         recache_ms=1000 * med(recache) if recache else float("nan"),
         chunk_ms_median=1000 * med(t[1] for t in times), frames_per_second=settings.num_frames / wall,
     )

@@ -104,7 +104,7 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """Parse `name=PRESET:BACKEND[:lora=off|on|PATH]` (the name may be left out: it defaults to PRESET-BACKEND)."""
-    from lvstudio.backends import BACKENDS
+    from lvstudio.backends.registry import BACKENDS
 
     hint = "write NAME=PRESET:BACKEND[:lora=off], e.g. base=tiny:causal-kv"
     raw = text.strip()

@@ -18,9 +18,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
 from lvstudio.errors import PresetError
 
-BackendName = Literal["causal-kv", "streaming-dit", "erft-crossclip"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 # A Hub revision that still has to be pinned: `lvstudio presets pull NAME --revision <40-hex>` fills it in the lock.
@@ -152,7 +152,7 @@ class LoraSettings(_Strict):
 class Preset(_Strict):
     name: str
     description: str = ""
-    backend: BackendName = "causal-kv"
+    backend: str = DEFAULT_BACKEND  # a name in lvstudio.backends.registry
     fps: int = Field(16, ge=1, le=120)
     width: int = Field(128, ge=16)
     height: int = Field(128, ge=16)
@@ -174,6 +174,13 @@ class Preset(_Strict):
     text_offload: Literal["auto", "never", "cpu", "swap"] = "auto"  # where the text encoder lives on a GPU run
     training: dict = Field(default_factory=dict)  # how the weights were made, and their figures (informational)
     folder: Path | None = Field(None, exclude=True)  # where the preset file lives (set by load_preset)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of: {', '.join(BACKENDS)}")
+        return value
 
     @field_validator("revision")
     @classmethod

@@ -247,17 +247,13 @@ class Timeline(TextRows):
 
 
 def _cache_text(caches: dict[str, Any]) -> str:
-    """KV-cache summary in a few characters."""
+    """The backend's memory in a few characters: KV frames and sink (when it keeps a KV cache), then KV MB, or the
+    whole state's MB (held latents) for a backend without a KV cache."""
     if not caches:
         return "-"
-    parts = []
-    if "kv_frames" in caches:
-        parts.append(f"{caches['kv_frames']:.0f} fr")
-    if "kv_sink_frames" in caches:
-        parts.append(f"sink {caches['kv_sink_frames']:.0f}")
-    if "kv_mb" in caches:
-        parts.append(f"{caches['kv_mb']:.2f} MB")
-    return " · ".join(parts) or ", ".join(f"{k} {v}" for k, v in caches.items())
+    if caches.get("kv_frames"):
+        return f"{caches['kv_frames']:.0f} fr · sink {caches['kv_sink_frames']:.0f} · {caches['kv_mb']:.2f} MB"
+    return f"{caches.get('latent_frames', 0):.0f} latents · {caches.get('state_mb', 0):.2f} MB"
 
 
 def _frames_text(st: StudioStatus) -> str:

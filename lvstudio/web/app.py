@@ -447,7 +447,7 @@ class Studio:
         """The page (launch it with `launch_studio`)."""
         import gradio as gr
 
-        from lvstudio.backends import BACKENDS
+        from lvstudio.backends.registry import BACKENDS
 
         # delete_cache: gradio's copies of served files (previews, mp4s) older than a day go, checked hourly.
         with gr.Blocks(title="lvstudio preview", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:

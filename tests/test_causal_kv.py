@@ -1,4 +1,5 @@
-"""Causal-KV backend on tiny random weights: determinism, per-block seeds, re-cache on a cut, bounded memory, snapshots."""
+"""Causal-KV backend on tiny random weights: block sizes, re-cache on a cut, guidance rows, anchors (what every backend
+must do is in test_backend_conformance.py)."""
 
 from __future__ import annotations
 
@@ -18,44 +19,22 @@ def _backend(bundle, seed: int = 3, cut_at: float | None = None) -> CausalKVBack
     return CausalKVBackend(bundle, buf, seed=seed, width=32, height=32)
 
 
-def test_deterministic_by_seed_and_chunk_sizes() -> None:
-    bundle = random_bundle()
-    a = [_backend(bundle).step() for _ in range(1)]
-    be1, be2 = _backend(bundle), _backend(bundle)
-    c1 = [be1.step() for _ in range(4)]
-    c2 = [be2.step() for _ in range(4)]
-    for x, y in zip(c1, c2):
-        assert torch.equal(x.latents, y.latents)
-    assert [c.num_frames for c in c1] == [block_num_frames(b, 2) for b in range(4)]
-    assert c1[0].frames.dtype.name == "uint8" and c1[0].frames.shape[1:] == (32, 32, 3)
-    other = _backend(bundle, seed=4).step()
-    assert not torch.equal(other.latents, a[0].latents)
+def test_blocks_have_the_wan_frame_counts() -> None:
+    be = _backend(random_bundle())
+    chunks = [be.step() for _ in range(3)]
+    assert [c.num_frames for c in chunks] == [block_num_frames(b, 2) for b in range(3)]
+    assert chunks[0].frames.dtype.name == "uint8" and chunks[0].frames.shape[1:] == (32, 32, 3)
 
 
-def test_cut_triggers_recache_and_memory_stays_bounded() -> None:
+def test_cut_triggers_recache_and_the_window_keeps_its_sink() -> None:
     bundle = random_bundle()
     be = _backend(bundle, cut_at=1.0)
     chunks = [be.step() for _ in range(8)]
     switched = [c.index for c in chunks if c.switched]
     assert switched == [be.buffer.seconds_to_block(1.0)]
     assert chunks[switched[0]].timings["recache"] > 0
+    assert all(c.timings["recache"] == 0 for c in chunks if not c.switched)
     assert be.cache.num_frames <= 6 and be.cache.num_sink == 2
-
-
-def test_snapshot_resume_is_exact() -> None:
-    bundle = random_bundle()
-    full = _backend(bundle)
-    ref = [full.step().latents for _ in range(5)]
-    first = _backend(bundle)
-    for _ in range(2):
-        first.step()
-    state = {k: v.clone() for k, v in first.state_dict().items()}
-    resumed = _backend(bundle)
-    resumed.load_state_dict(state)
-    rest = [resumed.step() for _ in range(3)]
-    for r, c in zip(ref[2:], rest):
-        assert torch.equal(r, c.latents)
-    assert [c.index for c in rest] == [2, 3, 4]
 
 
 def test_multistep_sampler_with_cfg_runs() -> None:

@@ -4,7 +4,7 @@ The storyboard and preset schemas, the CLI, the web studio and the eval/bench co
 nowhere else. Classes are imported only when a backend is made, so reading the names costs nothing (no torch).
 
 Adding a backend is one new file in `lvstudio/backends/` (a subclass of `lvstudio.backends.base.BackendBase`) plus
-one line below.
+one line below; the conformance suite (`tests/test_backend_conformance.py`) then asks for a test class for it.
 """
 
 from __future__ import annotations

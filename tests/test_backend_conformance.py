@@ -1,0 +1,224 @@
+"""The backend conformance suite: what every registered backend must do, checked the same way for each.
+
+A diffusers-style mixin: `BackendConformance` holds the checks; one small class per backend in the registry sets
+`backend` (and may add checks of its own). `test_every_registered_backend_is_covered` fails when a backend is
+registered without a class here. Checks run on tiny random weights (32x32) and on the trained tiny preset (64x64, or
+128x128 where the oracle reads the frames; marked slow):
+
+  - the same seed gives identical chunks; another seed does not;
+  - a snapshot taken after any chunk, restored into a fresh backend, continues identically (through a prompt cut);
+  - classifier-free guidance 0 on a prompt equals the unguided (scale 1) run of the empty prompt: the unconditional
+    path, and guidance changes the output;
+  - a prompt switch reaches the output at the block the backend documents: a scheduled one from the first chunk
+    starting at or after its block, a live one at `next_block + lead_blocks`;
+  - `cache_summary()` has the same keys for every backend, and its sizes stay constant after warm-up over 44 chunks
+    (memory is bounded);
+  - `lvstudio bench render --backend NAME` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from lvstudio.backends import BACKENDS, make_backend
+from lvstudio.backends.base import SUMMARY_KEYS, BackendBase, Chunk
+from lvstudio.presets import CrossClipSettings, ModelBundle, StreamingSettings
+from lvstudio.prompt_stream import PromptStreamBuffer
+from tests.helpers.random_bundle import random_bundle
+
+RED = "a red ball bouncing over the sea"
+BLUE = "a blue cube on the grass"
+SWITCH_S = 1.0  # seconds: block 3 with blocks of 2 latents at 16 fps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core machine more threads spin and are many times slower (README)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def random_weights() -> ModelBundle:
+    """Tiny random models with small backend settings (2 sampling steps, a 3-chunk streaming buffer)."""
+    bundle = random_bundle()
+    bundle.preset = bundle.preset.model_copy(update={
+        "streaming": StreamingSettings(buffer_chunks=3, micro_steps=2, shift=2.0),
+        "crossclip": CrossClipSettings(clip_frames=6, carry_frames=2, steps=2),
+    })
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def tiny_weights() -> ModelBundle:
+    from lvstudio.presets import load_bundle
+
+    return load_bundle("tiny")
+
+
+SIZES = {"random": 32, "tiny": 64}
+
+
+def _roundtrip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A snapshot as the job folder stores it: through safetensors bytes."""
+    return load(save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+
+def _same(a: Chunk, b: Chunk) -> None:
+    assert (a.index, a.block, a.frame_start, a.latent_start, a.prompt, a.event_id) == \
+        (b.index, b.block, b.frame_start, b.latent_start, b.prompt, b.event_id)
+    assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+
+
+class BackendConformance:
+    """The checks; a subclass per backend sets `backend`."""
+
+    backend: ClassVar[str]
+
+    @pytest.fixture(params=["random", pytest.param("tiny", marks=pytest.mark.slow)])
+    def weights(self, request: pytest.FixtureRequest) -> tuple[ModelBundle, int]:
+        return request.getfixturevalue(f"{request.param}_weights"), SIZES[request.param]
+
+    def make(self, bundle: ModelBundle, size: int, shots: tuple[tuple[float, str], ...] = ((0.0, RED),), *,
+             seed: int = 3, cfg_scale: float | None = None) -> BackendBase:
+        buf = PromptStreamBuffer(bundle.text.encode, block_latents=bundle.preset.attention.block_frames,
+                                 fps=bundle.preset.fps)
+        for at, prompt in shots:
+            buf.add_shot(at, prompt)
+        return make_backend(self.backend, bundle, buf, seed=seed, width=size, height=size, cfg_scale=cfg_scale)
+
+    def test_is_registered_under_its_name(self) -> None:
+        from lvstudio.backends import backend_class
+
+        cls = backend_class(self.backend)
+        assert issubclass(cls, BackendBase) and cls.name == self.backend
+
+    def test_same_seed_same_chunks(self, weights: tuple[ModelBundle, int]) -> None:
+        bundle, size = weights
+        shots = ((0.0, RED), (SWITCH_S, BLUE))
+        a, b = self.make(bundle, size, shots), self.make(bundle, size, shots)
+        for _ in range(4):
+            _same(a.step(), b.step())
+        assert not torch.equal(self.make(bundle, size, seed=4).step().latents,
+                               self.make(bundle, size).step().latents)
+
+    def test_snapshot_after_any_chunk_resumes_identically(self, weights: tuple[ModelBundle, int]) -> None:
+        bundle, size = weights
+        shots = ((0.0, RED), (SWITCH_S, BLUE))
+        ref = self.make(bundle, size, shots)
+        chunks, states = [], []
+        for _ in range(5):
+            chunks.append(ref.step())
+            states.append(_roundtrip(ref.state_dict()))
+        for k in range(1, len(chunks)):
+            again = self.make(bundle, size, shots)
+            again.load_state_dict(states[k - 1])
+            assert again.next_index == chunks[k].index
+            for want in chunks[k:]:
+                _same(again.step(), want)
+
+    def test_guidance_zero_is_the_unconditional_path(self, weights: tuple[ModelBundle, int]) -> None:
+        bundle, size = weights
+        guided0 = self.make(bundle, size, ((0.0, RED),), cfg_scale=0.0)
+        plain = self.make(bundle, size, ((0.0, ""),), cfg_scale=1.0)
+        assert guided0.batch == 2 and plain.batch == 1  # rows [cond, uncond] only with guidance
+        for _ in range(3):  # equal up to float noise: batch 2 and batch 1 reduce in another order
+            torch.testing.assert_close(guided0.step().latents, plain.step().latents, atol=1e-3, rtol=1e-3)
+        guided = self.make(bundle, size, cfg_scale=3.0).step().latents
+        assert not torch.allclose(guided, self.make(bundle, size, cfg_scale=1.0).step().latents)
+
+    def test_a_prompt_switch_reaches_the_output_where_documented(self, weights: tuple[ModelBundle, int]) -> None:
+        bundle, size = weights
+        # Scheduled: from the first chunk that starts at or after the switch block (a clip that straddles the block
+        # keeps its prompt), and not before.
+        be = self.make(bundle, size, ((0.0, RED), (SWITCH_S, BLUE)))
+        switch = be.buffer.seconds_to_block(SWITCH_S)
+        chunks = [be.step() for _ in range(5)]
+        assert any(c.prompt == BLUE for c in chunks)
+        assert all((c.prompt == BLUE) == (c.block >= switch) for c in chunks), [(c.block, c.prompt) for c in chunks]
+        # Live: a push lands on next_block + lead_blocks and shows from the first chunk starting there.
+        be = self.make(bundle, size)
+        for _ in range(2):
+            be.step()
+        event = be.buffer.push(BLUE)
+        assert event.block == be.next_block + be.lead_blocks
+        chunks = [be.step() for _ in range(be.lead_blocks + 3)]
+        assert any(c.prompt == BLUE for c in chunks)
+        assert all((c.prompt == BLUE) == (c.block >= event.block) for c in chunks)
+
+    def test_cache_summary_keys_and_bounded_memory(self, random_weights: ModelBundle) -> None:
+        be = self.make(random_weights, SIZES["random"])
+        summaries = []
+        for _ in range(44):
+            be.step()
+            summaries.append(be.cache_summary())
+        assert all(tuple(s) == SUMMARY_KEYS for s in summaries)
+        assert all(isinstance(v, float) for v in summaries[0].values())
+        assert all(s == summaries[8] for s in summaries[8:]), summaries[6:10]  # flat after warm-up
+
+    def test_bench_render_runs(self, tmp_path) -> None:  # noqa: ANN001
+        from typer.testing import CliRunner
+
+        from lvstudio.cli import app
+        from tests.helpers.random_preset import write_random_preset
+
+        preset = write_random_preset(tmp_path / "random", size=32)
+        result = CliRunner().invoke(app, ["bench", "render", "--preset", str(preset), "--backend", self.backend,
+                                          "--minutes", "0.02"])
+        assert result.exit_code == 0, result.output
+        assert f"backend {self.backend}" in result.output and "backend state" in result.output
+
+    @pytest.mark.slow
+    def test_a_switch_changes_the_content_on_the_tiny_preset(self, tiny_weights: ModelBundle) -> None:
+        """Oracle-checked on the trained preset: a red ball over the sea, then a yellow ball on the grass. The frames
+        before the first chunk under the new prompt show the first scene, those a little after it the second."""
+        from lvstudio.eval.oracle import adherence
+        from lvstudio.train.world import ObjectSpec, SceneSpec
+
+        red, yellow = "a red ball bouncing over the sea", "a yellow ball bouncing on the grass"
+        be = self.make(tiny_weights, 128, ((0.0, red), (SWITCH_S, yellow)))
+        chunks = [be.step()]
+        while sum(c.prompt == yellow for c in chunks) < 2 or sum(c.num_frames for c in chunks) < 48:
+            chunks.append(be.step())
+        frames = np.concatenate([c.frames for c in chunks])
+        start = next(c.frame_start for c in chunks if c.prompt == yellow)
+        before = adherence(frames[1:start], SceneSpec("sea", (ObjectSpec("red", "ball", "bouncing"),)))
+        after = adherence(frames[start + 8 :], SceneSpec("grass", (ObjectSpec("yellow", "ball", "bouncing"),)))
+        assert before["scene"] > 0.8 and before["colour"] > 0.8, before
+        assert after["scene"] > 0.8 and after["colour"] > 0.6, after
+
+
+class TestCausalKV(BackendConformance):
+    backend = "causal-kv"
+
+
+class TestStreamingDiT(BackendConformance):
+    backend = "streaming-dit"
+
+
+class TestERFTCrossClip(BackendConformance):
+    backend = "erft-crossclip"
+
+
+def test_every_registered_backend_is_covered() -> None:
+    covered = {cls.backend for cls in BackendConformance.__subclasses__()}
+    assert covered == set(BACKENDS), f"add a conformance class for: {sorted(set(BACKENDS) - covered)}"
+
+
+def test_an_option_for_another_backend_is_refused(random_weights: ModelBundle) -> None:
+    from lvstudio.errors import LvError
+
+    buf = PromptStreamBuffer(random_weights.text.encode, block_latents=2, fps=16)
+    buf.add_shot(0.0, RED)
+    with pytest.raises(LvError, match="'lora' option applies to the erft-crossclip backend, not 'causal-kv'"):
+        make_backend("causal-kv", random_weights, buf, seed=0, width=32, height=32, lora=False)
+    with pytest.raises(LvError, match="unknown backend 'nope'"):
+        make_backend("nope", random_weights, buf, seed=0, width=32, height=32)

@@ -15,12 +15,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lvstudio.errors import LvError, OutputExistsError
-from lvstudio.storyboard import Storyboard
+
+if TYPE_CHECKING:
+    from lvstudio.backends.base import Chunk
+    from lvstudio.session import RenderSession
+    from lvstudio.storyboard import Storyboard
+    from lvstudio.video import ContactFrames
 
 EXIT_INTERRUPTED = 130
 
@@ -56,52 +61,22 @@ def default_out(story: Path) -> Path:
     return Path("out") / f"{story.stem}.mp4"
 
 
-def resolve_settings(sb: Storyboard, req: RenderRequest):  # noqa: ANN201 - RenderSettings
-    from lvstudio.presets import load_preset
-    from lvstudio.session import RenderSettings
-
-    preset = load_preset(req.preset or sb.preset)
-    backend = req.backend or sb.backend or preset.backend
-    width, height = sb.resolution or (preset.width, preset.height)
-    if width % 16 or height % 16:
-        raise LvError(f"resolution {width}x{height} is not a multiple of 16 (8x VAE x 2x2 patches)",
-                      hint=f"use e.g. {width // 16 * 16}x{height // 16 * 16}")
-    duration = req.duration if req.duration is not None else sb.duration
-    if duration <= 0:
-        raise LvError(f"--duration must be positive (got {duration})")
-    num_frames = max(1, round(duration * sb.fps))
-    seed = req.seed if req.seed is not None else sb.seed
-    return preset, RenderSettings(preset.name, backend, seed, sb.fps, width, height, num_frames)
-
-
 def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOutcome:
     """Render a storyboard (see module docstring). Raises LvError for user problems."""
     import torch
 
     from lvstudio.presets.load import load_bundle
-    from lvstudio.session import RenderSession, storyboard_hash
+    from lvstudio.session import RenderSession, resolve_settings
     from lvstudio.storyboard import load_storyboard
-    from lvstudio.video import VideoSink
+    from lvstudio.video import ContactFrames, VideoSink
 
     sb = load_storyboard(req.story)
     out = req.out or default_out(req.story)
     job_dir = out.with_name(out.stem + ".job")
     # Step 1: refuse to clobber anything before any work.
-    if out.exists() and not req.force and not req.resume:
-        raise OutputExistsError(out)
-    if req.resume:
-        if not (job_dir / "snapshot.safetensors").exists():
-            raise LvError(f"nothing to resume: {job_dir} has no snapshot", hint="run without --resume to start")
-        info = json.loads((job_dir / "job.json").read_text())
-        if info["storyboard_sha256"] != storyboard_hash(sb):
-            raise LvError(f"{req.story} changed since the interrupted render in {job_dir}",
-                          hint="undo the change, or start over with --force")
-    elif job_dir.exists():
-        if not req.force:
-            raise LvError(f"an interrupted render of this output exists in {job_dir}",
-                          hint="continue it with --resume, or start over with --force")
-        _remove_job(job_dir)
-    preset, settings = resolve_settings(sb, req)
+    _check_outputs(req, sb, out, job_dir)
+    preset, settings = resolve_settings(sb, preset=req.preset, backend=req.backend, seed=req.seed,
+                                        duration=req.duration)
     if req.resume:
         saved = json.loads((job_dir / "job.json").read_text())["settings"]
         if saved != settings.__dict__:
@@ -110,25 +85,19 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
     torch.set_grad_enabled(False)
     if req.threads > 0:
         torch.set_num_threads(req.threads)
-    bundle = load_bundle(preset, req.device)
-    session = RenderSession(sb, bundle, settings, job_dir=job_dir)
+    session = RenderSession(sb, load_bundle(preset, req.device), settings, job_dir=job_dir)
     sink = VideoSink(out, settings.fps, settings.width, settings.height, force=True)
-    mids = {(r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges()}
-    thumbs = _Thumbnails(settings.fps, req.contact_every_s, mids)
-    all_frames: list[np.ndarray] = []  # kept only for the oracle summary of short renders
-    keep_frames = settings.num_frames <= 16 * 120
+    thumbs = ContactFrames(settings.fps, req.contact_every_s)
+    thumbs.want((r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges())
 
-    def write(frames: np.ndarray, start: int) -> None:
+    def write(frames: np.ndarray, start: int) -> None:  # frames [n, H, W, 3] uint8
         sink.write(frames)
         thumbs.offer(frames, start)
-        if keep_frames:
-            all_frames.append(frames)
 
     # Step 2: start or resume.
     if req.resume:
-        done = session.resume()
         start = 0
-        for f in done:
+        for f in session.resume():
             write(f, start)
             start += f.shape[0]
         echo(f"resuming {out} at frame {session.frames_done} of {settings.num_frames}")
@@ -143,20 +112,47 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
         sink.abort()
         echo(f"interrupted at frame {session.frames_done}; the job is kept in {job_dir}. Continue with:\n  {resume_cmd}")
         return RenderOutcome(None, None, None, True, resume_cmd, {})
+    # Step 4: the video, manifest and contact sheet, then the job folder goes.
     video = sink.close()
-    # Step 4: manifest and contact sheet, then the job folder goes.
-    manifest = out.with_name(out.stem + ".manifest.json")
-    sheet = out.with_name(out.stem + ".contact.png")
-    frames = np.concatenate(all_frames) if keep_frames and all_frames else None
-    data = build_manifest(session, sb, req.story, video, frames)
-    from lvstudio.atomic import atomic_write_text
-    from lvstudio.video import write_contact_sheet
-
-    atomic_write_text(manifest, json.dumps(data, indent=2))
-    write_contact_sheet(sheet, thumbs.items(session))
+    manifest, sheet, data = _write_side_files(session, req.story, out, video, thumbs)
     if not req.keep_job:
         _remove_job(job_dir)
     return RenderOutcome(video, manifest, sheet, False, None, data["timings"])
+
+
+def _check_outputs(req: RenderRequest, sb: Storyboard, out: Path, job_dir: Path) -> None:
+    """Refuse to overwrite an output or drop an interrupted job unless asked; a resume needs its unchanged job."""
+    from lvstudio.session import storyboard_hash
+
+    if out.exists() and not req.force and not req.resume:
+        raise OutputExistsError(out)
+    if req.resume:
+        if not (job_dir / "snapshot.safetensors").exists():
+            raise LvError(f"nothing to resume: {job_dir} has no snapshot", hint="run without --resume to start")
+        info = json.loads((job_dir / "job.json").read_text())
+        if info["storyboard_sha256"] != storyboard_hash(sb):
+            raise LvError(f"{req.story} changed since the interrupted render in {job_dir}",
+                          hint="undo the change, or start over with --force")
+    elif job_dir.exists():
+        if not req.force:
+            raise LvError(f"an interrupted render of this output exists in {job_dir}",
+                          hint="continue it with --resume, or start over with --force")
+        _remove_job(job_dir)
+
+
+def _write_side_files(session: RenderSession, story: Path, out: Path, video: Path,
+                      thumbs: ContactFrames) -> tuple[Path, Path, dict[str, Any]]:
+    """`<out>.manifest.json` and `<out>.contact.png` of a finished render; returns their paths and the manifest."""
+    from lvstudio.atomic import atomic_write_text
+    from lvstudio.session import build_manifest
+    from lvstudio.video import write_contact_sheet
+
+    manifest = out.with_name(out.stem + ".manifest.json")
+    sheet = out.with_name(out.stem + ".contact.png")
+    data = build_manifest(session, story, video)
+    atomic_write_text(manifest, json.dumps(data, indent=2))
+    write_contact_sheet(sheet, thumbs.items(session.shot_ranges()))
+    return manifest, sheet, data
 
 
 def _remove_job(job_dir: Path) -> None:
@@ -166,11 +162,11 @@ def _remove_job(job_dir: Path) -> None:
         shutil.rmtree(job_dir)
 
 
-def _run_with_interrupt(session, progress: bool, label: str) -> bool:  # noqa: ANN001
+def _run_with_interrupt(session: RenderSession, progress: bool, label: str) -> bool:
     """Run the session in this thread; SIGINT asks it to stop after the current chunk. Returns True if interrupted."""
     interrupted = {"flag": False}
 
-    def on_sigint(signum, frame):  # noqa: ANN001, ARG001
+    def on_sigint(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal handler signature
         if interrupted["flag"]:
             raise KeyboardInterrupt
         interrupted["flag"] = True
@@ -187,7 +183,7 @@ def _run_with_interrupt(session, progress: bool, label: str) -> bool:  # noqa: A
     return interrupted["flag"] and not session.done
 
 
-def _run_with_progress(session, label: str) -> None:  # noqa: ANN001
+def _run_with_progress(session: RenderSession, label: str) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     total = session.settings.num_frames
@@ -197,7 +193,7 @@ def _run_with_progress(session, label: str) -> None:  # noqa: ANN001
         task = prog.add_task(label, total=total, completed=session.frames_done, fps=0.0, rt=0.0, shot="-")
         t0, f0 = time.perf_counter(), session.frames_done
 
-        def update(chunk) -> None:  # noqa: ANN001
+        def update(chunk: Chunk) -> None:
             done = chunk.frame_start + chunk.num_frames  # sinks run before the session counts the chunk
             rate = (done - f0) / max(time.perf_counter() - t0, 1e-9)
             ev = session.buffer.events[chunk.event_id]
@@ -206,80 +202,3 @@ def _run_with_progress(session, label: str) -> None:  # noqa: ANN001
 
         session.add_sink(update)
         session.run()
-
-
-class _Thumbnails:
-    """Keeps one frame every N seconds and the first frame of every chunk index (to pick shot thumbnails)."""
-
-    def __init__(self, fps: int, every_s: float, wanted: set[int] | None = None) -> None:
-        self.fps = fps
-        self.every = max(1, round(every_s * fps))
-        self.wanted = wanted or set()  # e.g. the middle frame of every storyboard shot
-        self.frames: dict[int, np.ndarray] = {}
-        self.extra: dict[int, np.ndarray] = {}
-
-    def offer(self, frames: np.ndarray, start: int) -> None:
-        for i in range(frames.shape[0]):
-            if (start + i) % self.every == 0:
-                self.frames[start + i] = frames[i].copy()
-            elif start + i in self.wanted:
-                self.extra[start + i] = frames[i].copy()
-
-    def items(self, session) -> list[tuple[str, np.ndarray]]:  # noqa: ANN001
-        from lvstudio.storyboard import format_time
-
-        out: list[tuple[str, np.ndarray]] = []
-        pool = {**self.frames, **self.extra}
-        keys = sorted(pool)
-        for r in session.shot_ranges():
-            mid = (r["frame_start"] + r["frame_end"]) // 2
-            near = min(keys, key=lambda k: abs(k - mid)) if keys else None
-            if near is not None:
-                label = f"shot {r['shot'] + 1}" if r["shot"] is not None else "live"
-                out.append((f"{label} {format_time(near / self.fps)}", pool[near]))
-        keys = sorted(self.frames)
-        out += [(format_time(k / self.fps), self.frames[k]) for k in keys]
-        return out
-
-
-def build_manifest(session, sb: Storyboard, story: Path, video: Path, frames: np.ndarray | None) -> dict[str, Any]:  # noqa: ANN001
-    from lvstudio.session import storyboard_hash
-    from lvstudio.video import probe_video
-
-    st = session.stats
-    s = session.settings
-    shots = session.shot_ranges()
-    if frames is not None and session.bundle.preset.text_encoder == "tiny":
-        from lvstudio.eval.oracle import adherence
-        from lvstudio.train.world import parse_caption
-
-        for r in shots:
-            clip = frames[r["frame_start"] : r["frame_end"]]
-            if clip.shape[0]:
-                r["oracle_adherence"] = {k: round(v, 3) for k, v in adherence(clip, parse_caption(r["resolved"])).items()}
-    info = probe_video(video)
-    chunk_s = st.chunk_seconds
-    return {
-        "format": "lvstudio.manifest/1",
-        "storyboard": str(story),
-        "storyboard_sha256": storyboard_hash(sb),
-        "title": sb.title,
-        "preset": s.preset,
-        "backend": s.backend,
-        "seed": s.seed,
-        "fps": s.fps,
-        "width": s.width,
-        "height": s.height,
-        "frames": info.num_frames,
-        "video": {"path": str(video), "codec": info.codec, "pix_fmt": info.pix_fmt, "faststart": info.faststart},
-        "shots": shots,
-        "timings": {
-            "chunks": st.chunks,
-            "seconds_total": round(sum(chunk_s), 3),
-            "seconds_per_chunk_mean": round(float(np.mean(chunk_s)), 4) if chunk_s else None,
-            "first_frame_s": round(st.first_frame_s, 4) if st.first_frame_s is not None else None,
-            "realtime_factor": round(st.realtime_factor(s.fps), 3),
-            "recache_stall_ms": [round(x, 2) for x in st.recache_ms],
-        },
-        "caches": session.cache_summary(),
-    }

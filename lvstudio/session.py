@@ -1,9 +1,11 @@
-"""RenderSession: one run of a backend over a storyboard, with sinks, live prompts, stop, snapshots and resume.
+"""The session layer: RenderSession (one run of a backend over a storyboard, with sinks, live prompts, stop,
+snapshots and resume), the settings a run is made with (`resolve_settings`) and its manifest (`build_manifest`).
 
-The CLI, the TUI and the web preview are thin shells over this object. A session owns:
+The CLI, the TUI and the web preview are thin shells over this module. A session owns:
   - the Prompt Stream Buffer (storyboard shots + live pushes), identity and anchor caches;
   - a backend (causal-kv, ...) stepping one chunk at a time;
   - sinks: callables receiving every Chunk (the mp4 writer, previews, ...);
+  - an evaluator for world presets (the oracle's per-shot scores in the manifest), fed with every finished frame;
   - a job folder (optional) with each chunk's clean latents and periodic snapshots of the backend state, so an
     interrupted render resumes to exactly the video an uninterrupted one would have made.
 """
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -29,8 +31,23 @@ from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptEvent, PromptStreamBuffer, block_start_frame
 from lvstudio.storyboard import Storyboard, dump_storyboard
 
+if TYPE_CHECKING:
+    from lvstudio.presets.schema import Preset
+
 Sink = Callable[[Chunk], None]
 JOB_FORMAT = "lvstudio.job/1"
+MANIFEST_FORMAT = "lvstudio.manifest/1"
+SCORE_MAX_FRAMES = 16 * 120  # frames kept for the manifest's oracle scores; longer renders are not scored
+
+
+class ShotEvaluator(Protocol):
+    """Scores the shots of a render for its manifest (the world oracle for world presets)."""
+
+    def offer(self, frames: np.ndarray, start: int) -> None:
+        """The finished frames [n, H, W, 3] uint8 from video frame `start` on, in order."""
+
+    def score(self, shots: list[dict[str, Any]]) -> None:
+        """Add the scores to each shot row of `RenderSession.shot_ranges()`."""
 
 
 def storyboard_hash(sb: Storyboard) -> str:
@@ -52,6 +69,28 @@ class RenderSettings:
     @property
     def duration(self) -> float:
         return self.num_frames / self.fps
+
+
+def resolve_settings(sb: Storyboard, *, preset: str | None = None, backend: str | None = None, seed: int | None = None,
+                     duration: float | None = None) -> tuple[Preset, RenderSettings]:
+    """The preset and the settings of a run: the storyboard's, with command-line overrides applied (None = keep).
+
+    preset: a name or a preset.toml path; duration: seconds. Raises LvError for sizes and durations that cannot be
+    rendered."""
+    from lvstudio.presets.schema import load_preset
+
+    p = load_preset(preset or sb.preset)
+    backend = backend or sb.backend or p.backend
+    width, height = sb.resolution or (p.width, p.height)
+    if width % 16 or height % 16:
+        raise LvError(f"resolution {width}x{height} is not a multiple of 16 (8x VAE x 2x2 patches)",
+                      hint=f"use e.g. {width // 16 * 16}x{height // 16 * 16}")
+    duration = duration if duration is not None else sb.duration
+    if duration <= 0:
+        raise LvError(f"--duration must be positive (got {duration})")
+    num_frames = max(1, round(duration * sb.fps))
+    seed = seed if seed is not None else sb.seed
+    return p, RenderSettings(p.name, backend, seed, sb.fps, width, height, num_frames)
 
 
 @dataclass
@@ -77,7 +116,10 @@ class RenderSession:
         *,
         job_dir: Path | None = None,
         snapshot_every: int = 8,
+        score_max_frames: int = SCORE_MAX_FRAMES,
     ) -> None:
+        """score_max_frames: world presets keep the frames of renders up to this long for the manifest's oracle
+        scores (0 = never score)."""
         from lvstudio.backends import make_backend
 
         self.storyboard = storyboard
@@ -116,6 +158,12 @@ class RenderSession:
         self.backend = make_backend(settings.backend, bundle, self.buffer, seed=settings.seed, width=settings.width,
                                     height=settings.height, anchors=self.anchors)
         self.frames_done = 0
+        # Step 4: the manifest's evaluator (world presets, renders short enough to keep in memory).
+        self.evaluator: ShotEvaluator | None = None
+        if bundle.preset.is_world and settings.num_frames <= score_max_frames:
+            from lvstudio.world.evaluator import OracleEvaluator
+
+            self.evaluator = OracleEvaluator()
 
     # -- inputs -----------------------------------------------------------------------------------------------------
     def _encode_image(self, path: Path) -> torch.Tensor:
@@ -239,6 +287,8 @@ class RenderSession:
             chunk.frames = chunk.frames[: max(keep, 0)]
         if self.job_dir is not None:
             self._save_chunk(chunk)
+        if self.evaluator is not None:
+            self.evaluator.offer(chunk.frames, chunk.frame_start)
         for sink in self.sinks:
             sink(chunk)
         # Step: statistics (first-frame latency, per-chunk time, re-cache stalls).
@@ -310,6 +360,8 @@ class RenderSession:
             with torch.no_grad():
                 video = decoder.decode(load_file(str(path))["latents"].to(self.bundle.device))
             frames.append(to_uint8_frames(video)[:n])
+            if self.evaluator is not None:
+                self.evaluator.offer(frames[-1], sum(f.shape[0] for f in frames[:-1]))
         for stale in (self.job_dir / "chunks").glob("*.safetensors"):
             if int(stale.stem) >= next_index:
                 stale.unlink()
@@ -337,3 +389,40 @@ class RenderSession:
     def cache_summary(self) -> dict[str, Any]:
         return {"identities": self.identities.summary(), "anchors": self.anchors.summary(),
                 "backend": self.backend.cache_summary()}
+
+
+def build_manifest(session: RenderSession, story: Path, video: Path) -> dict[str, Any]:
+    """The manifest of a finished (or stopped) render: storyboard hash, settings, per-shot frame ranges (with the
+    evaluator's scores for world presets), the mp4's codec as read back, timings and cache summaries."""
+    from lvstudio.video import probe_video
+
+    st, s, sb = session.stats, session.settings, session.storyboard
+    shots = session.shot_ranges()
+    if session.evaluator is not None:
+        session.evaluator.score(shots)
+    info = probe_video(video)
+    chunk_s = st.chunk_seconds
+    return {
+        "format": MANIFEST_FORMAT,
+        "storyboard": str(story),
+        "storyboard_sha256": storyboard_hash(sb),
+        "title": sb.title,
+        "preset": s.preset,
+        "backend": s.backend,
+        "seed": s.seed,
+        "fps": s.fps,
+        "width": s.width,
+        "height": s.height,
+        "frames": info.num_frames,
+        "video": {"path": str(video), "codec": info.codec, "pix_fmt": info.pix_fmt, "faststart": info.faststart},
+        "shots": shots,
+        "timings": {
+            "chunks": st.chunks,
+            "seconds_total": round(sum(chunk_s), 3),
+            "seconds_per_chunk_mean": round(float(np.mean(chunk_s)), 4) if chunk_s else None,
+            "first_frame_s": round(st.first_frame_s, 4) if st.first_frame_s is not None else None,
+            "realtime_factor": round(st.realtime_factor(s.fps), 3),
+            "recache_stall_ms": [round(x, 2) for x in st.recache_ms],
+        },
+        "caches": session.cache_summary(),
+    }

@@ -8,6 +8,7 @@ lazily.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "ContactFrames",
     "VideoInfo",
     "VideoSink",
     "probe_video",
@@ -252,6 +254,51 @@ def probe_video(path: str | Path) -> VideoInfo:
 # --------------------------------------------------------------------------------------------------------------
 # Contact sheet
 # --------------------------------------------------------------------------------------------------------------
+
+
+class ContactFrames:
+    """Collects the frames of a contact sheet while a video is made (the CLI render and the web studio use it).
+
+    Keeps one frame every `every_s` seconds, plus the frames asked for with `want` (e.g. the middle frame of every
+    storyboard shot). `items(shots)` gives the labelled thumbnails: one per shot with frames (the kept frame nearest
+    to its middle), then the periodic ones.
+    """
+
+    def __init__(self, fps: int, every_s: float = 4.0) -> None:
+        self.fps = fps
+        self.every = max(1, round(every_s * fps))
+        self.wanted: set[int] = set()
+        self.frames: dict[int, np.ndarray] = {}  # periodic frames by index
+        self.extra: dict[int, np.ndarray] = {}  # wanted frames off the period
+
+    def want(self, indices: Iterable[int]) -> None:
+        """Also keep these frame indices (those not yet made)."""
+        self.wanted.update(indices)
+
+    def offer(self, frames: np.ndarray, start: int) -> None:
+        """Frames [n, H, W, 3] uint8 of the video from frame `start` on."""
+        for i in range(frames.shape[0]):
+            if (start + i) % self.every == 0:
+                self.frames[start + i] = frames[i].copy()
+            elif start + i in self.wanted:
+                self.extra[start + i] = frames[i].copy()
+
+    def items(self, shots: list[dict[str, Any]]) -> list[tuple[str, np.ndarray]]:
+        """(label, frame) thumbnails: per shot row (frame_start, frame_end, shot) with frames, then every period."""
+        from lvstudio.storyboard import format_time  # noqa: PLC0415
+
+        pool = {**self.frames, **self.extra}
+        keys = sorted(pool)
+        out: list[tuple[str, np.ndarray]] = []
+        for r in shots:
+            if not keys or r["frame_end"] <= r["frame_start"]:
+                continue
+            mid = (r["frame_start"] + r["frame_end"]) // 2
+            near = min(keys, key=lambda k: abs(k - mid))
+            label = f"shot {r['shot'] + 1}" if r["shot"] is not None else "live"
+            out.append((f"{label} {format_time(near / self.fps)}", pool[near]))
+        out += [(format_time(k / self.fps), self.frames[k]) for k in sorted(self.frames)]
+        return out
 
 
 def write_contact_sheet(

@@ -180,8 +180,8 @@ class BackendConformance:
     def test_a_switch_changes_the_content_on_the_tiny_preset(self, tiny_weights: ModelBundle) -> None:
         """Oracle-checked on the trained preset: a red ball over the sea, then a yellow ball on the grass. The frames
         before the first chunk under the new prompt show the first scene, those a little after it the second."""
-        from lvstudio.eval.oracle import adherence
-        from lvstudio.train.world import ObjectSpec, SceneSpec
+        from lvstudio.world import ObjectSpec, SceneSpec
+        from lvstudio.world.oracle import adherence
 
         red, yellow = "a red ball bouncing over the sea", "a yellow ball bouncing on the grass"
         be = self.make(tiny_weights, 128, ((0.0, red), (SWITCH_S, yellow)))

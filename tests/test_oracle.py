@@ -10,17 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lvstudio.eval.oracle import (
-    SCENE_PROTOTYPES,
-    VIVID_CHROMA,
-    FrameReading,
-    adherence,
-    flicker,
-    measure_scene_prototypes,
-    read_clip,
-    read_frame,
-)
-from lvstudio.train.world import (
+from lvstudio.world import (
     COLOURS,
     EFFECTS,
     SCENES,
@@ -31,6 +21,16 @@ from lvstudio.train.world import (
     render_background,
     render_spec,
     sample_clip,
+)
+from lvstudio.world.oracle import (
+    SCENE_PROTOTYPES,
+    VIVID_CHROMA,
+    FrameReading,
+    adherence,
+    flicker,
+    measure_scene_prototypes,
+    read_clip,
+    read_frame,
 )
 
 FramesAndTruth = tuple[list[np.ndarray], list[FrameTruth]]
@@ -159,6 +159,6 @@ def test_input_validation() -> None:
 
 
 def test_oracle_does_not_import_torch() -> None:
-    code = "import sys, lvstudio.eval.oracle; print('torch' in sys.modules)"
+    code = "import sys, lvstudio.world.oracle; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -88,16 +88,19 @@ def test_interrupt_then_resume_equals_uninterrupted(preset: Path, tmp_path: Path
     for a, b in zip(ref_chunks, cut_chunks):
         assert torch.equal(load_file(str(a))["latents"], load_file(str(b))["latents"])
     assert probe_video(out).num_frames == probe_video(ref).num_frames == 128
+    # The resumed render's manifest scores the same frames as the uninterrupted one (re-decoded frames included).
+    scores = [json.loads((tmp_path / f"{n}.manifest.json").read_text())["shots"] for n in ("ref", "cut")]
+    assert [r.get("oracle_adherence") for r in scores[0]] == [r.get("oracle_adherence") for r in scores[1]]
+    assert "oracle_adherence" in scores[1][0]
 
 
 def test_live_pushes_and_reroll_are_saved_as_a_storyboard_that_rerenders(preset: Path, tmp_path: Path) -> None:
     from lvstudio.presets.load import load_bundle
-    from lvstudio.render import RenderRequest, resolve_settings
-    from lvstudio.session import RenderSession
+    from lvstudio.session import RenderSession, resolve_settings
     from lvstudio.storyboard import dump_storyboard, load_storyboard
 
     sb = load_storyboard(DEMO)
-    pre, settings = resolve_settings(sb, RenderRequest(DEMO, preset=str(preset), duration=3.0))
+    pre, settings = resolve_settings(sb, preset=str(preset), duration=3.0)
     session = RenderSession(sb, load_bundle(pre), settings)
     session.step()
     session.step()

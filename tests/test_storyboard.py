@@ -142,10 +142,8 @@ def test_example_files_exist() -> None:
 
 
 def test_example_prompts_use_the_tiny_vocabulary() -> None:
-    try:
-        from lvstudio.train.world import vocabulary
-    except ImportError:
-        pytest.skip("lvstudio.train.world is not available yet")
+    from lvstudio.world import vocabulary
+
     words = set(vocabulary())
     for path in EXAMPLES:
         sb = load_storyboard(path)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_tiny_preset_loads_and_knows_the_world_vocabulary() -> None:
     from lvstudio.presets.load import load_bundle
-    from lvstudio.train.world import vocabulary
+    from lvstudio.world import vocabulary
 
     bundle = load_bundle("tiny")
     assert set(vocabulary()) <= set(bundle.text.model.cfg.vocab)
@@ -57,10 +57,10 @@ def test_tiny_fast_preset_is_a_four_step_causal_generator_without_guidance() -> 
     import numpy as np
 
     from lvstudio.eval.adherence import render_prompt
-    from lvstudio.eval.oracle import adherence
     from lvstudio.presets import load_preset
     from lvstudio.presets.load import load_bundle
-    from lvstudio.train.world import ObjectSpec, SceneSpec
+    from lvstudio.world import ObjectSpec, SceneSpec
+    from lvstudio.world.oracle import adherence
 
     p = load_preset("tiny-fast")
     assert p.sampler.kind == "few-step" and len(p.sampler.step_list) == 4 and p.sampler.cfg_scale == 1.0

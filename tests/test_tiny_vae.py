@@ -279,7 +279,7 @@ def test_world_batch_fn_converts_clips(monkeypatch) -> None:
         frames[..., 0] = 0
         return types.SimpleNamespace(frames=frames)
 
-    monkeypatch.setitem(sys.modules, "lvstudio.train.world", types.SimpleNamespace(sample_clip=sample_clip))
+    monkeypatch.setitem(sys.modules, "lvstudio.world", types.SimpleNamespace(sample_clip=sample_clip))
     x = world_batch_fn(5, 16)(np.random.default_rng(0), 3)
     assert x.shape == (3, 3, 5, 16, 16) and x.dtype == torch.float32
     assert float(x[:, 0].max()) == -1.0 and float(x[:, 1:].min()) == 1.0

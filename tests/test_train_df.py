@@ -115,7 +115,7 @@ def test_config_file_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_object_masks_cover_the_world_objects() -> None:
     from lvstudio.train.diffusion_forcing import object_masks
-    from lvstudio.train.world import sample_clip
+    from lvstudio.world import sample_clip
 
     clip = sample_clip(5, 9)
     masks = object_masks(clip.truth, 3, 128)

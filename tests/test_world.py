@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lvstudio.train.world import (
+from lvstudio.world import (
     COLOURS,
     EFFECTS,
     EXCLUDED_SCENE_EFFECTS,
@@ -227,6 +227,6 @@ def test_backgrounds_animate_and_differ() -> None:
 
 
 def test_world_does_not_import_torch() -> None:
-    code = "import sys, lvstudio.train.world as w; w.sample_clip(0, 2, 64); print('torch' in sys.modules)"
+    code = "import sys, lvstudio.world as w; w.sample_clip(0, 2, 64); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -64,8 +64,8 @@ def evaluate_adherence(
 ) -> AdherenceReport:
     import time
 
-    from lvstudio.eval.oracle import adherence, flicker
-    from lvstudio.train.world import sample_spec
+    from lvstudio.world import sample_spec
+    from lvstudio.world.oracle import adherence, flicker
 
     rng = np.random.default_rng(seed)
     rows, flick = [], []

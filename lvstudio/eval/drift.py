@@ -187,7 +187,7 @@ def _make_variant_backend(variant: Variant, bundle: Any, buffer: Any, seed: int)
 def drift_storyboard(cfg: DriftConfig) -> list[tuple[float, str, Any]]:
     """(start seconds, prompt, SceneSpec) shots: `cfg.prompts` distinct seeded prompts cycled, each held
     `cfg.seconds_per_prompt`, until `cfg.minutes` are filled."""
-    from lvstudio.train.world import sample_spec
+    from lvstudio.world import sample_spec
 
     rng = np.random.default_rng(cfg.seed)
     specs: dict[str, Any] = {}
@@ -232,7 +232,7 @@ def image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
     pixels with chroma >= oracle.VIVID_CHROMA)."""
     import cv2
 
-    from lvstudio.eval.oracle import VIVID_CHROMA
+    from lvstudio.world.oracle import VIVID_CHROMA
 
     frames = _frames(frames)
     y = luminance(frames)  # [F, H, W]
@@ -414,8 +414,8 @@ def evaluate_drift(
     """Render the drift storyboard with one variant, chunk by chunk (no video written), and measure every window."""
     import torch
 
-    from lvstudio.eval.oracle import adherence
     from lvstudio.prompt_stream import PromptStreamBuffer
+    from lvstudio.world.oracle import adherence
 
     if isinstance(variant, str):
         variant = parse_variant(variant)

@@ -209,6 +209,12 @@ class Preset(_Strict):
             raise ValueError(f"lora.file = {self.lora.file!r} is not a role in [files]")
         return self
 
+    @property
+    def is_world(self) -> bool:
+        """True for presets of the procedural world (the tiny text encoder knows only its grammar): the oracle
+        (`lvstudio.world.oracle`) can score what they make."""
+        return self.text_encoder == "tiny"
+
     # -- Hub helpers --------------------------------------------------------------------------------------------
     @property
     def is_hub(self) -> bool:

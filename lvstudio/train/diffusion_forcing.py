@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def latent_captions(frame_captions: list[str], num_latents: int) -> list[str]:
 def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int, size: int, switch_prob: float,
                          seed: int, batch: int = 16) -> LatentDataset:
     """Render `num_clips` world clips and encode them with the VAE."""
-    from lvstudio.train.world import sample_clip
+    from lvstudio.world import sample_clip
 
     num_frames = 1 + 4 * (clip_latents - 1)
     latents, captions, objects, seeds = [], [], [], []
@@ -179,7 +179,7 @@ def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int
 
 def add_object_masks(data: LatentDataset, cfg: DFConfig) -> LatentDataset:
     """Re-render the (deterministic) world clips of a dataset built without masks, to add them."""
-    from lvstudio.train.world import sample_clip
+    from lvstudio.world import sample_clip
 
     n, length = data.latents.shape[0], data.latents.shape[2]
     num_frames = 1 + 4 * (length - 1)
@@ -289,7 +289,7 @@ def start_run(cfg: DFConfig, dataset: LatentDataset | None, vocabulary: list[str
     out.mkdir(parents=True, exist_ok=True)
     data = dataset if dataset is not None else (make_dataset or _dataset)(cfg, out, dist)
     if vocabulary is None:
-        from lvstudio.train.world import vocabulary as world_vocabulary
+        from lvstudio.world import vocabulary as world_vocabulary
 
         vocabulary = world_vocabulary()
     return dist, out, data, vocabulary
@@ -379,7 +379,7 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {out}")
     if vocabulary is None:
-        from lvstudio.train.world import vocabulary as world_vocabulary
+        from lvstudio.world import vocabulary as world_vocabulary
 
         vocabulary = world_vocabulary()
     from safetensors import safe_open

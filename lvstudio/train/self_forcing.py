@@ -301,7 +301,7 @@ def sample_windows(data: LatentDataset, windows: list[tuple[int, int, str]], bat
 
 def world_prompts(batch: int, rng: np.random.Generator) -> list[str]:
     """Captions drawn from the procedural world's grammar (Self-Forcing is data-free apart from prompts)."""
-    from lvstudio.train.world import sample_spec
+    from lvstudio.world import sample_spec
 
     return [sample_spec(rng).caption() for _ in range(batch)]
 

@@ -85,12 +85,12 @@ def lr_at(cfg: VAETrainConfig, step: int) -> float:
 
 
 def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3) -> MakeBatch:
-    """`make_batch` over the procedural world (`lvstudio.train.world.sample_clip`, imported lazily)."""
+    """`make_batch` over the procedural world (`lvstudio.world.sample_clip`, imported lazily)."""
 
     def make_batch(rng: np.random.Generator, batch_size: int) -> Tensor:
         import torch
 
-        from lvstudio.train.world import sample_clip
+        from lvstudio.world import sample_clip
 
         seeds = rng.integers(0, 2**31 - 1, size=batch_size)
         clips = [sample_clip(int(s), num_frames, size=size, switch_prob=switch_prob).frames for s in seeds]

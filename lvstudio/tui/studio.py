@@ -139,8 +139,7 @@ def open_studio(options: StudioOptions, *, bundle: ModelBundle | None = None,
     """
     from lvstudio.presets import load_preset
     from lvstudio.presets.load import load_bundle
-    from lvstudio.render import RenderRequest, resolve_settings
-    from lvstudio.session import RenderSession
+    from lvstudio.session import RenderSession, resolve_settings
     from lvstudio.storyboard import load_storyboard
 
     # Step 1: the storyboard.
@@ -156,9 +155,7 @@ def open_studio(options: StudioOptions, *, bundle: ModelBundle | None = None,
         sb = prompt_storyboard(options.prompt or "", preset_label(ref, live_preset.name), live_preset.fps,
                                options.seed or 0)
     # Step 2: settings (overrides applied the way `lvstudio render` applies them) and models.
-    req = RenderRequest(options.story or Path("live.toml"), preset=options.preset, seed=options.seed,
-                        duration=options.duration)
-    preset, settings = resolve_settings(sb, req)
+    preset, settings = resolve_settings(sb, preset=options.preset, seed=options.seed, duration=options.duration)
     label = preset_label(options.preset or sb.preset, preset.name)
     sb = sb.model_copy(update={"seed": settings.seed, "preset": label})  # so the saved storyboard re-renders alike
     if bundle is None:

@@ -32,10 +32,11 @@ from lvstudio.errors import LvError, StoryboardError
 if TYPE_CHECKING:
     import gradio as gr
 
+    from lvstudio.backends.base import Chunk
     from lvstudio.presets.load import ModelBundle
     from lvstudio.session import RenderSession
     from lvstudio.storyboard import Storyboard
-    from lvstudio.video import VideoSink
+    from lvstudio.video import ContactFrames, VideoSink
 
 log = logging.getLogger("lvstudio.web")
 
@@ -93,62 +94,26 @@ class StudioConfig:
             raise ValueError(f"min_chunk_seconds must be >= 0, got {self.min_chunk_seconds}")
 
 
-class _ContactFrames:
-    """Keeps one frame every N frames, for the contact sheet."""
-
-    def __init__(self, fps: int, every_s: float) -> None:
-        self.fps = fps
-        self.every = max(1, round(every_s * fps))
-        self.frames: dict[int, np.ndarray] = {}
-
-    def offer(self, frames: np.ndarray, start: int) -> None:  # frames: [n, H, W, 3]
-        first = -start % self.every
-        for i in range(first, frames.shape[0], self.every):
-            self.frames[start + i] = frames[i].copy()
-
-    def items(self, shots: list[dict[str, Any]]) -> list[tuple[str, np.ndarray]]:
-        from lvstudio.storyboard import format_time
-
-        keys = sorted(self.frames)
-        if not keys:
-            return []
-        out: list[tuple[str, np.ndarray]] = []
-        for r in shots:
-            if r["frame_end"] <= r["frame_start"]:
-                continue
-            mid = (r["frame_start"] + r["frame_end"]) // 2
-            near = min(keys, key=lambda k: abs(k - mid))
-            label = f"shot {r['shot'] + 1}" if r["shot"] is not None else "live"
-            out.append((f"{label} {format_time(near / self.fps)}", self.frames[near]))
-        out += [(format_time(k / self.fps), self.frames[k]) for k in keys]
-        return out
-
-
 class RenderJob:
     """One render started from a tab: the session, its mp4 sink, and where its files go."""
 
-    def __init__(self, job_id: str, folder: Path, session: RenderSession, storyboard: Storyboard, story_file: Path,
-                 sink: VideoSink, contact: _ContactFrames, keep_frames: bool) -> None:
+    def __init__(self, job_id: str, folder: Path, session: RenderSession, story_file: Path, sink: VideoSink,
+                 contact: ContactFrames) -> None:
         self.job_id = job_id
         self.folder = folder
         self.session = session
-        self.storyboard = storyboard
         self.story_file = story_file
         self.sink = sink
         self.contact = contact
-        self.keep_frames = keep_frames
-        self.frames: list[np.ndarray] = []  # [n, H, W, 3] per chunk, only for short renders (oracle scores)
         self.stop_event = threading.Event()
         self.running = True
         self.finished = False  # the mp4 was closed (or deliberately dropped)
         self.started = time.perf_counter()
         session.add_sink(self._on_chunk)
 
-    def _on_chunk(self, chunk: Any) -> None:
+    def _on_chunk(self, chunk: Chunk) -> None:
         self.sink.write(chunk.frames)
         self.contact.offer(chunk.frames, chunk.frame_start)
-        if self.keep_frames:
-            self.frames.append(chunk.frames)
 
     def path(self, suffix: str) -> Path:
         return self.folder / f"{self.job_id}{suffix}"
@@ -347,26 +312,24 @@ class Studio:
         import torch
 
         from lvstudio.atomic import atomic_write_text
-        from lvstudio.render import RenderRequest, resolve_settings
-        from lvstudio.session import RenderSession
-        from lvstudio.video import VideoSink
+        from lvstudio.session import RenderSession, resolve_settings
+        from lvstudio.video import ContactFrames, VideoSink
 
         job_id = new_job_id()
         folder = self.config.outputs / job_id
         story_file = folder / f"{job_id}.storyboard.toml"
-        req = RenderRequest(story=story_file, preset=None if preset in (None, "", FROM_STORYBOARD) else preset,
-                            backend=None if backend in (None, "", FROM_STORYBOARD) else backend, seed=seed)
-        preset_obj, settings = resolve_settings(sb, req)
+        preset_obj, settings = resolve_settings(
+            sb, preset=None if preset in (None, "", FROM_STORYBOARD) else preset,
+            backend=None if backend in (None, "", FROM_STORYBOARD) else backend, seed=seed)
         bundle = self.bundle(preset_obj)
         with torch.no_grad():
-            session = RenderSession(sb, bundle, settings)
+            session = RenderSession(sb, bundle, settings, score_max_frames=self.config.oracle_max_frames)
         folder.mkdir(parents=True, exist_ok=False)
         atomic_write_text(story_file, text)
         sink = VideoSink(folder / f"{job_id}.mp4", settings.fps, settings.width, settings.height)
-        contact = _ContactFrames(settings.fps, self.config.contact_every_s)
-        # Frames are kept only where the manifest scores them (the tiny world's oracle), and only for short renders.
-        keep = bundle.preset.text_encoder == "tiny" and settings.num_frames <= self.config.oracle_max_frames
-        return RenderJob(job_id, folder, session, sb, story_file, sink, contact, keep)
+        contact = ContactFrames(settings.fps, self.config.contact_every_s)
+        contact.want((r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges())
+        return RenderJob(job_id, folder, session, story_file, sink, contact)
 
     def _run(self, job: RenderJob) -> Iterator[tuple[Any, ...]]:
         """Step the session, yielding a preview per chunk; returns the final outputs."""
@@ -398,7 +361,7 @@ class Studio:
 
     def _finish(self, job: RenderJob, preview: np.ndarray | None) -> tuple[Any, ...]:
         from lvstudio.atomic import atomic_write_text
-        from lvstudio.render import build_manifest
+        from lvstudio.session import build_manifest
         from lvstudio.storyboard import dump_storyboard
         from lvstudio.video import write_contact_sheet
 
@@ -410,8 +373,7 @@ class Studio:
             shutil.rmtree(job.folder, ignore_errors=True)
             return _outputs_tuple(None, "Stopped before the first chunk: nothing was rendered.", "")
         video = job.sink.close()
-        frames = np.concatenate(job.frames) if job.keep_frames and job.frames else None
-        manifest = build_manifest(session, job.storyboard, job.story_file, video, frames)
+        manifest = build_manifest(session, job.story_file, video)
         done = session.frames_done
         for r in manifest["shots"]:  # a stopped render ends early: clip the ranges to what exists
             r["frame_start"], r["frame_end"] = min(r["frame_start"], done), min(r["frame_end"], done)

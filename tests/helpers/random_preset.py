@@ -15,7 +15,7 @@ from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
 
 def write_random_preset(folder: Path, *, block_frames: int = 2, window: int = 6, sink: int = 2, size: int = 64,
                         steps: tuple[float, ...] = (1000.0, 500.0)) -> Path:
-    from lvstudio.train.world import vocabulary
+    from lvstudio.world import vocabulary
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -12,13 +12,14 @@ No learned model: opencv + numpy only (no torch), robust to mild blur and noise 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
 
-from lvstudio.train.world import COLOURS, EFFECTS, SCENES, SceneSpec, object_rgb, render_background
+from lvstudio.world.clips import object_rgb, render_background
+from lvstudio.world.grammar import COLOURS, EFFECTS, SCENES, SceneSpec
 
 VIVID_CHROMA = 88  # of 255; scene palettes stay below ~75, objects above ~95 under every effect
 MAX_HUE_DISTANCE = 40.0  # degrees; vivid pixels further from every object hue are ignored

@@ -36,7 +36,7 @@ RECIPES: tuple[tuple[str, str, str, str, str, dict], ...] = (
 
 def _dataset(tmp: Path):  # noqa: ANN202 - LatentDataset
     from lvstudio.models.tiny_vae import load_vae
-    from lvstudio.train.diffusion_forcing import LatentDataset, encode_world_dataset
+    from lvstudio.train.data import LatentDataset, encode_world_dataset
 
     shipped = ROOT / "runs" / "tiny_df" / "latents.safetensors"
     if shipped.exists():

@@ -19,7 +19,7 @@ _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass
-class Identity:
+class CachedIdentity:
     name: str
     prompt: str
     image: Path | None = None
@@ -29,10 +29,10 @@ class Identity:
 
 @dataclass
 class IdentityCache:
-    identities: dict[str, Identity] = field(default_factory=dict)
+    identities: dict[str, CachedIdentity] = field(default_factory=dict)
 
     def add(self, name: str, prompt: str, image: Path | None = None) -> None:
-        self.identities[name] = Identity(name, prompt, image)
+        self.identities[name] = CachedIdentity(name, prompt, image)
 
     def resolve(self, prompt: str) -> str:
         """Replace `{name}` by the identity's prompt; unknown names raise ValueError naming the known ones."""
@@ -46,9 +46,6 @@ class IdentityCache:
 
         return _REF.sub(sub, prompt)
 
-    def referenced(self, prompt: str) -> list[str]:
-        return _REF.findall(prompt)
-
     def summary(self) -> list[dict[str, Any]]:
         return [
             {"name": i.name, "prompt": i.prompt, "image": str(i.image) if i.image else None,
@@ -58,7 +55,7 @@ class IdentityCache:
 
 
 @dataclass
-class Anchor:
+class CachedAnchor:
     """A keyframe. `latents[:, :, 0]` is a first-frame latent (used at block 0); `latents[:, :, 1]` a regular
     4-frame latent of the same look (used when the anchor lands later in the video)."""
 
@@ -78,19 +75,19 @@ class Anchor:
 
 @dataclass
 class AnchorCache:
-    anchors: list[Anchor] = field(default_factory=list)
+    anchors: list[CachedAnchor] = field(default_factory=list)
 
-    def add(self, anchor: Anchor) -> None:
+    def add(self, anchor: CachedAnchor) -> None:
         self.anchors.append(anchor)
         self.anchors.sort(key=lambda a: a.block)
 
-    def at_block(self, block: int) -> list[Anchor]:
+    def at_block(self, block: int) -> list[CachedAnchor]:
         return [a for a in self.anchors if a.block == block]
 
-    def to_capture(self, block: int) -> list[Anchor]:
+    def to_capture(self, block: int) -> list[CachedAnchor]:
         return [a for a in self.anchors if a.capture_block == block and a.latents is None]
 
-    def latest(self, block: int) -> Anchor | None:
+    def latest(self, block: int) -> CachedAnchor | None:
         """The most recent anchor with latents at or before `block` (the cross-clip reference)."""
         ready = [a for a in self.anchors if a.block <= block and a.latents is not None]
         return ready[-1] if ready else None

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
     from lvstudio.storyboard import Storyboard
 
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 

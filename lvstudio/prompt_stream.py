@@ -84,9 +84,6 @@ class PromptStreamBuffer:
     def seconds_to_block(self, seconds: float) -> int:
         return block_at_frame(round(seconds * self.fps), self.block_latents)
 
-    def block_seconds(self, block: int) -> float:
-        return block_start_frame(block, self.block_latents) / self.fps
-
     def add(self, event: PromptEvent) -> PromptEvent:
         with self._lock:
             self._events.append(event)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lvstudio.backends.base import Chunk, to_uint8_frames
-from lvstudio.caches import Anchor, AnchorCache, IdentityCache
+from lvstudio.caches import AnchorCache, CachedAnchor, IdentityCache
 from lvstudio.errors import LvError
 from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptEvent, PromptStreamBuffer, block_start_frame
@@ -150,10 +150,10 @@ class RenderSession:
         for a in storyboard.anchors:
             block = self.buffer.seconds_to_block(a.at)
             if a.image is not None:
-                self.anchors.add(Anchor(block, f"image:{a.image}", self._encode_image(a.image)))
+                self.anchors.add(CachedAnchor(block, f"image:{a.image}", self._encode_image(a.image)))
             else:
                 capture = self.buffer.seconds_to_block(storyboard.shots[a.shot - 1].at)
-                self.anchors.add(Anchor(block, f"shot:{a.shot}", capture_block=capture))
+                self.anchors.add(CachedAnchor(block, f"shot:{a.shot}", capture_block=capture))
         # Step 3: the backend.
         self.backend = make_backend(settings.backend, bundle, self.buffer, seed=settings.seed, width=settings.width,
                                     height=settings.height, anchors=self.anchors)

@@ -47,13 +47,13 @@ def test_multistep_sampler_with_cfg_runs() -> None:
 
 
 def test_anchors_pin_latents_image_and_first_frame_of_a_shot() -> None:
-    from lvstudio.caches import Anchor, AnchorCache
+    from lvstudio.caches import AnchorCache, CachedAnchor
 
     bundle = random_bundle()
     img = torch.randn(1, 4, 2, 4, 4)
     anchors = AnchorCache()
-    anchors.add(Anchor(0, "image:test.png", img))
-    anchors.add(Anchor(3, "shot:1", capture_block=0))
+    anchors.add(CachedAnchor(0, "image:test.png", img))
+    anchors.add(CachedAnchor(3, "shot:1", capture_block=0))
     buf = PromptStreamBuffer(bundle.text.encode, block_latents=2, fps=16)
     buf.add_shot(0.0, "a red ball over the sea")
     be = CausalKVBackend(bundle, buf, seed=1, width=32, height=32, anchors=anchors)

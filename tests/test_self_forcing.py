@@ -19,7 +19,7 @@ from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
 from lvstudio.presets import AttentionSettings, SamplerSettings
 from lvstudio.prompt_stream import PromptStreamBuffer
 from lvstudio.sampling.flow_matching import FlowMatchTable, warp_steps
-from lvstudio.train.diffusion_forcing import LatentDataset
+from lvstudio.train.data import LatentDataset
 from lvstudio.train.self_forcing import (
     SelfForcingConfig,
     critic_loss,

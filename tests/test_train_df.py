@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lvstudio.train.diffusion_forcing import (
-    build_model,
-    df_loss,
-    latent_captions,
-    sample_batch,
-    step_generator,
-    train_diffusion_forcing,
-)
+from lvstudio.train.data import latent_captions, sample_batch
+from lvstudio.train.diffusion_forcing import build_model, df_loss, train_diffusion_forcing
+from lvstudio.train.loop import step_generator
 from tests.helpers.df_tiny import VOCAB, tiny_cfg, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +109,7 @@ def test_config_file_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_object_masks_cover_the_world_objects() -> None:
-    from lvstudio.train.diffusion_forcing import object_masks
+    from lvstudio.train.data import object_masks
     from lvstudio.world import sample_clip
 
     clip = sample_clip(5, 9)
@@ -142,7 +137,7 @@ def test_object_weighting_changes_the_loss_only_when_enabled() -> None:
 
 
 def test_learning_rate_schedule_warmup_constant_cosine() -> None:
-    from lvstudio.train.common import lr_at
+    from lvstudio.train.loop import lr_at
 
     assert lr_at(0, 1e-3, 10) == pytest.approx(1e-4)
     assert lr_at(50, 1e-3, 10, decay_start=100, total=200, min_lr=1e-4) == pytest.approx(1e-3)

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lvstudio.train.diffusion_forcing import build_model, sample_batch, step_generator
+from lvstudio.train.data import sample_batch
+from lvstudio.train.diffusion_forcing import build_model
+from lvstudio.train.loop import step_generator
 from lvstudio.train.streaming import StreamConfig, stream_loss, stream_sigmas, train_streaming
 from tests.helpers.df_tiny import VOCAB, tiny_cfg, tiny_dataset
 

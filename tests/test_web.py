@@ -28,9 +28,9 @@ from lvstudio.video import probe_video  # noqa: E402
 from lvstudio.web.app import (  # noqa: E402
     BUSY_MESSAGE,
     FROM_STORYBOARD,
-    Studio,
     StudioConfig,
     TabState,
+    WebStudio,
     launch_studio,
 )
 from lvstudio.web.security import gradio_env, launch_kwargs, make_policy, read_auth  # noqa: E402
@@ -76,7 +76,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in gradio_env(policy).items():  # restored after the module
             mp.setenv(key, value)
-        demo, url = launch_studio(Studio(config), policy, block=False)
+        demo, url = launch_studio(WebStudio(config), policy, block=False)
         try:
             yield Server(url, policy.outputs, preset, root / "downloads")
         finally:
@@ -267,13 +267,13 @@ def test_studio_config_rejects_bad_values(tmp_path: Path) -> None:
         StudioConfig(outputs=tmp_path, max_renders=0)
     with pytest.raises(ValueError, match="min_chunk_seconds"):
         StudioConfig(outputs=tmp_path, min_chunk_seconds=-1)
-    studio = Studio(StudioConfig(outputs=tmp_path))
+    studio = WebStudio(StudioConfig(outputs=tmp_path))
     assert studio.validate(story()).startswith("OK: 2 shot(s)")
     with pytest.raises(LvError, match="whole number"):
-        Studio._seed("-1")
+        WebStudio._seed("-1")
     with pytest.raises(LvError, match="whole number"):
-        Studio._seed(str(2**63))
-    assert (Studio._seed(""), Studio._seed(None), Studio._seed(" 42 ")) == (None, None, 42)
+        WebStudio._seed(str(2**63))
+    assert (WebStudio._seed(""), WebStudio._seed(None), WebStudio._seed(" 42 ")) == (None, None, 42)
     # Stop pressed while a render is still loading its models ends it before its first chunk.
     tab = TabState()
     assert studio.stop(tab).startswith("Nothing to stop")

@@ -29,7 +29,7 @@ pytest.importorskip("gradio")
 
 import torch  # noqa: E402
 
-from lvstudio.web.app import Studio, StudioConfig, demo_story_path, launch_studio  # noqa: E402
+from lvstudio.web.app import StudioConfig, WebStudio, demo_story_path, launch_studio  # noqa: E402
 from lvstudio.web.security import gradio_env, make_policy  # noqa: E402
 from tests.helpers.random_preset import write_random_preset  # noqa: E402
 
@@ -65,7 +65,7 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     with pytest.MonkeyPatch.context() as mp:
         for key, value in gradio_env(policy).items():
             mp.setenv(key, value)
-        demo, url = launch_studio(Studio(config), policy, block=False)
+        demo, url = launch_studio(WebStudio(config), policy, block=False)
         try:
             yield url, policy.outputs
         finally:

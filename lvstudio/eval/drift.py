@@ -404,6 +404,72 @@ def load_reports(path: str | Path) -> list[DriftReport]:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
+class _DriftMeter:
+    """Measures the frames of a drift render as they come: windows of `per_window` frames, per-shot accumulators,
+    and each prompt's reference histogram (its first window's worth of frames)."""
+
+    def __init__(self, report: DriftReport, shots: list[tuple[float, str, Any]], per_window: int,
+                 on_window: Callable[[dict], None] | None) -> None:
+        self.report, self.shots, self.per_window, self.on_window = report, shots, per_window, on_window
+        self.prompt_index = {prompt: i for i, prompt in enumerate(report.prompts)}
+        self.refs: dict[int, np.ndarray] = {}  # prompt index -> histogram counts
+        self.ref_count: dict[int, int] = {}
+        self.shot_accs: dict[int, _Acc] = {}
+        self.window, self.win_index = _Acc(), 0
+        self.previous: tuple[int, np.ndarray] | None = None  # (shot, last frame) for flicker across chunks
+
+    def measure(self, frames: np.ndarray, shot: int) -> None:
+        """Frames [n, H, W, 3] uint8 of one chunk under storyboard shot `shot`, split where a window boundary falls."""
+        from lvstudio.world.oracle import adherence
+
+        spec, k = self.shots[shot][2], self.prompt_index[self.shots[shot][1]]
+        stats = image_stats(frames)
+        hists = colour_histograms(frames)  # [n, bins]
+        prev = self.previous[1] if self.previous is not None and self.previous[0] == shot else None
+        flick = frame_flicker(frames, prev)
+        pos = 0
+        while pos < len(frames):
+            take = min(len(frames) - pos, self.per_window - self.window.frames)
+            sl = slice(pos, pos + take)
+            score = adherence(frames[sl], spec)
+            values = {key: score[key] * take for key in ADHERENCE_KEYS}
+            values.update({key: float(stats[key][sl].sum()) for key in STAT_KEYS})
+            h = hists[sl].sum(axis=0)
+            # The prompt's reference histogram fills from its first window's worth of frames.
+            have = self.ref_count.get(k, 0)
+            if have < self.per_window:
+                extra = hists[sl][: self.per_window - have].sum(axis=0)
+                self.refs[k] = self.refs.get(k, np.zeros_like(extra)) + extra
+                self.ref_count[k] = have + min(take, self.per_window - have)
+            self.window.add(take, values, k, h, flick[sl])
+            self.shot_accs.setdefault(shot, _Acc()).add(take, values, k, h, flick[sl])
+            pos += take
+            if self.window.frames >= self.per_window:
+                self.close_window()
+        self.previous = (shot, frames[-1].copy())
+
+    def close_window(self) -> None:
+        w, fps = self.window, self.report.fps
+        start = self.win_index * self.per_window
+        row = {"index": self.win_index, "start_s": start / fps, "end_s": (start + w.frames) / fps,
+               "minutes": (start + w.frames / 2) / fps / 60.0, "frames": w.frames, "prompts": sorted(w.hist),
+               **w.row(self.refs)}
+        self.report.windows.append(row)
+        if self.on_window is not None:
+            self.on_window(row)
+        self.window, self.win_index = _Acc(), self.win_index + 1
+
+    def finish(self) -> None:
+        """Close the last window; per-shot rows (early vs late occurrences of the same prompt)."""
+        if self.window.frames:
+            self.close_window()
+        n_prompts = len(self.report.prompts)
+        for shot, acc in sorted(self.shot_accs.items()):
+            self.report.shots.append({"shot": shot, "prompt_index": self.prompt_index[self.shots[shot][1]],
+                                      "occurrence": shot // n_prompts, "start_s": self.shots[shot][0],
+                                      "frames": acc.frames, **acc.row(self.refs)})
+
+
 def evaluate_drift(
     variant: Variant | str,
     cfg: DriftConfig,
@@ -415,7 +481,6 @@ def evaluate_drift(
     import torch
 
     from lvstudio.prompt_stream import PromptStreamBuffer
-    from lvstudio.world.oracle import adherence
 
     if isinstance(variant, str):
         variant = parse_variant(variant)
@@ -431,77 +496,26 @@ def evaluate_drift(
     # Step 1: the storyboard as cuts in a prompt stream; the backend renders it with the run seed.
     shots = drift_storyboard(cfg)
     prompts = list(dict.fromkeys(prompt for _, prompt, _ in shots))
-    prompt_index = {prompt: i for i, prompt in enumerate(prompts)}
     buffer = PromptStreamBuffer(bundle.text.encode, block_latents=p.attention.block_frames, fps=p.fps)
     for i, (at, prompt, _) in enumerate(shots):
         buffer.add_shot(at, prompt, shot=i)
     backend = _make_variant_backend(variant, bundle, buffer, cfg.seed)
     total = round(cfg.minutes * 60.0 * p.fps)
-    per_window = max(1, round(cfg.window_seconds * p.fps))
-    ref_frames = per_window  # a prompt's reference histogram: its first window's worth of frames
     report = DriftReport(variant.text, variant.name, p.name, variant.backend, cfg, p.fps, p.width, p.height, prompts,
                          device=str(bundle.device))
-    refs: dict[int, np.ndarray] = {}
-    ref_count: dict[int, int] = {}
-    shot_accs: dict[int, _Acc] = {}
-    window, win_index, done, gen_seconds = _Acc(), 0, 0, 0.0
-    previous: tuple[int, np.ndarray] | None = None  # (shot, last frame) for flicker across chunks
-
-    def close_window() -> None:
-        nonlocal window, win_index
-        start = win_index * per_window
-        row = {"index": win_index, "start_s": start / p.fps, "end_s": (start + window.frames) / p.fps,
-               "minutes": (start + window.frames / 2) / p.fps / 60.0, "frames": window.frames,
-               "prompts": sorted(window.hist), **window.row(refs)}
-        report.windows.append(row)
-        if on_window is not None:
-            on_window(row)
-        window, win_index = _Acc(), win_index + 1
-
+    meter = _DriftMeter(report, shots, max(1, round(cfg.window_seconds * p.fps)), on_window)
+    done, gen_seconds = 0, 0.0
     with torch.no_grad():
         while done < total:
-            # Step 2: one chunk from the backend (timed on its own: the generation speed).
+            # Step 2: one chunk from the backend (timed on its own: the generation speed), then its measurements.
             t0 = time.perf_counter()
             chunk = backend.step()
             gen_seconds += time.perf_counter() - t0
             frames = chunk.frames[: total - done]  # [n, H, W, 3] uint8
-            shot = min(max(int(chunk.event_id), 0), len(shots) - 1)
-            spec, k = shots[shot][2], prompt_index[shots[shot][1]]
-            # Step 3: per-frame measurements of the chunk, split where a window boundary falls.
-            stats = image_stats(frames)
-            hists = colour_histograms(frames)  # [n, bins]
-            prev = previous[1] if previous is not None and previous[0] == shot else None
-            flick = frame_flicker(frames, prev)
-            pos = 0
-            while pos < len(frames):
-                take = min(len(frames) - pos, per_window - window.frames)
-                sl = slice(pos, pos + take)
-                score = adherence(frames[sl], spec)
-                values = {key: score[key] * take for key in ADHERENCE_KEYS}
-                values.update({key: float(stats[key][sl].sum()) for key in STAT_KEYS})
-                h = hists[sl].sum(axis=0)
-                # Step 4: the prompt's reference histogram fills from its first window's worth of frames.
-                have = ref_count.get(k, 0)
-                if have < ref_frames:
-                    extra = hists[sl][: ref_frames - have].sum(axis=0)
-                    refs[k] = refs.get(k, np.zeros_like(extra)) + extra
-                    ref_count[k] = have + min(take, ref_frames - have)
-                window.add(take, values, k, h, flick[sl])
-                shot_accs.setdefault(shot, _Acc()).add(take, values, k, h, flick[sl])
-                pos += take
-                if window.frames >= per_window:
-                    close_window()
-            previous = (shot, frames[-1].copy())
+            meter.measure(frames, min(max(int(chunk.event_id), 0), len(shots) - 1))
             done += len(frames)
-            del frames, stats, hists, chunk
-    if window.frames:
-        close_window()
-    # Step 5: per-shot adherence and drift (early vs late occurrences of the same prompt).
-    for shot, acc in sorted(shot_accs.items()):
-        row = acc.row(refs)
-        report.shots.append({"shot": shot, "prompt_index": prompt_index[shots[shot][1]],
-                             "occurrence": shot // len(prompts), "start_s": shots[shot][0], "frames": acc.frames,
-                             **row})
+            del frames, chunk
+    meter.finish()
     report.frames_per_second = done / max(gen_seconds, 1e-9)
     report.wall_seconds = time.perf_counter() - t_start
     return report

@@ -66,7 +66,7 @@ def add_lora(dit: nn.Module, rank: int, alpha: float, targets: str = LORA_TARGET
     return dit
 
 
-def _plain_key(name: str) -> str | None:
+def plain_key(name: str) -> str | None:
     """peft parameter name -> `blocks.N.<module>.lora_{A,B}.weight` (None for non-LoRA parameters)."""
     name = name.removeprefix("module.").removeprefix("base_model.model.")
     m = _KEY.match(name)
@@ -79,7 +79,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapters of a LoRA-injected model, detached, under plain keys `blocks.N.<module>.lora_{A,B}.weight`."""
     out = {}
     for name, p in model.named_parameters():
-        key = _plain_key(name)
+        key = plain_key(name)
         if key is not None:
             out[key] = p.detach().clone()
     if not out:
@@ -125,7 +125,7 @@ def load_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                         hint="LoRA files are safetensors (pickled .pt/.ckpt files are not read)") from None
     plain: dict[str, Tensor] = {}
     for k, v in state.items():
-        key = _plain_key(k)
+        key = plain_key(k)
         if key is None:
             raise LoraError(f"{p}: key {k!r} is not a LoRA weight",
                             hint="expected keys like blocks.0.self_attn.q.lora_A.weight")

@@ -28,15 +28,19 @@ from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.wan_dit import WanDiT
 from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, x0_from_velocity
 from lvstudio.sampling.samplers import euler_sample
-from lvstudio.train.common import (
+from lvstudio.train.data import LatentDataset
+from lvstudio.train.loop import (
     EMA,
     TrainLog,
+    TrainLoop,
     load_checkpoint,
     lr_at,
+    optimizer_step,
     progress_bar,
     save_checkpoint,
+    set_lr,
+    step_generator,
 )
-from lvstudio.train.diffusion_forcing import LatentDataset, step_generator
 from lvstudio.train.self_forcing import (
     DistillModels,
     SelfForcingConfig,
@@ -233,37 +237,27 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
     opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(generator, cfg.ema_decay)
     ckpt = out / "checkpoint.safetensors"
-    step = load_checkpoint(ckpt, generator, opt, ema)[0] if ckpt.exists() else 0
+    start = load_checkpoint(ckpt, generator, opt, ema)[0] if ckpt.exists() else 0
     log = TrainLog(out, True)
-    loss_value = math.nan
-    t_last, since = time.perf_counter(), 0
-    with progress_bar(cfg.steps, step, progress, "ode regression") as update:
-        while step < cfg.steps:
-            # Step 1: a deterministic batch of pairs and per-block indices.
-            rng, gen = step_generator(cfg.seed, step, 0)
-            rows = rng.integers(len(prompts), size=cfg.batch_size)
-            context = models.encode([prompts[int(i)] for i in rows])
-            # Step 2: loss, AdamW with warm-up, EMA.
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr)
-            loss = ode_regression_loss(generator, context, trajs[torch.as_tensor(rows)], timesteps, cfg, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            since += 1
-            ema.update(generator, decay=0.0 if step <= cfg.ema_start else None)
-            loss_value = float(loss.detach())
-            update(step, loss_value)
-            # Step 3: logging and checkpoints.
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                log.write(stage="ode", step=step, loss=loss_value, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"],
-                          sec_per_step=(now - t_last) / max(1, since), time=time.time())
-                t_last, since = now, 0
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_checkpoint(ckpt, generator, opt, ema, step, {"recipe": "causal-distill-ode"})
+
+    def one_step(step: int) -> dict[str, float]:
+        # A deterministic batch of pairs and per-block indices; loss, AdamW with warm-up, EMA.
+        rng, gen = step_generator(cfg.seed, step, 0)
+        rows = rng.integers(len(prompts), size=cfg.batch_size)
+        context = models.encode([prompts[int(i)] for i in rows])
+        lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
+        loss = ode_regression_loss(generator, context, trajs[torch.as_tensor(rows)], timesteps, cfg, gen)
+        grad_norm = optimizer_step(opt, loss, generator.parameters(), cfg.grad_clip)
+        ema.update(generator, decay=0.0 if step + 1 <= cfg.ema_start else None)
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt, generator, opt, ema, step, {"recipe": "causal-distill-ode"})
+
+    loop = TrainLoop.for_config(cfg, start=start, report=lambda step, f: log.report(step, {"stage": "ode", **f}),
+                                checkpoint=save, progress=progress, description="ode regression")
+    step, last = loop.run(one_step)
+    loss_value = last.get("loss", math.nan)
     export_generator(generator, ema, out, sampler_settings(cfg))
     result = {"step": step, "loss": loss_value, "pairs": len(prompts), "pair_seconds": pair_seconds,
               "out_dir": str(out)}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -35,22 +34,19 @@ from torch import Tensor, nn
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.lora import LORA_TARGETS, add_lora, lora_state_dict, save_lora
 from lvstudio.sampling.flow_matching import FlowMatchTable
-from lvstudio.train.common import (
-    DistInfo,
+from lvstudio.train.common import DistInfo, barrier, shutdown_distributed
+from lvstudio.train.data import LatentDataset, latent_dataset
+from lvstudio.train.diffusion_forcing import DFConfig, build_model, start_run
+from lvstudio.train.loop import (
     TrainLog,
-    _flatten_optimizer,
-    _unflatten_optimizer,
+    TrainLoop,
+    flatten_optimizer,
     lr_at,
-    progress_bar,
-    shutdown_distributed,
-)
-from lvstudio.train.diffusion_forcing import (
-    DFConfig,
-    LatentDataset,
-    _dataset,
-    build_model,
-    start_run,
+    optimizer_step,
+    set_lr,
     step_generator,
+    unflatten_optimizer,
+    unwrap,
 )
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -357,10 +353,6 @@ class ERFTModel(nn.Module):
         return self.dit(seq, t, self.dit.new_conditioning(context), attention=spec, start_frame=start_frame)
 
 
-def _unwrap(model: nn.Module) -> ERFTModel:
-    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
-
-
 def clip_start_frame(prefix: int, block_frames: int) -> int:
     """The backend's start frame: the first new frame begins a causal block (ERFTCrossClipBackend._start)."""
     return 0 if prefix % block_frames == 0 else block_frames - prefix % block_frames
@@ -398,7 +390,7 @@ def erft_loss(model: nn.Module, batch: ClipBatch, cfg: ERFTConfig, tables: Table
     seq = x_t if inj.prefix is None else torch.cat([inj.prefix, x_t], dim=2)
     ts = torch.cat([torch.zeros(b, p), t[:, None].expand(b, n)], dim=1)  # [B, P+N]
     spec = AttentionSpec(None if cfg.bidirectional else cfg.block_frames)
-    ids, _ = _unwrap(model).text.tokenize(batch.prompts)
+    ids, _ = unwrap(model).text.tokenize(batch.prompts)
     v_hat = model(seq, ts, ids, spec, clip_start_frame(p, cfg.block_frames))[:, :, p:]
     # Step 4: masked (object-weighted) MSE per sample, times the bell weight w(t).
     err = (v_hat - v_star).pow(2).mean(dim=1)  # [B, N, h, w]
@@ -459,7 +451,7 @@ def _save_state(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: di
 
     tensors = {f"lora.{k}": v for k, v in lora_state_dict(model.dit).items()}
     tensors.update({f"ema.{k}": v.clone() for k, v in ema.items()})
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    opt_tensors, opt_meta = flatten_optimizer(opt)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": str(step), "recipe": "erft", "optimizer": opt_meta, "base": json.dumps(base), "format": "pt"}
@@ -488,18 +480,18 @@ def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: d
             p.copy_(tensors[f"lora.{key}"])
     for key in ema:
         ema[key] = tensors[f"ema.{key}"].clone()
-    _unflatten_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
+    unflatten_optimizer(opt, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"])
 
 
 def _lora_params(model: ERFTModel) -> list[tuple[str, nn.Parameter]]:
     """(plain key, parameter) of every adapter, in a fixed order (the optimizer's)."""
-    from lvstudio.models.lora import _plain_key
+    from lvstudio.models.lora import plain_key
 
     out = []
     for name, p in model.dit.named_parameters():
-        key = _plain_key(name)
+        key = plain_key(name)
         if key is not None:
             out.append((key, p))
     return sorted(out, key=lambda kv: kv[0])
@@ -516,14 +508,7 @@ def _digest(tensors: dict[str, Tensor] | nn.Module) -> str:
 def _erft_dataset(cfg: ERFTConfig, out: Path, dist: DistInfo) -> LatentDataset:
     if cfg.latents is not None and Path(cfg.latents).is_file():
         return LatentDataset.load(Path(cfg.latents))
-    return _dataset(cfg, out, dist)
-
-
-def _barrier(dist: DistInfo) -> None:
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        tdist.barrier()
+    return latent_dataset(cfg, out, dist)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,60 +535,51 @@ def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset
     tables = Tables.for_config(cfg)
     log = TrainLog(out, dist.is_main)
     # Step 2: resume LoRA/EMA/optimizer/RNG and this rank's banks of the same step.
-    step = 0
+    start = 0
     if (out / CHECKPOINT).exists():
-        step = _load_state(out / CHECKPOINT, model, opt, ema, base)
-        bank_file = _bank_path(out, dist.rank, step)
+        start = _load_state(out / CHECKPOINT, model, opt, ema, base)
+        bank_file = _bank_path(out, dist.rank, start)
         if bank_file.exists():
             banks.load(bank_file)
         else:
-            log.write(step=step, event="banks_missing", rank=dist.rank)
-    train_model: nn.Module = model
-    if dist.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+            log.write(step=start, event="banks_missing", rank=dist.rank)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     err_shape = (data.latents.shape[1], cfg.new_frames, *data.latents.shape[3:])
-    last_loss, banked = math.nan, 0
-    t_last = time.perf_counter()
-    with progress_bar(cfg.steps, step, progress and dist.is_main, "erft") as update:
-        while step < cfg.steps:
-            # Step 3: a deterministic clip batch and noise for (seed, step, rank).
-            rng, gen = step_generator(cfg.seed, step, dist.rank)
-            batch = sample_clip_batch(data, cfg, rng)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr)
-            # Step 4: loss with recycled errors, backward, clip, AdamW on the adapters.
-            loss, errors = erft_loss(train_model, batch, cfg, tables, banks, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            step += 1
-            # Step 5: bank this step's errors (from every rank during the warm-up).
-            if dist.enabled and step <= cfg.buffer_warmup_steps:
-                errors = _gather_errors(errors, err_shape, cfg.batch_size)
-            if errors is not None:
-                banked += bank_errors(banks, errors)
-            # Step 6: EMA of the adapters, logging, checkpoint + banks.
-            d = 0.0 if step <= cfg.ema_start else cfg.ema_decay
-            with torch.no_grad():
-                for k, p in _lora_params(model):
-                    ema[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
-            last_loss = float(loss.detach())
-            update(step, last_loss)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                log.write(step=step, loss=last_loss, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"],
-                          sec_per_step=(now - t_last) / cfg.log_every, banked=banked,
-                          bank_noise=len(banks.noise), bank_latent=len(banks.latent), time=time.time())
-                t_last = now
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                _checkpoint(out, model, opt, ema, step, base, banks, dist)
+    banked = 0
+
+    def one_step(step: int) -> dict[str, float]:
+        nonlocal banked
+        # A deterministic clip batch and noise for (seed, step, rank); the loss with recycled errors; AdamW on the
+        # adapters.
+        rng, gen = step_generator(cfg.seed, step, dist.rank)
+        batch = sample_clip_batch(data, cfg, rng)
+        lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
+        loss, errors = erft_loss(train_model, batch, cfg, tables, banks, gen)
+        grad_norm = optimizer_step(opt, loss, params, cfg.grad_clip)
+        # Bank this step's errors (from every rank during the warm-up), then the EMA of the adapters.
+        if dist.enabled and step + 1 <= cfg.buffer_warmup_steps:
+            errors = _gather_errors(errors, err_shape, cfg.batch_size)
+        if errors is not None:
+            banked += bank_errors(banks, errors)
+        d = 0.0 if step + 1 <= cfg.ema_start else cfg.ema_decay
+        with torch.no_grad():
+            for k, p in _lora_params(model):
+                ema[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr, "banked": banked,
+                "bank_noise": len(banks.noise), "bank_latent": len(banks.latent)}
+
+    def save(step: int) -> None:
+        _checkpoint(out, model, opt, ema, step, base, banks, dist)
+
+    loop = TrainLoop.for_config(cfg, start=start, report=log.report, checkpoint=save,
+                                progress=progress and dist.is_main, description="erft")
+    step, last = loop.run(one_step)
     lora_path = out / LORA_FILE
     if dist.is_main:
         save_lora(lora_path, ema, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base=base)
     shutdown_distributed(dist)
-    return {"step": step, "loss": last_loss, "lora": str(lora_path), "lora_sha256": _digest(lora_state_dict(dit)),
-            "banked": banked}
+    return {"step": step, "loss": last.get("loss", math.nan), "lora": str(lora_path),
+            "lora_sha256": _digest(lora_state_dict(dit)), "banked": banked}
 
 
 def _checkpoint(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], step: int,
@@ -611,10 +587,10 @@ def _checkpoint(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: di
     """Banks of every rank first, then the checkpoint; older bank files go only once the checkpoint is written, so
     a crash at any point leaves banks matching the checkpoint's step."""
     banks.save(_bank_path(out, dist.rank, step), step)
-    _barrier(dist)
+    barrier(dist)
     if dist.is_main:
         _save_state(out, model, opt, ema, step, base)
-    _barrier(dist)
+    barrier(dist)
     for old in out.glob(f"erft_banks.rank{dist.rank}.step*.safetensors"):
         if old.name != _bank_path(out, dist.rank, step).name:
             old.unlink(missing_ok=True)

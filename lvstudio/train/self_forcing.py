@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,19 +45,18 @@ from lvstudio.sampling.flow_matching import (
     x0_from_velocity,
 )
 from lvstudio.sampling.samplers import few_step_sample
-from lvstudio.train.common import (
+from lvstudio.train.common import DistInfo, TrainConfigBase, init_distributed, shutdown_distributed
+from lvstudio.train.data import LatentDataset
+from lvstudio.train.loop import (
     EMA,
-    DistInfo,
-    TrainConfigBase,
     TrainLog,
-    init_distributed,
+    TrainLoop,
+    flatten_optimizer,
     lr_at,
-    progress_bar,
-    shutdown_distributed,
-)
-from lvstudio.train.diffusion_forcing import (
-    LatentDataset,
+    optimizer_step,
+    set_lr,
     step_generator,
+    unflatten_optimizer,
     weights_digest,
 )
 
@@ -431,14 +429,13 @@ def save_state(path: Path, models: nn.ModuleDict, opts: dict[str, torch.optim.Op
                extra: dict) -> None:
     """One atomic safetensors file: model.<name>.*, ema.*, optim_<name>.* and their metadata."""
     from lvstudio.atomic import save_safetensors_atomic
-    from lvstudio.train.common import _flatten_optimizer
 
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in models.state_dict().items()}
     tensors.update({f"ema.{k}": v.contiguous().clone() for k, v in ema.shadow.items()})
     meta = {"step": str(step), "extra": json.dumps(extra), "format": "pt"}
     for name, opt in opts.items():
-        flat, opt_meta = _flatten_optimizer(opt)
-        tensors.update({f"optim_{name}." + k.split(".", 1)[1]: v for k, v in flat.items()})
+        flat, opt_meta = flatten_optimizer(opt, prefix=f"optim_{name}.")
+        tensors.update(flat)
         meta[f"optimizer_{name}"] = opt_meta
     save_safetensors_atomic(tensors, path, meta)
 
@@ -447,18 +444,14 @@ def load_state(path: Path, models: nn.ModuleDict, opts: dict[str, torch.optim.Op
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from lvstudio.train.common import _unflatten_optimizer
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     tensors = load_file(str(path))
     models.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     for name, opt in opts.items():
-        prefix = f"optim_{name}."
-        flat = {"optim." + k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if f"optimizer_{name}" in meta:
-            _unflatten_optimizer(opt, flat, meta[f"optimizer_{name}"])
+            unflatten_optimizer(opt, tensors, meta[f"optimizer_{name}"], prefix=f"optim_{name}.")
     return int(meta.get("step", 0))
 
 
@@ -476,19 +469,6 @@ def sampler_settings(cfg: SelfForcingConfig) -> dict:
     """The [sampler] table a preset needs to run the exported generator."""
     return {"kind": "few-step", "step_list": list(cfg.step_list), "warp": cfg.warp, "shift": cfg.shift,
             "cfg_scale": 1.0, "context_noise": cfg.context_noise}
-
-
-def _average_gradients(module: nn.Module, dist: DistInfo) -> None:
-    """All-reduce (mean) the gradients of `module` across ranks (missing grads count as zero)."""
-    if not dist.enabled:
-        return
-    import torch.distributed as tdist
-
-    for p in module.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        tdist.all_reduce(p.grad)
-        p.grad /= dist.world_size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,7 +499,6 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
                              "runs/tiny_df/latents.safetensors)")
         data = LatentDataset.load(Path(cfg.latents))
     windows = clean_windows(data, cfg.num_frames, cfg.block_frames) if needs_data else []
-    table = FlowMatchTable(shift=cfg.shift)
     trainable = models.trainable()
     opts = {"generator": torch.optim.AdamW(models.generator.parameters(), lr=cfg.lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)}
@@ -528,81 +507,84 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
                                            weight_decay=cfg.weight_decay)
     ema = EMA(models.generator, cfg.ema_decay)
     ckpt = out / "checkpoint.safetensors"
-    step = load_state(ckpt, trainable, opts, ema) if ckpt.exists() else 0
-    log = TrainLog(out, dist.is_main)
-    spec = cfg.spec
-    last = {"loss_g": math.nan, "loss_c": math.nan}
-    t_last, steps_since = time.perf_counter(), 0
+    start = load_state(ckpt, trainable, opts, ema) if ckpt.exists() else 0
     recipe = "mixed-history" if not dmd else ("self-forcing" if cfg.backward_simulation else "causvid-dmd")
-    with progress_bar(cfg.steps, step, progress and dist.is_main, recipe) as update:
-        while step < cfg.steps:
-            # Step 1: deterministic prompts (and real windows) and noise for (seed, step, rank).
-            rng, gen = step_generator(cfg.seed, step, dist.rank)
-            x0_real = None
-            if windows:
-                x0_real, prompts = sample_windows(data, windows, cfg.batch_size, cfg.num_frames, rng)
-            if not needs_data:
-                prompts = world_prompts(cfg.batch_size, rng)
-            context = models.encode(prompts)  # [B, L, D]
-            uncond = models.encode([""] * len(prompts))
-            lr_g = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr)
-            for group in opts["generator"].param_groups:
-                group["lr"] = lr_g
-            if not dmd:
-                # Step 2 (baseline): flow matching on the next block after mixed history.
-                loss = mixed_history_loss(models.generator, context, x0_real, cfg, table, gen)
-                _step(models.generator, opts["generator"], loss, cfg.grad_clip, dist)
-                ema.update(models.generator, decay=0.0 if step < cfg.ema_start else None)
-                last["loss_g"] = float(loss.detach())
-            else:
-                gen_update = step % cfg.dfake_gen_update_ratio == 0
-                # Step 2: generator samples (graph only through each block's exit step when updating G).
-                x = generator_samples(models, cfg, context, x0_real, table, gen, step, grad=gen_update)
-                # Step 3: generator DMD update.
-                if gen_update:
-                    sigma = sample_dmd_sigma(x.shape[0], cfg.num_frames, cfg.dmd_shift, gen, clamp=cfg.dmd_clamp)
-                    eps = torch.randn(x.shape, generator=gen)
-                    loss_g = dmd_loss(x, _real_fn(models.real, context, uncond, spec),
-                                      _x0_fn(models.critic, context, spec), sigma, eps, cfg.guidance_scale)
-                    _step(models.generator, opts["generator"], loss_g, cfg.grad_clip, dist)
-                    ema.update(models.generator, decay=0.0 if step < cfg.ema_start else None)
-                    last["loss_g"] = float(loss_g.detach())
-                # Step 4: critic (fake score) update, every iteration, on this iteration's samples (detached: one
-                # rollout per iteration serves both updates).
-                for group in opts["critic"].param_groups:
-                    group["lr"] = lr_at(step, cfg.lr_critic, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr)
-                sigma = sample_dmd_sigma(x.shape[0], cfg.num_frames, cfg.dmd_shift, gen, clamp=cfg.dmd_clamp)
-                eps = torch.randn(x.shape, generator=gen)
-                loss_c = critic_loss(_velocity_fn(models.critic, context, spec), x.detach(), sigma, eps)
-                _step(models.critic, opts["critic"], loss_c, cfg.grad_clip, dist)
-                last["loss_c"] = float(loss_c.detach())
-            step += 1
-            steps_since += 1
-            # Step 5: logging and checkpoints.
-            update(step, last["loss_g"] if not math.isnan(last["loss_g"]) else last["loss_c"])
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                log.write(step=step, loss_g=_finite(last["loss_g"]), loss_c=_finite(last["loss_c"]), lr=lr_g,
-                          sec_per_step=(now - t_last) / max(1, steps_since), time=time.time())
-                t_last, steps_since = now, 0
-            if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_state(ckpt, trainable, opts, ema, step, {"recipe": recipe})
+    one_step = _step_fn(cfg, models, opts, ema, data, windows, dist)
+
+    def save(step: int) -> None:
+        if dist.is_main:
+            save_state(ckpt, trainable, opts, ema, step, {"recipe": recipe})
+
+    loop = TrainLoop.for_config(cfg, start=start, report=TrainLog(out, dist.is_main).report, checkpoint=save,
+                                progress=progress and dist.is_main, description=recipe,
+                                progress_keys=("loss_g", "loss_c"))
+    step, last = loop.run(one_step)
     if dist.is_main:
         export_generator(models.generator, ema, out, sampler_settings(cfg))
     shutdown_distributed(dist)
-    return {"step": step, "loss_g": last["loss_g"], "loss_c": last["loss_c"], "out_dir": str(out),
-            "weights_sha256": weights_digest(models.generator)}
+    return {"step": step, "loss_g": _nan(last.get("loss_g")), "loss_c": _nan(last.get("loss_c")),
+            "out_dir": str(out), "weights_sha256": weights_digest(models.generator)}
+
+
+def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torch.optim.Optimizer], ema: EMA,
+             data: LatentDataset | None, windows: list[tuple[int, int, str]], dist: DistInfo,
+             ) -> Callable[[int], dict[str, float | None]]:
+    """One iteration of the run: the generator's DMD (or mixed-history) update every `dfake_gen_update_ratio`
+    iterations and the critic's flow-matching update every iteration. Reports the latest losses (None before the
+    first update of a model) and the generator's learning rate."""
+    table = FlowMatchTable(shift=cfg.shift)
+    spec = cfg.spec
+    last = {"loss_g": math.nan, "loss_c": math.nan}
+
+    def one_step(step: int) -> dict[str, float | None]:
+        # Step 1: deterministic prompts (and real windows) and noise for (seed, step, rank).
+        rng, gen = step_generator(cfg.seed, step, dist.rank)
+        x0_real = None
+        if windows:
+            x0_real, prompts = sample_windows(data, windows, cfg.batch_size, cfg.num_frames, rng)
+        else:
+            prompts = world_prompts(cfg.batch_size, rng)
+        context = models.encode(prompts)  # [B, L, D]
+        uncond = models.encode([""] * len(prompts))
+        lr_g = set_lr(opts["generator"], lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps,
+                                               cfg.min_lr))
+        ema_decay = 0.0 if step < cfg.ema_start else None
+        if cfg.mode != "dmd":
+            # Step 2 (baseline): flow matching on the next block after mixed history.
+            loss = mixed_history_loss(models.generator, context, x0_real, cfg, table, gen)
+            optimizer_step(opts["generator"], loss, models.generator.parameters(), cfg.grad_clip, average_over=dist)
+            ema.update(models.generator, decay=ema_decay)
+            last["loss_g"] = float(loss.detach())
+            return {"loss_g": _finite(last["loss_g"]), "loss_c": _finite(last["loss_c"]), "lr": lr_g}
+        gen_update = step % cfg.dfake_gen_update_ratio == 0
+        # Step 2: generator samples (graph only through each block's exit step when updating G).
+        x = generator_samples(models, cfg, context, x0_real, table, gen, step, grad=gen_update)
+        # Step 3: generator DMD update.
+        if gen_update:
+            sigma = sample_dmd_sigma(x.shape[0], cfg.num_frames, cfg.dmd_shift, gen, clamp=cfg.dmd_clamp)
+            eps = torch.randn(x.shape, generator=gen)
+            loss_g = dmd_loss(x, _real_fn(models.real, context, uncond, spec), _x0_fn(models.critic, context, spec),
+                              sigma, eps, cfg.guidance_scale)
+            optimizer_step(opts["generator"], loss_g, models.generator.parameters(), cfg.grad_clip,
+                           average_over=dist)
+            ema.update(models.generator, decay=ema_decay)
+            last["loss_g"] = float(loss_g.detach())
+        # Step 4: critic (fake score) update, every iteration, on this iteration's samples (detached: one rollout per
+        # iteration serves both updates).
+        set_lr(opts["critic"], lr_at(step, cfg.lr_critic, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
+        sigma = sample_dmd_sigma(x.shape[0], cfg.num_frames, cfg.dmd_shift, gen, clamp=cfg.dmd_clamp)
+        eps = torch.randn(x.shape, generator=gen)
+        loss_c = critic_loss(_velocity_fn(models.critic, context, spec), x.detach(), sigma, eps)
+        optimizer_step(opts["critic"], loss_c, models.critic.parameters(), cfg.grad_clip, average_over=dist)
+        last["loss_c"] = float(loss_c.detach())
+        return {"loss_g": _finite(last["loss_g"]), "loss_c": _finite(last["loss_c"]), "lr": lr_g}
+
+    return one_step
 
 
 def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, clip: float, dist: DistInfo) -> float:
-    """zero_grad, backward, all-reduce across ranks, clip, AdamW step; returns the gradient norm."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    _average_gradients(model, dist)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    return float(norm)
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value

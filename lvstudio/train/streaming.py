@@ -7,7 +7,7 @@ step from a set (mixed training, so one model serves several schemes). Loss:
   - a buffer-boundary consistency term: the chunk about to leave the buffer must agree with what the previous buffer
     state (one micro-step earlier, every frame one level noisier) predicted for it — x0 predictions compared, the
     earlier one without gradient.
-Everything else (data, DDP, EMA, checkpoints, resume) is the shared loop of `lvstudio.train.diffusion_forcing`.
+Everything else (data, DDP, EMA, checkpoints, resume) is the diffusion-forcing run (`run_training`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.sampling.flow_matching import add_noise, sigma_grid, velocity_target
 from lvstudio.sampling.schedules import stream_partition_levels
-from lvstudio.train.diffusion_forcing import Batch, DFConfig, LatentDataset, _unwrap, flow_error, run_training
+from lvstudio.train.data import Batch, LatentDataset
+from lvstudio.train.diffusion_forcing import DFConfig, flow_error, run_training
+from lvstudio.train.loop import unwrap
 
 
 class StreamConfig(DFConfig):
@@ -50,7 +52,7 @@ def stream_loss(model: nn.Module, batch: Batch, cfg: StreamConfig, gen: torch.Ge
     x0 = batch.x0[:, :, :length]
     mask = batch.loss_mask[:, :length]
     eps = torch.randn(x0.shape, generator=gen)
-    ids, _ = _unwrap(model).text.tokenize(batch.prompts)
+    ids, _ = unwrap(model).text.tokenize(batch.prompts)
     spec = AttentionSpec(block_frames=cfg.block_frames)
     # Step 1: the current buffer state, every frame at its own level.
     x_now = add_noise(x0, eps, sig_now)

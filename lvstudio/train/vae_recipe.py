@@ -76,12 +76,11 @@ class VAETrainConfig:
 
 
 def lr_at(cfg: VAETrainConfig, step: int) -> float:
-    """Learning rate for (0-based) `step`: linear warmup, then cosine to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Learning rate for (0-based) `step`: linear warmup, then cosine to lr * min_lr_ratio (`loop.lr_at` with the
+    decay starting when the warm-up ends)."""
+    from lvstudio.train.loop import lr_at as schedule
+
+    return schedule(step, cfg.lr, cfg.warmup_steps, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.min_lr_ratio)
 
 
 def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3) -> MakeBatch:
@@ -217,12 +216,13 @@ def train_vae(
 
     `make_batch(rng, batch_size)` must return `[B, 3, clip_frames, size, size]` in [-1, 1].
     `progress(step, metrics)` is called every `log_every` steps and at the last step with the mean loss terms over
-    the steps since the previous call (plus lr, psnr of that mean MSE, sec_per_step); `final_loss` is the last such
-    mean.
+    the steps since the previous call (plus lr, psnr of that mean MSE, sec_per_step of those steps); `final_loss` is
+    the last such mean. The loop is `lvstudio.train.loop.TrainLoop`.
     """
     import torch
 
     from lvstudio.models.tiny_vae import TinyVAE, save_vae
+    from lvstudio.train.loop import TrainLoop, optimizer_step, set_lr
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
@@ -234,40 +234,29 @@ def train_vae(
     if resume and os.path.exists(ckpt_path):
         start = _load_checkpoint(ckpt_path, cfg, vae, opt)
 
-    window: dict[str, float] = {}  # summed loss terms since the last report
-    window_steps, steps_run, final_loss = 0, 0, float("nan")
-    vae.train()
-    t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        # Step 1: this step's data and noise, derived from (seed, step) only.
+    def one_step(step: int) -> dict[str, float]:
+        # This step's data and noise, derived from (seed, step) only; forward, backward, clip, AdamW update at the
+        # scheduled learning rate.
         rng = np.random.default_rng([cfg.seed, 0, step])
         x = _get_batch(cfg, make_batch, rng, cfg.crop)
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        # Step 2: forward, backward, clip, AdamW update at the scheduled learning rate.
-        lr = lr_at(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_lr(opt, lr_at(cfg, step))
         terms = _losses(cfg, vae, x, gen)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
-        for k, v in terms.items():
-            window[k] = window.get(k, 0.0) + float(v.detach())
-        window_steps += 1
-        steps_run += 1
-        done = step + 1
-        # Step 3: checkpoint, then report the window's mean terms.
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_checkpoint(ckpt_path, cfg, vae, opt, done)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics = {k: v / window_steps for k, v in window.items()}
-            final_loss = metrics["loss"]
-            sec_per_step = (time.perf_counter() - t0) / steps_run
-            metrics.update(lr=lr, psnr=_psnr_from_mse(metrics["mse"]), sec_per_step=sec_per_step)
-            window, window_steps = {}, 0
-            if progress is not None:
-                progress(done, metrics)
+        optimizer_step(opt, terms["loss"], vae.parameters(), cfg.grad_clip)
+        return {**{k: float(v.detach()) for k, v in terms.items()}, "lr": lr}
+
+    def reduce(window: list[dict[str, float]]) -> dict[str, float]:
+        # The window's mean loss terms, the current learning rate and the PSNR of the mean MSE.
+        metrics = {k: sum(w[k] for w in window) / len(window) for k in window[-1] if k != "lr"}
+        return {**metrics, "lr": window[-1]["lr"], "psnr": _psnr_from_mse(metrics["mse"])}
+
+    vae.train()
+    t0 = time.perf_counter()
+    loop = TrainLoop(total=cfg.steps, start=start, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                     report=progress, checkpoint=lambda done: _save_checkpoint(ckpt_path, cfg, vae, opt, done),
+                     reduce=reduce)
+    _, last = loop.run(one_step)
+    steps_run, final_loss = loop.steps_run, last.get("loss", float("nan"))
 
     vae.train(False)
     held_out_psnr = evaluate_psnr(vae, cfg, make_batch)

@@ -13,7 +13,6 @@ import numpy as np
 from rich.color import Color
 from rich.segment import Segment
 from rich.style import Style
-from rich.text import Text
 
 UPPER_HALF = "\u2580"  # ▀
 MAX_STYLES = 1 << 16  # style cache bound (cleared when full; the cache only saves time)
@@ -119,13 +118,3 @@ class HalfBlockRenderer:
                     start = x
             lines.append(segments)
         return lines
-
-    def render_text(self, frame: np.ndarray, pane_w: int, pane_h: int) -> Text:
-        """The same image as one rich Text (lines joined by newlines), e.g. to print it outside Textual."""
-        text = Text()
-        for i, line in enumerate(self.render(frame, pane_w, pane_h)):
-            if i:
-                text.append("\n")
-            for seg in line:
-                text.append(seg.text, seg.style)
-        return text

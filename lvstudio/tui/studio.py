@@ -98,30 +98,23 @@ class StudioSummary:
 
 def prompt_storyboard(prompt: str, preset: str, fps: int, seed: int) -> Storyboard:
     """A one-shot storyboard for a `--prompt` session (24 h long; the session stops it)."""
-    from lvstudio.storyboard import parse_storyboard
+    from lvstudio.storyboard import parse_storyboard, toml_string
 
     if not prompt.strip():
         raise LvError("--prompt is empty", hint='e.g. --prompt "a red ball bouncing over the sea"')
     text = "\n".join([
         'title = "live session"',
-        f"preset = {_toml_string(preset)}",
+        f"preset = {toml_string(preset)}",
         f"fps = {fps}",
         f'duration = "{LIVE_DURATION}"',
         f"seed = {seed}",
         "",
         "[[shots]]",
         "at = 0",
-        f"prompt = {_toml_string(prompt)}",
+        f"prompt = {toml_string(prompt)}",
         "",
     ])
     return parse_storyboard(text, source="--prompt")
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string (JSON escapes are valid TOML escapes)."""
-    import json
-
-    return json.dumps(text, ensure_ascii=False)
 
 
 def preset_label(ref: str, name: str) -> str:

@@ -1,6 +1,6 @@
 """The web studio behind `lvstudio preview`: a gradio Blocks page over RenderSession.
 
-One `Studio` per process holds the configuration, the loaded model bundles (loaded once, reused) and the render
+One `WebStudio` per process holds the configuration, the loaded model bundles (loaded once, reused) and the render
 slots (one render at a time by default; a second request gets a clear "busy" message instead of waiting). Each
 browser tab has its own `TabState` in a `gr.State`: the job it is rendering, which the Stop and live-prompt handlers
 reach. Nothing about sessions lives at module level.
@@ -160,7 +160,7 @@ def _outputs_tuple(preview: np.ndarray | None, status: str, progress: str, video
     return preview, status, progress, video, sheet, files
 
 
-class Studio:
+class WebStudio:
     """The studio of one process: config, cached model bundles, render slots, and the page's handlers."""
 
     def __init__(self, config: StudioConfig) -> None:
@@ -497,7 +497,7 @@ def studio_theme() -> Any:
                              font_mono=["ui-monospace", "monospace"])
 
 
-def launch_studio(studio: Studio, policy: Any, *, block: bool = True, quiet: bool = True) -> tuple[gr.Blocks, str]:
+def launch_studio(studio: WebStudio, policy: Any, *, block: bool = True, quiet: bool = True) -> tuple[gr.Blocks, str]:
     """Build and launch the page under a `LaunchPolicy`; returns (blocks, local url).
 
     With `block=False` the server runs in the background (tests); call `blocks.close()` to stop it.

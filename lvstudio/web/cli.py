@@ -28,7 +28,7 @@ def preview_command(story: Path | None, port: int | None, host: str, share: bool
 
     if importlib.util.find_spec("gradio") is None:
         raise LvError("the web studio needs gradio, which is not installed", hint="pip install 'lvstudio[web]'")
-    from lvstudio.web.app import FALLBACK_STORY, Studio, StudioConfig, demo_story_path, launch_studio
+    from lvstudio.web.app import FALLBACK_STORY, StudioConfig, WebStudio, demo_story_path, launch_studio
     from lvstudio.web.security import make_policy
 
     policy = make_policy(host=host, port=port, share=share, auth=auth, outputs=outputs)
@@ -39,4 +39,4 @@ def preview_command(story: Path | None, port: int | None, host: str, share: bool
     else:
         text, name, folder = FALLBACK_STORY, "storyboard.toml", Path.cwd()
     config = StudioConfig(outputs=policy.outputs, story_text=text, story_name=name, story_dir=folder, preset=preset)
-    launch_studio(Studio(config), policy, block=True, quiet=False)
+    launch_studio(WebStudio(config), policy, block=True, quiet=False)

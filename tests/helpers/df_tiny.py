@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lvstudio.train.diffusion_forcing import DFConfig, LatentDataset
+from lvstudio.train.data import LatentDataset
+from lvstudio.train.diffusion_forcing import DFConfig
 
 VOCAB = ["a", "red", "blue", "ball", "cube", "over", "the", "sea", "grass", "on"]
 

@@ -1,0 +1,149 @@
+"""Latent training data of the tiny presets: procedural-world clips encoded once by the tiny VAE into a
+`LatentDataset` (latents, per-latent captions, object masks), and batches of training windows drawn from it.
+
+Shared by the diffusion-forcing, streaming, ERFT and Self-Forcing recipes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lvstudio.train.common import DistInfo, barrier
+
+if TYPE_CHECKING:
+    from lvstudio.train.diffusion_forcing import DFConfig
+
+
+@dataclass
+class LatentDataset:
+    latents: Tensor  # [N, C, L, h, w] normalised VAE latents
+    captions: list[list[str]]  # per clip, per latent frame ("" where the frames of a latent disagree)
+    objects: Tensor | None = None  # [N, L, h, w] 1 where an object covers the latent pixel (world ground truth)
+    seeds: list[int] | None = None  # world seed of each clip
+
+    def save(self, path: Path) -> None:
+        from lvstudio.atomic import save_safetensors_atomic
+
+        tensors = {"latents": self.latents}
+        if self.objects is not None:
+            tensors["objects"] = self.objects
+        meta = {"captions": json.dumps(self.captions), "seeds": json.dumps(self.seeds)}
+        save_safetensors_atomic(tensors, path, meta)
+
+    @classmethod
+    def load(cls, path: Path) -> LatentDataset:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        t = load_file(str(path))
+        return cls(t["latents"], json.loads(meta["captions"]), t.get("objects"), json.loads(meta.get("seeds", "null")))
+
+
+def object_masks(truth: list, num_latents: int, size: int) -> Tensor:
+    """[L, h, w] coverage of a clip's objects on the latent grid (union over each latent's pixel frames, dilated 1 px)."""
+    import cv2
+
+    h = size // 8
+    out = np.zeros((num_latents, h, h), np.uint8)
+    for k in range(num_latents):
+        frames = [0] if k == 0 else range(4 * k - 3, 4 * k + 1)
+        for f in frames:
+            for ob in truth[f].objects:
+                r = int(round(ob.size / 16 + 1))
+                cv2.circle(out[k], (int(round(ob.x / 8 - 0.5)), int(round(ob.y / 8 - 0.5))), r, 1, -1)
+    return torch.from_numpy(out)
+
+
+def latent_captions(frame_captions: list[str], num_latents: int) -> list[str]:
+    """Caption per latent frame: latent 0 <- pixel frame 0; latent k <- pixel frames 4k-3..4k ("" if they differ)."""
+    out = [frame_captions[0]]
+    for k in range(1, num_latents):
+        group = set(frame_captions[4 * k - 3 : 4 * k + 1])
+        out.append(group.pop() if len(group) == 1 else "")
+    return out
+
+
+@torch.no_grad()
+def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int, size: int, switch_prob: float,
+                         seed: int, batch: int = 16) -> LatentDataset:
+    """Render `num_clips` world clips and encode them with the VAE."""
+    from lvstudio.world import sample_clip
+
+    num_frames = 1 + 4 * (clip_latents - 1)
+    latents, captions, objects, seeds = [], [], [], []
+    for start in range(0, num_clips, batch):
+        clip_seeds = [seed * 1_000_003 + i for i in range(start, min(num_clips, start + batch))]
+        clips = [sample_clip(s, num_frames, size=size, switch_prob=switch_prob) for s in clip_seeds]
+        video = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        latents.append(vae.encode(video))  # [b, C, L, h, w]
+        captions += [latent_captions(c.captions, clip_latents) for c in clips]
+        objects += [object_masks(c.truth, clip_latents, size) for c in clips]
+        seeds += clip_seeds
+    return LatentDataset(torch.cat(latents), captions, torch.stack(objects), seeds)
+
+
+def add_object_masks(data: LatentDataset, cfg: DFConfig) -> LatentDataset:
+    """Re-render the (deterministic) world clips of a dataset built without masks, to add them."""
+    from lvstudio.world import sample_clip
+
+    n, length = data.latents.shape[0], data.latents.shape[2]
+    num_frames = 1 + 4 * (length - 1)
+    masks = [object_masks(sample_clip(cfg.seed * 1_000_003 + i, num_frames, size=cfg.size,
+                                      switch_prob=cfg.switch_prob).truth, length, cfg.size) for i in range(n)]
+    seeds = [cfg.seed * 1_000_003 + i for i in range(n)]
+    return LatentDataset(data.latents, data.captions, torch.stack(masks), seeds)
+
+
+@dataclass
+class Batch:
+    x0: Tensor  # [B, C, F, h, w]
+    prompts: list[str]
+    loss_mask: Tensor  # [B, F] 1 where the frame is trained
+    objects: Tensor | None = None  # [B, F, h, w] object coverage
+
+
+def sample_batch(data: LatentDataset, cfg: DFConfig, rng: np.random.Generator) -> Batch:
+    """A batch of training windows (deterministic given rng)."""
+    n, _, length = data.latents.shape[:3]
+    if cfg.latent_frames > length:
+        raise ValueError(f"latent_frames={cfg.latent_frames} is longer than the encoded clips ({length} latents)")
+    offsets = list(range(0, length - cfg.latent_frames + 1, cfg.block_frames))
+    xs, prompts, masks, objs = [], [], [], []
+    for _ in range(cfg.batch_size):
+        i = int(rng.integers(n))
+        o = 0 if rng.random() < cfg.first_window_prob else int(rng.choice(offsets))
+        caps = data.captions[i][o : o + cfg.latent_frames]
+        prompt = caps[-1] or next((c for c in reversed(caps) if c), "")
+        masks.append(torch.tensor([1.0 if c == prompt else 0.0 for c in caps]))
+        prompts.append("" if rng.random() < cfg.cfg_dropout else prompt)
+        xs.append(data.latents[i, :, o : o + cfg.latent_frames])
+        if data.objects is not None:
+            objs.append(data.objects[i, o : o + cfg.latent_frames])
+    objects = torch.stack(objs).float() if objs else None
+    return Batch(torch.stack(xs).float(), prompts, torch.stack(masks), objects)
+
+
+def latent_dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
+    """The run's latent dataset in out/latents.safetensors: encoded once by rank 0 (world clips through the VAE of
+    `cfg.vae`), object masks added to a dataset built before they existed, then loaded by every rank."""
+    path = out / "latents.safetensors"
+    if dist.is_main and not path.exists():
+        from lvstudio.models.tiny_vae import load_vae
+
+        vae = load_vae(cfg.vae).train(False)
+        data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob, cfg.seed,
+                                    batch=4)
+        data.save(path)
+    elif dist.is_main and cfg.object_weight > 0 and LatentDataset.load(path).objects is None:
+        add_object_masks(LatentDataset.load(path), cfg).save(path)  # datasets built before masks existed
+    barrier(dist)
+    return LatentDataset.load(path)

@@ -1,0 +1,314 @@
+"""The training loop every recipe shares: per-step RNGs, learning-rate schedule, optimizer step with gradient
+clipping, EMA, progress bar, JSONL log and checkpoint cadence, plus the checkpoint format and resume helpers.
+
+A recipe writes one function that runs a step (`step_fn(step) -> fields to log`) and hands it to `TrainLoop`:
+
+    loop = TrainLoop.for_config(cfg, start=step, report=log.report, checkpoint=save, progress=..., description=...)
+    final_step, last_fields = loop.run(step_fn)
+
+The loop calls `step_fn(step)` for step = start .. cfg.steps - 1; after each it updates the progress bar, every
+`ckpt_every` steps (and at the last) calls `checkpoint(done_steps)`, and every `log_every` steps (and at the last)
+reports the fields (reduced over the window, with `sec_per_step`). Inside a step, recipes use `step_generator`
+(data and noise that depend only on seed, step and rank, so a resumed run continues exactly), `lr_at` + `set_lr`,
+`optimizer_step` and `EMA`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lvstudio.train.common import DistInfo, TrainConfigBase
+
+Fields = dict[str, Any]  # what a step reports: numbers (or None), written to the log as they are
+StepFn = Callable[[int], Fields]
+Reduce = Callable[[list[Fields]], Fields]
+CHECKPOINT = "checkpoint.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step: RNGs, learning rate, optimizer step, EMA
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int, rank: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Data and noise RNGs for one step: deterministic, so a resumed run continues exactly."""
+    rng = np.random.default_rng([seed, step, rank])
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return rng, gen
+
+
+def lr_at(step: int, base_lr: float, warmup: int, decay_start: int | None = None, total: int = 0,
+          min_lr: float = 0.0) -> float:
+    """Linear warm-up, constant, then (from decay_start) cosine decay to min_lr at `total`."""
+    if decay_start is not None and step >= decay_start and total > decay_start:
+        frac = min(1.0, (step - decay_start) / (total - decay_start))
+        return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
+    """Set every parameter group's learning rate; returns it."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def average_gradients(params: Iterable[nn.Parameter], dist: DistInfo) -> None:
+    """All-reduce (mean) the gradients across ranks by hand (missing grads count as zero). For recipes that call
+    their model many times per backward, which DDP's single-forward bookkeeping does not allow."""
+    if not dist.enabled:
+        return
+    import torch.distributed as tdist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        tdist.all_reduce(p.grad)
+        p.grad /= dist.world_size
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[nn.Parameter],
+                   grad_clip: float, *, average_over: DistInfo | None = None) -> float:
+    """zero_grad, backward, (all-reduce the gradients by hand if `average_over` is given), clip to `grad_clip`,
+    step; returns the gradient norm before clipping."""
+    params = list(params)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if average_over is not None:
+        average_gradients(params, average_over)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return float(norm)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (a plain copy of the weights, fp32)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of all parameters (used to check that DDP ranks end with identical weights)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def last_fields(window: list[Fields]) -> Fields:
+    """Report the fields of the last step of the window (the default)."""
+    return dict(window[-1])
+
+
+class TrainLoop:
+    """Runs `step_fn` from `start` to `total` with progress, periodic reports and checkpoints (module docstring)."""
+
+    def __init__(self, *, total: int, start: int, log_every: int, ckpt_every: int,
+                 report: Callable[[int, Fields], None] | None = None,
+                 checkpoint: Callable[[int], None] | None = None, progress: bool = False,
+                 description: str = "train", progress_keys: tuple[str, ...] = ("loss",),
+                 reduce: Reduce = last_fields) -> None:
+        """report(step, fields): called every `log_every` steps with `reduce(window)` + sec_per_step.
+        progress_keys: the progress bar shows the first of these fields that holds a number."""
+        if log_every < 1 or ckpt_every < 1:
+            raise ValueError(f"log_every and ckpt_every must be >= 1 (got {log_every}, {ckpt_every})")
+        self.total, self.start = total, start
+        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.report, self.checkpoint = report, checkpoint
+        self.progress, self.description = progress, description
+        self.progress_keys, self.reduce = progress_keys, reduce
+        self.steps_run = 0
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfigBase, *, start: int, **kw: Any) -> TrainLoop:
+        """A loop over `cfg.steps` with the config's log and checkpoint cadence."""
+        return cls(total=cfg.steps, start=start, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, **kw)
+
+    def _progress_value(self, fields: Fields) -> float:
+        for key in self.progress_keys:
+            value = fields.get(key)
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                return float(value)
+        return math.nan
+
+    def run(self, step_fn: StepFn) -> tuple[int, Fields]:
+        """Run the remaining steps; returns (steps done in all, the last reported fields; {} if none ran)."""
+        step, reported = self.start, {}
+        window: list[Fields] = []
+        t_last = time.perf_counter()
+        with progress_bar(self.total, self.start, self.progress, self.description) as update:
+            while step < self.total:
+                window.append(step_fn(step))
+                step += 1
+                self.steps_run += 1
+                update(step, self._progress_value(window[-1]))
+                # A checkpoint first, so that a report that fails (or a stop requested from it) loses nothing.
+                if self.checkpoint is not None and (step % self.ckpt_every == 0 or step == self.total):
+                    self.checkpoint(step)
+                if step % self.log_every == 0 or step == self.total:
+                    now = time.perf_counter()
+                    reported = {**self.reduce(window), "sec_per_step": (now - t_last) / len(window)}
+                    if self.report is not None:
+                        self.report(step, reported)
+                    window, t_last = [], now
+        return step, reported
+
+
+@contextmanager
+def progress_bar(total: int, start: int, enabled: bool, description: str) -> Iterator[Callable[[int, float], None]]:
+    """A rich progress bar showing loss and it/s; yields an `update(step, loss)` callable."""
+    if not enabled:
+        yield lambda step, loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s"), TimeRemainingColumn(),
+    ) as prog:
+        task = prog.add_task(description, total=total, completed=start, loss=float("nan"), rate=0.0)
+        t0, s0 = time.perf_counter(), start
+
+        def update(step: int, loss: float) -> None:
+            rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
+            prog.update(task, completed=step, loss=loss, rate=rate)
+
+        yield update
+
+
+class TrainLog:
+    """Appends one JSON line per logged step to out_dir/train_log.jsonl (rank 0 only)."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool) -> None:
+        self.path = Path(out_dir) / "train_log.jsonl"
+        self.enabled = enabled
+
+    def write(self, **fields: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(fields) + "\n")
+
+    def report(self, step: int, fields: Fields) -> None:
+        """A `TrainLoop` report: the step, the fields, the wall-clock time."""
+        self.write(step=step, **fields, time=time.time())
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors files with model, EMA and optimizer tensors; JSON metadata for the rest
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], str]:
+    """An optimizer's state as tensors `<prefix><param id>.<name>` and JSON (param groups, non-tensor state)."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for name, val in state.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{prefix}{pid}.{name}"] = val.detach().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = val
+    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: str,
+                        prefix: str = "optim.") -> None:
+    """Restore what `flatten_optimizer` wrote (tensors under other prefixes are ignored)."""
+    info = json.loads(meta)
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if key.startswith(prefix):
+            pid, name = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(pid), {})[name] = val
+    for pid, vals in info["scalars"].items():
+        state.setdefault(int(pid), {}).update(vals)
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ema: EMA | None,
+    step: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write model (+ EMA, optimizer) tensors and metadata atomically: tmp file in the same folder, then rename."""
+    from lvstudio.atomic import save_safetensors_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"step": str(step), "extra": json.dumps(extra or {}), "format": "pt"}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.contiguous().clone() for k, v in ema.shadow.items()})
+    if optimizer is not None:
+        opt_tensors, opt_meta = flatten_optimizer(optimizer)
+        tensors.update(opt_tensors)
+        meta["optimizer"] = opt_meta
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_safetensors_atomic(tensors, path, meta)
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Restore what save_checkpoint wrote; returns (step, extra)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if optimizer is not None and "optimizer" in meta:
+        unflatten_optimizer(optimizer, tensors, meta["optimizer"])
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return int(meta.get("step", 0)), json.loads(meta.get("extra", "{}"))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    p = Path(out_dir) / CHECKPOINT
+    return p if p.exists() else None

@@ -153,7 +153,7 @@ def main() -> None:
     bare = statistics.median(r["fps"] for r in runs["bare"])
     tui = statistics.median(r["fps"] for r in runs["tui"])
     ratio = tui / bare
-    pairs = sorted(t["fps"] / b["fps"] for b, t in zip(runs["bare"], runs["tui"]))
+    pairs = sorted(t["fps"] / b["fps"] for b, t in zip(runs["bare"], runs["tui"], strict=True))
     share = statistics.median(r["ui_share"] for r in runs["tui"])
     print(f"median frames/s: without TUI {bare:.1f}, with TUI ({cols}x{rows} pty) {tui:.1f}")
     print(f"per-pair ratios: {', '.join(f'{x:.3f}' for x in pairs)}; the UI and preview threads used "

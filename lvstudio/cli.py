@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -120,16 +120,16 @@ def _summary(sb: Storyboard, source: str) -> str:
 @app.command()
 def render(
     story: Annotated[Path, typer.Argument(metavar="STORY.toml", help="The storyboard to render.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output mp4 (default out/<story>.mp4).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Override the storyboard's preset.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help=" | ".join(BACKENDS) + ".")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override the storyboard's seed.")] = None,
-    duration: Annotated[Optional[str], typer.Option(help="Render only this long (seconds or m:ss).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output mp4 (default out/<story>.mp4).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.")] = None,
+    backend: Annotated[str | None, typer.Option(help=" | ".join(BACKENDS) + ".")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the storyboard's seed.")] = None,
+    duration: Annotated[str | None, typer.Option(help="Render only this long (seconds or m:ss).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted render of this output.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output / discard an old job.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     keep_job: Annotated[bool, typer.Option("--keep-job", help="Keep the job folder (per-chunk latents).")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: $LVSTUDIO_DEVICE or cpu).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: $LVSTUDIO_DEVICE or cpu).")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
     """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet)."""
@@ -155,12 +155,14 @@ def render(
 
 @app.command()
 def tui(
-    story: Annotated[Optional[Path], typer.Argument(metavar="[STORY.toml]", help="Storyboard to render live (or use --prompt).")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Start from one prompt; runs until stopped.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset name or preset.toml (overrides the storyboard's).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override the seed.")] = None,
-    duration: Annotated[Optional[str], typer.Option(help="Stop after this long (seconds or m:ss).")] = None,
-    record: Annotated[Optional[Path], typer.Option(help="Record from the first frame: a folder or an .mp4 path.")] = None,
+    story: Annotated[Path | None, typer.Argument(
+        metavar="[STORY.toml]", help="Storyboard to render live (or use --prompt).")] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="Start from one prompt; runs until stopped.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset name or preset.toml (overrides the storyboard's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    duration: Annotated[str | None, typer.Option(help="Stop after this long (seconds or m:ss).")] = None,
+    record: Annotated[Path | None, typer.Option(help="Record from the first frame: a folder or an .mp4 path.")] = None,
 ) -> None:
     """Terminal studio: live preview, timeline, live prompts, recording."""
     from lvstudio.tui.cli import tui_command
@@ -170,13 +172,16 @@ def tui(
 
 @app.command()
 def preview(
-    story: Annotated[Optional[Path], typer.Argument(metavar="[STORY.toml]", help="Storyboard to open (default: the demo).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default: first free from 7860).")] = None,
+    story: Annotated[Path | None, typer.Argument(
+        metavar="[STORY.toml]", help="Storyboard to open (default: the demo).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: first free from 7860).")] = None,
     host: Annotated[str, typer.Option(help="Interface; anything but loopback needs --auth.")] = "127.0.0.1",
     share: Annotated[bool, typer.Option("--share", help="Public gradio.live link (needs --auth).")] = False,
-    auth: Annotated[Optional[str], typer.Option(metavar="USER:PASSWORD_FILE", help="Password = first line of the file (chmod 600).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Default preset in the picker (name or preset.toml path).")] = None,
-    outputs: Annotated[Optional[Path], typer.Option(help="Folder for renders (default out/web); the only folder the page can read.")] = None,
+    auth: Annotated[str | None, typer.Option(
+        metavar="USER:PASSWORD_FILE", help="Password = first line of the file (chmod 600).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Default preset in the picker (name or preset.toml path).")] = None,
+    outputs: Annotated[Path | None, typer.Option(
+        help="Folder for renders (default out/web); the only folder the page can read.")] = None,
 ) -> None:
     """Open the web studio: edit a storyboard, render with live preview, steer with prompts, download."""
     from lvstudio.web.cli import preview_command
@@ -186,7 +191,8 @@ def preview(
 
 @train_app.command("diffusion-forcing")
 def train_diffusion_forcing_cmd(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Training config (see presets/tiny/train_df.toml).")],
+    config: Annotated[Path, typer.Argument(
+        metavar="CONFIG.toml", help="Training config (see presets/tiny/train_df.toml).")],
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
 ) -> None:
     """Diffusion Forcing: per-block noise levels, block-causal attention (resumes from out_dir)."""
@@ -220,7 +226,8 @@ _NO_PROGRESS = typer.Option("--no-progress", help="No progress bar (logs still w
 
 @train_app.command("erft")
 def train_erft_cmd(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="ERFT config (see presets/tiny/train_erft.toml).")],
+    config: Annotated[Path, typer.Argument(
+        metavar="CONFIG.toml", help="ERFT config (see presets/tiny/train_erft.toml).")],
     no_progress: Annotated[bool, _NO_PROGRESS] = False,
 ) -> None:
     """Error-Recycling Fine-Tuning: a LoRA taught to steer back from its own recorded errors (resumes from out_dir)."""
@@ -229,7 +236,8 @@ def train_erft_cmd(
 
 @train_app.command("self-forcing")
 def train_self_forcing_cmd(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Self-Forcing config (see presets/tiny/train_sf.toml).")],
+    config: Annotated[Path, typer.Argument(
+        metavar="CONFIG.toml", help="Self-Forcing config (see presets/tiny/train_sf.toml).")],
     no_progress: Annotated[bool, _NO_PROGRESS] = False,
 ) -> None:
     """Self-Forcing: autoregressive KV rollouts in training, DMD against the base model (resumes from out_dir)."""
@@ -238,7 +246,8 @@ def train_self_forcing_cmd(
 
 @train_app.command("causal-distill")
 def train_causal_distill_cmd(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="CausVid config (see presets/tiny/train_ode.toml).")],
+    config: Annotated[Path, typer.Argument(
+        metavar="CONFIG.toml", help="CausVid config (see presets/tiny/train_ode.toml).")],
     no_progress: Annotated[bool, _NO_PROGRESS] = False,
 ) -> None:
     """CausVid: ODE-pair regression from the teacher as the causal student's init, then DMD (resumes from out_dir)."""
@@ -248,7 +257,8 @@ def train_causal_distill_cmd(
 @train_app.command("export")
 def train_export_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The diffusion-forcing config of the run.")],
-    to: Annotated[Optional[Path], typer.Option("--to", help="Also copy the weights (fp16) into this preset folder.")] = None,
+    to: Annotated[Path | None, typer.Option(
+        "--to", help="Also copy the weights (fp16) into this preset folder.")] = None,
 ) -> None:
     """Export dit/text safetensors (EMA) from the latest checkpoint of a diffusion-forcing run."""
     from lvstudio.train.common import load_config
@@ -297,16 +307,17 @@ def eval_adherence_cmd(
 def eval_drift_cmd(
     minutes: Annotated[float, typer.Option(help="Minutes of video per variant.")] = 5.0,
     window: Annotated[float, typer.Option(help="Seconds of video per measured window.")] = 10.0,
-    variant: Annotated[Optional[list[str]], typer.Option(
+    variant: Annotated[list[str] | None, typer.Option(
         "--variant", help="NAME=PRESET:BACKEND[:lora=off|on|PATH], repeatable (default: base, sf, crossclip, erft)."
     )] = None,
     prompts: Annotated[int, typer.Option(help="Distinct prompts in the cycle.")] = 8,
     seconds_per_prompt: Annotated[float, typer.Option(help="Seconds each prompt is held.")] = 15.0,
     seed: Annotated[int, typer.Option(help="Seed of the storyboard and of every render.")] = 0,
-    out: Annotated[Path, typer.Option(help="The PNG plot (its data goes next to it as .json).")] = Path("docs/drift.png"),
+    out: Annotated[Path, typer.Option(
+        help="The PNG plot (its data goes next to it as .json).")] = Path("docs/drift.png"),
     json_dir: Annotated[Path, typer.Option(help="Folder for one JSON report per variant.")] = Path("runs/drift"),
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
-    replot: Annotated[Optional[list[Path]], typer.Option(
+    replot: Annotated[list[Path] | None, typer.Option(
         "--replot", help="Redraw the plot from these JSON reports instead of rendering (repeatable)."
     )] = None,
 ) -> None:

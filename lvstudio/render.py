@@ -110,7 +110,8 @@ def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOut
     if interrupted:
         session.write_snapshot()
         sink.abort()
-        echo(f"interrupted at frame {session.frames_done}; the job is kept in {job_dir}. Continue with:\n  {resume_cmd}")
+        echo(f"interrupted at frame {session.frames_done}; the job is kept in {job_dir}. "
+             f"Continue with:\n  {resume_cmd}")
         return RenderOutcome(None, None, None, True, resume_cmd, {})
     # Step 4: the video, manifest and contact sheet, then the job folder goes.
     video = sink.close()

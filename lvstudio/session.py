@@ -370,7 +370,7 @@ class RenderSession:
         self.stats.frames = self.frames_done
         return frames
 
-    # -- summaries ------------------------------------------------------------------------------------------------------
+    # -- summaries --------------------------------------------------------------------------------------------------
     def shot_ranges(self) -> list[dict[str, Any]]:
         """Per prompt event: its frame range in the rendered video."""
         n = self.bundle.preset.attention.block_frames

@@ -18,7 +18,6 @@ registered without a class here. Checks run on tiny random weights (32x32) and o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import ClassVar
 
 import numpy as np
@@ -35,15 +34,6 @@ from tests.helpers.random_bundle import random_bundle
 RED = "a red ball bouncing over the sea"
 BLUE = "a blue cube on the grass"
 SWITCH_S = 1.0  # seconds: block 3 with blocks of 2 latents at 16 fps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core machine more threads spin and are many times slower (README)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

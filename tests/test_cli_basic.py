@@ -24,6 +24,7 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_help_in_a_subprocess(tmp_path: Path) -> None:
     result = _run("-m", "lvstudio.cli", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -32,6 +33,7 @@ def test_help_in_a_subprocess(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_importing_the_cli_does_not_import_heavy_modules() -> None:
     code = (
         "import sys, lvstudio.cli\n"
@@ -63,6 +65,7 @@ def test_check_examples(path: Path) -> None:
     assert "0:00" in result.stdout
 
 
+@pytest.mark.slow
 def test_check_example_in_a_subprocess() -> None:
     result = _run("-m", "lvstudio.cli", "check", "storyboards/demo.toml")
     assert result.returncode == 0, result.stderr
@@ -102,6 +105,7 @@ def test_usage_error_exits_2() -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.slow
 def test_bench_render_compares_backends_and_presets_side_by_side() -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "render", "--minutes", "0.02", "--preset", "tiny", "--preset", "tiny-fast",

@@ -116,7 +116,8 @@ def test_config_validation() -> None:
 def test_parse_variant() -> None:
     assert parse_variant("base=tiny:causal-kv") == Variant("base", "tiny", "causal-kv", None)
     v = parse_variant(" crossclip = tiny : erft-crossclip : lora=off ")
-    assert v == Variant("crossclip", "tiny", "erft-crossclip", False) and v.text == "crossclip=tiny:erft-crossclip:lora=off"
+    assert v == Variant("crossclip", "tiny", "erft-crossclip", False)
+    assert v.text == "crossclip=tiny:erft-crossclip:lora=off"
     assert parse_variant("e=tiny:erft-crossclip:lora=on").lora is True
     assert parse_variant("e=tiny:erft-crossclip:lora=runs/x.safetensors").lora == "runs/x.safetensors"
     assert parse_variant("tiny:streaming-dit").name == "tiny-streaming-dit"
@@ -161,6 +162,7 @@ def test_storyboard_cycles_prompts_and_fills_the_duration() -> None:
 
 
 # -- a tiny run, reports, plot ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_run(tiny_report: tuple[DriftReport, list[dict]]) -> None:
     report, seen = tiny_report
     assert [w["index"] for w in report.windows] == [0, 1, 2] and seen == report.windows
@@ -177,6 +179,7 @@ def test_tiny_run(tiny_report: tuple[DriftReport, list[dict]]) -> None:
     assert 0 <= first <= 1 and 0 <= last <= 1 and math.isfinite(slope)
 
 
+@pytest.mark.slow
 def test_crossclip_with_lora_off() -> None:
     cfg = DriftConfig(minutes=0.03, window_seconds=1.0, prompts=1, seconds_per_prompt=10.0, threads=1)
     report = evaluate_drift(parse_variant("cc=tiny:erft-crossclip:lora=off"), cfg)
@@ -184,6 +187,7 @@ def test_crossclip_with_lora_off() -> None:
     assert len(report.shots) == 1 and report.variant == "cc=tiny:erft-crossclip:lora=off"
 
 
+@pytest.mark.slow
 def test_json_round_trip_and_plot(tmp_path: Path, tiny_report: tuple[DriftReport, list[dict]]) -> None:
     report = tiny_report[0]
     odd = DriftReport.from_json(report.to_json())
@@ -204,6 +208,7 @@ def test_json_round_trip_and_plot(tmp_path: Path, tiny_report: tuple[DriftReport
 
 
 # -- the CLI --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_drift(tmp_path: Path) -> None:
     from lvstudio.cli import app
 

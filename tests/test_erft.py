@@ -245,6 +245,7 @@ def _init_weights(tmp_path: Path) -> tuple[str, str]:
     return str(dit), str(text)
 
 
+@pytest.mark.slow
 def test_three_step_run_writes_lora_and_resumes_exactly(tmp_path: Path) -> None:
     from lvstudio.models.lora import load_lora
 

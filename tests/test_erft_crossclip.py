@@ -3,6 +3,7 @@ backend must do is in test_backend_conformance.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lvstudio.backends.erft_crossclip import ERFTCrossClipBackend
@@ -28,6 +29,7 @@ def test_clips_carry_latents() -> None:
     assert torch.equal(be.carry, chunks[-1].latents[:, :, -2:])
 
 
+@pytest.mark.slow
 def test_clip_boundaries_are_continuous_on_the_tiny_preset() -> None:
     """The first frames of clip k+1 continue clip k: the frame difference across a boundary is of the size of the
     differences inside a clip; without the carried latents and the reference it jumps (about 4x)."""

@@ -194,7 +194,8 @@ def test_verify_catches_a_flipped_byte_before_anything_is_loaded(hubenv, monkeyp
     presets_verify(p.name, echo=lambda _m: None)  # clean
     loads: list[str] = []
     real_load_file = safetensors.torch.load_file
-    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: loads.append(str(a[0])) or real_load_file(*a, **k))
+    monkeypatch.setattr(safetensors.torch, "load_file",
+                        lambda *a, **k: loads.append(str(a[0])) or real_load_file(*a, **k))
     unpickles: list[str] = []
     real_torch_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: unpickles.append(str(a[0])) or real_torch_load(*a, **k))
@@ -304,7 +305,8 @@ def test_convert_refuses_code_in_a_pickle_and_is_the_only_unpickler(tmp_path: Pa
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 name = node.func.attr
                 kw = {k.arg: k.value for k in node.keywords}
-                if name == "load" and isinstance(node.func.value, ast.Name) and node.func.value.id in ("torch", "pickle"):
+                unpickler = isinstance(node.func.value, ast.Name) and node.func.value.id in ("torch", "pickle")
+                if name == "load" and unpickler:
                     assert rel == "lvstudio/presets/convert.py" and node.func.value.id == "torch", rel
                     assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
                 assert not (name == "from_pretrained" and "trust_remote_code" in kw), rel

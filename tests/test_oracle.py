@@ -51,7 +51,7 @@ def world_frames() -> FramesAndTruth:
 def _scores(frames: list[np.ndarray], truth: list[FrameTruth]) -> dict[str, float]:
     """Fractions of frames with the right scene, primary colour present, primary shape, position within 3 px."""
     hits = {"scene": 0, "colour": 0, "shape": 0, "position": 0}
-    for frame, t in zip(frames, truth):
+    for frame, t in zip(frames, truth, strict=True):
         reading = read_frame(frame)
         primary = t.objects[0]
         same = [o for o in reading.objects if o.colour == primary.colour]
@@ -92,7 +92,7 @@ def test_other_sizes(size: int) -> None:
 def test_scene_prototypes_match_the_world() -> None:
     measured = measure_scene_prototypes()
     assert [(s, e) for s, e, _ in measured] == [(s, e) for s, e, _ in SCENE_PROTOTYPES]
-    for (scene, effect, got), (_, _, stored) in zip(measured, SCENE_PROTOTYPES):
+    for (scene, effect, got), (_, _, stored) in zip(measured, SCENE_PROTOTYPES, strict=True):
         assert np.allclose(got, stored, atol=1.0), (
             f"world palette changed: regenerate SCENE_PROTOTYPES with measure_scene_prototypes() "
             f"({scene}, {effect}: {got} vs {stored})")
@@ -158,6 +158,7 @@ def test_input_validation() -> None:
         read_clip(np.zeros((64, 64, 3), np.uint8))
 
 
+@pytest.mark.slow
 def test_oracle_does_not_import_torch() -> None:
     code = "import sys, lvstudio.world.oracle; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,5 @@
-"""`lvstudio render` end to end on tiny random weights: H.264 output, manifest, refusal to overwrite, Ctrl-C + resume."""
+"""`lvstudio render` end to end on tiny random weights: H.264 output, manifest, refusal to overwrite, Ctrl-C +
+resume."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_preset(tmp_path_factory.mktemp("preset"))
 
 
+@pytest.mark.slow
 def test_render_writes_h264_manifest_and_contact_sheet(preset: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo.mp4"
     r = _cli("render", str(DEMO), "--preset", str(preset), "--out", str(out), "--duration", "3s", "--no-progress",
@@ -56,6 +58,7 @@ def test_render_writes_h264_manifest_and_contact_sheet(preset: Path, tmp_path: P
     assert out.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_bad_storyboard_exits_2_and_writes_nothing(preset: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('title = "x"\nduration = "5s"\n[[shots]]\nat = "0:99"\nprompt = "a red ball"\n')
@@ -64,6 +67,7 @@ def test_bad_storyboard_exits_2_and_writes_nothing(preset: Path, tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_equals_uninterrupted(preset: Path, tmp_path: Path) -> None:
     args = ["--preset", str(preset), "--duration", "8s", "--no-progress", "--keep-job"]
     ref = tmp_path / "ref.mp4"
@@ -85,7 +89,7 @@ def test_interrupt_then_resume_equals_uninterrupted(preset: Path, tmp_path: Path
     ref_chunks = sorted((tmp_path / "ref.job" / "chunks").glob("*.safetensors"))
     cut_chunks = sorted(chunks.glob("*.safetensors"))
     assert [p.name for p in ref_chunks] == [p.name for p in cut_chunks]
-    for a, b in zip(ref_chunks, cut_chunks):
+    for a, b in zip(ref_chunks, cut_chunks, strict=True):
         assert torch.equal(load_file(str(a))["latents"], load_file(str(b))["latents"])
     assert probe_video(out).num_frames == probe_video(ref).num_frames == 128
     # The resumed render's manifest scores the same frames as the uninterrupted one (re-decoded frames included).
@@ -94,6 +98,7 @@ def test_interrupt_then_resume_equals_uninterrupted(preset: Path, tmp_path: Path
     assert "oracle_adherence" in scores[1][0]
 
 
+@pytest.mark.slow
 def test_live_pushes_and_reroll_are_saved_as_a_storyboard_that_rerenders(preset: Path, tmp_path: Path) -> None:
     from lvstudio.presets.load import load_bundle
     from lvstudio.session import RenderSession, resolve_settings

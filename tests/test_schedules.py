@@ -100,7 +100,7 @@ def test_skyreels_matrix_equals_diffusers_on_a_grid() -> None:
             raised += 1
             continue
         ours = skyreels_timestep_matrix(*args)
-        for a, b in zip(ours[:3], ref[:3]):
+        for a, b in zip(ours[:3], ref[:3], strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape, args
             assert torch.equal(a, b), args
         assert ours[3] == ref[3], args
@@ -245,7 +245,7 @@ def test_overlap_history_segments_cover_the_video_like_skyreels() -> None:
     assert segs[1:] == [HistorySegment(20, 25, 5), HistorySegment(40, 25, 5)]
     assert segs[-1].start + segs[-1].num_frames == 65
     # every segment after the first starts inside the previous one by exactly the overlap
-    for a, b in zip(segs, segs[1:]):
+    for a, b in zip(segs, segs[1:], strict=False):
         assert b.start == a.start + a.num_frames - 5
     # a causal block of 2 cuts the 5-latent prefix to 4; short videos are one segment
     assert overlap_history_segments(257, 97, 17, causal_block_size=2)[1].prefix == 4

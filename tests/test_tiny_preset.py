@@ -12,6 +12,7 @@ import pytest
 from lvstudio.video import probe_video
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocess renders and the trained preset
 
 
 def test_tiny_preset_loads_and_knows_the_world_vocabulary() -> None:

@@ -229,7 +229,7 @@ def test_save_load_round_trip(tmp_path) -> None:
     save_vae(vae, path)
     loaded = load_vae(path)
     assert loaded.config == vae.config
-    for (k, a), (k2, b) in zip(vae.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (k2, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     x = _video(1, 5, 16, 16)
     assert torch.equal(loaded.decode(loaded.encode(x)), vae.decode(vae.encode(x)))
@@ -249,6 +249,7 @@ def _train_cfg(tmp_path, **kw) -> VAETrainConfig:
     return VAETrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_on_fixed_batch(tmp_path) -> None:
     fixed = rect_batch(5, 16)(np.random.default_rng(0), 2)
     losses: list[float] = []
@@ -290,6 +291,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_matches_uninterrupted(tmp_path) -> None:
     make = rect_batch(5, 24)
     full: dict[int, float] = {}
@@ -310,6 +312,7 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path) -> None:
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_resume_rejects_other_model(tmp_path) -> None:
     make = rect_batch(5, 16)
     cfg = _train_cfg(tmp_path, steps=1)

@@ -28,7 +28,7 @@ def test_latent_captions_follow_the_wan_frame_grouping() -> None:
 def test_switch_windows_mask_the_pre_switch_frames() -> None:
     cfg = tiny_cfg("unused", batch_size=64, cfg_dropout=0.0, first_window_prob=1.0)
     batch = sample_batch(tiny_dataset(), cfg, np.random.default_rng(0))
-    for prompt, mask in zip(batch.prompts, batch.loss_mask):
+    for prompt, mask in zip(batch.prompts, batch.loss_mask, strict=True):
         if prompt == "a blue cube on the grass" and mask.sum() < 4:
             assert mask.tolist() == [0.0, 0.0, 0.0, 1.0]  # 2 pre-switch latents + 1 mixed latent carry no loss
             break
@@ -52,9 +52,11 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch() -> None:
     assert after.item() < before.item()
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_next_losses(tmp_path: Path) -> None:
     data = tiny_dataset()
-    full = train_diffusion_forcing(tiny_cfg(str(tmp_path / "a"), steps=4), progress=False, dataset=data, vocabulary=VOCAB)
+    full = train_diffusion_forcing(tiny_cfg(str(tmp_path / "a"), steps=4), progress=False, dataset=data,
+                                   vocabulary=VOCAB)
     train_diffusion_forcing(tiny_cfg(str(tmp_path / "b"), steps=2), progress=False, dataset=data, vocabulary=VOCAB)
     resumed = train_diffusion_forcing(tiny_cfg(str(tmp_path / "b"), steps=4), progress=False, dataset=data,
                                       vocabulary=VOCAB)
@@ -66,6 +68,7 @@ def test_resume_gives_the_same_next_losses(tmp_path: Path) -> None:
     assert not list((tmp_path / "b").glob(".*partial"))
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(os.environ.get("LVSTUDIO_SKIP_DISTRIBUTED") == "1", reason="LVSTUDIO_SKIP_DISTRIBUTED=1")
 def test_torchrun_two_processes(tmp_path: Path) -> None:
@@ -81,6 +84,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_export_from_an_unfinished_run_writes_loadable_weights(tmp_path: Path) -> None:
     from lvstudio.models.tiny_text import load_text_encoder
     from lvstudio.presets.load import load_dit
@@ -132,7 +136,8 @@ def test_object_weighting_changes_the_loss_only_when_enabled() -> None:
         batch.objects = torch.zeros(batch.x0.shape[0], batch.x0.shape[2], 4, 4)
         batch.objects[:, :, 1, 1] = 1
         same = df_loss(model, batch, cfg, torch.Generator().manual_seed(1))
-        weighted = df_loss(model, batch, cfg.model_copy(update={"object_weight": 8.0}), torch.Generator().manual_seed(1))
+        weighted = df_loss(model, batch, cfg.model_copy(update={"object_weight": 8.0}),
+                           torch.Generator().manual_seed(1))
     assert torch.equal(plain, same) and not torch.allclose(plain, weighted)
 
 

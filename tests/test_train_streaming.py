@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from lvstudio.train.data import sample_batch
@@ -42,6 +43,7 @@ def test_one_step_reduces_the_streaming_loss_and_consistency_counts() -> None:
     assert after.item() < before.item() and no_cons.item() < after.item()
 
 
+@pytest.mark.slow
 def test_streaming_run_resumes_exactly(tmp_path: Path) -> None:
     data = tiny_dataset()
     train_streaming(_cfg(str(tmp_path / "a"), steps=4), progress=False, dataset=data, vocabulary=VOCAB)

@@ -155,9 +155,9 @@ def test_preview_updates_as_chunks_arrive_and_survives_resizes(preset: Path, bun
             # Each chunk let through shows up in the preview (a frame of that chunk, drawn in half blocks).
             for k in range(3):
                 gate.step() if k else None
-                await wait_for(lambda: len(gate.chunks) > k, f"chunk {k}")
+                await wait_for(lambda k=k: len(gate.chunks) > k, f"chunk {k}")
                 c = gate.chunks[k]
-                await wait_for(lambda: pane.frame_index is not None and pane.frame_index >= c.frame_start,
+                await wait_for(lambda c=c: pane.frame_index is not None and pane.frame_index >= c.frame_start,
                                f"the preview to show chunk {k}")
                 await pilot.pause()
                 assert UPPER_HALF in screen_text(app)
@@ -394,6 +394,7 @@ def test_tui_options_are_checked_before_anything_starts(preset: Path, bundle: Mo
         open_studio(StudioOptions(story=bad, preset=str(preset)), bundle=bundle)
 
 
+@pytest.mark.slow
 def test_importing_the_tui_command_is_light() -> None:
     code = "import sys, lvstudio.tui.cli; print(sorted(m for m in ('torch', 'textual') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -426,6 +427,7 @@ def test_preview_budget_stretches_the_interval_to_keep_the_cpu_share() -> None:
         PreviewBudget(share=0.0, min_interval=0.1)
 
 
+@pytest.mark.slow
 def test_tui_command_in_a_real_terminal_quits_with_ctrl_q(preset: Path, tmp_path: Path) -> None:
     """The whole command under a pseudo-terminal: it draws, finishes, and Ctrl-Q writes the storyboard and exits 0."""
     import fcntl
@@ -488,6 +490,7 @@ def test_frame_player_plays_the_newest_chunk_at_the_video_rate_and_jumps_to_new_
     assert player.chunks_offered == 2 and player.latest()[0] == 5
 
 
+@pytest.mark.slow
 def test_studio_with_the_shipped_tiny_preset(tmp_path: Path) -> None:
     """The same studio on the trained tiny preset (80x24, a short demo): the preview shows real frames, a typed
     prompt lands on the next block and conditions the blocks after it."""

@@ -157,6 +157,7 @@ def test_fractional_fps(tmp_path: Path) -> None:
     assert probe_video(out).fps == pytest.approx(29.97, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_no_final_file(tmp_path: Path) -> None:
     """A process that dies mid-encode (no close, no abort) must not leave anything at the final path."""
     script = textwrap.dedent(f"""

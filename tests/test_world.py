@@ -60,7 +60,7 @@ def test_clip_layout() -> None:
     assert clip.frames.shape == (9, 64, 64, 3) and clip.frames.dtype == np.uint8
     assert len(clip.captions) == len(clip.specs) == len(clip.truth) == 9
     assert all(isinstance(t, FrameTruth) for t in clip.truth)
-    for cap, spec, truth in zip(clip.captions, clip.specs, clip.truth):
+    for cap, spec, truth in zip(clip.captions, clip.specs, clip.truth, strict=True):
         assert cap == spec.caption()
         assert truth.scene == spec.scene and truth.effect == spec.effect
         assert [(o.colour, o.shape) for o in truth.objects] == [(o.colour, o.shape) for o in spec.objects]
@@ -72,7 +72,7 @@ def test_caption_round_trip_for_sampled_specs() -> None:
         assert parse_caption(spec.caption()) == spec, spec.caption()
     for seed in range(60):  # switched specs too
         clip = sample_clip(seed, 8, size=64, switch_prob=1.0)
-        for cap, spec in zip(clip.captions, clip.specs):
+        for cap, spec in zip(clip.captions, clip.specs, strict=True):
             assert parse_caption(cap) == spec, cap
     # every canonical value, hand-built (incl. three objects)
     for i in range(len(MOTIONS) * len(COLOURS)):
@@ -226,6 +226,7 @@ def test_backgrounds_animate_and_differ() -> None:
     assert dist[~np.eye(len(SCENES), dtype=bool)].min() > 15  # dominant colours are distinct
 
 
+@pytest.mark.slow
 def test_world_does_not_import_torch() -> None:
     code = "import sys, lvstudio.world as w; w.sample_clip(0, 2, 64); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -30,11 +30,13 @@ class AdherenceReport:
     def lines(self) -> list[str]:
         out = [f"oracle adherence over {self.num_prompts} prompts x {self.seconds:g} s ({self.backend}):"]
         for k in KEYS:
-            out.append(f"  {k:7s} mean {100 * self.mean[k]:5.1f}%   prompts with majority {100 * self.majority[k]:5.1f}%")
+            out.append(f"  {k:7s} mean {100 * self.mean[k]:5.1f}%   "
+                       f"prompts with majority {100 * self.majority[k]:5.1f}%")
         out.append(f"  flicker {self.flicker:.4f}   generation {self.frames_per_second:.1f} frames/s")
         worst = sorted(self.per_prompt, key=lambda r: r["scene"] + r["colour"])[:3]
         for r in worst:
-            out.append(f"  weakest: {r['prompt']!r} scene {r['scene']:.2f} colour {r['colour']:.2f} shape {r['shape']:.2f}")
+            out.append(f"  weakest: {r['prompt']!r} scene {r['scene']:.2f} colour {r['colour']:.2f} "
+                       f"shape {r['shape']:.2f}")
         return out
 
 

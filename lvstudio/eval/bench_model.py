@@ -25,18 +25,20 @@ class ModelBenchResult:
 
     def lines(self) -> list[str]:
         out = ["KV-cached rollout vs recompute-from-scratch (one forward per block, tiny DiT, 128x128):"]
-        for n, c, r in zip(self.lengths, self.cached_s, self.recompute_s):
+        for n, c, r in zip(self.lengths, self.cached_s, self.recompute_s, strict=True):
             out.append(f"  {n:4d} blocks: cached {c:7.3f} s   recompute {r:7.3f} s   speedup x{r / c:5.2f}")
         out.append("Rolling window (12 frames, sink 3), per-block time:")
         out.append(
             f"  block 10: {self.block10_ms:6.2f} ms   block 200: {self.block200_ms:6.2f} ms   "
-            f"ratio {self.block200_ms / self.block10_ms:4.2f}   cache {self.cache_mb_at_10:.2f} MB -> {self.cache_mb_at_200:.2f} MB"
+            f"ratio {self.block200_ms / self.block10_ms:4.2f}   "
+            f"cache {self.cache_mb_at_10:.2f} MB -> {self.cache_mb_at_200:.2f} MB"
         )
         return out
 
 
 def run_model_bench(
-    lengths: tuple[int, ...] = (4, 8, 16, 32), block_frames: int = 3, latent_hw: tuple[int, int] = (16, 16), threads: int = 2
+    lengths: tuple[int, ...] = (4, 8, 16, 32), block_frames: int = 3, latent_hw: tuple[int, int] = (16, 16),
+    threads: int = 2,
 ) -> ModelBenchResult:
     """Run both measurements; returns the figures (nothing printed)."""
     import torch

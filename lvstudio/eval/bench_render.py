@@ -118,7 +118,8 @@ def _bench(preset: str, minutes: float, threads: int, cut_every_s: float, seed: 
     first, last = around(60.0), around(minutes * 60 - 20)
     med = statistics.median
     return RenderBenchResult(
-        preset=p.name, backend=settings.backend, minutes=minutes, threads=threads, realtime_factor=(settings.num_frames / p.fps) / wall,
+        preset=p.name, backend=settings.backend, minutes=minutes, threads=threads,
+        realtime_factor=(settings.num_frames / p.fps) / wall,
         first_frame_s=session.stats.first_frame_s or float("nan"),
         chunk_ms_minute1=1000 * med(t[1] for t in first), chunk_ms_last=1000 * med(t[1] for t in last),
         rss_mb_minute1=med(t[2] for t in first), rss_mb_last=med(t[2] for t in last),
@@ -141,7 +142,8 @@ def comparison_lines(results: list[RenderBenchResult]) -> list[str]:
            f"{'last/min1':>9s}"]
     for r in results:
         out.append(f"  {label(r):26s} {r.realtime_factor:11.2f} {r.frames_per_second:9.2f} "
-                   f"{1000 * r.first_frame_s:15.0f} {r.chunk_ms_median:9.1f} {r.chunk_ms_last / r.chunk_ms_minute1:9.3f}")
+                   f"{1000 * r.first_frame_s:15.0f} {r.chunk_ms_median:9.1f} "
+                   f"{r.chunk_ms_last / r.chunk_ms_minute1:9.3f}")
     for r in results[1:]:
         out.append(f"  {label(r)} / {label(base)}: speed x{r.realtime_factor / base.realtime_factor:.2f}, "
                    f"first frame x{r.first_frame_s / base.first_frame_s:.2f}")

@@ -11,8 +11,8 @@ and dropped, so memory stays flat. Per time window (e.g. every 10 s of video) th
     (consecutive frames under the same prompt only).
 Per storyboard shot it records the same metrics, to compare a prompt's early and late occurrences (image
 statistics depend on the prompt: a night scene is dark, so windows are best compared across variants, and a prompt's
-late showing against its early one). `plot_drift` draws a grid of panels (x = minutes, one line per variant) from reports, which round-trip
-through JSON so a plot can be redrawn without re-rendering.
+late showing against its early one). `plot_drift` draws a grid of panels (x = minutes, one line per variant) from
+reports, which round-trip through JSON so a plot can be redrawn without re-rendering.
 """
 
 from __future__ import annotations

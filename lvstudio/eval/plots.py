@@ -17,7 +17,7 @@ def plot_training_log(log: str | Path, out: str | Path, title: str, keys: tuple[
 
     rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes[0], keys, strict=True):
         steps = np.array([r["step"] for r in rows if key in r])
         vals = np.array([r[key] for r in rows if key in r], dtype=float)
         ax.plot(steps, vals, alpha=0.3, lw=0.8, label=key)

@@ -344,7 +344,8 @@ def resolve(preset: Preset, *, require_converted: bool = True,
                     raise PresetError(
                         f"preset {preset.name!r}: {repo}/{e.path} is an upstream pickle checkpoint that has not been "
                         "converted to safetensors yet",
-                        hint=f"run `lvstudio presets convert {preset.name}` (once; it uses torch.load(weights_only=True))",
+                        hint=f"run `lvstudio presets convert {preset.name}` (once; it uses "
+                             "torch.load(weights_only=True))",
                     )
                 paths[e.role] = conv
             else:
@@ -540,8 +541,10 @@ def _map_hub_error(err: BaseException, preset: Preset, repo_id: str, revision: s
     if isinstance(err, hf.LocalEntryNotFoundError):
         if is_offline():
             return PresetError(
-                f"offline (HF_HUB_OFFLINE=1) and {repo_id} at {revision[:12]} is not in the Hub cache {hub_cache_dir()}",
-                hint=f"unset HF_HUB_OFFLINE and run `lvstudio presets pull {name}`, or copy a Hub cache holding it there")
+                f"offline (HF_HUB_OFFLINE=1) and {repo_id} at {revision[:12]} is not in the Hub cache "
+                f"{hub_cache_dir()}",
+                hint=f"unset HF_HUB_OFFLINE and run `lvstudio presets pull {name}`, or copy a Hub cache holding it "
+                     "there")
         return PresetError(
             f"could not reach the Hub for {repo_id} and it is not in the Hub cache {hub_cache_dir()}",
             hint="check the network connection (or HF_ENDPOINT) and try again")
@@ -620,63 +623,17 @@ def pull(
     unknown revision, missing file, not enough disk, checksum mismatch).
     """
     say = log or (lambda _m: None)
-    cache = hub_cache_dir()
     for repo, rev in (revisions or {}).items():
         pinned = preset.pinned_revision(repo)
         if pinned is not None and rev != pinned:
             raise PresetError(
-                f"preset {preset.name!r} pins {repo} at {pinned[:12]}; --revision {rev!r} would be ignored when loading",
-                hint="drop --revision for this repository, or edit the preset's pin (or copy the preset under a new name)",
+                f"preset {preset.name!r} pins {repo} at {pinned[:12]}; --revision {rev!r} would be ignored when "
+                "loading",
+                hint="drop --revision for this repository, or edit the preset's pin (or copy the preset under a new "
+                     "name)",
             )
     revs = resolve_revisions(preset, revisions)
-    offline = is_offline()
-    results: list[RepoPull] = []
-    for repo, rev in revs.items():
-        entries = hub_entries(preset, repo)
-        patterns = allow_patterns(preset, repo)
-        # Step 1: cache reuse — a complete local snapshot needs no network at all.
-        commit, snap = _snapshot(repo, rev, cache)
-        floating = not is_commit(rev)
-        if snap is not None and commit is not None and not force and (offline or not floating):
-            missing = [m for e in entries if (m := _entry_missing(snap, e)) is not None]
-            if not missing:
-                say(f"{repo}@{commit[:12]}: cached ({len(entries)} entries)")
-                results.append(RepoPull(repo, rev, commit, True, 0, snap))
-                continue
-        else:
-            missing = [e.path for e in entries]
-        if offline:
-            raise PresetError(
-                f"offline (HF_HUB_OFFLINE=1) and preset {preset.name!r} is not in the Hub cache {cache}: "
-                f"{repo} at {rev[:12]} lacks {', '.join(missing[:4])}",
-                hint=f"unset HF_HUB_OFFLINE and run `lvstudio presets pull {preset.name}`, or copy a Hub cache "
-                     "holding these files there",
-            )
-        from huggingface_hub import snapshot_download
-
-        try:
-            # Step 2: what would be downloaded, and is there room for it (plus the converted copies of .pt files)?
-            plan = download_plan(repo, rev, patterns, cache)
-            need = sum(size for _, size, cached in plan if not cached or force)
-            check_disk(preset, need, sum(size for name, size, _ in plan if name.endswith((".pt", ".pth"))))
-            if not plan:
-                raise PresetError(f"none of {patterns} exist in {repo} at {rev[:12]}",
-                                  hint="check files.*.path in the preset against the repository's file list")
-            say(f"{repo}@{rev[:12]}: downloading {need / 2**30:.2f} GiB ({len(plan)} files)")
-            # Step 3: download exactly the preset's files (never code).
-            folder = snapshot_download(repo, revision=rev, cache_dir=str(cache), allow_patterns=patterns,
-                                       force_download=force, tqdm_class=tqdm_class)
-        except PresetError:
-            raise
-        except _hub_errors() as err:
-            raise _map_hub_error(err, preset, repo, rev) from None
-        snap = Path(folder)
-        commit = snap.name
-        missing = [m for e in entries if (m := _entry_missing(snap, e)) is not None]
-        if missing:
-            raise PresetError(f"{repo} at {commit[:12]} has no {', '.join(missing)}",
-                              hint="check files.*.path in the preset against the repository's file list")
-        results.append(RepoPull(repo, rev, commit, False, sum(s for _, s, c in plan if not c), snap))
+    results = [_pull_repo(preset, repo, rev, force=force, tqdm_class=tqdm_class, say=say) for repo, rev in revs.items()]
     # Step 4: lock the commits, then hash everything (upstream sources included) before anyone loads it.
     commits = {r.repo_id: r.commit for r in results}
     lock = write_lock(preset.name, commits)
@@ -684,3 +641,55 @@ def pull(
     checks = verify_resolved(resolved, use_stamps=False, include_sources=True)
     require_ok(preset, checks)
     return PullResult(preset.name, results, checks, lock)
+
+
+def _pull_repo(preset: Preset, repo: str, rev: str, *, force: bool, tqdm_class: Any,
+               say: Callable[[str], None]) -> RepoPull:
+    """One repository of a pull: from the cache when complete there, else a checked download of exactly the
+    preset's files."""
+    cache = hub_cache_dir()
+    offline = is_offline()
+    entries = hub_entries(preset, repo)
+    patterns = allow_patterns(preset, repo)
+    # Step 1: cache reuse — a complete local snapshot needs no network at all.
+    commit, snap = _snapshot(repo, rev, cache)
+    floating = not is_commit(rev)
+    if snap is not None and commit is not None and not force and (offline or not floating):
+        missing = [m for e in entries if (m := _entry_missing(snap, e)) is not None]
+        if not missing:
+            say(f"{repo}@{commit[:12]}: cached ({len(entries)} entries)")
+            return RepoPull(repo, rev, commit, True, 0, snap)
+    else:
+        missing = [e.path for e in entries]
+    if offline:
+        raise PresetError(
+            f"offline (HF_HUB_OFFLINE=1) and preset {preset.name!r} is not in the Hub cache {cache}: "
+            f"{repo} at {rev[:12]} lacks {', '.join(missing[:4])}",
+            hint=f"unset HF_HUB_OFFLINE and run `lvstudio presets pull {preset.name}`, or copy a Hub cache "
+                 "holding these files there",
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        # Step 2: what would be downloaded, and is there room for it (plus the converted copies of .pt files)?
+        plan = download_plan(repo, rev, patterns, cache)
+        need = sum(size for _, size, cached in plan if not cached or force)
+        check_disk(preset, need, sum(size for name, size, _ in plan if name.endswith((".pt", ".pth"))))
+        if not plan:
+            raise PresetError(f"none of {patterns} exist in {repo} at {rev[:12]}",
+                              hint="check files.*.path in the preset against the repository's file list")
+        say(f"{repo}@{rev[:12]}: downloading {need / 2**30:.2f} GiB ({len(plan)} files)")
+        # Step 3: download exactly the preset's files (never code).
+        folder = snapshot_download(repo, revision=rev, cache_dir=str(cache), allow_patterns=patterns,
+                                   force_download=force, tqdm_class=tqdm_class)
+    except PresetError:
+        raise
+    except _hub_errors() as err:
+        raise _map_hub_error(err, preset, repo, rev) from None
+    snap = Path(folder)
+    commit = snap.name
+    missing = [m for e in entries if (m := _entry_missing(snap, e)) is not None]
+    if missing:
+        raise PresetError(f"{repo} at {commit[:12]} has no {', '.join(missing)}",
+                          hint="check files.*.path in the preset against the repository's file list")
+    return RepoPull(repo, rev, commit, False, sum(s for _, s, c in plan if not c), snap)

@@ -51,7 +51,7 @@ class TinyTextAdapter:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
         feats, unknown = self.model.encode(prompts)
-        for prompt, words in zip(prompts, unknown):
+        for prompt, words in zip(prompts, unknown, strict=True):
             if words and prompt not in self.warned:
                 self.warned.add(prompt)
                 warnings.warn(
@@ -169,7 +169,8 @@ def _load_hub_bundle(preset: Preset, dev: torch.device) -> ModelBundle:
             raise PresetError(f"preset {preset.name!r} has no files.{role}",
                               hint="Hub presets list dit, text_encoder, tokenizer and vae (see presets/*.toml)")
     if not preset.dit_config:
-        raise PresetError(f"preset {preset.name!r} has no [dit_config]", hint="copy it from presets/self-forcing-1.3b.toml")
+        raise PresetError(f"preset {preset.name!r} has no [dit_config]",
+                          hint="copy it from presets/self-forcing-1.3b.toml")
     # Step 1: find every file (never the network) and check its sha256 before anything is opened.
     resolved = hub.resolve(preset)
     hub.require_ok(preset, hub.verify_resolved(resolved, use_stamps=True))

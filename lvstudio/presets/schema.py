@@ -252,10 +252,12 @@ class Preset(_Strict):
     def file_path(self, role: str) -> Path:
         """A local preset's file (next to its preset.toml). Hub files are found with `lvstudio.presets.hub.resolve`."""
         if role not in self.files:
-            raise PresetError(f"preset {self.name!r} has no {role!r} file", hint=f"add [files.{role}] to its preset.toml")
+            raise PresetError(f"preset {self.name!r} has no {role!r} file",
+                              hint=f"add [files.{role}] to its preset.toml")
         if self.is_hub_file(role):
             raise PresetError(f"preset {self.name!r}: files.{role} lives on the Hub, not next to the preset",
-                              hint=f"`lvstudio presets pull {self.name}` fetches it; lvstudio.presets.hub.resolve finds it")
+                              hint=f"`lvstudio presets pull {self.name}` fetches it; "
+                                   "lvstudio.presets.hub.resolve finds it")
         if self.folder is None:
             raise PresetError(f"preset {self.name!r} was not loaded from a file", hint="load it with load_preset()")
         return self.folder / self.files[role].path
@@ -324,5 +326,6 @@ def load_preset(name_or_path: str | Path) -> Preset:
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
-        raise PresetError(f"{path}: {key}: {first['msg']}", hint="see presets/tiny/preset.toml for the schema") from None
+        raise PresetError(f"{path}: {key}: {first['msg']}",
+                          hint="see presets/tiny/preset.toml for the schema") from None
     return preset.model_copy(update={"folder": path.parent})

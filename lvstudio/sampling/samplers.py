@@ -145,7 +145,7 @@ class UniPCSolver:
         sig = _as_float_list(sigmas, "sigmas")
         if len(sig) < 2:
             raise ValueError("sigmas needs at least 2 values (start and end)")
-        if any(b >= a for a, b in zip(sig[:-1], sig[1:-1])) or sig[-1] > sig[-2]:
+        if any(b >= a for a, b in zip(sig[:-1], sig[1:-1], strict=False)) or sig[-1] > sig[-2]:
             raise ValueError("sigmas must be strictly decreasing (only the final value may repeat the one before)")
         if any(s <= 0.0 for s in sig[:-1]) or sig[-1] < 0.0 or sig[0] > 1.0:
             raise ValueError("sigmas must lie in (0, 1], with only the last allowed to be 0")

@@ -136,7 +136,7 @@ def skyreels_timestep_matrix(
             else:
                 new[i] = new[i - 1] - ar_step
         new = [min(max(r, 0), finished) for r in new]
-        masks.append([r != p and r != finished for r, p in zip(new, prev)])
+        masks.append([r != p and r != finished for r, p in zip(new, prev, strict=True)])
         states.append(new)
         prev = new
 

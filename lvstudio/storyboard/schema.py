@@ -351,7 +351,7 @@ def _parse_resolution(value: Any) -> tuple[int, int]:
         sides = (int(value[0]), int(value[1]))
     else:
         fail(f"resolution must be text or an array, got {type_name(value)}", fix)
-    for name, side in zip(("width", "height"), sides):
+    for name, side in zip(("width", "height"), sides, strict=True):
         if side < MIN_SIDE or side > MAX_SIDE:
             fail(f"{name} {side} is out of range",
                   f"use {MIN_SIDE} to {MAX_SIDE} pixels, a multiple of {SIDE_MULTIPLE}")

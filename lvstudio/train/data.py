@@ -49,7 +49,8 @@ class LatentDataset:
 
 
 def object_masks(truth: list, num_latents: int, size: int) -> Tensor:
-    """[L, h, w] coverage of a clip's objects on the latent grid (union over each latent's pixel frames, dilated 1 px)."""
+    """[L, h, w] coverage of a clip's objects on the latent grid (union over each latent's pixel frames, dilated
+    1 px)."""
     import cv2
 
     h = size // 8

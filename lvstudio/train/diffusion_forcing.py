@@ -259,5 +259,6 @@ def export_weights(model: TinyDF, ema: EMA, out: Path) -> None:
     shadow = ema.shadow
     dit = {k[4:]: v.contiguous() for k, v in shadow.items() if k.startswith("dit.")}
     text = {k[5:]: v.contiguous() for k, v in shadow.items() if k.startswith("text.")}
-    save_file(dit, str(out / "dit.safetensors"), metadata={"config": json.dumps(model.dit.cfg.to_dict()), "format": "pt"})
+    save_file(dit, str(out / "dit.safetensors"),
+              metadata={"config": json.dumps(model.dit.cfg.to_dict()), "format": "pt"})
     save_file(text, str(out / "text.safetensors"), metadata={"config": config_to_json(model.text.cfg), "format": "pt"})

@@ -47,7 +47,8 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         steps=cfg.steps, batch_size=cfg.batch_size, clip_frames=cfg.clip_frames, size=cfg.size, crop=cfg.crop,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
         grad_clip=cfg.grad_clip, l1_weight=cfg.l1_weight, mse_weight=cfg.mse_weight, edge_weight=cfg.edge_weight,
-        kl_weight=cfg.kl_weight, object_weight=cfg.object_weight, seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+        kl_weight=cfg.kl_weight, object_weight=cfg.object_weight, seed=cfg.seed, log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
         eval_batches=cfg.eval_batches, stats_batches=cfg.stats_batches, out_dir=cfg.out_dir, model=model,
     )
     log = Path(cfg.out_dir) / "train_log.jsonl"
@@ -63,4 +64,5 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
     (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if cfg.export:
         shutil.copyfile(result["model_path"], cfg.export)
-    return f"VAE trained: {result['steps']} steps, held-out PSNR {result['psnr']:.2f} dB -> {cfg.export or result['model_path']}"
+    return (f"VAE trained: {result['steps']} steps, held-out PSNR {result['psnr']:.2f} dB -> "
+            f"{cfg.export or result['model_path']}")

@@ -233,7 +233,7 @@ def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator) -> lis
         for _ in range(8):
             cand = _initial_state(obj, size, rng)
             gap = min((math.hypot(cand.x - s.x, cand.y - s.y) - cand.extent(obj, size) - s.extent(o, size)
-                       for s, o in zip(states, spec.objects)), default=math.inf)
+                       for s, o in zip(states, spec.objects, strict=False)), default=math.inf)
             if gap > best_gap:
                 best, best_gap = cand, gap
             if gap > 0:
@@ -597,18 +597,19 @@ def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: in
                                        np.random.default_rng([backdrop_seed, SCENES.index(spec.scene)]))
         frames[t] = backdrops[key].frame(t)
         # Step 2: advance and draw the objects (primary last, so it is never hidden)
-        for obj, state in zip(spec.objects, states):
+        for obj, state in zip(spec.objects, states, strict=True):
             if t > 0:
                 state.step(obj, size)
             else:
                 state.clamp(obj, size)
-        for obj, state in reversed(list(zip(spec.objects, states))):
+        for obj, state in reversed(list(zip(spec.objects, states, strict=True))):
             _draw_object(frames[t], obj, state, size, spec.effect)
         # Step 3: record text and ground truth
         captions.append(spec.caption())
         specs.append(spec)
         truth.append(FrameTruth(scene=spec.scene, effect=spec.effect,
-                                objects=tuple(_object_truth(o, s, size) for o, s in zip(spec.objects, states))))
+                                objects=tuple(_object_truth(o, s, size)
+                                              for o, s in zip(spec.objects, states, strict=True))))
     switch_frames = [s for s in starts[1:] if 0 < s < num_frames]
     return Clip(frames=frames, captions=captions, specs=specs, truth=truth, switch_frames=switch_frames)
 

@@ -236,7 +236,7 @@ def adherence(frames: np.ndarray, spec: SceneSpec | Sequence[SceneSpec]) -> dict
         raise ValueError(f"spec must be a SceneSpec or {len(frames)} SceneSpecs, one per frame")
     readings = read_clip(frames)
     scene = colour = shape = 0
-    for r, s in zip(readings, specs):
+    for r, s in zip(readings, specs, strict=True):
         p = s.objects[0]
         scene += r.scene == s.scene
         colour += any(o.colour == p.colour for o in r.objects)

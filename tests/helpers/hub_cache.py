@@ -212,7 +212,8 @@ def _toml_value(v: Any) -> str:
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """A small TOML writer for preset dicts (scalars, lists, nested tables)."""
-    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in data.items()
+             if not isinstance(v, dict) and v is not None]
     out = "\n".join(lines) + ("\n" if lines else "")
     for k, v in data.items():
         if isinstance(v, dict):

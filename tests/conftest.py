@@ -1,0 +1,21 @@
+"""Shared test settings: one torch thread for the whole run.
+
+On a shared 2-core machine, torch's default of several OpenMP threads spins while it waits for a busy core and made
+the tiny models up to 10x slower (README, "Threads"); the CLI and the benchmarks default to one thread for the same
+reason. A test that wants more sets it and restores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

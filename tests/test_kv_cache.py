@@ -180,3 +180,66 @@ def test_one_cache_one_rope_mode_and_global_attention_grows() -> None:
             causal_kv_block(model, cache, cond, xs[b], ts[b], AttentionSpec(block_frames=3), 3 * b, "absolute")
     assert cache.frame_ids == list(range(15)) and cache.layers[0].k.shape[1] >= 15 * LF
 
+
+# --------------------------------------------------------------------------------------------------------------
+# Re-cache after a prompt switch (LongLive `_recache_after_switch`, global_sink = false)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dense_with_mask(model: WanDiT, x, t, cond, start: int, allowed: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Full-sequence forward whose self-attention uses the explicit frame mask `allowed` [F, F]."""
+    token = allowed.repeat_interleave(LF, 0).repeat_interleave(LF, 1)
+    real = wan_dit._attention
+
+    def explicit(q, k, v, mask):
+        return real(q, k, v, token if k.shape[1] == token.shape[1] else mask)
+
+    with monkeypatch.context() as m:
+        m.setattr(wan_dit, "_attention", explicit)
+        return model(x, t, cond, start_frame=start)  # bidirectional spec: the explicit mask is the only mask
+
+
+@pytest.mark.parametrize("pattern", ["bidirectional", "block-causal"])
+def test_recache_attention_pattern_equals_a_dense_forward_with_explicit_masks(pattern: str, monkeypatch) -> None:
+    """Window 12, sink 3, blocks of 3: re-cache 12 frames under a new prompt, then denoise the next block.
+
+    Dense reference over the 15 frames: the re-cached frames see each other (all, or block by block); the next
+    block sees the new sink (the 3 oldest re-cached frames), the 6 newest re-cached frames and itself.
+    """
+    model = _model()
+    spec = AttentionSpec(block_frames=3, window_frames=12, sink_frames=3)
+    g = torch.Generator().manual_seed(4)
+    s = 18  # the switch happens at frame 18: re-cache frames 6..17
+    x = torch.randn(1, 4, s + 3, *HW, generator=g)
+    t_next = torch.rand(1, 3, generator=g) * 1000
+    old_cond = model.new_conditioning(torch.randn(1, CFG.text_len, CFG.text_dim, generator=g))
+    new_ctx = torch.randn(1, CFG.text_len, CFG.text_dim, generator=g)
+    cache = model.new_kv_cache(spec, HW)
+    with torch.no_grad():
+        for b in range(0, s, 3):  # history under the old prompt
+            model(x[:, :, b : b + 3], torch.zeros(1, 3), old_cond, attention=spec, kv_cache=cache, start_frame=b,
+                  write_cache=True)
+        cond = model.new_conditioning(new_ctx)
+        model.recache(cache, x[:, :, s - 12 : s], s - 12, cond, keep_sink=False,
+                      block_frames=3 if pattern == "block-causal" else None)
+        assert cache.frame_ids == [6, 7, 8, 12, 13, 14, 15, 16, 17] and cache.num_sink == 3
+        cached = model(x[:, :, s : s + 3], t_next, cond, attention=spec, kv_cache=cache, start_frame=s)
+
+        frames = torch.arange(s - 12, s + 3)
+        allowed = torch.zeros(15, 15, dtype=torch.bool)
+        if pattern == "bidirectional":
+            allowed[:12, :12] = True
+        else:
+            allowed[:12, :12] = (frames[:12, None] // 3) >= (frames[None, :12] // 3)
+        allowed[12:, :3] = True  # the new sink
+        allowed[12:, 6:15] = True  # the 6 newest re-cached frames and the block itself
+        t = torch.cat([torch.zeros(1, 12), t_next], dim=1)
+        dense = _dense_with_mask(model, x[:, :, s - 12 : s + 3], t, model.new_conditioning(new_ctx), s - 12, allowed,
+                                 monkeypatch)
+        # The other pattern gives other numbers (so the check above has teeth).
+        other = allowed.clone()
+        other[:12, :12] = True if pattern == "block-causal" else (frames[:12, None] // 3) >= (frames[None, :12] // 3)
+        wrong = _dense_with_mask(model, x[:, :, s - 12 : s + 3], t, model.new_conditioning(new_ctx), s - 12, other,
+                                 monkeypatch)
+    assert (cached - dense[:, :, 12:]).abs().max() <= 1e-5
+    assert (cached - wrong[:, :, 12:]).abs().max() > 1e-3

@@ -454,7 +454,8 @@ class WanDiT(nn.Module):
         frames: [B, C, n, H, W] clean latents of frames start_frame .. start_frame+n-1 (normally the window).
         keep_sink: keep the sink's K/V from the original conditioning (LongLive `global_sink=True`); otherwise the
             cache is cleared and the first re-encoded frames become the new sink.
-        block_frames: causal blocks inside the re-encoded frames (None = bidirectional, as LongLive's main branch).
+        block_frames: causal blocks inside the re-encoded frames; None (default) = every re-encoded frame attends to
+            every other, as upstream LongLive does (its KV-cache path ignores the block mask).
         """
         if keep_sink and kv_cache.num_sink:
             kv_cache.keep_only_sink()

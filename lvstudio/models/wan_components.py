@@ -13,6 +13,9 @@ decode (first block of n latents -> 1 + 4(n-1) frames, later blocks 4n).
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +85,52 @@ def choose_text_offload(mode: str, device: torch.device, text_bytes: int, other_
     return "cpu"
 
 
-def folder_bytes(folder: Path, suffix: str = ".safetensors") -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob(f"*{suffix}") if p.is_file())
+_SAFETENSORS_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def loaded_bytes(folder: Path, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> int:
+    """Memory the safetensors weights under `folder` take once loaded in `dtype`, read from the file headers only.
+
+    Floating-point tensors count at `dtype`'s size (those inside a module named in `keep_fp32` at 4 bytes:
+    transformers keeps `_keep_in_fp32_modules` in float32 for float16 loads); other tensors as stored.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 << 20:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(fh.read(n))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] in _SAFETENSORS_FLOATS:
+                    keep = any(part in keep_fp32 for part in name.split("."))
+                    total += math.prod(info["shape"]) * (4 if keep else size)
+                else:
+                    start, end = info["data_offsets"]
+                    total += end - start
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+            raise PresetError(f"cannot read the safetensors header of {path}: {err}",
+                              hint="pull the preset again (`lvstudio presets pull NAME --force`)") from None
+    return total
+
+
+def text_offload_for(text_dir: Path, *, mode: str, device: torch.device, dtype: torch.dtype, other_bytes: int,
+                     keep_fp32: tuple[str, ...] = ()) -> OffloadMode:
+    """Where umT5 from `text_dir`, loaded in `dtype`, should live (see `choose_text_offload`), judged now.
+
+    other_bytes: the other models (DiT, VAE). Those already on the GPU are part of `memory_allocated` and so already
+    missing from the free memory; only the rest is counted against it.
+    """
+    free = None
+    pending = other_bytes
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        pending = max(0, other_bytes - torch.cuda.memory_allocated(device))
+    return choose_text_offload(mode, device, loaded_bytes(text_dir, dtype, keep_fp32), pending, free)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,8 +187,10 @@ def load_umt5(text_dir: Path, tokenizer_dir: Path, *, text_len: int, device: tor
         raise PresetError(f"{tokenizer_dir} has no tokenizer.json",
                           hint="lvstudio loads the fast tokenizer from tokenizer.json (JSON only, never sentencepiece "
                                "or code); pull the preset again")
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    mode = choose_text_offload(offload, device, folder_bytes(text_dir), other_bytes, free)
+    # Sized as loaded (bf16 on a GPU: 11.4 GB for umT5-XXL), not as downloaded (fp32: 22.7 GB).
+    keep = tuple(getattr(UMT5EncoderModel, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else ()
+    mode = text_offload_for(text_dir, mode=offload, device=device, dtype=dtype, other_bytes=other_bytes,
+                            keep_fp32=keep)
     try:
         model = UMT5EncoderModel.from_pretrained(str(text_dir), dtype=dtype, local_files_only=True,
                                                  use_safetensors=True)

@@ -47,3 +47,55 @@ def test_umt5_stays_on_a_24_gb_gpu(tmp_path: Path, monkeypatch) -> None:
     # Models not on the GPU yet still count against the free memory.
     monkeypatch.setattr(wan_components.torch.cuda, "memory_allocated", lambda device=None: 0)
     assert text_offload_for(tmp_path, dtype=torch.bfloat16, **kw) == "swap"
+
+
+TRICKY = [
+    "  a  red\tball\n\n over   the sea  ",  # whitespace runs, tabs, newlines
+    "Tom &amp; Jerry &quot;run&quot; &#39;fast&#39;",  # HTML entities
+    "&amp;lt;b&amp;gt;bold&amp;lt;/b&amp;gt;",  # escaped twice
+    "a\u00a0b\u3000c\u2009d",  # no-break, ideographic and thin spaces
+    "一只猫在草地上奔跑 🐈",  # not ASCII: kept as is
+    "cafÃ©  au lait",  # mojibake (fixed by ftfy)
+    "",
+    " \n\t ",
+]
+
+
+def test_prompts_are_cleaned_like_wan(recwarn) -> None:
+    from lvstudio.models.wan_components import clean_prompt
+
+    assert clean_prompt(TRICKY[0]) == "a red ball over the sea"
+    assert clean_prompt(TRICKY[1]) == "Tom & Jerry \"run\" 'fast'"
+    assert clean_prompt(TRICKY[2]) == "<b>bold</b>"
+    assert clean_prompt(TRICKY[3]) == "a b c d"
+    assert clean_prompt(TRICKY[4]) == TRICKY[4]
+    assert clean_prompt(TRICKY[6]) == clean_prompt(TRICKY[7]) == ""
+    # The same function as Wan's / diffusers' pipeline (which also uses ftfy only when it is installed).
+    wan = __import__("pytest").importorskip("diffusers.pipelines.wan.pipeline_wan")
+    assert [clean_prompt(p) for p in TRICKY] == [wan.prompt_clean(p) for p in TRICKY]
+
+
+def test_ftfy_fixes_mojibake_when_installed() -> None:
+    import pytest
+
+    pytest.importorskip("ftfy")
+    from lvstudio.models.wan_components import _fix_text, clean_prompt
+
+    _fix_text.cache_clear()
+    assert clean_prompt("cafÃ©  au lait") == "café au lait"
+
+
+def test_without_ftfy_the_rest_still_runs_and_says_so(monkeypatch) -> None:
+    import sys
+
+    import pytest
+
+    from lvstudio.models.wan_components import _fix_text, clean_prompt
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # import ftfy -> ImportError
+    _fix_text.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="ftfy is not installed"):
+            assert clean_prompt("cafÃ©  &amp; \n tea") == "cafÃ© & tea"
+    finally:
+        _fix_text.cache_clear()

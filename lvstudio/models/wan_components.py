@@ -1,8 +1,9 @@
 """Real Wan2.1 components behind the bundle's small adapters: the umT5 text encoder, the Wan VAE with a streaming
 decoder that keeps its causal-conv cache across blocks, LoRA merging through peft, and device/dtype choices.
 
-Text (`UMT5Text`): prompts -> umT5 encoder features [B, text_len, d_model] (4096 for umT5-XXL, text_len 512),
-zero beyond each prompt's tokens, exactly like Wan (`context = [u[:len] for u in ...]`, then zero-padded).
+Text (`UMT5Text`): prompts, cleaned as Wan cleans them (`clean_prompt`), -> umT5 encoder features [B, text_len,
+d_model] (4096 for umT5-XXL, text_len 512), zero beyond each prompt's tokens, exactly like Wan (`context =
+[u[:len] for u in ...]`, then zero-padded).
 
 VAE (`WanVAE`): works on *normalised* latents z = (mu - mean) / std with Wan's 16 per-channel mean/std (read from the
 VAE config), like the tiny VAE. `streaming_decoder()` decodes block by block: diffusers' `AutoencoderKLWan` decodes
@@ -13,10 +14,14 @@ decode (first block of n latents -> 1 + 4(n-1) frames, later blocks 4n).
 
 from __future__ import annotations
 
+import functools
+import html
 import json
 import math
+import re
 import struct
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -138,6 +143,32 @@ def text_offload_for(text_dir: Path, *, mode: str, device: torch.device, dtype: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _fix_text() -> Callable[[str], str] | None:
+    """ftfy.fix_text, or None (with one warning) when ftfy is not installed."""
+    try:
+        import ftfy
+    except ImportError:
+        warnings.warn("ftfy is not installed: prompts are cleaned without ftfy.fix_text (mojibake such as 'cafÃ©' "
+                      "stays as typed); install it with pip install 'lvstudio[wan]'", stacklevel=3)
+        return None
+    return ftfy.fix_text
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning before umT5 (`prompt_clean` = `whitespace_clean(basic_clean(text))`).
+
+    ftfy.fix_text (mojibake, odd quotes; skipped with a warning without ftfy), HTML entities unescaped twice
+    ('&amp;amp;' -> '&'), then every run of whitespace (tabs, newlines, no-break and ideographic spaces) becomes one
+    space, trimmed.
+    """
+    fix = _fix_text()
+    if fix is not None:
+        text = fix(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 class UMT5Text:
     """umT5 encoder + tokenizer (diffusers repo layout) with Wan's zero padding; the bundle's text adapter."""
 
@@ -156,7 +187,7 @@ class UMT5Text:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
         """prompts -> features [B, text_len, d_model] (float32, on the bundle device), zero past each prompt."""
-        cleaned = [" ".join(p.split()) for p in prompts]
+        cleaned = [clean_prompt(p) for p in prompts]
         tok = self.tokenizer(cleaned, max_length=self.text_len, padding="max_length", truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         dev = self.compute_device

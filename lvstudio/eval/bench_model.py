@@ -76,6 +76,9 @@ class ModelBenchResult:
         if self.comparisons:
             out.append("KV cache vs the old cache, per block (4 denoising calls + context pass), window full:")
             out.extend(c.line() for c in self.comparisons)
+            if any("rebase" in c.name for c in self.comparisons):
+                out.append("  (rebase: the old cache re-based positions over a block it kept but could not see, a one-block"
+                           " gap after the sink; the window now follows the sink contiguously, so outputs differ)")
         return out
 
 

@@ -168,9 +168,9 @@ class CachePlan:
 class KVCache:
     """Per-layer self-attention K/V of committed frames: the sink plus the frames the next block can see.
 
-    Capacity is fixed at `window_frames` frames per layer (allocated on first use, as the K/V batch, dtype and
-    device), so memory is constant however long the rollout grows; without a window the buffer grows by doubling.
-    `state_dict()` holds only the live frames.
+    Each layer's buffer holds `window_frames` frames and is allocated on first use, with the batch, dtype and device
+    of the K/V written, so memory is constant however long the rollout grows; without a window it grows by
+    doubling. `state_dict()` holds only the live frames.
     """
 
     num_layers: int
@@ -368,8 +368,8 @@ class KVCache:
             if plan.live_index is None:
                 live_k, live_v = kv.k[:, : plan.live_tokens], kv.v[:, : plan.live_tokens]
             else:
-                idx = plan.live_index.to(k.device)
-                live_k, live_v = kv.k.index_select(1, idx), kv.v.index_select(1, idx)
+                plan.live_index = plan.live_index.to(k.device)  # moved once, for every layer
+                live_k, live_v = kv.k.index_select(1, plan.live_index), kv.v.index_select(1, plan.live_index)
             keys, values = torch.cat([live_k, k], dim=1), torch.cat([live_v, v], dim=1)
         # Step 3: keep the new frames that stay cached (and, in rebase mode, the new sink frames un-rotated).
         if plan.write:

@@ -89,9 +89,7 @@ def test_recache_attention_setting_reaches_the_model(monkeypatch) -> None:
     for pattern in ("bidirectional", "block-causal"):
         bundle = random_bundle(attention=AttentionSettings(block_frames=2, window_frames=6, sink_frames=2,
                                                            global_sink=False, recache_attention=pattern))
-        real = bundle.dit.recache
-
-        def spy(*args, **kwargs):
+        def spy(*args, real=bundle.dit.recache, **kwargs):
             seen.append(kwargs["block_frames"])
             return real(*args, **kwargs)
 

@@ -155,12 +155,13 @@ def test_snapshot_holds_the_live_frames_and_resumes_exactly() -> None:
         assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
         cast = model.new_kv_cache(spec, HW)  # a snapshot in another dtype is converted on first use
         cast.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
-        rest = {}
+        rest: dict[str, list[torch.Tensor]] = {}
         for key, c in (("orig", cache), ("resumed", again), ("cast", cast)):
-            rest[key] = [causal_kv_block(model, c, cond, xs[b], ts[b], spec, 2 * b, "rebase") for b in range(5, 10)]
-    for a, b in zip(sum(rest["orig"], []), sum(rest["resumed"], [])):
+            rest[key] = [out for b in range(5, 10)
+                         for out in causal_kv_block(model, c, cond, xs[b], ts[b], spec, 2 * b, "rebase")]
+    for a, b in zip(rest["orig"], rest["resumed"]):
         assert torch.equal(a, b)
-    for a, b in zip(sum(rest["orig"], []), sum(rest["cast"], [])):
+    for a, b in zip(rest["orig"], rest["cast"]):
         assert (a - b).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="older lvstudio"):
         model.new_kv_cache(spec, HW).load_state_dict({"frame_ids": state["frame_ids"], "num_sink": state["num_sink"]})

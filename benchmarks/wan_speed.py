@@ -3,17 +3,22 @@
 Compares with Self-Forcing's published 17 FPS on one H100 (arXiv 2506.08009; LongLive reports 20.7 FPS). Setting:
 480x832 (latent 60x104, 1560 tokens per latent frame), bfloat16, blocks of 3 latent frames, 4 few-step denoising
 steps ([1000, 750, 500, 250] warped on the shift-5 table) + the clean context pass per block, through lvstudio's own
-WanDiT and rolling KV cache — once with global attention (Self-Forcing's default, KV grows to 21 frames) and once
-with LongLive's rolling window (12 frames including a 3-frame sink). The text encoder is left out (random [1, 512,
-4096] features: prompts are encoded once per switch); the Wan VAE streaming decode (random weights, full size) is
-timed too unless --no-vae.
+WanDiT and rolling KV cache, in the two regimes the presets run in:
+  - `window21`: Self-Forcing / CausVid presets, a rolling window of 21 latent frames (`--window`), no sink;
+  - `longlive window12+sink3`: LongLive, a window of 12 frames including a 3-frame sink, with one prompt switch
+    (`--switch-block`) that re-caches the window under the new prompt (global_sink false, bidirectional re-cache),
+    timed on its own.
+`--global` adds global attention (upstream Self-Forcing inside its 21-frame horizon; the cache grows without bound).
+The text encoder is left out (random [1, 512, 4096] features: prompts are encoded once per switch); the Wan VAE
+streaming decode (random weights, full size) is timed too unless --no-vae.
 
-Reported per mode: first-block latency (noise -> decoded frames of block 0, the "time to first frame" a viewer sees),
-frames/s over all blocks (pixel frames: 9 for the first block, then 12 per block) and after the first block, peak
-GPU memory and the KV-cache size.
+Reported per mode: first-block latency (noise -> decoded frames of block 0, the "time to first frame" a viewer
+sees), frames/s over all blocks and at steady state (the blocks whose window is full, the switch block left out:
+what a long video runs at), the prompt-switch re-cache time, attention masks built at steady state (0 expected),
+peak GPU memory and the KV-cache size.
 
-    python benchmarks/wan_speed.py                       # 7 blocks (81 frames, 5 s of video) per mode
-    python benchmarks/wan_speed.py --blocks 20 --json out/wan_speed.json
+    python benchmarks/wan_speed.py                       # 14 blocks per mode (steady state from block 6 / 3)
+    python benchmarks/wan_speed.py --blocks 30 --window 21 --json out/wan_speed.json
     python benchmarks/wan_speed.py --allow-cpu --tiny    # smoke test of the code path (tiny sizes, no GPU)
 
 Without a CUDA GPU it says so and exits 0 (nothing is measured).
@@ -45,6 +50,11 @@ class ModeResult:
     first_block_s: float
     fps: float
     fps_after_first: float
+    steady_from_block: int | None  # first block whose window is full (None: never, or not reached)
+    fps_steady: float  # frames/s over the steady blocks, switch block left out (NaN if none)
+    switch_block: int | None
+    recache_s: float  # prompt-switch re-cache (NaN without a switch)
+    masks_steady: int  # attention masks built during the steady blocks
     peak_mem_gib: float
     kv_cache_mib: float
     decode_share: float  # share of the time spent in VAE decode
@@ -77,17 +87,24 @@ def build(tiny: bool, device, dtype, with_vae: bool):
 
         from lvstudio.models.wan_components import WanVAE
 
-        kw = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1) if tiny else {}
+        kw = {"base_dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1} if tiny else {}
         model = AutoencoderKLWan(**kw).to(device=device, dtype=dtype).eval().requires_grad_(False)
         vae = WanVAE(model, device, dtype)
     return dit, vae
 
 
+def steady_from(window: int | None, block_frames: int) -> int | None:
+    """First block that attends to a full window: the cache then holds window - block frames before it."""
+    return None if window is None else -(-(window - block_frames) // block_frames)
+
+
 def run_mode(dit, vae, *, mode: str, window: int | None, sink: int, blocks: int, block_frames: int,
-             latent_hw: tuple[int, int], device, seed: int = 0) -> ModeResult:
-    """Generate `blocks` blocks through the rolling KV cache and time each one."""
+             latent_hw: tuple[int, int], device, seed: int = 0, switch_block: int | None = None,
+             recache_attention: str = "bidirectional") -> ModeResult:
+    """Generate `blocks` blocks through the rolling KV cache and time each one (and a prompt-switch re-cache)."""
     import torch
 
+    from lvstudio.eval.bench_model import count_masks
     from lvstudio.models.kv_cache import AttentionSpec
     from lvstudio.sampling.flow_matching import FlowMatchTable, warp_steps
     from lvstudio.sampling.samplers import few_step_sample
@@ -103,50 +120,80 @@ def run_mode(dit, vae, *, mode: str, window: int | None, sink: int, blocks: int,
     cond = dit.new_conditioning(ctx)
     cache = dit.new_kv_cache(spec, (h, w))
     decoder = vae.streaming_decoder() if vae is not None else None
+    steady = steady_from(window, n)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: list[float] = []
-    decode_time = 0.0
-    frames = 0
+    frames_per_block: list[int] = []
+    decode_time = recache_time = 0.0
+    masks_steady = 0
+    recent = None  # [1, C, <=window, h, w] last clean latents (what a switch re-caches)
     with torch.no_grad():
         for b in range(blocks):
             start = b * n
-
-            def denoise(x, t, start=start):
-                return dit(x, t, cond, attention=spec, kv_cache=cache, start_frame=start)
-
             _sync(device)
             t0 = time.perf_counter()
-            # Step 1: few-step sampling of the block against the cache.
-            noise = torch.randn(1, cfg.out_dim, n, h, w, generator=gen, device=device)
-            x0 = few_step_sample(denoise, noise, steps, gen, table=table)
-            # Step 2: clean context pass writes the block's K/V.
-            dit(x0, torch.zeros(1, n, device=device), cond, attention=spec, kv_cache=cache, start_frame=start,
-                write_cache=True)
-            # Step 3: streaming VAE decode of the block.
+            with count_masks() as masks:
+                # Step 1 (LongLive): a prompt switch re-encodes the window under the new prompt.
+                if b == switch_block and recent is not None:
+                    cond = dit.new_conditioning(torch.randn(ctx.shape, generator=gen, device=device))
+                    k = recent.shape[2]
+                    dit.recache(cache, recent, start - k, cond, keep_sink=False,
+                                block_frames=n if recache_attention == "block-causal" else None)
+                    _sync(device)
+                    recache_time = time.perf_counter() - t0
+
+                def denoise(x, t, start=start, cond=cond):
+                    return dit(x, t, cond, attention=spec, kv_cache=cache, start_frame=start)
+
+                # Step 2: few-step sampling of the block against the cache.
+                noise = torch.randn(1, cfg.out_dim, n, h, w, generator=gen, device=device)
+                x0 = few_step_sample(denoise, noise, steps, gen, table=table)
+                # Step 3: clean context pass writes the block's K/V.
+                dit(x0, torch.zeros(1, n, device=device), cond, attention=spec, kv_cache=cache, start_frame=start,
+                    write_cache=True)
+            if steady is not None and b >= steady and b != switch_block:
+                masks_steady += len(masks)
+            recent = x0 if recent is None else torch.cat([recent, x0], 2)[:, :, -(window or 4 * n * 8) :]
+            # Step 4: streaming VAE decode of the block.
             if decoder is not None:
                 _sync(device)
                 t1 = time.perf_counter()
                 video = decoder.decode(x0)
                 _sync(device)
                 decode_time += time.perf_counter() - t1
-                frames += int(video.shape[2])
+                frames_per_block.append(int(video.shape[2]))
             else:
-                frames += 1 + 4 * (n - 1) if b == 0 else 4 * n
+                frames_per_block.append(1 + 4 * (n - 1) if b == 0 else 4 * n)
             _sync(device)
             times.append(time.perf_counter() - t0)
     total = sum(times)
-    first_frames = 1 + 4 * (n - 1)
+    frames = sum(frames_per_block)
     rest = total - times[0]
+    steady_blocks = [b for b in range(blocks) if steady is not None and b >= steady and b != switch_block]
+    steady_s = sum(times[b] for b in steady_blocks)
+    fps_steady = sum(frames_per_block[b] for b in steady_blocks) / steady_s if steady_s > 0 else float("nan")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return ModeResult(mode, window, sink, blocks, frames, times[0], frames / total,
-                      (frames - first_frames) / rest if rest > 0 else float("nan"), peak,
-                      cache.nbytes() / 2**20, decode_time / total if total else 0.0)
+                      (frames - frames_per_block[0]) / rest if rest > 0 else float("nan"),
+                      steady if steady_blocks else None, fps_steady,
+                      switch_block if (switch_block is not None and switch_block < blocks) else None,
+                      recache_time if switch_block is not None and switch_block < blocks else float("nan"),
+                      masks_steady, peak, cache.nbytes() / 2**20, decode_time / total if total else 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=int, default=7, help="blocks per mode (7 = 21 latent = 81 pixel frames)")
+    ap.add_argument("--blocks", type=int, default=14,
+                    help="blocks per mode (14 = 42 latent frames: past the 21-frame window and the LongLive switch)")
+    ap.add_argument("--window", type=int, default=21, help="rolling window of the Self-Forcing / CausVid mode")
+    ap.add_argument("--switch-block", type=int, default=None,
+                    help="LongLive mode: block where the prompt switches and the window is re-cached "
+                         "(default: half way, once the 12-frame window is full)")
+    ap.add_argument("--recache-attention", choices=["bidirectional", "block-causal"], default="bidirectional",
+                    help="how the re-cached window attends to itself (upstream LongLive: bidirectional)")
+    ap.add_argument("--global", dest="with_global", action="store_true",
+                    help="also run global attention (grows without bound; upstream Self-Forcing's 21-frame horizon)")
     ap.add_argument("--block-frames", type=int, default=3)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
@@ -164,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
               "compare with Self-Forcing's 17 FPS on one H100; run it on a GPU machine "
               "(`--allow-cpu --tiny` only smoke-tests the code path).")
         return 0
+    n = args.block_frames
+    if args.blocks < 1 or n < 1 or args.window < n:
+        print(f"wan_speed: need --blocks >= 1 and --window >= --block-frames (got {args.blocks}, {args.window}, {n})",
+              file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -177,24 +229,38 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test, not a measurement)"
     params = sum(p.numel() for p in dit.parameters()) / 1e9
     print(f"device: {gpu}; DiT {params:.2f} B params, {dtype}; {width}x{height} (latent {latent_hw[0]}x{latent_hw[1]},"
-          f" {latent_hw[0] * latent_hw[1] // 4} tokens/frame); block {args.block_frames}; 4 steps; VAE decode: "
+          f" {latent_hw[0] * latent_hw[1] // 4} tokens/frame); block {n}; 4 steps; VAE decode: "
           f"{'no' if args.no_vae else 'yes'}; torch {torch.__version__}")
-    modes = [("global", None, 0), ("window12+sink3", 12, 3)]
+    switch = args.switch_block if args.switch_block is not None else max(args.blocks // 2, steady_from(12, n) + 1)
+    modes: list[tuple[str, int | None, int, int | None]] = [
+        (f"window{args.window}", args.window, 0, None),
+        ("longlive window12+sink3", 12, 3, switch),
+    ]
+    if args.with_global:
+        modes.insert(0, ("global", None, 0, None))
     results: list[ModeResult] = []
-    for name, window, sink in modes:
+    for name, window, sink, switch_block in modes:
+        kw = {"mode": name, "window": window, "sink": sink, "block_frames": n, "latent_hw": latent_hw,
+              "device": device, "recache_attention": args.recache_attention}
         if args.warmup:
-            run_mode(dit, vae, mode=name, window=window, sink=sink, blocks=args.warmup, block_frames=args.block_frames,
-                     latent_hw=latent_hw, device=device)
-        results.append(run_mode(dit, vae, mode=name, window=window, sink=sink, blocks=args.blocks,
-                                block_frames=args.block_frames, latent_hw=latent_hw, device=device, seed=1))
-    print(f"{'mode':<16} {'blocks':>6} {'frames':>6} {'first block s':>13} {'frames/s':>9} {'fps after 1st':>13} "
-          f"{'peak GiB':>8} {'KV MiB':>8} {'decode %':>8}")
+            run_mode(dit, vae, blocks=args.warmup, **kw)
+        results.append(run_mode(dit, vae, blocks=args.blocks, seed=1, switch_block=switch_block, **kw))
+    print(f"{'mode':<24} {'blocks':>6} {'frames':>6} {'first block s':>13} {'frames/s':>9} {'fps after 1st':>13} "
+          f"{'steady from':>11} {'fps steady':>10} {'re-cache s':>10} {'masks':>5} {'peak GiB':>8} {'KV MiB':>8} "
+          f"{'decode %':>8}")
     for r in results:
-        print(f"{r.mode:<16} {r.blocks:>6} {r.pixel_frames:>6} {r.first_block_s:>13.3f} {r.fps:>9.2f} "
-              f"{r.fps_after_first:>13.2f} {r.peak_mem_gib:>8.2f} {r.kv_cache_mib:>8.1f} {100 * r.decode_share:>7.1f}%")
+        steady = "-" if r.steady_from_block is None else f"block {r.steady_from_block}"
+        recache = "-" if r.switch_block is None else f"{r.recache_s:.3f}"
+        print(f"{r.mode:<24} {r.blocks:>6} {r.pixel_frames:>6} {r.first_block_s:>13.3f} {r.fps:>9.2f} "
+              f"{r.fps_after_first:>13.2f} {steady:>11} {r.fps_steady:>10.2f} {recache:>10} {r.masks_steady:>5} "
+              f"{r.peak_mem_gib:>8.2f} {r.kv_cache_mib:>8.1f} {100 * r.decode_share:>7.1f}%")
+    short = [r.mode for r in results if r.window_frames is not None and r.steady_from_block is None]
+    if short:
+        print(f"note: {', '.join(short)} never reached a full window; use more --blocks for the steady state")
     if device.type == "cuda" and not args.tiny:
         print(f"reference: Self-Forcing paper {SELF_FORCING_FPS_H100:.0f} FPS on one H100 (their code, bf16); "
-              "ratio to it: " + ", ".join(f"{r.mode} {r.fps / SELF_FORCING_FPS_H100:.2f}x" for r in results))
+              "steady-state ratio to it: "
+              + ", ".join(f"{r.mode} {r.fps_steady / SELF_FORCING_FPS_H100:.2f}x" for r in results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": gpu, "dtype": str(dtype), "width": width, "height": height,

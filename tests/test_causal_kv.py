@@ -61,3 +61,19 @@ def test_anchors_pin_latents_image_and_first_frame_of_a_shot() -> None:
     assert torch.equal(chunks[0].latents[:, :, 0], img[:, :, 0])
     assert torch.equal(chunks[3].latents[:, :, 0], chunks[0].latents[:, :, 1])
     assert anchors.summary()[1]["ready"]
+
+
+def test_recache_attention_setting_reaches_the_model(monkeypatch) -> None:
+    seen: list[int | None] = []
+    for pattern in ("bidirectional", "block-causal"):
+        bundle = random_bundle(attention=AttentionSettings(block_frames=2, window_frames=6, sink_frames=2,
+                                                           global_sink=False, recache_attention=pattern))
+        def spy(*args, real=bundle.dit.recache, **kwargs):
+            seen.append(kwargs["block_frames"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(bundle.dit, "recache", spy)
+        be = _backend(bundle, cut_at=1.0)
+        for _ in range(be.buffer.seconds_to_block(1.0) + 1):
+            be.step()
+    assert seen == [None, 2]  # upstream LongLive re-encodes the window bidirectionally by default

@@ -504,4 +504,4 @@ def test_speed_benchmark_says_when_no_gpu(capsys: pytest.CaptureFixture[str], mo
     # The measured code path itself, at tiny size on the CPU (a smoke test, not a measurement).
     assert bench.main(["--allow-cpu", "--tiny", "--blocks", "2", "--warmup", "0", "--no-vae"]) == 0
     out = capsys.readouterr().out
-    assert "global" in out and "window12+sink3" in out
+    assert "window21" in out and "window12+sink3" in out

@@ -129,15 +129,21 @@ class CausalKVBackend(BackendBase):
                 self.recache(self.conds.get(bc.key, bc.context))
 
     def recache(self, cond: Conditioning) -> None:
-        """Re-encode the recent clean latents (the window) under `cond` (LongLive `_recache_after_switch`)."""
+        """Re-encode the recent clean latents (the window) under `cond` (LongLive `_recache_after_switch`).
+
+        The window's frames attend to each other as `attention.recache_attention` says: all to all, as upstream
+        LongLive does (its KV path ignores the block mask), or block-causally.
+        """
         if self.recent is None:
             return
         k = self.recent.shape[2]
         if self.attn.window_frames is not None:
             k = min(k, self.attn.window_frames)
         frames = self.recent[:, :, -k:].expand(self.batch, -1, -1, -1, -1)
+        causal = self.attn.recache_attention == "block-causal"  # LongLive upstream: bidirectional
         self.dit.recache(self.cache, frames, self.start_frame - k, cond, keep_sink=self.attn.global_sink,
-                         block_frames=self.n, rope_mode=self.attn.rope_mode, t_context=self.sampler.context_noise)
+                         block_frames=self.n if causal else None, rope_mode=self.attn.rope_mode,
+                         t_context=self.sampler.context_noise)
 
     def _remember(self, x0: Tensor) -> None:
         self.recent = x0 if self.recent is None else torch.cat([self.recent, x0], dim=2)[:, :, -self.keep_latents :]

@@ -1,8 +1,9 @@
 """Real Wan2.1 components behind the bundle's small adapters: the umT5 text encoder, the Wan VAE with a streaming
 decoder that keeps its causal-conv cache across blocks, LoRA merging through peft, and device/dtype choices.
 
-Text (`UMT5Text`): prompts -> umT5 encoder features [B, text_len, d_model] (4096 for umT5-XXL, text_len 512),
-zero beyond each prompt's tokens, exactly like Wan (`context = [u[:len] for u in ...]`, then zero-padded).
+Text (`UMT5Text`): prompts, cleaned as Wan cleans them (`clean_prompt`), -> umT5 encoder features [B, text_len,
+d_model] (4096 for umT5-XXL, text_len 512), zero beyond each prompt's tokens, exactly like Wan (`context =
+[u[:len] for u in ...]`, then zero-padded).
 
 VAE (`WanVAE`): works on *normalised* latents z = (mu - mean) / std with Wan's 16 per-channel mean/std (read from the
 VAE config), like the tiny VAE. `streaming_decoder()` decodes block by block: diffusers' `AutoencoderKLWan` decodes
@@ -13,7 +14,14 @@ decode (first block of n latents -> 1 + 4(n-1) frames, later blocks 4n).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import html
+import json
+import math
+import re
+import struct
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -82,13 +90,83 @@ def choose_text_offload(mode: str, device: torch.device, text_bytes: int, other_
     return "cpu"
 
 
-def folder_bytes(folder: Path, suffix: str = ".safetensors") -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob(f"*{suffix}") if p.is_file())
+_SAFETENSORS_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def loaded_bytes(folder: Path, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> int:
+    """Memory the safetensors weights under `folder` take once loaded in `dtype`, read from the file headers only.
+
+    Floating-point tensors count at `dtype`'s size (those inside a module named in `keep_fp32` at 4 bytes:
+    transformers keeps `_keep_in_fp32_modules` in float32 for float16 loads); other tensors as stored.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 << 20:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(fh.read(n))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] in _SAFETENSORS_FLOATS:
+                    keep = any(part in keep_fp32 for part in name.split("."))
+                    total += math.prod(info["shape"]) * (4 if keep else size)
+                else:
+                    start, end = info["data_offsets"]
+                    total += end - start
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+            raise PresetError(f"cannot read the safetensors header of {path}: {err}",
+                              hint="pull the preset again (`lvstudio presets pull NAME --force`)") from None
+    return total
+
+
+def text_offload_for(text_dir: Path, *, mode: str, device: torch.device, dtype: torch.dtype, other_bytes: int,
+                     keep_fp32: tuple[str, ...] = ()) -> OffloadMode:
+    """Where umT5 from `text_dir`, loaded in `dtype`, should live (see `choose_text_offload`), judged now.
+
+    other_bytes: the other models (DiT, VAE). Those already on the GPU are part of `memory_allocated` and so already
+    missing from the free memory; only the rest is counted against it.
+    """
+    free = None
+    pending = other_bytes
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        pending = max(0, other_bytes - torch.cuda.memory_allocated(device))
+    return choose_text_offload(mode, device, loaded_bytes(text_dir, dtype, keep_fp32), pending, free)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text encoder
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _fix_text() -> Callable[[str], str] | None:
+    """ftfy.fix_text, or None (with one warning) when ftfy is not installed."""
+    try:
+        import ftfy
+    except ImportError:
+        warnings.warn("ftfy is not installed: prompts are cleaned without ftfy.fix_text (mojibake such as 'cafÃ©' "
+                      "stays as typed); install it with pip install 'lvstudio[wan]'", stacklevel=3)
+        return None
+    return ftfy.fix_text
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning before umT5 (`prompt_clean` = `whitespace_clean(basic_clean(text))`).
+
+    ftfy.fix_text (mojibake, odd quotes; skipped with a warning without ftfy), HTML entities unescaped twice
+    ('&amp;amp;' -> '&'), then every run of whitespace (tabs, newlines, no-break and ideographic spaces) becomes one
+    space, trimmed.
+    """
+    fix = _fix_text()
+    if fix is not None:
+        text = fix(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 class UMT5Text:
@@ -109,7 +187,7 @@ class UMT5Text:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
         """prompts -> features [B, text_len, d_model] (float32, on the bundle device), zero past each prompt."""
-        cleaned = [" ".join(p.split()) for p in prompts]
+        cleaned = [clean_prompt(p) for p in prompts]
         tok = self.tokenizer(cleaned, max_length=self.text_len, padding="max_length", truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         dev = self.compute_device
@@ -140,8 +218,10 @@ def load_umt5(text_dir: Path, tokenizer_dir: Path, *, text_len: int, device: tor
         raise PresetError(f"{tokenizer_dir} has no tokenizer.json",
                           hint="lvstudio loads the fast tokenizer from tokenizer.json (JSON only, never sentencepiece "
                                "or code); pull the preset again")
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    mode = choose_text_offload(offload, device, folder_bytes(text_dir), other_bytes, free)
+    # Sized as loaded (bf16 on a GPU: 11.4 GB for umT5-XXL), not as downloaded (fp32: 22.7 GB).
+    keep = tuple(getattr(UMT5EncoderModel, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else ()
+    mode = text_offload_for(text_dir, mode=offload, device=device, dtype=dtype, other_bytes=other_bytes,
+                            keep_fp32=keep)
     try:
         model = UMT5EncoderModel.from_pretrained(str(text_dir), dtype=dtype, local_files_only=True,
                                                  use_safetensors=True)

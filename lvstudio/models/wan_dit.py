@@ -20,17 +20,15 @@ rolling window and an attention sink (`lvstudio.models.kv_cache`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lvstudio.models.kv_cache import AttentionSpec, CrossAttnCache, KVCache, frame_mask, token_mask
-
-RopeMode = Literal["absolute", "rebase"]
-
+from lvstudio.models.kv_cache import AttentionSpec, CachePlan, CrossAttnCache, KVCache, RopeMode, frame_mask, token_mask
+from lvstudio.models.rope import Rope3D, apply_rope
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configs
@@ -117,49 +115,6 @@ class RMSNorm(nn.Module):
         return y.type_as(x) * self.weight
 
 
-class Rope3D:
-    """3D rotary embedding: head_dim split into time/height/width parts (44/42/42 for head_dim 128), adjacent pairs.
-
-    Angles for any position are computed on demand in float64, so positions past the checkpoint's table are
-    representable; `WanDiT` refuses them in absolute mode because the checkpoints never saw them.
-    """
-
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
-        hw = 2 * (head_dim // 6)
-        self.dims = (head_dim - 2 * hw, hw, hw)  # real dims per axis, each even
-        self.theta = theta
-
-    def _angles(self, pos: Tensor, dim: int) -> Tensor:
-        # pos [N] -> [N, dim/2] angles p * theta^(-2j/dim)
-        j = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device)
-        return pos.to(torch.float64)[:, None] * torch.pow(self.theta, -j / dim)
-
-    def cos_sin(self, frame_pos: Tensor, height: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Rotation for tokens laid out frame-major: frame_pos [F] -> cos, sin [F*height*width, 1, head_dim/2]."""
-        dt, dh, dw = self.dims
-        dev = frame_pos.device
-        a_t = self._angles(frame_pos, dt)  # [F, dt/2]
-        a_h = self._angles(torch.arange(height, device=dev), dh)  # [H, dh/2]
-        a_w = self._angles(torch.arange(width, device=dev), dw)  # [W, dw/2]
-        f, h, w = a_t.shape[0], height, width
-        ang = torch.cat(
-            [
-                a_t[:, None, None].expand(f, h, w, -1),
-                a_h[None, :, None].expand(f, h, w, -1),
-                a_w[None, None, :].expand(f, h, w, -1),
-            ],
-            dim=-1,
-        ).reshape(f * h * w, 1, -1)
-        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]). x [B, L, heads, head_dim]; cos/sin [L, 1, head_dim/2]."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, heads, head_dim/2] each
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
-
-
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D], mask [Lq, Lk] bool or None -> [B, Lq, H*D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -170,13 +125,10 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 class _AttnContext:
     """Everything self-attention needs for one forward call (shared by all layers)."""
 
-    q_cos: Tensor
-    q_sin: Tensor
-    mask: Tensor | None  # [Lq, Lk] or None
+    rot: Tensor  # [Lq, 1, head_dim/2] complex RoPE rotation of the new tokens (queries and their keys)
+    mask: Tensor | None  # [Lq, Lk] bool or None
     cache: KVCache | None = None
-    cached_cos: Tensor | None = None  # RoPE for the cached keys
-    cached_sin: Tensor | None = None
-    write: bool = False
+    plan: CachePlan | None = None  # how this call reads / writes the cache
 
 
 class SelfAttention(nn.Module):
@@ -192,17 +144,12 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(2, (self.num_heads, -1))
         v = self.v(x).unflatten(2, (self.num_heads, -1))
-        q_r = apply_rope(q, ctx.q_cos, ctx.q_sin)
-        k_r = apply_rope(k, ctx.q_cos, ctx.q_sin)
+        q_r = apply_rope(q, ctx.rot)
+        k_r = apply_rope(k, ctx.rot)
         keys, values = k_r, v
-        if ctx.cache is not None:
-            cached = ctx.cache.read(layer)
-            if cached is not None:
-                ck, cv = cached  # un-roped [B, S, heads, head_dim]
-                keys = torch.cat([apply_rope(ck, ctx.cached_cos, ctx.cached_sin), k_r], dim=1)
-                values = torch.cat([cv, v], dim=1)
-            if ctx.write:
-                ctx.cache.append(layer, k.detach(), v.detach())
+        if ctx.cache is not None and ctx.plan is not None:
+            # Cached frames (keys stored rotated) + the new ones; the cache writes what stays.
+            keys, values = ctx.cache.layer_kv(layer, ctx.plan, k_r, v, k)
         return self.o(_attention(q_r, keys, values, ctx.mask))
 
 
@@ -334,6 +281,7 @@ class WanDiT(nn.Module):
         if cfg.model_type == "i2v":
             self.img_emb = MLPProj(cfg.image_dim, d)
         self.rope = Rope3D(cfg.head_dim, cfg.rope_theta)
+        self._rotation_memo: dict[tuple, Tensor] = {}  # (first frame, frames, hp, wp, device) -> RoPE rotation
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -371,9 +319,13 @@ class WanDiT(nn.Module):
             cond.cache.layers = list(kvs)
         return kvs
 
-    def _positions(self, frames: Tensor, cache: KVCache | None, rope_mode: RopeMode) -> tuple[Tensor, Tensor | None]:
-        """RoPE time positions for the new frames and the cached frames."""
-        cached = torch.tensor(cache.frame_ids, dtype=torch.int64) if cache is not None and cache.frame_ids else None
+    def _positions(self, frames: Tensor, rope_mode: RopeMode, cached: bool) -> Tensor:
+        """RoPE time positions of the new frames.
+
+        Absolute: the frame ids, checked against the RoPE table. Rebase without a cache: from 0. Rebase with a cache:
+        the frame ids as well, unchecked: the cache moves only its sink (see `lvstudio.models.kv_cache`), and since
+        RoPE sees only position differences this equals re-basing the whole window.
+        """
         if rope_mode == "absolute":
             top = int(frames.max()) + 1
             if top > self.cfg.rope_max_frames:
@@ -381,18 +333,10 @@ class WanDiT(nn.Module):
                     f"latent frame {top - 1} is past the {self.cfg.rope_max_frames}-frame RoPE table this model was "
                     "trained with; use rope_mode='rebase' (relative positions inside the rolling window) for longer videos"
                 )
-            return frames, cached
+            return frames
         if rope_mode != "rebase":
             raise ValueError(f"rope_mode must be 'absolute' or 'rebase' (got {rope_mode!r})")
-        # Re-based: sink frames keep 0..S-1, the rest of the window follows contiguously, then the new frames.
-        n_sink = cache.num_sink if cache is not None else 0
-        all_frames = frames if cached is None else torch.cat([cached, frames])
-        rest = all_frames[n_sink:]
-        first = int(rest.min()) if rest.numel() else 0
-        pos = torch.cat([torch.arange(n_sink), rest - first + n_sink])
-        if cached is None:
-            return pos, None
-        return pos[len(cached) :], pos[: len(cached)]
+        return frames if cached else frames - frames.min()
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(
@@ -412,7 +356,8 @@ class WanDiT(nn.Module):
         x: [B, C_in, F, H, W] noisy latents (for i2v, `cond.y` [B, 20, F, H, W] is concatenated on channels).
         t: [B, F] per-frame timesteps in 1000-scale (a [B] tensor means one timestep for all frames).
         attention: topology for the new frames (default bidirectional). With `kv_cache`, the new frames also attend
-            to the cached frames (sink + rolling window) and, if `write_cache`, their K/V are appended afterwards.
+            to the cached frames (sink + rolling window) and, if `write_cache`, their K/V are stored in the cache,
+            which then keeps exactly what the next block will see.
         start_frame: absolute index of the first new latent frame (RoPE offset and cache bookkeeping).
         Returns the velocity [B, C_out, F, H, W].
         """
@@ -443,12 +388,23 @@ class WanDiT(nn.Module):
         # Step 5: transformer blocks.
         for i, blk in enumerate(self.blocks):
             tokens = blk(tokens, e0, ctx_kv[i], attn, i)
-        if kv_cache is not None and write_cache:
-            kv_cache.commit_frames(list(range(start_frame, start_frame + fp)))
+        if attn.cache is not None and attn.plan is not None:
+            attn.cache.commit(attn.plan)
         # Step 6: head and unpatchify -> [B, C_out, F, H, W].
         out = self.head(tokens, e)  # [B, F*L_f, pt*ph*pw*C_out]
         out = out.view(b, fp, hp, wp, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_dim, fp * pt, hp * ph, wp * pw)
+
+    def _rotation(self, pos: Tensor, hp: int, wp: int, device: torch.device) -> Tensor:
+        """RoPE rotation of frames `pos` (consecutive) [F*hp*wp, 1, head_dim/2]; the last few are remembered, since
+        every denoising step of a block and its context pass use the same positions."""
+        key = (int(pos[0]), len(pos), hp, wp, str(device))
+        rot = self._rotation_memo.get(key)
+        if rot is None:
+            if len(self._rotation_memo) >= 4:
+                self._rotation_memo.clear()
+            rot = self._rotation_memo[key] = self.rope.rotation(pos.to(device), hp, wp)
+        return rot
 
     def _attention_context(
         self,
@@ -463,29 +419,21 @@ class WanDiT(nn.Module):
         device: torch.device,
     ) -> _AttnContext:
         frames = torch.arange(start_frame, start_frame + n_frames)
-        pos, cached_pos = self._positions(frames, cache, rope_mode)
-        q_cos, q_sin = self.rope.cos_sin(pos.to(device), hp, wp, torch.float32)
+        pos = self._positions(frames, rope_mode, cached=cache is not None)
+        rot = self._rotation(pos, hp, wp, device)
         lf = hp * wp
-        if cache is None or not cache.frame_ids:
-            key_frames = frames
-            c_cos = c_sin = None
-        else:
-            if cache.tokens_per_frame != lf:
-                raise ValueError(f"KV cache holds {cache.tokens_per_frame} tokens per frame, input has {lf}")
-            if start_frame < cache.end_frame and write:
-                raise ValueError(
-                    f"frames from {start_frame} are already cached (cache ends at {cache.end_frame}); "
-                    "use WanDiT.recache() to re-encode cached frames"
-                )
-            key_frames = torch.cat([torch.tensor(cache.frame_ids, dtype=torch.int64), frames])
-            c_cos, c_sin = self.rope.cos_sin(cached_pos.to(device), hp, wp, torch.float32)
-        mask_spec = spec
-        if cache is not None:
-            # The cache's window/sink govern which cached frames stay visible.
-            mask_spec = replace(spec, window_frames=cache.spec.window_frames, sink_frames=cache.spec.sink_frames)
-        allowed = frame_mask(frames, key_frames, mask_spec)
-        mask = None if bool(allowed.all()) else token_mask(allowed, lf, lf).to(device)
-        return _AttnContext(q_cos, q_sin, mask, cache, c_cos, c_sin, write)
+        if cache is None:
+            allowed = frame_mask(frames, frames, spec)
+            mask = None if bool(allowed.all()) else token_mask(allowed, lf, lf).to(device)
+            return _AttnContext(rot, mask)
+        if cache.tokens_per_frame != lf:
+            raise ValueError(f"KV cache holds {cache.tokens_per_frame} tokens per frame, input has {lf}")
+        plan = cache.plan(frames.tolist(), spec, write=write, rope_mode=rope_mode)
+        if plan.sink_positions is not None:  # rebase: the window slid, the sink follows
+            sink_pos = torch.tensor(plan.sink_positions, dtype=torch.int64, device=device)
+            plan.sink_rotation = self.rope.rotation(sink_pos, hp, wp)
+        mask = None if plan.mask is None else token_mask(plan.mask, lf, lf).to(device)
+        return _AttnContext(rot, mask, cache, plan)
 
     # -- re-cache ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -506,7 +454,8 @@ class WanDiT(nn.Module):
         frames: [B, C, n, H, W] clean latents of frames start_frame .. start_frame+n-1 (normally the window).
         keep_sink: keep the sink's K/V from the original conditioning (LongLive `global_sink=True`); otherwise the
             cache is cleared and the first re-encoded frames become the new sink.
-        block_frames: causal blocks inside the re-encoded frames (None = bidirectional, as LongLive's main branch).
+        block_frames: causal blocks inside the re-encoded frames; None (default) = every re-encoded frame attends to
+            every other, as upstream LongLive does (its KV-cache path ignores the block mask).
         """
         if keep_sink and kv_cache.num_sink:
             kv_cache.keep_only_sink()

@@ -59,6 +59,8 @@ class AttentionSettings(_Strict):
     rope_mode: Literal["absolute", "rebase"] = "absolute"
     global_sink: bool = True  # keep the sink's K/V across a prompt-switch re-cache (LongLive global_sink)
     recache_on_switch: bool = True
+    # How the re-cached window attends to itself: all frames to all (LongLive upstream) or block by block.
+    recache_attention: Literal["bidirectional", "block-causal"] = "bidirectional"
 
 
 class CrossClipSettings(_Strict):

@@ -16,7 +16,13 @@ import torch
 from lvstudio.models.key_maps import official_to_diffusers
 from lvstudio.models.wan_components import UMT5Text, WanVAE
 from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
-from lvstudio.sampling.df_sampler import DFSettings, SkyReelsDFSampler, plan_segments, segment_schedule
+from lvstudio.sampling.df_sampler import (
+    DFSettings,
+    SkyReelsDFSampler,
+    plan_segments,
+    segment_schedule,
+    switch_latencies,
+)
 from lvstudio.sampling.skyreels_df import (
     encode_image_prefix,
     encode_video_prefix,
@@ -261,3 +267,44 @@ def test_settings_and_plans_reject_bad_input() -> None:
     segs = plan_segments(DFSettings(ar_step=5, causal_block_size=5, overlap_history=17, addnoise_condition=20), 185)
     assert len(segs) == 9 and {s.num_frames for s in segs} == {25} and segs[-1].end == 185
     assert all(s.prefix == 5 and s.emit_from == 5 for s in segs[1:])
+
+
+def test_prompt_switch_between_calls_leaves_emitted_frames_alone(comp: Components) -> None:
+    settings = DFSettings(num_steps=3, base_num_frames=37, ar_step=2, causal_block_size=5, overlap_history=17,
+                          addnoise_condition=20)
+    conds = [skyreels_conditioning(comp.dit, c) for c in (comp.prompt, comp.negative)]
+
+    def run(switch_call: int | None) -> tuple[list, list]:
+        sampler = SkyReelsDFSampler(settings, (1, 16, 4, 4), 20, generator=torch.Generator().manual_seed(SEED),
+                                    condition_generator=torch.Generator().manual_seed(NOISE_SEED))
+        chunks, entering, call = [], [], 0
+        while (nxt := sampler.peek()) is not None:
+            cond = conds[1] if switch_call is not None and call >= switch_call else conds[0]
+            entering.append(nxt.entering)
+            chunks += [(call, c) for c in sampler.step(skyreels_denoiser(comp.dit, cond, None, 1.0,
+                                                                         causal_block_size=5))]
+            call += 1
+        return chunks, entering
+
+    base, entering = run(None)
+    # blocks enter at calls 0 and 2 (segment 0: 5 calls), 5 (segment 1: 3 calls) and 8 (segment 2)
+    assert [(i, r) for i, r in enumerate(entering) if r] == [(0, range(5)), (2, range(5, 10)), (5, range(10, 15)),
+                                                              (8, range(15, 20))]
+    switched, _ = run(4)
+    for (call, a), (_, b) in zip(base, switched):
+        if call < 4:
+            assert torch.equal(a.latents, b.latents)  # emitted before the switch: untouched
+        else:
+            assert not torch.allclose(a.latents, b.latents)
+
+
+def test_switch_latencies_sync_and_async() -> None:
+    sync = DFSettings(num_steps=4, base_num_frames=21, overlap_history=9)  # W = 6, O = 3 latents
+    lat = switch_latencies(sync, 12)  # segments of 6, 6, 6 latents starting at 0, 3, 6: 3 x 4 calls
+    assert [(x.call, x.emitted, x.first_new, x.latent_frames, x.calls_until_visible) for x in lat] == [
+        (0, 0, 0, 0, 4), (1, 0, 6, 6, 7), (2, 0, 6, 6, 6), (3, 0, 6, 6, 5),
+        (4, 6, 6, 0, 4), (5, 6, 9, 3, 7), (6, 6, 9, 3, 6), (7, 6, 9, 3, 5), (8, 9, 9, 0, 4)]
+    asyn = DFSettings(num_steps=4, base_num_frames=37, ar_step=2, causal_block_size=5)  # one segment, 2 blocks
+    lat = switch_latencies(asyn, 10)
+    assert [(x.call, x.first_new, x.latent_frames, x.calls_until_visible) for x in lat] == [
+        (0, 0, 0, 4), (1, 5, 5, 5), (2, 5, 5, 4)]

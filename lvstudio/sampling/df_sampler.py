@@ -181,12 +181,13 @@ def plan_segments(settings: DFSettings, num_latents: int, first_prefix: int = 0,
 
 @dataclass(frozen=True)
 class DFSchedule:
-    """The timestep matrix of one segment and, per frame, the iteration after which it is final."""
+    """The timestep matrix of one segment and, per frame, the iterations of its first and last update."""
 
     step_matrix: Tensor  # [iters, F] int64 model timesteps
     update_mask: Tensor  # [iters, F] bool: frames stepped by their solver at each iteration
     intervals: list[tuple[int, int]]  # per iteration: the (start, end) frames fed to the model
-    final_at: list[int]  # per frame: last iteration that updates it (-1: never, a clean prefix frame)
+    first_at: list[int]  # per frame: first iteration that updates it (-1: never, a clean prefix frame)
+    final_at: list[int]  # per frame: last iteration that updates it (-1: never)
 
     @property
     def num_iterations(self) -> int:
@@ -194,15 +195,8 @@ class DFSchedule:
 
     def entering(self, iteration: int) -> range:
         """Frames whose first update happens at `iteration` (they enter the model as pure noise)."""
-        first = self._first_update()
-        frames = [f for f, it in enumerate(first) if it == iteration]
+        frames = [f for f, it in enumerate(self.first_at) if it == iteration]
         return range(frames[0], frames[-1] + 1) if frames else range(0)
-
-    def _first_update(self) -> list[int]:
-        mask = self.update_mask
-        any_update = mask.any(dim=0)
-        first = torch.argmax(mask.to(torch.int8), dim=0)
-        return [int(i) if bool(u) else -1 for i, u in zip(first, any_update)]
 
 
 def segment_schedule(settings: DFSettings, segment: DFSegment) -> DFSchedule:
@@ -214,12 +208,65 @@ def segment_schedule(settings: DFSettings, segment: DFSegment) -> DFSchedule:
             " choose num_frames / base_num_frames / overlap_history so that every segment divides (e.g. 97/17 with 5)"
         )
     _, template = unipc_flow_schedule(settings.num_steps, settings.shift)
+    if len(template) > 1 and int(template[0]) == int(template[1]):
+        # diffusers' scheduler would start such a frame at its second step and run off the end of its grid.
+        raise ValueError(f"{settings.num_steps} steps at shift {settings.shift} repeat the first integer timestep "
+                         f"({int(template[0])}); use fewer steps")
     matrix, _, mask, intervals = skyreels_timestep_matrix(
         segment.num_frames, template, segment.num_frames, settings.ar_step, segment.prefix, cbs
     )
     iters = torch.arange(mask.shape[0])[:, None].expand_as(mask)
-    final_at = torch.where(mask, iters, torch.full_like(iters, -1)).amax(dim=0)
-    return DFSchedule(matrix, mask, intervals, [int(v) for v in final_at])
+    never = torch.full_like(iters, -1)
+    final_at = torch.where(mask, iters, never).amax(dim=0)
+    first_at = torch.where(mask, iters, torch.full_like(iters, mask.shape[0])).amin(dim=0)
+    first_at = torch.where(mask.any(dim=0), first_at, never[0])
+    return DFSchedule(matrix, mask, intervals, [int(v) for v in first_at], [int(v) for v in final_at])
+
+
+@dataclass(frozen=True)
+class SwitchLatency:
+    """Effect of a prompt switch made just before global model call `call` (calls >= `call` see the new prompt)."""
+
+    call: int
+    emitted: int  # timeline latents already emitted before the switch
+    first_new: int  # first output latent whose every update saw the new prompt (it enters at or after `call`)
+    calls_until_visible: int  # model calls from the switch until `first_new` is final (emitted)
+
+    @property
+    def latent_frames(self) -> int:
+        """Output latents emitted after the switch that still began under the old prompt."""
+        return self.first_new - self.emitted
+
+
+def switch_latencies(settings: DFSettings, num_latents: int, first_prefix: int = 0,
+                     first_prefix_kind: PrefixKind | None = None) -> list[SwitchLatency]:
+    """For every model call of a bounded run: how late a prompt switched just before it fully takes effect.
+
+    A model call sees one prompt for its whole window, so frames already denoising keep part of the old prompt;
+    the first fully switched frame is the first output frame that enters the model after the switch. Switches whose
+    first fully switched frame would lie past the end of the video are left out.
+    """
+    # Step 1: per output latent, the global call of its first and of its last update.
+    first_call: dict[int, int] = {}
+    final_call: dict[int, int] = {}
+    offset = 0
+    for seg in plan_segments(settings, num_latents, first_prefix, first_prefix_kind):
+        sched = segment_schedule(settings, seg)
+        for f in range(seg.emit_from, seg.num_frames):
+            first_call[seg.start + f] = offset + sched.first_at[f] if sched.first_at[f] >= 0 else -1
+            final_call[seg.start + f] = offset + max(sched.final_at[f], 0)
+        offset += sched.num_iterations
+    # Step 2: for a switch before each call, the first latent entering at or after it and what was emitted before.
+    out: list[SwitchLatency] = []
+    frames = sorted(first_call)
+    for call in range(offset):
+        emitted = sum(1 for f in frames if final_call[f] < call)
+        new = [f for f in frames if first_call[f] >= call]
+        if not new:
+            break
+        first_new = new[0]
+        out.append(SwitchLatency(call, emitted, first_new, final_call[first_new] - call + 1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,8 +393,9 @@ class SkyReelsDFSampler:
         seg, sched = cur
         s, e = sched.intervals[self.iteration]
         ent = sched.entering(self.iteration)
+        entering = range(seg.start + ent.start, seg.start + ent.stop) if ent else range(0)
         return DFStep(seg.index, self.iteration, sched.num_iterations, range(seg.start + s, seg.start + e),
-                      range(seg.start + ent.start, seg.start + ent.stop), sched.step_matrix[self.iteration, s:e])
+                      entering, sched.step_matrix[self.iteration, s:e])
 
     # -- stepping ---------------------------------------------------------------------------------------------------
     def _start_segment(self, seg: DFSegment) -> None:

@@ -1,5 +1,9 @@
 """State-dict key conversion for Wan2.1 DiTs: official names <-> diffusers names, and upstream wrapper stripping.
 
+SkyReels-V2 checkpoints use the same names plus `fps_embedding` / `fps_projection.{0,2}` (diffusers
+`SkyReelsV2Transformer3DModel`: `fps_projection.net.{0.proj,2}`); `dit_config_from_diffusers` / `dit_config_from_official`
+turn either layout's config.json into a `WanDiTConfig` field dict.
+
 Our `WanDiT` uses the official names. diffusers' `WanTransformer3DModel` renames almost everything and swaps
 norm2/norm3 (official norm3 is the affine cross-attention norm; diffusers calls that norm2). The rules below are
 substring replacements applied in order; the reverse direction applies the inverse rules in reverse order.
@@ -19,6 +23,8 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
     ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
     ("time_projection.1", "condition_embedder.time_proj"),
+    ("fps_projection.0", "fps_projection.net.0.proj"),  # SkyReels-V2 sample info (fps_embedding keeps its name)
+    ("fps_projection.2", "fps_projection.net.2"),
     ("head.modulation", "scale_shift_table"),
     ("head.head", "proj_out"),
     ("modulation", "scale_shift_table"),
@@ -165,3 +171,66 @@ def load_dit_state_dict(model: torch.nn.Module, sd: Mapping[str, object], source
             + ". Check that the preset's model config matches the checkpoint."
         )
     model.load_state_dict(plain, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json -> WanDiTConfig fields
+# ---------------------------------------------------------------------------------------------------------------
+
+# diffusers `WanTransformer3DModel` / `SkyReelsV2Transformer3DModel` config key -> WanDiTConfig field.
+_DIFFUSERS_FIELDS = {
+    "in_channels": "in_dim", "out_channels": "out_dim", "text_dim": "text_dim", "freq_dim": "freq_dim",
+    "ffn_dim": "ffn_dim", "num_layers": "num_layers", "eps": "eps", "patch_size": "patch_size",
+    "rope_max_seq_len": "rope_max_frames", "inject_sample_info": "inject_sample_info",
+    "num_frame_per_block": "num_frame_per_block",
+}
+# official `WanModel` (Wan2.1 / SkyReels-V2 original layout) config keys that are WanDiTConfig fields as they are.
+_OFFICIAL_FIELDS = ("model_type", "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
+                    "out_dim", "num_heads", "num_layers", "eps", "inject_sample_info")
+
+
+def _require(config: Mapping[str, object], key: str, allowed: tuple[object, ...], source: str) -> None:
+    value = config.get(key, allowed[0])
+    if isinstance(value, list):
+        value = tuple(value)
+    if value not in allowed:
+        raise ValueError(f"{source} config has {key}={value!r}; this DiT supports only {allowed[0]!r}")
+
+
+def dit_config_from_diffusers(config: Mapping[str, object]) -> dict[str, object]:
+    """diffusers transformer config.json (Wan or SkyReels-V2) -> WanDiTConfig fields (`WanDiTConfig.from_dict`)."""
+    source = "diffusers transformer"
+    known = set(_DIFFUSERS_FIELDS) | {"num_attention_heads", "attention_head_dim", "image_dim", "added_kv_proj_dim",
+                                      "qk_norm", "cross_attn_norm", "pos_embed_seq_len"}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"{source} config has keys this DiT does not implement: {unknown}")
+    _require(config, "qk_norm", ("rms_norm_across_heads",), source)
+    _require(config, "cross_attn_norm", (True,), source)
+    _require(config, "pos_embed_seq_len", (None,), source)
+    out: dict[str, object] = {field: config[key] for key, field in _DIFFUSERS_FIELDS.items() if key in config}
+    heads, head_dim = int(config.get("num_attention_heads", 40)), int(config.get("attention_head_dim", 128))
+    out["num_heads"], out["dim"] = heads, heads * head_dim
+    if config.get("added_kv_proj_dim") is not None or config.get("image_dim") is not None:
+        out["model_type"] = "i2v"
+        if config.get("image_dim") is not None:
+            out["image_dim"] = config["image_dim"]
+    if "patch_size" in out:
+        out["patch_size"] = tuple(out["patch_size"])  # type: ignore[arg-type]
+    return out
+
+
+def dit_config_from_official(config: Mapping[str, object]) -> dict[str, object]:
+    """Official `WanModel` config.json (Wan2.1, SkyReels-V2 original layout) -> WanDiTConfig fields."""
+    source = "official Wan"
+    known = set(_OFFICIAL_FIELDS) | {"window_size", "qk_norm", "cross_attn_norm"}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"{source} config has keys this DiT does not implement: {unknown}")
+    _require(config, "window_size", ((-1, -1),), source)
+    _require(config, "qk_norm", (True,), source)
+    _require(config, "cross_attn_norm", (True,), source)
+    out: dict[str, object] = {k: config[k] for k in _OFFICIAL_FIELDS if k in config}
+    if "patch_size" in out:
+        out["patch_size"] = tuple(out["patch_size"])  # type: ignore[arg-type]
+    return out

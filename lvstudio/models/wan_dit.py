@@ -54,10 +54,15 @@ class WanDiTConfig:
     eps: float = 1e-6
     rope_max_frames: int = 1024  # length of the RoPE table the checkpoints were trained with
     rope_theta: float = 10000.0
+    # SkyReels-V2 additions (diffusers `SkyReelsV2Transformer3DModel` config names):
+    inject_sample_info: bool = False  # fps class embedding added to the 6-way modulation (SkyReels-V2-DF-1.3B)
+    num_frame_per_block: int = 1  # > 1: calls without an explicit AttentionSpec are block-causal over such blocks
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be >= 1 (got {self.num_frame_per_block})")
         if self.head_dim % 2 or self.head_dim < 6:
             raise ValueError(f"head_dim={self.head_dim} must be even and >= 6 for 3D RoPE")
 
@@ -255,6 +260,11 @@ class MLPProj(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def fps_class(fps: float) -> int:
+    """SkyReels-V2 sample-info class of a frame rate (`fps_index`): 0 for 16 fps, 1 for anything else."""
+    return 0 if fps == 16 else 1
+
+
 @dataclass
 class Conditioning:
     """Embedded conditioning for `WanDiT.forward`, reusable across calls (its cross-attn K/V cache lives here)."""
@@ -263,6 +273,7 @@ class Conditioning:
     clip_fea: Tensor | None = None  # [B, 257, image_dim] (i2v)
     y: Tensor | None = None  # [B, 20, F, H, W] mask + image latents (i2v), concatenated to x on channels
     cache: CrossAttnCache | None = None
+    fps_index: int | Tensor | None = None  # SkyReels sample info, int or [B] long: 0 = 16 fps, 1 = any other fps
 
 
 class WanDiT(nn.Module):
@@ -280,6 +291,10 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         if cfg.model_type == "i2v":
             self.img_emb = MLPProj(cfg.image_dim, d)
+        if cfg.inject_sample_info:
+            # SkyReels-V2: fps class (2 classes) -> [B, 6*dim], added to every frame's modulation e0.
+            self.fps_embedding = nn.Embedding(2, d)
+            self.fps_projection = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 6 * d))
         self.rope = Rope3D(cfg.head_dim, cfg.rope_theta)
         self._rotation_memo: dict[tuple, Tensor] = {}  # (first frame, frames, hp, wp, device) -> RoPE rotation
         self.init_weights()
@@ -303,9 +318,31 @@ class WanDiT(nn.Module):
         _, ph, pw = self.cfg.patch_size
         return KVCache(self.cfg.num_layers, spec, (latent_hw[0] // ph) * (latent_hw[1] // pw))
 
-    def new_conditioning(self, context: Tensor, clip_fea: Tensor | None = None, y: Tensor | None = None) -> Conditioning:
+    def new_conditioning(
+        self, context: Tensor, clip_fea: Tensor | None = None, y: Tensor | None = None, *,
+        fps_index: int | Tensor | None = None,
+    ) -> Conditioning:
         """Wrap conditioning with its own cross-attention cache (filled on first use)."""
-        return Conditioning(context, clip_fea, y, CrossAttnCache(self.cfg.num_layers))
+        return Conditioning(context, clip_fea, y, CrossAttnCache(self.cfg.num_layers), fps_index)
+
+    def default_attention(self) -> AttentionSpec:
+        """Topology of a call without an explicit spec: block-causal if the config sets num_frame_per_block > 1."""
+        n = self.cfg.num_frame_per_block
+        return AttentionSpec(block_frames=n) if n > 1 else AttentionSpec()
+
+    def _sample_info(self, cond: Conditioning, batch: int, device: torch.device) -> Tensor:
+        """SkyReels fps modulation [B or 1, 1, 6, dim] (fp32), added to e0 of every frame."""
+        if cond.fps_index is None:
+            raise ValueError(
+                "this DiT injects sample info (SkyReels-V2 DF, inject_sample_info=true): set the conditioning's "
+                "fps_index (0 for 16 fps, 1 for any other fps; 24 fps -> 1)"
+            )
+        idx = torch.as_tensor(cond.fps_index, dtype=torch.long, device=device).reshape(-1)  # [B] or [1]
+        if idx.numel() not in (1, batch) or bool(((idx < 0) | (idx > 1)).any()):
+            raise ValueError(f"fps_index must be 0 or 1, one value or one per sample (got {cond.fps_index!r})")
+        emb = self.fps_embedding(idx)  # [B, dim]
+        proj = self.fps_projection(emb.to(self.fps_projection[0].weight.dtype)).float()  # [B, 6*dim]
+        return proj.view(-1, 1, 6, self.cfg.dim)
 
     def _cross_kv(self, cond: Conditioning) -> list[tuple[Tensor, ...]]:
         use_cache = cond.cache is not None and not torch.is_grad_enabled()  # never reuse K/V without their graph
@@ -355,14 +392,15 @@ class WanDiT(nn.Module):
 
         x: [B, C_in, F, H, W] noisy latents (for i2v, `cond.y` [B, 20, F, H, W] is concatenated on channels).
         t: [B, F] per-frame timesteps in 1000-scale (a [B] tensor means one timestep for all frames).
-        attention: topology for the new frames (default bidirectional). With `kv_cache`, the new frames also attend
-            to the cached frames (sink + rolling window) and, if `write_cache`, their K/V are stored in the cache,
-            which then keeps exactly what the next block will see.
+        attention: topology for the new frames (default: `default_attention()`, bidirectional unless the config sets
+            num_frame_per_block > 1). With `kv_cache`, the new frames also attend to the cached frames (sink + rolling
+            window) and, if `write_cache`, their K/V are stored in the cache, which then keeps exactly what the next
+            block will see.
         start_frame: absolute index of the first new latent frame (RoPE offset and cache bookkeeping).
         Returns the velocity [B, C_out, F, H, W].
         """
         cfg = self.cfg
-        spec = attention or AttentionSpec()
+        spec = attention or self.default_attention()
         if cond.y is not None:
             x = torch.cat([x, cond.y.to(x.dtype)], dim=1)
         if x.shape[1] != cfg.in_dim:
@@ -381,6 +419,8 @@ class WanDiT(nn.Module):
         # Step 2: per-frame time embedding e [B, F, dim] and its 6-way projection e0 [B, F, 6, dim].
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(dtype)).float()
         e0 = self.time_projection(e.to(dtype)).float().unflatten(2, (6, cfg.dim))
+        if cfg.inject_sample_info:
+            e0 = e0 + self._sample_info(cond, b, tokens.device)  # SkyReels fps class, same for every frame
         # Step 3: conditioning K/V for every block (cached per Conditioning).
         ctx_kv = self._cross_kv(cond)
         # Step 4: RoPE and the attention mask for this topology.

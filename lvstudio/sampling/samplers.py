@@ -175,6 +175,26 @@ class UniPCSolver:
         """σ of the sample the next `step` expects."""
         return self.sigmas[min(self.step_index, self.num_steps)]
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The solver's progress as tensors (step index, order, x0 history, last sample), for snapshots."""
+        state = {"step_index": torch.tensor(self.step_index), "last_order": torch.tensor(self._last_order)}
+        for k, x0 in enumerate(self._x0_history):
+            state[f"x0.{k}"] = x0.detach().clone()
+        if self._last_sample is not None:
+            state["last_sample"] = self._last_sample.detach().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore `state_dict()` into a solver built on the same σ grid."""
+        step = int(state["step_index"])
+        if not 0 <= step <= self.num_steps:
+            raise ValueError(f"step_index {step} does not fit this {self.num_steps}-step solver")
+        self.step_index = step
+        self._last_order = int(state.get("last_order", torch.tensor(0)))
+        self._x0_history = [state[f"x0.{k}"].clone() for k in range(self.order) if f"x0.{k}" in state]
+        last = state.get("last_sample")
+        self._last_sample = None if last is None else last.clone()
+
     def _b_h(self, hh: float) -> float:
         return math.expm1(hh) if self.solver_type == "bh2" else hh
 

@@ -279,3 +279,56 @@ def test_lora_key_formats_and_refusals(tmp_path: Path) -> None:
     bad.write_bytes(b"not safetensors")
     with pytest.raises(LoraError, match="not a safetensors"):
         load_svi_lora(bad)
+
+
+# -- the whole chain, driven as the cross-clip backend will -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["film", "2.0-pro"])
+def test_clip_chain_on_tiny_components(tmp_path: Path, mode: str) -> None:
+    pytest.importorskip("diffusers")
+    from lvstudio.models.clip_vision import ClipVisionEncoder
+    from lvstudio.models.key_maps import load_dit_state_dict
+    from lvstudio.models.wan_components import WanVAE
+    from lvstudio.models.wan_i2v import I2VSampling, dit_config_from_diffusers, sample_i2v
+    from tests.helpers.tiny_wan_i2v import TEXT_DIM, tiny_i2v_components
+
+    comp = tiny_i2v_components()
+    dit = WanDiT(dit_config_from_diffusers(comp["transformer"].config)).eval()
+    load_dit_state_dict(dit, comp["transformer"].state_dict())
+    save_file(_published_lora(dit, rank=4), str(tmp_path / "svi.safetensors"))
+    merge_lora_weights(dit, *load_svi_lora(tmp_path / "svi.safetensors"))
+    vae = WanVAE(comp["vae"], torch.device("cpu"), torch.float32)
+    clip = ClipVisionEncoder(comp["image_encoder"], comp["image_processor"], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    text, negative = torch.randn(1, 512, TEXT_DIM, generator=g), torch.randn(1, 512, TEXT_DIM, generator=g)
+
+    chain = SviConditioner(mode, reference, num_frames=F)
+    shown, ys = [], []
+    for clip_index in range(3):
+        inputs = chain.next_inputs(vae)
+        ys.append(inputs.y)
+        clip_fea = clip.encode(inputs.clip_image, preprocess="wan")  # upstream's CLIP preprocessing
+        noise = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(42 * clip_index))
+        with torch.no_grad():
+            latents = sample_i2v(dit, noise, text, clip_fea, inputs.y, I2VSampling(steps=2), negative_text=negative)
+        video = vae.decode(latents)  # each clip decoded on its own, as upstream does
+        chain.advance(latents, video)
+        shown.append(video[:, :, chain.emit_slice(F)])
+        if mode == "film" and clip_index == 0:
+            first_video = video
+        if mode == "2.0-pro" and clip_index == 0:
+            first_latents = latents
+    shown.append(video[:, :, chain.held_slice(F)])  # the run stops after the last clip
+    frames = torch.cat(shown, dim=2)
+    if mode == "film":  # upstream: clip[:-5] + clip[:-5] + the last clip whole
+        assert frames.shape[2] == 4 + 4 + 9
+        # clip 1 was conditioned on clip 0's last 5 frames (8-bit), re-encoded, then 4 zero frames
+        expected = torch.cat([uint8_roundtrip(first_video[:, :, -5:]), torch.zeros(1, 3, 4, 32, 32)], dim=2)
+        assert torch.equal(ys[1][:, 4:], vae.encode(expected))
+    else:  # upstream: clip 0 whole, later clips without their first 5 frames
+        assert frames.shape[2] == 9 + 4 + 4
+        assert torch.equal(ys[1][0, 4:, 1], first_latents[0, :, -1])  # the carried latent, no VAE round trip
+        assert torch.equal(ys[1][0, 4:, 0], ys[0][0, 4:, 0])  # the anchor latent stays
+    assert torch.isfinite(frames).all() and not torch.equal(ys[1], ys[2])

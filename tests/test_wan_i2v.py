@@ -19,6 +19,7 @@ from lvstudio.models.wan_i2v import (
     latent_frames,
     sample_i2v,
 )
+from tests.helpers.tiny_wan_i2v import TEXT_DIM, tiny_i2v_components
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -26,32 +27,9 @@ PIL = pytest.importorskip("PIL.Image")
 
 H = W = 32
 FRAMES = 9
-TEXT_DIM = 32
 
 
-def _components(seed: int = 0) -> dict:
-    """The tiny components of diffusers' own WanImageToVideoPipeline tests, with random (non-zero) DiT weights and
-    the i2v image branch of the real config (added_kv_proj_dim = inner dim)."""
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True]).eval()
-    torch.manual_seed(seed)
-    transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=4, added_kv_proj_dim=24,
-    ).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    torch.manual_seed(seed)
-    image_encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
-        hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        intermediate_size=16, patch_size=1,
-    )).eval()
-    image_processor = transformers.CLIPImageProcessor(crop_size=32, size=32)
-    return {"vae": vae, "transformer": transformer, "image_encoder": image_encoder, "image_processor": image_processor}
+_components = tiny_i2v_components
 
 
 def _inputs(seed: int = 0):
@@ -157,3 +135,29 @@ def test_guidance_needs_negative_prompt() -> None:
     # guidance 1: the negative prompt is not needed and not used
     out = _ours(comp, image_t, text, None, noise, I2VSampling(steps=1, guidance=1.0))
     assert torch.isfinite(out).all() and not np.allclose(out.numpy(), noise.numpy())
+
+
+def test_clip_encoder_loads_offline_from_diffusers_folders(tmp_path) -> None:
+    from lvstudio.errors import PresetError
+    from lvstudio.models.clip_vision import load_clip_vision
+
+    comp = _components()
+    comp["image_encoder"].save_pretrained(tmp_path / "image_encoder", safe_serialization=True)
+    comp["image_processor"].save_pretrained(tmp_path / "image_processor")
+    enc = load_clip_vision(tmp_path / "image_encoder", tmp_path / "image_processor", device=torch.device("cpu"))
+    _, image_t, _, _, _ = _inputs()
+    ref = ClipVisionEncoder(comp["image_encoder"], comp["image_processor"], torch.device("cpu"))
+    for mode in ("wan", "processor"):
+        assert torch.equal(enc.encode(image_t, preprocess=mode), ref.encode(image_t, preprocess=mode))
+    tokens = enc.encode(torch.zeros(2, 3, 16, 24), preprocess="wan")  # any frame size: resized to the model's
+    assert tokens.shape == (2, enc.num_tokens, enc.dim) == (2, 32 * 32 + 1, 4)
+    # "wan": the whole frame resized (bicubic) to the model's size, [0, 1], CLIP mean/std — no crop
+    pix = enc.preprocess(image_t, "wan")
+    expected = torch.nn.functional.interpolate(image_t, size=(32, 32), mode="bicubic", align_corners=False)
+    mean = torch.tensor(comp["image_processor"].image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(comp["image_processor"].image_std).view(1, 3, 1, 1)
+    torch.testing.assert_close(pix, (expected * 0.5 + 0.5 - mean) / std)
+    with pytest.raises(PresetError, match="no CLIP image encoder"):
+        load_clip_vision(tmp_path / "missing", None, device=torch.device("cpu"))
+    with pytest.raises(PresetError, match="preprocessor_config.json"):
+        load_clip_vision(tmp_path / "image_encoder", tmp_path, device=torch.device("cpu"))

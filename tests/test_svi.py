@@ -284,6 +284,7 @@ def test_lora_key_formats_and_refusals(tmp_path: Path) -> None:
 # -- the whole chain, driven as the cross-clip backend will -----------------------------------------------------
 
 
+@pytest.mark.slow  # three VAE encodes and decodes per mode: ~5 s alone, much more on a busy CPU
 @pytest.mark.parametrize("mode", ["film", "2.0-pro"])
 def test_clip_chain_on_tiny_components(tmp_path: Path, mode: str) -> None:
     pytest.importorskip("diffusers")

@@ -137,13 +137,15 @@ def _describe(places: Mapping[str, EncoderPlace]) -> str:
 
 
 def plan_memory(free_bytes: int | None, dit: DiTFootprint, activations: int,
-                encoders: Mapping[str, int] | None = None, *, reserve: int = 2 * 1024**3, prefetch: int = 1,
+                encoders: Mapping[str, int] | None = None, *, reserve: int = 3 * 1024**3, prefetch: int = 1,
                 device: str = "cuda") -> MemoryPlan:
     """Choose where the DiT and the encoders live from `free_bytes` of GPU memory (None: no GPU).
 
     dit: weight bytes (`dit_footprint`); activations: peak bytes of one DiT call (`activation_bytes`);
     encoders: name -> bytes incl. their own working memory (umT5, CLIP, VAE decode); reserve: headroom for the
-    allocator, cross-attention K/V and latents. Raises PresetError when even streaming cannot fit.
+    allocator, the cross-attention K/V kept for a clip (14B, both guidance rows: 1.3 GB) and the latents.
+    prefetch: blocks copied ahead when streaming (1 + prefetch block buffers). Raises PresetError when even
+    streaming cannot fit.
     """
     enc = dict(encoders or {})
     n = dit.num_blocks

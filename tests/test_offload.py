@@ -181,8 +181,9 @@ def test_lowmem_loader_reads_shards_in_bf16(tmp_path: Path) -> None:
     dit = _dit(layers=2)
     sd = official_to_diffusers({k: v.contiguous() for k, v in dit.state_dict().items()})
     keys = sorted(sd)
-    save_file({k: sd[k] for k in keys[: len(keys) // 2]}, str(tmp_path / "diffusion_pytorch_model-00001-of-00002.safetensors"))
-    save_file({k: sd[k] for k in keys[len(keys) // 2 :]}, str(tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    half = len(keys) // 2
+    save_file({k: sd[k] for k in keys[:half]}, str(tmp_path / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in keys[half:]}, str(tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors"))
     paths = sorted(tmp_path.glob("*.safetensors"))
     loaded = load_dit_lowmem(paths, dit.cfg, torch.bfloat16)
     for name, p in loaded.named_parameters():

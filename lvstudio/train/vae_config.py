@@ -25,6 +25,7 @@ class VAEFileConfig(TrainConfigBase):
     object_weight: float = 0.0
     freeze_encoder_at: int | None = None
     latent_noise: float = 0.0
+    restart_prob: float = 0.0
     eval_batches: int = 4
     stats_batches: int = 16
     switch_prob: float = 0.3
@@ -51,7 +52,7 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
         grad_clip=cfg.grad_clip, l1_weight=cfg.l1_weight, mse_weight=cfg.mse_weight, edge_weight=cfg.edge_weight,
         kl_weight=cfg.kl_weight, object_weight=cfg.object_weight,
-        freeze_encoder_at=cfg.freeze_encoder_at, latent_noise=cfg.latent_noise, seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+        freeze_encoder_at=cfg.freeze_encoder_at, latent_noise=cfg.latent_noise, restart_prob=cfg.restart_prob, seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
         eval_batches=cfg.eval_batches, stats_batches=cfg.stats_batches, out_dir=cfg.out_dir, model=model,
     )
     log = Path(cfg.out_dir) / "train_log.jsonl"

@@ -57,6 +57,8 @@ class VAETrainConfig:
     #                                       DiT can be trained on them while the decoder keeps improving
     latent_noise: float = 0.0  # decoder-only phase: z + U(0, latent_noise) * per-channel std * eps, so the decoder
     #                            draws crisp frames from slightly-off latents (what a DiT produces)
+    restart_prob: float = 0.0  # decoder-only phase: share of batches decoded from a random latent on with zero
+    #                            history (`StreamingDecoder.new_shot`, what a cut does), all 4 frames of it trained
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -123,9 +125,12 @@ def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3, c
 
 
 def _decoder_phase_forward(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Generator
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-    """Frozen encoder (no graph), posterior mean plus latent-noise augmentation, decoder with gradients."""
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Frozen encoder (no graph), posterior mean plus latent-noise augmentation, decoder with gradients.
+    Returns (reconstruction, target, mu, logvar): with a restart the target is the clip from the restart frame on."""
     import torch
+
+    from lvstudio.models.tiny_vae import CONTINUE_KEY
 
     with torch.no_grad():
         mu, logvar = vae.encode_raw(x)  # [B, z, f, h, w]
@@ -134,7 +139,10 @@ def _decoder_phase_forward(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generat
             std = mu.transpose(0, 1).flatten(1).std(dim=1).view(1, -1, 1, 1, 1)  # [1, z, 1, 1, 1]
             level = torch.rand(mu.shape[0], 1, 1, 1, 1, generator=generator) * cfg.latent_noise
             z = mu + level * std * torch.randn(mu.shape, generator=generator)
-    return vae.decode_raw(z), mu, logvar
+    if cfg.restart_prob > 0 and z.shape[2] > 1 and float(torch.rand((), generator=generator)) < cfg.restart_prob:
+        k = int(torch.randint(1, z.shape[2], (), generator=generator))  # decode latents k.. from zero history
+        return vae.decode_raw(z[:, :, k:], {CONTINUE_KEY: torch.ones(())}), x[:, :, 4 * k - 3 :], mu, logvar
+    return vae.decode_raw(z), x, mu, logvar
 
 
 def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Generator, step: int = 0
@@ -143,7 +151,7 @@ def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Gener
     import torch
 
     if cfg.freeze_encoder_at is not None and step >= cfg.freeze_encoder_at:
-        recon, mu, logvar = _decoder_phase_forward(cfg, vae, x, generator)
+        recon, x, mu, logvar = _decoder_phase_forward(cfg, vae, x, generator)
     else:
         recon, mu, logvar = vae(x, sample=True, generator=generator)
     diff = recon - x

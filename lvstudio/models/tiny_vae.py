@@ -38,6 +38,15 @@ TEMPORAL_STRIDE = 4
 SPATIAL_STRIDE = 8
 
 State = dict[str, Tensor]  # cache key → tail frames [B, T, C, H, W]
+# A state holding this key continues a video from zero history: every cache starts as zero padding (as at the start
+# of a video) but the first latent decodes to 4 frames, not 1. `StreamingDecoder.new_shot()` sets it at a cut, so
+# nothing of the previous shot reaches the new one and the frame count stays 4 per latent.
+CONTINUE_KEY = "continue"
+
+
+def _starts_video(state: State, key: str) -> bool:
+    """Whether a call with `state` is the first chunk of a video (latent 0 → 1 pixel frame)."""
+    return key not in state and CONTINUE_KEY not in state
 
 
 @dataclass(frozen=True)
@@ -263,7 +272,7 @@ class TimeUp(nn.Module):
         nn.init.zeros_(self.conv.conv.bias)
 
     def forward(self, x: Tensor, state: State) -> Tensor:  # [B, F, C, H, W] → [B, 2F (-1 at video start), C, H, W]
-        first = self.conv.cache_key not in state
+        first = _starts_video(state, self.conv.cache_key)
         c = x.shape[2]
         y = self.conv(x, state).unflatten(2, (2, c)) + x.unsqueeze(2)  # [B, F, 2, C, H, W]
         y = y.flatten(1, 2)  # [B, 2F, C, H, W]
@@ -341,7 +350,7 @@ class Decoder(nn.Module):
         self.cache_keys = _name_caches(self)
 
     def forward(self, z: Tensor, state: State) -> Tensor:
-        first = self.conv_in.cache_key not in state  # the first chunk of a video
+        first = _starts_video(state, self.conv_in.cache_key)  # the first chunk of a video
         x = self.conv_in(z, state) + _channel_dup(z, self.conv_in.conv.out_channels)  # [B, f, c2, h, w]
         for block in self.blocks2:
             x = block(x, state)
@@ -501,7 +510,7 @@ class _Streaming:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore caches from `state_dict()` (resume exactly where the snapshot was taken)."""
-        unknown = set(state) - self._keys
+        unknown = set(state) - self._keys - {CONTINUE_KEY}
         if unknown:
             raise ValueError(f"unknown cache keys: {sorted(unknown)[:5]}")
         p = self.vae._param
@@ -514,6 +523,10 @@ class StreamingDecoder(_Streaming):
 
     def __init__(self, vae: TinyVAE) -> None:
         super().__init__(vae, vae.decoder.cache_keys)
+
+    def new_shot(self) -> None:
+        """A hard cut: forget the previous shot's frames (zero history) but keep decoding 4 frames per latent."""
+        self._state = {CONTINUE_KEY: torch.ones(())}
 
     @torch.no_grad()
     def decode(self, z_block: Tensor) -> Tensor:

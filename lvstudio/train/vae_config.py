@@ -23,9 +23,13 @@ class VAEFileConfig(TrainConfigBase):
     edge_weight: float = 0.5
     kl_weight: float = 1e-6
     object_weight: float = 0.0
+    freeze_encoder_at: int | None = None
+    latent_noise: float = 0.0
+    restart_prob: float = 0.0
     eval_batches: int = 4
     stats_batches: int = 16
     switch_prob: float = 0.3
+    cut_prob: float = 0.0  # share of training clips with a hard cut between two latents
     export: str | None = None  # copy the trained VAE here (e.g. presets/tiny/vae.safetensors)
     model: dict = Field(default_factory=dict)  # TinyVAEConfig overrides
 
@@ -47,7 +51,8 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         steps=cfg.steps, batch_size=cfg.batch_size, clip_frames=cfg.clip_frames, size=cfg.size, crop=cfg.crop,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
         grad_clip=cfg.grad_clip, l1_weight=cfg.l1_weight, mse_weight=cfg.mse_weight, edge_weight=cfg.edge_weight,
-        kl_weight=cfg.kl_weight, object_weight=cfg.object_weight, seed=cfg.seed, log_every=cfg.log_every,
+        kl_weight=cfg.kl_weight, object_weight=cfg.object_weight, freeze_encoder_at=cfg.freeze_encoder_at,
+        latent_noise=cfg.latent_noise, restart_prob=cfg.restart_prob, seed=cfg.seed, log_every=cfg.log_every,
         ckpt_every=cfg.ckpt_every,
         eval_batches=cfg.eval_batches, stats_batches=cfg.stats_batches, out_dir=cfg.out_dir, model=model,
     )
@@ -60,7 +65,9 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         if progress:
             print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
-    result = train_vae(recipe, world_batch_fn(cfg.clip_frames, cfg.size, cfg.switch_prob), resume=True, progress=report)
+    train_batch = world_batch_fn(cfg.clip_frames, cfg.size, cfg.switch_prob, cfg.cut_prob)
+    result = train_vae(recipe, train_batch, resume=True, progress=report,
+                       eval_batch=world_batch_fn(cfg.clip_frames, cfg.size, cfg.switch_prob))
     (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if cfg.export:
         shutil.copyfile(result["model_path"], cfg.export)

@@ -54,6 +54,12 @@ class VAETrainConfig:
     edge_weight: float = 0.5  # L1 on spatial finite differences (sharper edges)
     kl_weight: float = 1e-6  # times the per-element mean KL
     object_weight: float = 0.0  # L1/MSE/edge weight added on vivid (object) pixels and their rim: shapes stay crisp
+    freeze_encoder_at: int | None = None  # from this step on only the decoder trains: the latents stay fixed, so a
+    #                                       DiT can be trained on them while the decoder keeps improving
+    latent_noise: float = 0.0  # decoder-only phase: z + U(0, latent_noise) * per-channel std * eps, so the decoder
+    #                            draws crisp frames from slightly-off latents (what a DiT produces)
+    restart_prob: float = 0.0  # decoder-only phase: share of batches decoded from a random latent on with zero
+    #                            history (`StreamingDecoder.new_shot`, what a cut does), all 4 frames of it trained
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -84,8 +90,13 @@ def lr_at(cfg: VAETrainConfig, step: int) -> float:
     return schedule(step, cfg.lr, cfg.warmup_steps, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.min_lr_ratio)
 
 
-def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3) -> MakeBatch:
-    """`make_batch` over the procedural world (`lvstudio.world.sample_clip`, imported lazily)."""
+def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3, cut_prob: float = 0.0) -> MakeBatch:
+    """`make_batch` over the procedural world (`lvstudio.world.sample_clip`, imported lazily).
+
+    With probability `cut_prob` a clip is a hard cut: a second, unrelated clip takes over at the first pixel frame of
+    a random latent (frame 4k - 3), so the VAE learns to keep a cut between two latents clean (a storyboard cut starts
+    a new shot while the streaming decoder keeps running).
+    """
 
     def make_batch(rng: np.random.Generator, batch_size: int) -> Tensor:
         import torch
@@ -93,7 +104,16 @@ def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3) -
         from lvstudio.world import sample_clip
 
         seeds = rng.integers(0, 2**31 - 1, size=batch_size)
-        clips = [sample_clip(int(s), num_frames, size=size, switch_prob=switch_prob).frames for s in seeds]
+        clips = []
+        for s in seeds:
+            frames = sample_clip(int(s), num_frames, size=size, switch_prob=switch_prob).frames  # [F, H, W, 3]
+            latents = 1 + (num_frames - 1) // 4
+            if cut_prob > 0 and latents > 1 and rng.random() < cut_prob:
+                at = 4 * int(rng.integers(1, latents)) - 3  # first pixel frame of latent k
+                other = sample_clip(int(rng.integers(0, 2**31 - 1)), num_frames - at, size=size,
+                                    switch_prob=switch_prob).frames
+                frames = np.concatenate([frames[:at], other])
+            clips.append(frames)
         frames = torch.from_numpy(np.stack(clips))  # [B, F, H, W, 3] uint8
         return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # [B, 3, F, H, W] in [-1, 1]
 
@@ -104,11 +124,36 @@ def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3) -
 # Losses and metrics.
 
 
-def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+def _decoder_phase_forward(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Generator
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Frozen encoder (no graph), posterior mean plus latent-noise augmentation, decoder with gradients.
+    Returns (reconstruction, target, mu, logvar): with a restart the target is the clip from the restart frame on."""
+    import torch
+
+    from lvstudio.models.tiny_vae import CONTINUE_KEY
+
+    with torch.no_grad():
+        mu, logvar = vae.encode_raw(x)  # [B, z, f, h, w]
+        z = mu
+        if cfg.latent_noise > 0:
+            std = mu.transpose(0, 1).flatten(1).std(dim=1).view(1, -1, 1, 1, 1)  # [1, z, 1, 1, 1]
+            level = torch.rand(mu.shape[0], 1, 1, 1, 1, generator=generator) * cfg.latent_noise
+            z = mu + level * std * torch.randn(mu.shape, generator=generator)
+    if cfg.restart_prob > 0 and z.shape[2] > 1 and float(torch.rand((), generator=generator)) < cfg.restart_prob:
+        k = int(torch.randint(1, z.shape[2], (), generator=generator))  # decode latents k.. from zero history
+        return vae.decode_raw(z[:, :, k:], {CONTINUE_KEY: torch.ones(())}), x[:, :, 4 * k - 3 :], mu, logvar
+    return vae.decode_raw(z), x, mu, logvar
+
+
+def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Generator, step: int = 0
+            ) -> dict[str, Tensor]:
     """Weighted loss terms of one batch x [B, 3, F, H, W]; key "loss" is the total."""
     import torch
 
-    recon, mu, logvar = vae(x, sample=True, generator=generator)
+    if cfg.freeze_encoder_at is not None and step >= cfg.freeze_encoder_at:
+        recon, x, mu, logvar = _decoder_phase_forward(cfg, vae, x, generator)
+    else:
+        recon, mu, logvar = vae(x, sample=True, generator=generator)
     diff = recon - x
     if cfg.object_weight > 0:
         w = object_pixel_weight(x, cfg.object_weight)  # [B, 1, F, H, W], mean 1 per frame
@@ -212,10 +257,12 @@ def train_vae(
     make_batch: MakeBatch,
     resume: bool = True,
     progress: Progress | None = None,
+    eval_batch: MakeBatch | None = None,
 ) -> dict[str, Any]:
     """Train the tiny VAE; returns figures (final loss, held-out PSNR, latent stats, paths).
 
-    `make_batch(rng, batch_size)` must return `[B, 3, clip_frames, size, size]` in [-1, 1].
+    `make_batch(rng, batch_size)` must return `[B, 3, clip_frames, size, size]` in [-1, 1]; `eval_batch` (default
+    `make_batch`) gives the held-out PSNR and latent-statistics batches.
     `progress(step, metrics)` is called every `log_every` steps and at the last step with the mean loss terms over
     the steps since the previous call (plus lr, psnr of that mean MSE, sec_per_step of those steps); `final_loss` is
     the last such mean. The loop is `lvstudio.train.loop.TrainLoop`.
@@ -242,7 +289,9 @@ def train_vae(
         x = _get_batch(cfg, make_batch, rng, cfg.crop)
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         lr = set_lr(opt, lr_at(cfg, step))
-        terms = _losses(cfg, vae, x, gen)
+        if cfg.freeze_encoder_at is not None and step >= cfg.freeze_encoder_at:
+            vae.encoder.requires_grad_(False)  # decoder-only phase: the latents stay fixed
+        terms = _losses(cfg, vae, x, gen, step)
         optimizer_step(opt, terms["loss"], vae.parameters(), cfg.grad_clip)
         return {**{k: float(v.detach()) for k, v in terms.items()}, "lr": lr}
 
@@ -260,8 +309,8 @@ def train_vae(
     steps_run, final_loss = loop.steps_run, last.get("loss", float("nan"))
 
     vae.train(False)
-    held_out_psnr = evaluate_psnr(vae, cfg, make_batch)
-    mean, std = latent_stats(vae, cfg, make_batch)
+    held_out_psnr = evaluate_psnr(vae, cfg, eval_batch or make_batch)
+    mean, std = latent_stats(vae, cfg, eval_batch or make_batch)
     vae.set_latent_stats(mean, std)
     model_path = os.path.join(cfg.out_dir, MODEL_NAME)
     save_vae(vae, model_path)

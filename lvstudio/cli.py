@@ -86,6 +86,34 @@ def check(
 
     storyboard = load_storyboard(story)
     typer.echo(_summary(storyboard, str(story)))
+    for line in _vocabulary_warnings(storyboard):
+        typer.echo(line, err=True)
+
+
+def _vocabulary_warnings(sb: Storyboard) -> list[str]:
+    """Per shot, the words the storyboard's preset cannot read (a tiny word-level text encoder drops them).
+
+    Presets whose encoder reads any text (umT5) or that cannot be found here give no warnings: `check` validates the
+    storyboard, it does not require the preset."""
+    from lvstudio.errors import LvError
+    from lvstudio.models.tiny_vocab import read_vocabulary, unknown_words
+    from lvstudio.presets import load_preset
+
+    try:
+        preset = load_preset(sb.preset)
+        if preset.text_encoder != "tiny" or "text_encoder" not in preset.files:
+            return []
+        vocabulary = read_vocabulary(preset.file_path("text_encoder"))
+    except (LvError, OSError, ValueError):
+        return []
+    lines = []
+    for i in range(len(sb.shots)):
+        words = unknown_words(sb.resolved_prompt(i), vocabulary)
+        if words:
+            lines.append(f"warning: shot {i + 1}: preset {preset.name!r} does not know "
+                         + ", ".join(repr(w) for w in words)
+                         + " — these words are ignored; README 'The embedded tiny preset' lists its vocabulary")
+    return lines
 
 
 def _summary(sb: Storyboard, source: str) -> str:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 Sink = Callable[[Chunk], None]
 JOB_FORMAT = "lvstudio.job/1"
 MANIFEST_FORMAT = "lvstudio.manifest/1"
-SCORE_MAX_FRAMES = 16 * 120  # frames kept for the manifest's oracle scores; longer renders are not scored
+SCORE_STRIDE = 2  # world presets: the oracle reads every 2nd frame as chunks stream in (the manifest's shot scores)
 
 
 class ShotEvaluator(Protocol):
@@ -116,10 +116,10 @@ class RenderSession:
         *,
         job_dir: Path | None = None,
         snapshot_every: int = 8,
-        score_max_frames: int = SCORE_MAX_FRAMES,
+        score_stride: int = SCORE_STRIDE,
     ) -> None:
-        """score_max_frames: world presets keep the frames of renders up to this long for the manifest's oracle
-        scores (0 = never score)."""
+        """score_stride: world presets have the oracle read every `score_stride`-th frame as it is made, for the
+        manifest's per-shot scores (renders of any length; 0 = never score)."""
         from lvstudio.backends import make_backend
 
         self.storyboard = storyboard
@@ -158,12 +158,12 @@ class RenderSession:
         self.backend = make_backend(settings.backend, bundle, self.buffer, seed=settings.seed, width=settings.width,
                                     height=settings.height, anchors=self.anchors)
         self.frames_done = 0
-        # Step 4: the manifest's evaluator (world presets, renders short enough to keep in memory).
+        # Step 4: the manifest's evaluator (world presets): reads frames as they stream, keeps only its readings.
         self.evaluator: ShotEvaluator | None = None
-        if bundle.preset.is_world and settings.num_frames <= score_max_frames:
+        if bundle.preset.is_world and score_stride > 0:
             from lvstudio.world.evaluator import OracleEvaluator
 
-            self.evaluator = OracleEvaluator()
+            self.evaluator = OracleEvaluator(stride=score_stride)
 
     # -- inputs -----------------------------------------------------------------------------------------------------
     def _encode_image(self, path: Path) -> torch.Tensor:

@@ -84,6 +84,19 @@ def test_check_bad_storyboard_exits_2_without_traceback(tmp_path: Path) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_check_warns_per_shot_about_words_the_preset_does_not_know(tmp_path: Path) -> None:
+    story = tmp_path / "s.toml"
+    story.write_text('title = "x"\npreset = "tiny"\nduration = "4s"\n[[shots]]\nat = 0\n'
+                     'prompt = "a crimson ball zooming over the sea"\n[[shots]]\nat = 2\n'
+                     'prompt = "a red ball bouncing over the sea"\n')
+    result = CliRunner().invoke(app, ["check", str(story)])
+    assert result.exit_code == 0 and f"{story}: OK" in result.stdout
+    assert "warning: shot 1: preset 'tiny' does not know 'crimson', 'zooming'" in result.stderr
+    assert "shot 2" not in result.stderr
+    for example in EXAMPLES:  # the example storyboards use only words their preset knows
+        assert "warning" not in CliRunner().invoke(app, ["check", str(example)]).stderr
+
+
 def test_check_missing_file() -> None:
     result = CliRunner().invoke(app, ["check", "does-not-exist.toml"])
     assert result.exit_code == 2 and "does-not-exist.toml: file not found" in result.stderr

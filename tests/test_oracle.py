@@ -22,12 +22,16 @@ from lvstudio.world import (
     render_spec,
     sample_clip,
 )
+from lvstudio.world.clips import OBJECT_RGB
+from lvstudio.world.evaluator import OracleEvaluator
 from lvstudio.world.oracle import (
     SCENE_PROTOTYPES,
     VIVID_CHROMA,
     FrameReading,
     adherence,
+    exact_objects,
     flicker,
+    frame_scores,
     measure_scene_prototypes,
     read_clip,
     read_frame,
@@ -129,9 +133,9 @@ def test_empty_background_has_no_objects() -> None:
 def test_adherence() -> None:
     spec = SceneSpec("desert", (ObjectSpec("orange", "star", "bouncing"),), "dusk")
     frames = render_spec(spec, 12, 128, seed=1).frames
-    assert adherence(frames, spec) == {"scene": 1.0, "colour": 1.0, "shape": 1.0}
+    assert adherence(frames, spec) == {"scene": 1.0, "colour": 1.0, "shape": 1.0, "objects": 1.0}
     wrong = SceneSpec("snow", (ObjectSpec("blue", "cube", "bouncing"),))
-    assert adherence(frames, wrong) == {"scene": 0.0, "colour": 0.0, "shape": 0.0}
+    assert adherence(frames, wrong) == {"scene": 0.0, "colour": 0.0, "shape": 0.0, "objects": 0.0}
     wrong_shape = SceneSpec("desert", (replace(spec.objects[0], shape="ball"),))
     assert adherence(frames, wrong_shape)["shape"] == 0.0
     clip = sample_clip(5, 16, size=128, switch_prob=1.0)  # one spec per frame follows a switch
@@ -163,3 +167,42 @@ def test_oracle_does_not_import_torch() -> None:
     code = "import sys, lvstudio.world.oracle; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_exact_objects_counts_components_per_colour() -> None:
+    """'Exactly the prompted objects': one component per prompted object, no other colour; a grid of blobs fails."""
+    spec = SceneSpec("sky", (ObjectSpec("red", "ball", "resting", "big"),))
+    frame = render_spec(spec, 1, 128, seed=3).frames[0]
+    assert exact_objects(read_frame(frame), spec)
+    blobs = frame.copy()
+    vivid = np.ptp(frame.astype(np.int16), axis=2) >= VIVID_CHROMA
+    free = [(y, x) for y in range(4, 112, 20) for x in range(4, 112, 20)
+            if not vivid[y - 4 : y + 16, x - 4 : x + 16].any()]
+    for y, x in free[:3]:  # three extra red squares away from the ball: four red objects where one was asked for
+        blobs[y : y + 12, x : x + 12] = OBJECT_RGB["red"]
+    reading = read_frame(blobs)
+    assert sum(o.colour == "red" for o in reading.objects) == 4
+    assert not exact_objects(reading, spec)
+    assert frame_scores(reading, spec)["colour"]  # colour adherence alone does not see the difference
+    two = SceneSpec("sky", (spec.objects[0], ObjectSpec("blue", "cube", "resting")))
+    assert not exact_objects(read_frame(frame), two)  # the blue cube is missing
+    clip = sample_clip(11, 8, size=128, switch_prob=0.0)
+    assert adherence(clip.frames, clip.specs)["objects"] == 1.0
+
+
+def test_streaming_evaluator_scores_any_length_from_readings() -> None:
+    """The manifest's evaluator reads frames as chunks arrive and keeps readings only; per-shot scores equal the
+    oracle on the same frames."""
+    clip = sample_clip(7, 24, size=64, switch_prob=0.0)
+    ev = OracleEvaluator(stride=2)
+    for start in range(0, 24, 8):
+        ev.offer(clip.frames[start : start + 8], start)
+    assert ev.frames_read == 12
+    rows = [{"frame_start": 0, "frame_end": 24, "resolved": clip.captions[0]},
+            {"frame_start": 30, "frame_end": 40, "resolved": clip.captions[0]}]
+    ev.score(rows)
+    direct = adherence(clip.frames[::2], clip.specs[0])
+    assert rows[0]["oracle_adherence"] == {k: round(v, 3) for k, v in direct.items()}
+    assert "oracle_adherence" not in rows[1]  # no frames read there
+    with pytest.raises(ValueError, match="in order"):
+        ev.offer(clip.frames[:8], 0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KEYS = ("scene", "colour", "shape")
+KEYS = ("scene", "colour", "shape", "objects")  # objects: exactly the prompted objects (lvstudio.world.oracle)
 
 
 @dataclass

@@ -9,15 +9,13 @@ so the caller can warn ("the tiny preset does not know: ...").
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-PAD = "<pad>"
-_WORD = re.compile(r"[a-z]+")
+from lvstudio.models.tiny_vocab import PAD, split_words
 
 
 @dataclass(frozen=True)
@@ -31,11 +29,6 @@ class TinyTextConfig:
     @classmethod
     def for_words(cls, words: list[str], **kw: int) -> TinyTextConfig:
         return cls(vocab=(PAD, *sorted(set(words) - {PAD})), **kw)
-
-
-def split_words(prompt: str) -> list[str]:
-    """Lower-case words of a prompt (punctuation and digits dropped)."""
-    return _WORD.findall(prompt.lower())
 
 
 class TinyTextEncoder(nn.Module):

@@ -85,7 +85,7 @@ class StudioConfig:
     max_renders: int = 1  # renders at once in this process
     min_chunk_seconds: float = 0.0  # pace the render (0 = as fast as possible; > 0 gives time to steer)
     contact_every_s: float = 4.0
-    oracle_max_frames: int = 16 * 120  # keep frames for the manifest's adherence scores up to this length
+    oracle_stride: int = 2  # the oracle reads every 2nd frame for the manifest's adherence scores (0 = off)
 
     def __post_init__(self) -> None:
         if self.max_renders < 1:
@@ -323,7 +323,7 @@ class WebStudio:
             backend=None if backend in (None, "", FROM_STORYBOARD) else backend, seed=seed)
         bundle = self.bundle(preset_obj)
         with torch.no_grad():
-            session = RenderSession(sb, bundle, settings, score_max_frames=self.config.oracle_max_frames)
+            session = RenderSession(sb, bundle, settings, score_stride=self.config.oracle_stride)
         folder.mkdir(parents=True, exist_ok=False)
         atomic_write_text(story_file, text)
         sink = VideoSink(folder / f"{job_id}.mp4", settings.fps, settings.width, settings.height)

@@ -12,6 +12,7 @@ No learned model: opencv + numpy only (no torch), robust to mild blur and noise 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -227,22 +228,48 @@ def _primary_shape_matches(reading: FrameReading, colour: str, shape: str) -> bo
     return bool(pool) and pool[0].shape == shape
 
 
+ADHERENCE_KEYS = ("scene", "colour", "shape", "objects")
+
+
+def exact_objects(reading: FrameReading, spec: SceneSpec) -> bool:
+    """Exactly the prompted objects: per object colour, as many separate objects (connected components of that
+    colour) as the prompt names, and no object of any other colour. A grid of blobs, a missing object or a stray one
+    all fail."""
+    return Counter(o.colour for o in reading.objects) == Counter(o.colour for o in spec.objects)
+
+
+def frame_scores(reading: FrameReading, spec: SceneSpec) -> dict[str, bool]:
+    """What one frame gets right against a spec: scene; an object of the primary colour; the primary object's shape
+    (the largest object of the primary colour); exactly the prompted objects."""
+    p = spec.objects[0]
+    return {
+        "scene": reading.scene == spec.scene,
+        "colour": any(o.colour == p.colour for o in reading.objects),
+        "shape": _primary_shape_matches(reading, p.colour, p.shape),
+        "objects": exact_objects(reading, spec),
+    }
+
+
+def adherence_of_readings(readings: Sequence[FrameReading], specs: Sequence[SceneSpec]) -> dict[str, float]:
+    """Mean of `frame_scores` over paired readings and specs (one per frame) for every key of ADHERENCE_KEYS."""
+    if not readings or len(readings) != len(specs):
+        raise ValueError(f"need one spec per reading, got {len(specs)} specs for {len(readings)} readings")
+    totals = dict.fromkeys(ADHERENCE_KEYS, 0)
+    for r, s in zip(readings, specs, strict=True):
+        for k, ok in frame_scores(r, s).items():
+            totals[k] += ok
+    return {k: v / len(readings) for k, v in totals.items()}
+
+
 def adherence(frames: np.ndarray, spec: SceneSpec | Sequence[SceneSpec]) -> dict[str, float]:
-    """Fractions of frames whose scene matches, that contain an object of the primary colour, and where the primary
-    object's shape matches. spec: one SceneSpec, or one per frame (e.g. Clip.specs for a clip with a switch)."""
+    """Fractions of frames whose scene matches, that contain an object of the primary colour, where the primary
+    object's shape matches, and that show exactly the prompted objects (`exact_objects`).
+    spec: one SceneSpec, or one per frame (e.g. Clip.specs for a clip with a switch)."""
     frames = _as_clip(frames)
     specs = [spec] * len(frames) if isinstance(spec, SceneSpec) else list(spec)
     if len(specs) != len(frames) or not all(isinstance(s, SceneSpec) for s in specs):
         raise ValueError(f"spec must be a SceneSpec or {len(frames)} SceneSpecs, one per frame")
-    readings = read_clip(frames)
-    scene = colour = shape = 0
-    for r, s in zip(readings, specs, strict=True):
-        p = s.objects[0]
-        scene += r.scene == s.scene
-        colour += any(o.colour == p.colour for o in r.objects)
-        shape += _primary_shape_matches(r, p.colour, p.shape)
-    n = float(len(frames))
-    return {"scene": scene / n, "colour": colour / n, "shape": shape / n}
+    return adherence_of_readings(read_clip(frames), specs)
 
 
 def flicker(frames: np.ndarray) -> float:

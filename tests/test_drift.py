@@ -16,19 +16,16 @@ from lvstudio.eval.drift import (
     DriftReport,
     Variant,
     check_variant,
-    colour_histograms,
     drift_storyboard,
     evaluate_drift,
     first_last,
-    frame_flicker,
-    histogram_distance,
-    image_stats,
     load_reports,
     parse_variant,
     plot_drift,
     summary_lines,
     variant_problem,
 )
+from lvstudio.eval.image_stats import colour_histograms, frame_flicker, grid_stats, histogram_distance, image_stats
 
 TINY_CFG = DriftConfig(minutes=0.1, window_seconds=2.0, prompts=2, seconds_per_prompt=1.5, seed=0, threads=1)
 
@@ -44,7 +41,7 @@ def tiny_report() -> tuple[DriftReport, list[dict]]:
 def test_grey_frame_has_no_saturation_chroma_or_vivid_pixels() -> None:
     grey = np.full((2, 32, 32, 3), 128, np.uint8)
     s = image_stats(grey)
-    assert set(s) == {"luminance", "contrast", "saturation", "chroma", "sharpness", "vivid"}
+    assert set(s) == {"luminance", "contrast", "saturation", "chroma", "sharpness", "vivid", "blockiness", "checker"}
     assert all(v.shape == (2,) for v in s.values())
     assert np.allclose(s["saturation"], 0) and np.allclose(s["chroma"], 0) and np.allclose(s["vivid"], 0)
     assert np.allclose(s["luminance"], 128 / 255, atol=1e-4)
@@ -169,7 +166,7 @@ def test_tiny_run(tiny_report: tuple[DriftReport, list[dict]]) -> None:
     assert sum(w["frames"] for w in report.windows) == 96  # 6 s at 16 fps
     assert report.windows[-1]["end_s"] == pytest.approx(6.0)
     for w in report.windows:
-        for key in ("scene", "colour", "shape", "saturation", "chroma", "vivid", "hist_distance"):
+        for key in ("scene", "colour", "shape", "objects", "saturation", "chroma", "vivid", "hist_distance"):
             assert 0.0 <= w[key] <= 1.0, (key, w)
         assert w["sharpness"] > 0 and 0 <= w["flicker"] < 1
     assert len(report.prompts) == 2 and len(report.shots) == 4
@@ -225,3 +222,17 @@ def test_cli_drift(tmp_path: Path) -> None:
     assert (tmp_path / "again.png").exists()
     bad = CliRunner().invoke(app, ["eval", "drift", "--variant", "sf=tiny-slow:causal-kv", "--out", str(out)])
     assert bad.exit_code == 2 and "tiny-slow" in bad.stderr
+
+
+def test_grid_stats_see_latent_tiles_and_checkerboards() -> None:
+    from lvstudio.world import sample_clip
+
+    clean = sample_clip(3, 4, size=128).frames
+    stats = image_stats(clean)
+    assert np.all(np.abs(stats["blockiness"] - 1.0) < 0.35) and np.all(stats["checker"] < 0.01)
+    rng = np.random.default_rng(0)
+    tiles = np.kron(rng.random((1, 16, 16)), np.ones((1, 8, 8)))  # flat 8x8 cells: every step lies on the grid
+    smooth = np.cumsum(np.full((1, 128, 128), 1.0 / 128), axis=2)  # a ramp: steps everywhere, none special
+    assert grid_stats(tiles)["blockiness"][0] > 10 and abs(grid_stats(smooth)["blockiness"][0] - 1.0) < 1e-3
+    checker = (np.indices((128, 128)).sum(axis=0) % 2).astype(np.float64)[None]
+    assert grid_stats(checker)["checker"][0] == 1.0 and grid_stats(smooth)["checker"][0] < 1e-6

@@ -29,32 +29,36 @@ from typing import Any
 import numpy as np
 
 from lvstudio.errors import LvError
+from lvstudio.eval.image_stats import colour_histograms, frame_flicker, histogram_distance, image_stats
+from lvstudio.world.oracle import ADHERENCE_KEYS
 
-ADHERENCE_KEYS = ("scene", "colour", "shape")
-STAT_KEYS = ("luminance", "contrast", "saturation", "chroma", "sharpness", "vivid")
+STAT_KEYS = ("luminance", "contrast", "saturation", "chroma", "sharpness", "vivid", "blockiness", "checker")
 # (key, label) of every per-window metric, in table / panel order.
 METRICS: tuple[tuple[str, str], ...] = (
     ("scene", "scene adherence"),
     ("colour", "colour adherence"),
     ("shape", "shape adherence"),
+    ("objects", "exactly the prompted objects"),
     ("luminance", "mean luminance"),
     ("contrast", "luminance std (contrast)"),
     ("saturation", "mean saturation"),
     ("chroma", "mean chroma"),
     ("sharpness", "sharpness (Laplacian var)"),
     ("vivid", "vivid pixel fraction"),
+    ("blockiness", "blockiness (8-px grid steps / others)"),
+    ("checker", "checkerboard energy"),
     ("hist_distance", "colour-hist distance to prompt start"),
     ("flicker", "flicker"),
 )
-PLOT_KEYS = ("scene", "colour", "shape", "contrast", "saturation", "sharpness", "hist_distance", "luminance", "flicker")
-RECURRENCE_KEYS = ("scene", "colour", "shape", "contrast", "chroma", "sharpness", "hist_distance")
+PLOT_KEYS = ("scene", "colour", "shape", "objects", "contrast", "sharpness", "hist_distance", "blockiness", "checker")
+RECURRENCE_KEYS = ("scene", "colour", "shape", "objects", "contrast", "chroma", "sharpness", "hist_distance",
+                   "blockiness", "checker")
 DEFAULT_VARIANTS = (
     "base=tiny:causal-kv",
     "sf=tiny-fast:causal-kv",
     "crossclip=tiny:erft-crossclip:lora=off",
     "erft=tiny-erft:erft-crossclip:lora=on",  # lora=on: skipped (not silently run LoRA-less) when the preset has none
 )
-HIST_BINS = 8  # per RGB channel: 512-bin colour histograms
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -207,81 +211,6 @@ def drift_storyboard(cfg: DriftConfig) -> list[tuple[float, str, Any]]:
         shots.append((i * cfg.seconds_per_prompt, prompt, spec))
         i += 1
     return shots
-
-
-# -- image statistics ---------------------------------------------------------------------------------------------
-def _frames(frames: np.ndarray) -> np.ndarray:
-    """Validate RGB frames [F, H, W, 3] (or one [H, W, 3]) as uint8."""
-    if not isinstance(frames, np.ndarray) or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be RGB [F, H, W, 3] or [H, W, 3], got {getattr(frames, 'shape', frames)}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
-    return frames[None] if frames.ndim == 3 else frames
-
-
-def luminance(frames: np.ndarray) -> np.ndarray:
-    """Rec. 601 luma in [0, 1]: [F, H, W, 3] uint8 -> [F, H, W] float32."""
-    x = _frames(frames).astype(np.float32) * (1.0 / 255.0)
-    return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
-
-
-def image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-frame statistics of [F, H, W, 3] uint8 frames, each an array [F]:
-    luminance (mean luma, 0..1), contrast (luma std), saturation (mean HSV saturation, 0..1), chroma (mean
-    (max - min) / 255), sharpness (variance of the Laplacian of the luma in 0..255 units), vivid (fraction of
-    pixels with chroma >= oracle.VIVID_CHROMA)."""
-    import cv2
-
-    from lvstudio.world.oracle import VIVID_CHROMA
-
-    frames = _frames(frames)
-    y = luminance(frames)  # [F, H, W]
-    mx = frames.max(axis=-1).astype(np.int16)  # [F, H, W]
-    mn = frames.min(axis=-1).astype(np.int16)
-    chroma = mx - mn
-    sat = np.where(mx > 0, chroma / np.maximum(mx, 1).astype(np.float32), 0.0)
-    sharp = np.array([cv2.Laplacian(f * 255.0, cv2.CV_32F).var() for f in y], np.float64)
-    return {
-        "luminance": y.mean(axis=(1, 2)).astype(np.float64),
-        "contrast": y.std(axis=(1, 2)).astype(np.float64),
-        "saturation": sat.mean(axis=(1, 2)).astype(np.float64),
-        "chroma": chroma.mean(axis=(1, 2)) / 255.0,
-        "sharpness": sharp,
-        "vivid": (chroma >= VIVID_CHROMA).mean(axis=(1, 2)).astype(np.float64),
-    }
-
-
-def colour_histograms(frames: np.ndarray) -> np.ndarray:
-    """Per-frame RGB histograms (HIST_BINS per channel) as pixel counts: [F, H, W, 3] uint8 -> [F, HIST_BINS**3]."""
-    frames = _frames(frames)
-    q = (frames.astype(np.int32) * HIST_BINS) >> 8  # [F, H, W, 3] in 0..HIST_BINS-1
-    idx = (q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]  # [F, H, W]
-    bins = HIST_BINS**3
-    offsets = np.arange(len(frames))[:, None] * bins
-    flat = (idx.reshape(len(frames), -1) + offsets).ravel()
-    return np.bincount(flat, minlength=len(frames) * bins).reshape(len(frames), bins).astype(np.float64)
-
-
-def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Hellinger distance in [0, 1] between two histograms (counts or probabilities); NaN if either is empty."""
-    sa, sb = float(np.sum(a)), float(np.sum(b))
-    if sa <= 0 or sb <= 0:
-        return float("nan")
-    bc = float(np.sum(np.sqrt((np.asarray(a) / sa) * (np.asarray(b) / sb))))
-    return math.sqrt(max(0.0, 1.0 - min(bc, 1.0)))
-
-
-def frame_flicker(frames: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
-    """Mean absolute difference of each frame to the one before, in [0, 1] units: [F, H, W, 3] -> [F] (the first
-    entry is NaN unless `previous` [H, W, 3] is given)."""
-    frames = _frames(frames)
-    x = frames.astype(np.float32) * (1.0 / 255.0)
-    out = np.full(len(frames), np.nan)
-    if len(frames) > 1:
-        out[1:] = np.abs(np.diff(x, axis=0)).mean(axis=(1, 2, 3))
-    if previous is not None:
-        out[0] = float(np.abs(x[0] - previous.astype(np.float32) * (1.0 / 255.0)).mean())
-    return out
 
 
 # -- accumulation ---------------------------------------------------------------------------------------------------
@@ -557,6 +486,35 @@ def recurrence(report: DriftReport, key: str) -> tuple[float, float]:
     return float(np.mean([a for a, _ in pairs])), float(np.mean([b for _, b in pairs]))
 
 
+def per_prompt_recurrence(report: DriftReport, key: str) -> list[tuple[int, float, float]]:
+    """(prompt index, first showing, last showing) of a shot metric for every prompt shown at least twice."""
+    by_prompt: dict[int, list[dict]] = {}
+    for row in report.shots:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    nan = float("nan")
+    return [(k, rows[0].get(key, nan), rows[-1].get(key, nan)) for k, rows in sorted(by_prompt.items())
+            if len(rows) >= 2]
+
+
+def stability_lines(report: DriftReport, points: float = 0.05, grid_ratio: float = 1.2) -> list[str]:
+    """The long-video stability check of one report: each prompt's colour and shape adherence at its last showing
+    within `points` of its first showing, and blockiness / checkerboard energy in the last minute at most
+    `grid_ratio` x the first minute's."""
+    out = [f"  stability ({report.name}): last showing vs first, per prompt (target: within {100 * points:.0f} points);"
+           f" grid artefacts last minute / minute 1 (target <= {grid_ratio:g})"]
+    for key in ("colour", "shape", "objects"):
+        rows = per_prompt_recurrence(report, key)
+        cells = [f"p{k} {a:.2f}->{b:.2f}{'' if abs(b - a) <= points + 1e-9 else ' !'}" for k, a, b in rows
+                 if math.isfinite(a) and math.isfinite(b)]
+        out.append(f"    {key:<8} " + ("  ".join(cells) or "-"))
+    for key in ("blockiness", "checker"):
+        first, last, _ = first_last(report, key)
+        ratio = last / first if first > 0 else float("nan")
+        mark = "" if math.isfinite(ratio) and ratio <= grid_ratio else " !"
+        out.append(f"    {key:<10} minute 1 {first:.4f}  last minute {last:.4f}  ratio {ratio:.2f}{mark}")
+    return out
+
+
 def _fmt(v: float, key: str) -> str:
     if not math.isfinite(v):
         return "-"
@@ -586,6 +544,7 @@ def summary_lines(reports: Sequence[DriftReport]) -> list[str]:
                 if key in rec:
                     a, b = rec[key]
                     out.append(f"  {'':<12}   {label:<35} {_fmt(a, key):>10} {_fmt(b, key):>10} {_fmt(b - a, key):>9}")
+            out.extend(stability_lines(r))
     return out
 
 

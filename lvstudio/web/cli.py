@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typer
+
 from lvstudio.errors import LvError
+from lvstudio.stop_signals import graceful_stop
 
 MAX_STORY_BYTES = 1 << 20
 
@@ -39,4 +42,17 @@ def preview_command(story: Path | None, port: int | None, host: str, share: bool
     else:
         text, name, folder = FALLBACK_STORY, "storyboard.toml", Path.cwd()
     config = StudioConfig(outputs=policy.outputs, story_text=text, story_name=name, story_dir=folder, preset=preset)
-    launch_studio(WebStudio(config), policy, block=True, quiet=False)
+    studio = WebStudio(config)
+    # SIGINT, SIGTERM and SIGHUP: every render stops after its chunk in flight and keeps its job folder (finish it
+    # with `lvstudio render --resume`), then the server closes; a second signal leaves at once.
+    with graceful_stop(what="the renders' chunks in flight") as stop:
+        demo, _ = launch_studio(studio, policy, block=False, quiet=False)
+        try:
+            while not stop.wait(0.5):
+                pass
+            kept = studio.shutdown()
+        finally:
+            demo.close()
+    for line in kept:
+        typer.echo(f"render {line}", err=True)
+    raise typer.Exit(stop.exit_code)

@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from lvstudio import __version__
 from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
-from lvstudio.errors import LvError
+from lvstudio.errors import Interrupted, LvError
 from lvstudio.presets.cli import presets_app
 
 if TYPE_CHECKING:
@@ -280,7 +280,7 @@ def training_guard(command: str, config: Path, out_dir: str | None) -> Iterator[
     """A training run under a stop-signal handler (stop after the step in flight, checkpoint, exit 128 + signal)
     with its I/O errors explained (the last checkpoint stays intact; `command` continues the run)."""
     from lvstudio.io_errors import translated_io
-    from lvstudio.stop_signals import graceful_stop
+    from lvstudio.stop_signals import StopNow, graceful_stop
     from lvstudio.train.loop import TrainingStopped
 
     kept = "The last checkpoint is intact (checkpoints are written atomically)."
@@ -292,6 +292,9 @@ def training_guard(command: str, config: Path, out_dir: str | None) -> Iterator[
     except TrainingStopped as stopped:
         stopped.hint = f"continue with: {command}"
         raise
+    except StopNow as now:
+        raise Interrupted(f"{now.args[0]} again: training stopped at once. {kept}", exit_code=now.exit_code,
+                          hint=f"continue with: {command}") from None
 
 
 _NO_PROGRESS = typer.Option("--no-progress", help="No progress bar (logs still written).")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lvstudio.errors import IOFailure, LvError, OutputExistsError
+from lvstudio.errors import Interrupted, IOFailure, LvError, OutputExistsError
 from lvstudio.job_folder import JobFolder, JobIdentity, preset_fingerprint, preset_reference
 from lvstudio.stop_signals import StopNow, StopRequest
 
@@ -191,9 +191,7 @@ def _stopped_at_once(now: StopNow, job: JobFolder, resume_cmd: str) -> LvError:
         text = f"{now.args[0]} again: stopped at once; the job is kept in {job.root}. Continue with:\n  {resume_cmd}"
     else:
         text = f"{now.args[0]} again: stopped at once, before the first chunk; nothing to resume"
-    err = LvError(text)
-    err.exit_code = now.exit_code
-    return err
+    return Interrupted(text, exit_code=now.exit_code)
 
 
 def _failure(err: Exception, job: JobFolder, resume_cmd: str) -> Exception:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lvstudio.errors import LvError
+from lvstudio.errors import Interrupted
 from lvstudio.stop_signals import StopRequest, current_stop, exit_code_for, signal_name
 
 if TYPE_CHECKING:
@@ -200,16 +200,15 @@ class TrainLoop:
         return step, reported
 
 
-class TrainingStopped(LvError):
+class TrainingStopped(Interrupted):
     """A training run stopped by a signal after a step; its checkpoint is saved (exit code 128 + the signal)."""
 
     def __init__(self, step: int, total: int, signum: int | None, saved: bool) -> None:
         name = signal_name(signum or 2)
         kept = f"a checkpoint of step {step} is saved" if saved else "this run writes no checkpoint"
         super().__init__(f"{name}: training stopped after step {step} of {total}; {kept}",
-                         hint="run the same command again to continue from there")
+                         exit_code=exit_code_for(signum or 2), hint="run the same command again to continue")
         self.step, self.total = step, total
-        self.exit_code = exit_code_for(signum or 2)
 
 
 def _agree(flag: bool) -> bool:

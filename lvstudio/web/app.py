@@ -204,6 +204,13 @@ class WebStudio:
         deadline = time.monotonic() + timeout
         while any(job.running for job in jobs) and time.monotonic() < deadline:
             time.sleep(0.05)
+        return self.resume_commands(jobs)
+
+    def resume_commands(self, jobs: list[RenderJob] | None = None) -> list[str]:
+        """"<job id>: <command>" for each render (default: those in progress) whose job folder can be resumed."""
+        if jobs is None:
+            with self._jobs_lock:
+                jobs = list(self._jobs)
         return [f"{job.job_id}: {job.resume_command}" for job in jobs
                 if job.session.job is not None and job.session.job.info_path.exists()]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from lvstudio.errors import LvError
-from lvstudio.stop_signals import graceful_stop
+from lvstudio.errors import Interrupted, LvError
+from lvstudio.stop_signals import StopNow, graceful_stop
 
 MAX_STORY_BYTES = 1 << 20
 
@@ -51,6 +51,11 @@ def preview_command(story: Path | None, port: int | None, host: str, share: bool
             while not stop.wait(0.5):
                 pass
             kept = studio.shutdown()
+        except StopNow as now:  # a second signal: leave at once; the job folders stay resumable
+            for line in studio.resume_commands():
+                typer.echo(f"render {line}", err=True)
+            raise Interrupted(f"{now.args[0]} again: the studio stopped at once", exit_code=now.exit_code,
+                              hint="finish the renders listed above with their commands") from None
         finally:
             demo.close()
     for line in kept:

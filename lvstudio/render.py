@@ -123,8 +123,7 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
             _run_with_progress(session, str(req.story))
         else:
             session.run()
-        if stop.requested and not session.done:
-            session.write_snapshot()
+        if stop.requested and not session.done:  # run() saved a snapshot after the last chunk
             sink.abort()
             echo(f"{stop.name}: stopped at frame {session.frames_done}; the job is kept in {job.root}. "
                  f"Continue with:\n  {resume_cmd}")

@@ -11,8 +11,9 @@ KeyboardInterrupt, so `except Exception` blocks do not swallow it). The exit cod
 number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). A signal the process was told to ignore (SIGHUP under
 `nohup`) stays ignored. Handlers can only be installed by the main thread; elsewhere `graceful_stop` installs none and
 the request can still be set by hand (`StopRequest.request`). Render loops, training loops, the studios and a batch
-of renders all use this module; `current_stop()` lets a loop deep inside a command (the training loop) see the
-request without it being passed through every function.
+of renders all use this module: blocks nest (an inner block shares the outer one's request), and `current_stop()`
+lets a loop deep inside a command (the training loop) see the request without it being passed through every
+function.
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ class StopRequest:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.signum: int | None = None
+        self.callbacks: list[Callable[[int], None]] = []  # called on the first request (innermost last)
 
     def request(self, signum: int = signal.SIGINT) -> None:
+        """Ask to stop (from a signal handler, or by hand); the first request calls the callbacks."""
+        first = not self._event.is_set()
         if self.signum is None:
             self.signum = int(signum)
         self._event.set()
+        if first:
+            for callback in list(self.callbacks):
+                callback(int(signum))
 
     @property
     def requested(self) -> bool:
@@ -104,17 +111,30 @@ def graceful_stop(on_first: Callable[[int], None] | None = None, *, what: str = 
 
     on_first(signum): called in the handler on the first signal (keep it short and thread-safe, e.g. set an event).
     what: named in the note printed on the first signal ("stopping after {what}").
+
+    Nested blocks (a batch of renders, each render with its own block) share the outer block's request and
+    handlers: the inner block only adds its `on_first` for its duration.
     """
+    outer = current_stop()
+    if outer is not None:
+        if on_first is not None:
+            outer.callbacks.append(on_first)
+        try:
+            yield outer
+        finally:
+            if on_first is not None:
+                outer.callbacks.remove(on_first)
+        return
     stop = StopRequest()
+    if on_first is not None:
+        stop.callbacks.append(on_first)
 
     def handler(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal handler signature
         if stop.requested:
             raise StopNow(signum)
-        stop.request(signum)
         if not quiet:
             _note(f"{signal_name(signum)}: stopping after {what} (send it again to stop at once)")
-        if on_first is not None:
-            on_first(signum)
+        stop.request(signum)
 
     installed: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():

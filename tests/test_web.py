@@ -234,6 +234,36 @@ def test_eight_clients_at_once_get_busy_or_their_own_render_and_the_server_stays
     fault.survived()
 
 
+def test_a_full_disk_during_a_web_render_is_explained_and_the_job_resumes_from_the_cli(server: Server,
+                                                                                       tmp_path: Path) -> None:
+    import hashlib
+
+    from tests.helpers.fault_render import assert_clean_exit, cli
+    from tests.helpers.faults import FailingWrites, Fault
+
+    fault = Fault("web studio: ENOSPC mid-render")
+    client = server.client()
+    try:
+        with FailingWrites(at=9) as writes:  # a few chunks in: chunk files and mp4 writes alternate
+            final = final_outputs(server.render(client, story()))
+    finally:
+        client.close()
+    assert writes.failed
+    status = final[1]
+    assert status.startswith("Render failed: rendering") and "no space left on the device" in status, status
+    assert "Traceback" not in status and final[3] is None
+    command = re.search(r"finish it with: (lvstudio render \S+ --out \S+ --resume)", status)
+    assert command, status
+    assert_clean_exit(cli(*command.group(1).split()[1:], "--no-progress"), 0, "resuming")
+    video = Path(command.group(1).split("--out ")[1].split()[0])
+    ref_story = tmp_path / "ref.toml"
+    ref_story.write_text(story())
+    assert_clean_exit(cli("render", str(ref_story), "--preset", str(server.preset), "--out", str(tmp_path / "ref.mp4"),
+                          "--no-progress"), 0)
+    assert hashlib.sha256(video.read_bytes()).digest() == hashlib.sha256((tmp_path / "ref.mp4").read_bytes()).digest()
+    fault.survived()
+
+
 def test_file_route_serves_only_the_outputs_folder(server: Server, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"  # under the system temp dir, but outside the outputs folder
     secret.write_text("do not serve")

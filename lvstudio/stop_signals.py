@@ -8,12 +8,13 @@ went away) all mean "stop after the work in flight, keep what can be resumed, sa
 
 The first signal sets the `StopRequest` (and calls `on_first`); a second one raises `StopNow` at once (a
 KeyboardInterrupt, so `except Exception` blocks do not swallow it). The exit code is the shell's: 128 + the signal
-number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). A signal the process was told to ignore (SIGHUP under
-`nohup`) stays ignored. Handlers can only be installed by the main thread; elsewhere `graceful_stop` installs none and
-the request can still be set by hand (`StopRequest.request`). Render loops, training loops, the studios and a batch
-of renders all use this module: blocks nest (an inner block shares the outer one's request), and `current_stop()`
-lets a loop deep inside a command (the training loop) see the request without it being passed through every
-function.
+number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). SIGTERM or SIGHUP that the process was told to ignore
+(SIGHUP under `nohup`) stay ignored; SIGINT is always handled (a shell ignores it for background jobs, where it
+only ever comes from an explicit `kill -INT`). Handlers can only be installed by the main thread; elsewhere
+`graceful_stop` installs none and the request can still be set by hand (`StopRequest.request`). Render loops,
+training loops, the studios and a batch of renders all use this module: blocks nest (an inner block shares the outer
+one's request), and `current_stop()` lets a loop deep inside a command (the training loop) see the request without
+it being passed through every function.
 """
 
 from __future__ import annotations

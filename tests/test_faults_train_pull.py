@@ -169,3 +169,33 @@ def test_a_disk_error_while_pulling_is_one_clear_message(hub_env: Path, monkeypa
     assert_clean_exit(r, 74, ERRNO_WORDS[code], "downloading tianweiy/CausVid", "HF_HUB_CACHE",
                       "lvstudio presets pull hubtest-causvid-1.3b")
     fault.survived(lost_bytes(before, hub_env))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(os.environ.get("LVSTUDIO_SKIP_DISTRIBUTED") == "1", reason="LVSTUDIO_SKIP_DISTRIBUTED=1")
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+
+    def torchrun(out: Path, stop_at: int) -> list[list[str]]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(root / "tests" / "helpers" / "dist_df_stop.py"), str(out), str(stop_at)]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [(out / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+
+    k = rng("torchrun-stop").randint(1, 3)
+    fault = Fault("training: SIGTERM to one torchrun rank")
+    full = torchrun(tmp_path / "full", -1)
+    stopped = torchrun(tmp_path / "cut", k)
+    assert stopped == [["stopped", str(k), "143"]] * 2  # both ranks, the same step
+    from lvstudio.checked_files import read_metadata
+
+    assert read_metadata(tmp_path / "cut" / "checkpoint.safetensors")["step"] == str(k)
+    resumed = torchrun(tmp_path / "cut", -1)
+    assert resumed == full and full[0][0] == "done"
+    fault.survived()

@@ -185,7 +185,8 @@ class TrainLoop:
                 step += 1
                 self.steps_run += 1
                 update(step, self._progress_value(window[-1]))
-                stopping = stop is not None and _agree(stop.requested)
+                signum = _agree(stop.signum or 0 if stop.requested else 0) if stop is not None else 0
+                stopping = signum > 0
                 # A checkpoint first, so that a report that fails (or a stop requested from it) loses nothing.
                 if self.checkpoint is not None and (step % self.ckpt_every == 0 or step == self.total or stopping):
                     self.checkpoint(step)
@@ -196,7 +197,7 @@ class TrainLoop:
                         self.report(step, reported)
                     window, t_last = [], now
                 if stopping and step < self.total:
-                    raise TrainingStopped(step, self.total, stop.signum, self.checkpoint is not None)
+                    raise TrainingStopped(step, self.total, signum, self.checkpoint is not None)
         return step, reported
 
 
@@ -211,17 +212,18 @@ class TrainingStopped(Interrupted):
         self.step, self.total = step, total
 
 
-def _agree(flag: bool) -> bool:
-    """`flag` on any rank, for all ranks (an all-reduce under torch.distributed; the flag itself in one process)."""
+def _agree(signum: int) -> int:
+    """The stop signal any rank received (0: none), for all ranks: an all-reduce (max) under torch.distributed, so
+    every rank stops after the same step; in one process, `signum` itself."""
     import torch.distributed as tdist
 
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() < 2:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        return signum
+    t = torch.tensor([signum], dtype=torch.int32)
     if tdist.get_backend() == "nccl":
         t = t.cuda()
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 @contextmanager

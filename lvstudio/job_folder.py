@@ -81,8 +81,12 @@ class JobIdentity:
         return out
 
 
+FINGERPRINT_HASH_LIMIT = 64 << 20  # local weight files up to this size are hashed; larger ones: size and mtime
+
+
 def preset_fingerprint(preset: Preset) -> str:
-    """sha256 of a preset's configuration and of its local weight files' declared hashes, sizes and times."""
+    """sha256 of a preset's configuration (Hub files are pinned there by commit and sha256) and of its local weight
+    files: their contents (files up to FINGERPRINT_HASH_LIMIT), else their size and modification time."""
     import hashlib
 
     h = hashlib.sha256(preset.model_dump_json().encode())
@@ -92,7 +96,10 @@ def preset_fingerprint(preset: Preset) -> str:
         path = preset.folder / preset.files[role].path
         try:
             st = path.stat()
-            h.update(f"{role}:{st.st_size}:{st.st_mtime_ns}".encode())
+            if path.is_file() and st.st_size <= FINGERPRINT_HASH_LIMIT:
+                h.update(f"{role}:{hashlib.sha256(path.read_bytes()).hexdigest()}".encode())
+            else:
+                h.update(f"{role}:{st.st_size}:{st.st_mtime_ns}".encode())
         except OSError:
             h.update(f"{role}:missing".encode())
     return h.hexdigest()

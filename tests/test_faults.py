@@ -273,12 +273,12 @@ def test_a_job_for_something_else_is_refused_with_the_reason_and_kept(env: Env, 
     elif kind == "another duration":
         extra, words = ["--duration", "5s"], ["num_frames: the job has 128, this command asks for 80"]
     elif kind == "preset weights changed":
-        st = weights.stat()
-        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        original = weights.read_bytes()
+        damage(weights, "flip", rng("refused-weights"))  # e.g. retrained, or damaged
         words = ["the preset's configuration or weight files changed"]
 
         def undo() -> None:
-            os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+            weights.write_bytes(original)
     elif kind == "another lvstudio version":
         info_path.write_text(info.replace('"lvstudio": "', '"lvstudio": "0.0.1-'))
         words = ["it was made by lvstudio 0.0.1-"]

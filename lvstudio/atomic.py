@@ -3,7 +3,9 @@
 Every writer goes through `atomic_path`: the data goes to a temporary file in the same folder (so the final rename
 never crosses a file system), is flushed to disk (fsync), gets the permissions the old file had (else 0o666 minus the
 umask), is renamed over the final path (`os.replace`), and the folder entry is flushed too. A crash or Ctrl-C at any
-point leaves either the old file or the new one, never a truncated one; a failed write removes its temporary file.
+point leaves either the old file or the new one, never a truncated one; a failed write removes its temporary file
+and raises an OSError that keeps the errno and names the final path (also when safetensors' Rust writer failed), so
+`lvstudio.io_errors` can explain it.
 
 The folder must exist (callers create it when that is what they mean). Heavy imports (safetensors) stay inside the
 functions that need them.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +35,8 @@ __all__ = [
     "replace_durably",
     "save_safetensors_atomic",
 ]
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer reports an OSError
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -87,7 +92,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsynced, given the final file's permissions and renamed over `path`. On an error it is deleted."""
     final = Path(path)
     folder = final.parent if str(final.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.", suffix=".partial")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.", suffix=".partial")
+    except OSError as err:
+        raise _os_error_at(err, final) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -95,10 +103,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fsync_file(tmp)
         os.chmod(tmp, _new_file_mode(final))
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        os_err = _os_error_at(err, final)
+        if os_err is not None:
+            raise os_err from err
         raise
     fsync_dir(folder)
+
+
+def _os_error_at(err: BaseException, final: Path) -> OSError | None:
+    """An OSError (errno kept) naming the final path, for an OSError or a safetensors I/O error ("... (os error 28)")
+    raised while writing its temporary file; None for any other error."""
+    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    if code is None and type(err).__name__ == "SafetensorError":
+        match = _RUST_OS_ERROR.search(str(err))
+        code = int(match.group(1)) if match else None
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(final))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -2,14 +2,18 @@
 
 Each command is a small function that imports its implementation lazily, so `lvstudio --help` stays instant
 (no torch, gradio or textual at import time). User errors (`LvError`) print one short message to stderr and exit
-2; Ctrl-C exits 130. Sub-command groups: `presets` lives with the presets (`lvstudio.presets.cli.presets_app`);
-`train`, `eval` and `bench` are here. Keep the heavy imports inside the command functions.
+2; a disk that refuses a read or a write exits 74 with what failed and what to do (`lvstudio.io_errors`); a stop
+signal exits 128 + its number (Ctrl-C 130, SIGTERM 143, SIGHUP 129). Sub-command groups: `presets` lives with the
+presets (`lvstudio.presets.cli.presets_app`); `train`, `eval` and `bench` are here. Keep the heavy imports inside
+the command functions.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,7 +22,7 @@ from typer.core import TyperGroup
 
 from lvstudio import __version__
 from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
-from lvstudio.errors import LvError
+from lvstudio.errors import Interrupted, LvError
 from lvstudio.presets.cli import presets_app
 
 if TYPE_CHECKING:
@@ -30,17 +34,38 @@ EXIT_INTERRUPTED = 130
 
 
 class _LvGroup(TyperGroup):
-    """The root command group: turns `LvError` and Ctrl-C from any sub-command into a message and an exit code."""
+    """The root command group: turns `LvError`, I/O errors and stop signals from any sub-command into a message and an
+    exit code (README, "Exit codes")."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except LvError as err:
-            typer.echo(str(err), err=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as err:  # noqa: BLE001 - anything else is re-raised unchanged
+            raise _exit_for(err) from None
+        except KeyboardInterrupt as err:
+            _say(f"interrupted ({err.args[0]})" if err.args else "interrupted")
+            raise typer.Exit(getattr(err, "exit_code", EXIT_INTERRUPTED)) from None
+
+
+def _say(text: str) -> None:
+    """Print to stderr; a terminal that went away (SIGHUP) must not turn a clean exit into a traceback."""
+    try:
+        typer.echo(text, err=True)
+    except OSError:
+        pass
+
+
+def _exit_for(err: Exception) -> BaseException:
+    """The message and exit code of an error leaving a command: LvError as it is, OSErrors through
+    `lvstudio.io_errors` (exit 74); anything else is a bug and keeps its traceback."""
+    if not isinstance(err, LvError):
+        from lvstudio.io_errors import io_failure, is_io_error
+
+        if not is_io_error(err):
+            return err
+        err = io_failure(err, action="reading or writing")
+    _say(str(err))
+    return typer.Exit(err.exit_code)
 
 
 app = typer.Typer(
@@ -174,9 +199,9 @@ def render(
             raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
     req = RenderRequest(story, out, preset, backend, seed, secs, resume, force, progress=not no_progress,
                         keep_job=keep_job, threads=threads, device=device)
-    result = run_render(req, echo=lambda m: typer.echo(m, err=True))
+    result = run_render(req, echo=_say)
     if result.interrupted:
-        raise typer.Exit(INTERRUPTED)
+        raise typer.Exit(result.exit_code or INTERRUPTED)
     rt = result.stats.get("realtime_factor")
     typer.echo(f"wrote {result.video} ({rt}x real time), {result.manifest}, {result.contact_sheet}")
 
@@ -244,9 +269,32 @@ def _train(config: Path, module: str, config_class: str, function: str, progress
 
     mod = importlib.import_module(f"lvstudio.train.{module}")
     cfg = load_config(config, getattr(mod, config_class))
-    result = getattr(mod, function)(cfg, progress=progress)
+    with training_guard(f"lvstudio train {module.replace('_', '-')} {config}", config, cfg.out_dir):
+        result = getattr(mod, function)(cfg, progress=progress)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("loss") and isinstance(v, float))
     typer.echo(f"done: step {result['step']}, {losses or 'no loss logged'}, weights in {cfg.out_dir}")
+
+
+@contextmanager
+def training_guard(command: str, config: Path, out_dir: str | None) -> Iterator[None]:
+    """A training run under a stop-signal handler (stop after the step in flight, checkpoint, exit 128 + signal)
+    with its I/O errors explained (the last checkpoint stays intact; `command` continues the run)."""
+    from lvstudio.io_errors import translated_io
+    from lvstudio.stop_signals import StopNow, graceful_stop
+    from lvstudio.train.loop import TrainingStopped
+
+    kept = "The last checkpoint is intact (checkpoints are written atomically)."
+    elsewhere = f"set out_dir in {config} to another disk" if out_dir else f"point {config} at another disk"
+    try:
+        with graceful_stop(what="the step in flight"), translated_io("training", resume=command, kept=kept,
+                                                                      elsewhere=elsewhere):
+            yield
+    except TrainingStopped as stopped:
+        stopped.hint = f"continue with: {command}"
+        raise
+    except StopNow as now:
+        raise Interrupted(f"{now.args[0]} again: training stopped at once. {kept}", exit_code=now.exit_code,
+                          hint=f"continue with: {command}") from None
 
 
 _NO_PROGRESS = typer.Option("--no-progress", help="No progress bar (logs still written).")
@@ -306,7 +354,9 @@ def train_vae_cmd(
     """Train the tiny causal VAE on the procedural world (resumes from out_dir)."""
     from lvstudio.train.vae_config import run_vae_config
 
-    typer.echo(run_vae_config(config))
+    with training_guard(f"lvstudio train vae {config}", config, None):
+        summary = run_vae_config(config)
+    typer.echo(summary)
 
 
 @eval_app.command("adherence")
@@ -441,11 +491,11 @@ def main() -> None:
     try:
         app(prog_name="lvstudio")
     except LvError as err:  # raised outside a command, e.g. in a callback
-        typer.echo(str(err), err=True)
+        _say(str(err))
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as err:
+        _say("interrupted")
+        sys.exit(getattr(err, "exit_code", EXIT_INTERRUPTED))
 
 
 if __name__ == "__main__":

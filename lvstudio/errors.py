@@ -1,7 +1,8 @@
 """User-facing errors: each one says what went wrong, where, and what to do about it.
 
 The CLI catches `LvError` at the top level, prints `str(error)` to stderr (no traceback) and exits with
-`error.exit_code` (2: a problem with the user's input or files).
+`error.exit_code`: 2 for a problem with the user's input or files, 74 for a disk that refused a read or a write
+(`IOFailure`), 128 + the signal number for a command stopped by a signal (`Interrupted`).
 """
 
 from __future__ import annotations
@@ -98,3 +99,35 @@ class OutputExistsError(LvError):
             message or f"{path} already exists",
             hint=hint or "pass --force to overwrite it, or choose another output path",
         )
+
+
+class IOFailure(LvError):
+    """The machine refused a read or a write: a full disk, a permission, a read-only or missing folder, a file that
+    vanished. `lvstudio.io_errors` builds these from OSErrors (what failed, which path, what to do); exit code 74
+    (EX_IOERR in sysexits.h)."""
+
+    exit_code = 74
+
+    def __init__(self, message: str, *, hint: str | None = None, path: str | Path | None = None,
+                 errno: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = None if path is None else Path(path)
+        self.errno = errno
+
+
+class DamagedFileError(LvError):
+    """A file lvstudio wrote earlier cannot be read back as written (truncated, flipped bytes, not ours)."""
+
+    def __init__(self, path: str | Path, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path} is damaged: {reason}", hint=hint)
+        self.path = Path(path)
+        self.reason = reason
+
+
+class Interrupted(LvError):
+    """A command stopped by a signal (SIGINT, SIGTERM, SIGHUP): what was kept and how to continue; exit code 128 +
+    the signal number, as shells report it."""
+
+    def __init__(self, message: str, *, exit_code: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code

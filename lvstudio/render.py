@@ -4,13 +4,17 @@ Outputs for `--out out/demo.mp4`:
     out/demo.mp4                 the video (written to .demo.mp4.partial.mp4 and renamed into place when complete)
     out/demo.manifest.json       storyboard hash, preset, seed, per-shot frame ranges, timings, caches, adherence
     out/demo.contact.png         one thumbnail per shot and per N seconds
-    out/demo.job/                while rendering: per-chunk latents + snapshots (deleted after success)
+    out/demo.job/                while rendering: job.json, per-chunk latents, snapshots (lvstudio.job_folder);
+                                 deleted after success, kept after a stop signal or an I/O error for --resume
+
+Failures: bad input raises LvError (exit 2); a disk that refuses a read or write raises IOFailure (exit 74) saying
+what is kept and the resume command; SIGINT, SIGTERM and SIGHUP finish the chunk in flight, keep the job and return an
+interrupted outcome (exit 128 + the signal number); a second signal stops at once (the job stays resumable).
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lvstudio.errors import LvError, OutputExistsError
+from lvstudio.errors import Interrupted, IOFailure, LvError, OutputExistsError
+from lvstudio.job_folder import JobFolder, JobIdentity, preset_fingerprint, preset_reference
+from lvstudio.stop_signals import StopNow, StopRequest
 
 if TYPE_CHECKING:
     from lvstudio.backends.base import Chunk
     from lvstudio.session import RenderSession
-    from lvstudio.storyboard import Storyboard
-    from lvstudio.video import ContactFrames
+    from lvstudio.video import ContactFrames, VideoSink
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM gives 143, SIGHUP 129 (128 + the signal number)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class RenderOutcome:
     interrupted: bool
     resume_command: str | None
     stats: dict[str, Any]
+    exit_code: int = 0  # 128 + the signal number when interrupted
 
 
 def default_out(story: Path) -> Path:
@@ -62,126 +68,182 @@ def default_out(story: Path) -> Path:
 
 
 def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOutcome:
-    """Render a storyboard (see module docstring). Raises LvError for user problems."""
+    """Render a storyboard (see module docstring). Raises LvError for user problems, IOFailure (exit 74) when the
+    machine refuses a read or write, and returns an interrupted outcome when a stop signal came (SIGINT, SIGTERM,
+    SIGHUP: the chunk in flight is finished, the job kept); a second signal raises StopNow."""
     import torch
 
+    from lvstudio.stop_signals import graceful_stop
+
+    holder: dict[str, RenderSession] = {}
+
+    def on_first(signum: int) -> None:  # noqa: ARG001 - the session stops after its chunk in flight
+        if "session" in holder:
+            holder["session"].stop()
+
+    with graceful_stop(on_first, what="the chunk in flight") as stop, torch.no_grad():
+        return _render(req, echo, holder, stop)
+
+
+def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, RenderSession],
+            stop: StopRequest) -> RenderOutcome:
+    import torch
+
+    from lvstudio.io_errors import translated_io
     from lvstudio.presets.load import load_bundle
-    from lvstudio.session import RenderSession, resolve_settings
+    from lvstudio.session import RenderSession, resolve_settings, storyboard_hash
     from lvstudio.storyboard import load_storyboard
     from lvstudio.video import ContactFrames, VideoSink
 
     sb = load_storyboard(req.story)
     out = req.out or default_out(req.story)
-    job_dir = out.with_name(out.stem + ".job")
-    # Step 1: refuse to clobber anything before any work.
-    _check_outputs(req, sb, out, job_dir)
-    preset, settings = resolve_settings(sb, preset=req.preset, backend=req.backend, seed=req.seed,
-                                        duration=req.duration)
-    if req.resume:
-        saved = json.loads((job_dir / "job.json").read_text())["settings"]
-        if saved != settings.__dict__:
-            raise LvError(f"the options differ from the interrupted render ({saved})",
-                          hint="resume with the same --preset/--backend/--seed/--duration, or start over with --force")
-    torch.set_grad_enabled(False)
+    job = JobFolder(out.with_name(out.stem + ".job"))
+    resume_cmd = f"lvstudio render {req.story} --out {out} --resume"
+    # Step 1: refuse to clobber anything, or to resume another job, before any work (a resume keeps the job's
+    # settings unless the command gives others, which are then refused).
+    saved = _check_outputs(req, out, job)
+    preset, settings = resolve_settings(sb, **_overrides(req, saved))
+    if saved is not None:
+        job.check_identity(JobIdentity(storyboard_hash(sb), dict(settings.__dict__), preset_fingerprint(preset)))
+    with translated_io("creating the output folder", path=out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
     if req.threads > 0:
         torch.set_num_threads(req.threads)
-    session = RenderSession(sb, load_bundle(preset, req.device), settings, job_dir=job_dir)
+    session = RenderSession(sb, load_bundle(preset, req.device), settings, job_dir=job.root)
+    holder["session"] = session
     sink = VideoSink(out, settings.fps, settings.width, settings.height, force=True)
     thumbs = ContactFrames(settings.fps, req.contact_every_s)
     thumbs.want((r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges())
+    if stop.requested:  # a signal came while the models loaded
+        session.stop()
+    try:
+        _start_or_resume(req, session, sink, thumbs, resume_cmd, echo)
+        # Step 3: run with a progress bar; a stop signal finishes the current chunk and keeps the job folder.
+        if req.progress:
+            _run_with_progress(session, str(req.story))
+        else:
+            session.run()
+        if stop.requested and not session.done:  # run() saved a snapshot after the last chunk
+            sink.abort()
+            echo(f"{stop.name}: stopped at frame {session.frames_done}; the job is kept in {job.root}. "
+                 f"Continue with:\n  {resume_cmd}")
+            return RenderOutcome(None, None, None, True, resume_cmd, {}, stop.exit_code)
+        # Step 4: the manifest and contact sheet of the finished video, then the video under its name (so it only
+        # appears once everything else is written), then the job folder goes.
+        finished = sink.finish()
+        manifest, sheet, data = _write_side_files(session, req.story, out, finished, thumbs)
+        video = sink.commit()
+    except StopNow as now:
+        sink.abort()
+        raise _stopped_at_once(now, job, resume_cmd) from None
+    except Exception as err:
+        sink.abort()
+        failure = _failure(err, job, resume_cmd)
+        if failure is err:
+            raise
+        raise failure from err
+    if not req.keep_job:
+        job.remove()
+    return RenderOutcome(video, manifest, sheet, False, None, data["timings"])
+
+
+def _overrides(req: RenderRequest, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """resolve_settings() keywords: the command's options, and on a resume the job's for those not given."""
+    ask = {"preset": req.preset, "backend": req.backend, "seed": req.seed, "duration": req.duration}
+    if saved is None:
+        return ask
+    old = saved.get("settings") or {}
+    defaults = {"preset": saved.get("preset_ref") or old.get("preset"), "backend": old.get("backend"),
+                "seed": old.get("seed"),
+                "duration": old["num_frames"] / old["fps"] if old.get("num_frames") and old.get("fps") else None}
+    return {k: v if v is not None else defaults[k] for k, v in ask.items()}
+
+
+def _start_or_resume(req: RenderRequest, session: RenderSession, sink: VideoSink, thumbs: ContactFrames,
+                     resume_cmd: str, echo: Callable[[str], None]) -> None:
+    """Step 2: a new job folder, or the checked one of an interrupted render with its frames re-made."""
 
     def write(frames: np.ndarray, start: int) -> None:  # frames [n, H, W, 3] uint8
         sink.write(frames)
         thumbs.offer(frames, start)
 
-    # Step 2: start or resume.
     if req.resume:
         start = 0
-        for f in session.resume():
+        for f in session.resume(echo):
             write(f, start)
             start += f.shape[0]
-        echo(f"resuming {out} at frame {session.frames_done} of {settings.num_frames}")
+        echo(f"resuming {sink.path} at frame {session.frames_done} of {session.settings.num_frames}")
     else:
-        session.write_job_info()
+        try:
+            session.write_job_info(preset_ref=preset_reference(req.preset or session.storyboard.preset),
+                                   resume=resume_cmd, force=req.force)
+        except BaseException:
+            if session.job is not None and not session.job.info_path.exists():
+                session.job.remove()  # nothing to resume from: leave no empty job folder behind
+            raise
     session.add_sink(lambda c: write(c.frames, c.frame_start))
-    # Step 3: run with a progress bar; Ctrl-C finishes the current chunk, keeps the job folder, exits 130.
-    interrupted = _run_with_interrupt(session, req.progress, str(req.story))
-    resume_cmd = f"lvstudio render {req.story} --out {out} --resume"
-    if interrupted:
-        session.write_snapshot()
-        sink.abort()
-        echo(f"interrupted at frame {session.frames_done}; the job is kept in {job_dir}. "
-             f"Continue with:\n  {resume_cmd}")
-        return RenderOutcome(None, None, None, True, resume_cmd, {})
-    # Step 4: the video, manifest and contact sheet, then the job folder goes.
-    video = sink.close()
-    manifest, sheet, data = _write_side_files(session, req.story, out, video, thumbs)
-    if not req.keep_job:
-        _remove_job(job_dir)
-    return RenderOutcome(video, manifest, sheet, False, None, data["timings"])
 
 
-def _check_outputs(req: RenderRequest, sb: Storyboard, out: Path, job_dir: Path) -> None:
-    """Refuse to overwrite an output or drop an interrupted job unless asked; a resume needs its unchanged job."""
-    from lvstudio.session import storyboard_hash
+def _stopped_at_once(now: StopNow, job: JobFolder, resume_cmd: str) -> LvError:
+    """The error of a second stop signal: what is kept and how to continue."""
+    if job.info_path.exists():
+        text = f"{now.args[0]} again: stopped at once; the job is kept in {job.root}. Continue with:\n  {resume_cmd}"
+    else:
+        text = f"{now.args[0]} again: stopped at once, before the first chunk; nothing to resume"
+    return Interrupted(text, exit_code=now.exit_code)
 
+
+def _failure(err: Exception, job: JobFolder, resume_cmd: str) -> Exception:
+    """An error in the middle of a render: I/O errors become an IOFailure that says what is kept and how to go on;
+    anything else is returned unchanged. (No snapshot is written here: the chunk in flight may be half saved, and
+    `--resume` finds the newest consistent point by itself.)"""
+    from lvstudio.io_errors import io_failure, is_io_error
+
+    if isinstance(err, LvError) and not isinstance(err, IOFailure) or not is_io_error(err):
+        return err
+    resumable = job.info_path.exists()
+    path = getattr(err, "path", None) or getattr(err, "filename", None)
+    action = "rendering"
+    if path is not None and Path(path).is_relative_to(job.root):
+        action = "saving the render's progress to"
+    elif path is not None and Path(path).name.endswith(".partial.mp4"):
+        action, path = "writing the video", Path(path).with_name(Path(path).name[1:-len(".partial.mp4")])
+    kept = f"The job is kept in {job.root}." if resumable else "Nothing was kept."
+    return io_failure(err, action=action, path=path, resume=resume_cmd if resumable else None, kept=kept)
+
+
+def _check_outputs(req: RenderRequest, out: Path, job: JobFolder) -> dict[str, Any] | None:
+    """Refuse to overwrite an output or drop an interrupted job unless asked; on a resume, return job.json."""
     if out.exists() and not req.force and not req.resume:
         raise OutputExistsError(out)
     if req.resume:
-        if not (job_dir / "snapshot.safetensors").exists():
-            raise LvError(f"nothing to resume: {job_dir} has no snapshot", hint="run without --resume to start")
-        info = json.loads((job_dir / "job.json").read_text())
-        if info["storyboard_sha256"] != storyboard_hash(sb):
-            raise LvError(f"{req.story} changed since the interrupted render in {job_dir}",
-                          hint="undo the change, or start over with --force")
-    elif job_dir.exists():
+        info = job.read_info()
+        if out.exists() and not req.force and not info.get("force"):
+            raise OutputExistsError(out, f"{out} exists (it appeared after this render started)",
+                                    hint="move it away, or resume with --force to replace it")
+        return info
+    if job.exists():
         if not req.force:
-            raise LvError(f"an interrupted render of this output exists in {job_dir}",
+            raise LvError(f"an interrupted render of this output exists in {job.root}",
                           hint="continue it with --resume, or start over with --force")
-        _remove_job(job_dir)
+        job.remove()
+    return None
 
 
-def _write_side_files(session: RenderSession, story: Path, out: Path, video: Path,
+def _write_side_files(session: RenderSession, story: Path, out: Path, finished: Path,
                       thumbs: ContactFrames) -> tuple[Path, Path, dict[str, Any]]:
-    """`<out>.manifest.json` and `<out>.contact.png` of a finished render; returns their paths and the manifest."""
+    """`<out>.manifest.json` and `<out>.contact.png` of a render whose video is finished at `finished` (and goes to
+    `out`); returns their paths and the manifest."""
     from lvstudio.atomic import atomic_write_text
     from lvstudio.session import build_manifest
     from lvstudio.video import write_contact_sheet
 
     manifest = out.with_name(out.stem + ".manifest.json")
     sheet = out.with_name(out.stem + ".contact.png")
-    data = build_manifest(session, story, video)
+    data = build_manifest(session, story, out, probe=finished)
     atomic_write_text(manifest, json.dumps(data, indent=2))
     write_contact_sheet(sheet, thumbs.items(session.shot_ranges()))
     return manifest, sheet, data
-
-
-def _remove_job(job_dir: Path) -> None:
-    import shutil
-
-    if job_dir.exists():
-        shutil.rmtree(job_dir)
-
-
-def _run_with_interrupt(session: RenderSession, progress: bool, label: str) -> bool:
-    """Run the session in this thread; SIGINT asks it to stop after the current chunk. Returns True if interrupted."""
-    interrupted = {"flag": False}
-
-    def on_sigint(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal handler signature
-        if interrupted["flag"]:
-            raise KeyboardInterrupt
-        interrupted["flag"] = True
-        session.stop()
-
-    old = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        if progress:
-            _run_with_progress(session, label)
-        else:
-            session.run()
-    finally:
-        signal.signal(signal.SIGINT, old)
-    return interrupted["flag"] and not session.done
 
 
 def _run_with_progress(session: RenderSession, label: str) -> None:

@@ -27,6 +27,7 @@ import torch
 from lvstudio.backends.base import Chunk, to_uint8_frames
 from lvstudio.caches import AnchorCache, CachedAnchor, IdentityCache
 from lvstudio.errors import LvError
+from lvstudio.job_folder import JOB_FORMAT, JobFolder, JobIdentity, preset_fingerprint
 from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptEvent, PromptStreamBuffer, block_start_frame
 from lvstudio.storyboard import Storyboard, dump_storyboard
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from lvstudio.presets.schema import Preset
 
 Sink = Callable[[Chunk], None]
-JOB_FORMAT = "lvstudio.job/1"
 MANIFEST_FORMAT = "lvstudio.manifest/1"
 SCORE_STRIDE = 2  # world presets: the oracle reads every 2nd frame as chunks stream in (the manifest's shot scores)
 
@@ -126,6 +126,7 @@ class RenderSession:
         self.bundle = bundle
         self.settings = settings
         self.job_dir = job_dir
+        self.job = JobFolder(job_dir) if job_dir is not None else None
         self.snapshot_every = snapshot_every
         self.sinks: list[Sink] = []
         self.stats = SessionStats()
@@ -257,7 +258,7 @@ class RenderSession:
                 time.sleep(0.02)
                 continue
             self.step()
-        if self.job_dir is not None:
+        if self.job is not None:
             self.write_snapshot()
         return self.stats
 
@@ -285,7 +286,7 @@ class RenderSession:
         keep = self.settings.num_frames - chunk.frame_start
         if keep < chunk.num_frames:
             chunk.frames = chunk.frames[: max(keep, 0)]
-        if self.job_dir is not None:
+        if self.job is not None:
             self._save_chunk(chunk)
         if self.evaluator is not None:
             self.evaluator.offer(chunk.frames, chunk.frame_start)
@@ -300,73 +301,59 @@ class RenderSession:
         if chunk.timings.get("recache", 0.0) > 0:
             self.stats.recache_ms.append(1000 * chunk.timings["recache"])
         self.frames_done = chunk.frame_start + chunk.num_frames
-        if self.job_dir is not None and self.backend.next_index % self.snapshot_every == 0:
+        if self.job is not None and self.backend.next_index % self.snapshot_every == 0:
             self.write_snapshot()
         return chunk
 
-    # -- job folder: per-chunk latents + snapshots ---------------------------------------------------------------------
-    def _save_chunk(self, chunk: Chunk) -> None:
-        from lvstudio.atomic import save_safetensors_atomic
+    # -- job folder: per-chunk latents + snapshots (lvstudio.job_folder) ---------------------------------------------
+    def job_identity(self) -> JobIdentity:
+        """What a job folder of this session must match to be resumed."""
+        return JobIdentity(storyboard_hash(self.storyboard), dict(self.settings.__dict__),
+                           preset_fingerprint(self.bundle.preset))
 
-        folder = self.job_dir / "chunks"
-        folder.mkdir(parents=True, exist_ok=True)
+    def _save_chunk(self, chunk: Chunk) -> None:
         meta = {"frame_start": str(chunk.frame_start), "num_frames": str(chunk.num_frames),
                 "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched)}
-        save_safetensors_atomic({"latents": chunk.latents}, folder / f"{chunk.index:06d}.safetensors", meta)
+        self.job.save_chunk(chunk.index, {"latents": chunk.latents}, meta)
 
     def write_snapshot(self) -> None:
-        from lvstudio.atomic import save_safetensors_atomic
-
-        if self.job_dir is None:
+        """Save the backend state after the chunks made so far (no-op without a job folder)."""
+        if self.job is None:
             return
         state = {k: v.detach().cpu().contiguous() for k, v in self.backend.state_dict().items()}
         events = [e.__dict__ for e in self.buffer.events if e.source == "live"]
         meta = {"format": JOB_FORMAT, "next_index": str(self.backend.next_index), "frames_done": str(self.frames_done),
                 "live_events": json.dumps(events)}
-        save_safetensors_atomic(state, self.job_dir / "snapshot.safetensors", meta)
+        self.job.save_snapshot(self.backend.next_index, state, meta)
 
-    def write_job_info(self) -> None:
-        from lvstudio.atomic import atomic_write_text
-
-        if self.job_dir is None:
+    def write_job_info(self, **extra: Any) -> None:
+        """Create the job folder and its job.json (identity + `extra`, e.g. the resume command)."""
+        if self.job is None:
             raise LvError("this render session has no job folder", hint="create it with job_dir=...")
-        self.job_dir.mkdir(parents=True, exist_ok=True)
-        info = {"format": JOB_FORMAT, "storyboard_sha256": storyboard_hash(self.storyboard),
-                "settings": self.settings.__dict__}
-        atomic_write_text(self.job_dir / "job.json", json.dumps(info, indent=2))
+        self.job.create(self.job_identity(), **extra)
 
-    def resume(self) -> list[np.ndarray]:
-        """Restore from the job folder; returns the frames already made (re-decoded from the saved latents)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        if self.job_dir is None:
+    def resume(self, echo: Callable[[str], None] | None = None) -> list[np.ndarray]:
+        """Check the job folder (`JobFolder.validate`), restore the newest usable snapshot and return the frames
+        already made (re-decoded from the saved latents, exactly as they were decoded the first time)."""
+        if self.job is None:
             raise LvError("this render session has no job folder", hint="create it with job_dir=...")
-        snap = self.job_dir / "snapshot.safetensors"
-        with safe_open(str(snap), "pt") as f:
-            meta = f.metadata()
-        next_index = int(meta["next_index"])
-        for ev in json.loads(meta.get("live_events", "[]")):
+        point = self.job.validate(self.job_identity(), echo)
+        for ev in json.loads(point.meta.get("live_events", "[]")):
             self.buffer.add(PromptEvent(**ev))
-        # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before).
         decoder = self.bundle.vae.streaming_decoder()
         frames: list[np.ndarray] = []
-        for i in range(next_index):
-            path = self.job_dir / "chunks" / f"{i:06d}.safetensors"
-            if not path.exists():
-                raise LvError(f"job folder {self.job_dir} is missing chunk {i}", hint="start over with --force")
-            with safe_open(str(path), "pt") as f:
-                n = int(f.metadata()["num_frames"])
+        done = 0
+        for i in range(point.index):
+            tensors, meta = self.job.load_chunk(i)
             with torch.no_grad():
-                video = decoder.decode(load_file(str(path))["latents"].to(self.bundle.device))
-            frames.append(to_uint8_frames(video)[:n])
+                video = decoder.decode(tensors["latents"].to(self.bundle.device))
+            frames.append(to_uint8_frames(video)[: int(meta["num_frames"])])
             if self.evaluator is not None:
-                self.evaluator.offer(frames[-1], sum(f.shape[0] for f in frames[:-1]))
-        for stale in (self.job_dir / "chunks").glob("*.safetensors"):
-            if int(stale.stem) >= next_index:
-                stale.unlink()
-        self.backend.load_state_dict(load_file(str(snap)))
-        self.frames_done = int(meta["frames_done"])
+                self.evaluator.offer(frames[-1], done)
+            done += frames[-1].shape[0]
+        if point.snapshot is not None:
+            self.backend.load_state_dict(self.job.load_snapshot(point))
+        self.frames_done = done
         self.stats.frames = self.frames_done
         return frames
 
@@ -391,16 +378,17 @@ class RenderSession:
                 "backend": self.backend.cache_summary()}
 
 
-def build_manifest(session: RenderSession, story: Path, video: Path) -> dict[str, Any]:
+def build_manifest(session: RenderSession, story: Path, video: Path, *, probe: Path | None = None) -> dict[str, Any]:
     """The manifest of a finished (or stopped) render: storyboard hash, settings, per-shot frame ranges (with the
-    evaluator's scores for world presets), the mp4's codec as read back, timings and cache summaries."""
+    evaluator's scores for world presets), the mp4's codec as read back (from `probe`, default `video`: the finished
+    file before it is moved to `video`), timings and cache summaries."""
     from lvstudio.video import probe_video
 
     st, s, sb = session.stats, session.settings, session.storyboard
     shots = session.shot_ranges()
     if session.evaluator is not None:
         session.evaluator.score(shots)
-    info = probe_video(video)
+    info = probe_video(probe or video)
     chunk_s = st.chunk_seconds
     return {
         "format": MANIFEST_FORMAT,

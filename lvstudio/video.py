@@ -125,8 +125,16 @@ class VideoSink:
 
     def close(self) -> Path:
         """Flush the encoder, finish the mp4 and move it to `path`; returns `path`."""
+        self.finish()
+        return self.commit()
+
+    def finish(self) -> Path:
+        """Flush the encoder and finish the mp4 at `partial_path` (fsynced), without moving it yet; returns that
+        path, so side files can be made from the finished video before it appears under its name (`commit`)."""
         if self._done:
             raise RuntimeError("this VideoSink is already closed or aborted")
+        if self._container is None and self.frames_written:
+            return self.partial_path  # already finished
         if self.frames_written == 0:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}; nothing to save")
@@ -138,6 +146,12 @@ class VideoSink:
         except BaseException:
             self.abort()
             raise
+        return self.partial_path
+
+    def commit(self) -> Path:
+        """Move the finished mp4 (`finish`) to `path`; returns `path`."""
+        if self._done or self._container is not None or not self.partial_path.exists():
+            raise RuntimeError("this VideoSink is not finished (call finish() first) or already closed")
         if self.path.exists() and not self.force:
             self._done = True
             raise OutputExistsError(

@@ -19,3 +19,13 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's figures (tests/helpers/faults.py), when any fault was injected in this run."""
+    from tests.helpers.faults import LEDGER
+
+    if sum(LEDGER.injected.values()):
+        terminalreporter.section("fault injection")
+        for line in LEDGER.lines():
+            terminalreporter.write_line(line)

@@ -208,6 +208,62 @@ def test_one_render_per_process_busy_message_and_tabs_are_separate(server: Serve
     assert "stopped at frame" in final[1]
 
 
+def test_eight_clients_at_once_get_busy_or_their_own_render_and_the_server_stays_up(server: Server) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers.faults import Fault
+
+    def one(_: int) -> tuple:
+        client = server.client()
+        try:
+            return final_outputs(server.render(client, story(duration="1s", second_at="0.5s")))  # bounded: 300 s
+        finally:
+            client.close()
+
+    fault = Fault("web studio: 8 clients at once")
+    with ThreadPoolExecutor(8) as pool:
+        finals = list(pool.map(one, range(8)))
+    busy = [f for f in finals if f[1] == BUSY_MESSAGE.format(n=1)]
+    done = [f for f in finals if f[1].startswith("Done (complete)")]
+    assert len(busy) + len(done) == 8 and done, [f[1] for f in finals]
+    assert len({f[3] for f in done}) == len(done)  # each render its own job folder and video
+    assert all(probe_video(f[3]).num_frames == 16 for f in done)
+    assert not [p for p in server.outputs.glob("*/*.job")]  # finished renders leave no job folder
+    # The server is still up and serves the next render.
+    assert final_outputs(server.render(server.client(), story("1s", "0.5s")))[1].startswith("Done (complete)")
+    fault.survived()
+
+
+def test_a_full_disk_during_a_web_render_is_explained_and_the_job_resumes_from_the_cli(server: Server,
+                                                                                       tmp_path: Path) -> None:
+    import hashlib
+
+    from tests.helpers.fault_render import assert_clean_exit, cli
+    from tests.helpers.faults import FailingWrites, Fault
+
+    fault = Fault("web studio: ENOSPC mid-render")
+    client = server.client()
+    try:
+        with FailingWrites(at=9) as writes:  # a few chunks in: chunk files and mp4 writes alternate
+            final = final_outputs(server.render(client, story()))
+    finally:
+        client.close()
+    assert writes.failed
+    status = final[1]
+    assert status.startswith("Render failed: rendering") and "no space left on the device" in status, status
+    assert "Traceback" not in status and final[3] is None
+    command = re.search(r"finish it with: (lvstudio render \S+ --out \S+ --resume)", status)
+    assert command, status
+    assert_clean_exit(cli(*command.group(1).split()[1:], "--no-progress"), 0, "resuming")
+    video = Path(command.group(1).split("--out ")[1].split()[0])
+    ref_story = tmp_path / "ref.toml"
+    ref_story.write_text(story())
+    assert_clean_exit(cli("render", str(ref_story), "--preset", str(server.preset), "--out", str(tmp_path / "ref.mp4"),
+                          "--no-progress"), 0)
+    assert hashlib.sha256(video.read_bytes()).digest() == hashlib.sha256((tmp_path / "ref.mp4").read_bytes()).digest()
+    fault.survived()
+
+
 def test_file_route_serves_only_the_outputs_folder(server: Server, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"  # under the system temp dir, but outside the outputs folder
     secret.write_text("do not serve")

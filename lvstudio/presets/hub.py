@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lvstudio.atomic import atomic_write_json
-from lvstudio.errors import PresetError
+from lvstudio.errors import LvError, PresetError
 from lvstudio.presets.schema import REVISION_PLACEHOLDER, FileEntry, Preset, is_commit
 
 CHUNK = 1 << 20  # hash in 1 MiB reads
@@ -517,7 +517,7 @@ class PullResult:
     lock: Path
 
 
-def _map_hub_error(err: BaseException, preset: Preset, repo_id: str, revision: str) -> PresetError:
+def _map_hub_error(err: BaseException, preset: Preset, repo_id: str, revision: str) -> LvError:
     """huggingface_hub errors -> one clear PresetError each."""
     from huggingface_hub import errors as hf
 
@@ -558,9 +558,13 @@ def _map_hub_error(err: BaseException, preset: Preset, repo_id: str, revision: s
     if isinstance(err, hf.HfHubHTTPError):
         return PresetError(f"the Hub refused or failed a request for {repo_id}: {str(err).splitlines()[0]}",
                            hint="try again later; if it persists, check HF_TOKEN and the repository page")
-    if isinstance(err, OSError) and getattr(err, "errno", None) == 28:
-        return PresetError(f"the disk filled up while downloading {repo_id} into {hub_cache_dir()}",
-                           hint="free some space (or set HF_HUB_CACHE to a bigger disk) and pull again")
+    if isinstance(err, OSError) and not isinstance(err, ConnectionError | TimeoutError):
+        from lvstudio.io_errors import io_failure, is_io_error
+
+        if is_io_error(err):  # a full disk, a permission, a cache folder that vanished: one message everywhere
+            return io_failure(err, action=f"downloading {repo_id} into {hub_cache_dir()}",
+                              resume=f"lvstudio presets pull {name}",
+                              elsewhere="set HF_HUB_CACHE (and LVSTUDIO_CACHE) to another disk")
     return PresetError(f"downloading {repo_id} failed: {type(err).__name__}: {err}",
                        hint="check the network connection and try again")
 

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lvstudio.errors import Interrupted
+from lvstudio.stop_signals import StopRequest, current_stop, exit_code_for, signal_name
+
 if TYPE_CHECKING:
     from lvstudio.train.common import DistInfo, TrainConfigBase
 
@@ -140,9 +143,10 @@ class TrainLoop:
                  report: Callable[[int, Fields], None] | None = None,
                  checkpoint: Callable[[int], None] | None = None, progress: bool = False,
                  description: str = "train", progress_keys: tuple[str, ...] = ("loss",),
-                 reduce: Reduce = last_fields) -> None:
+                 reduce: Reduce = last_fields, stop: StopRequest | None = None) -> None:
         """report(step, fields): called every `log_every` steps with `reduce(window)` + sec_per_step.
-        progress_keys: the progress bar shows the first of these fields that holds a number."""
+        progress_keys: the progress bar shows the first of these fields that holds a number.
+        stop: ends the run after a step when requested (default: the enclosing `graceful_stop` block's)."""
         if log_every < 1 or ckpt_every < 1:
             raise ValueError(f"log_every and ckpt_every must be >= 1 (got {log_every}, {ckpt_every})")
         self.total, self.start = total, start
@@ -150,6 +154,7 @@ class TrainLoop:
         self.report, self.checkpoint = report, checkpoint
         self.progress, self.description = progress, description
         self.progress_keys, self.reduce = progress_keys, reduce
+        self.stop = stop
         self.steps_run = 0
 
     @classmethod
@@ -165,7 +170,12 @@ class TrainLoop:
         return math.nan
 
     def run(self, step_fn: StepFn) -> tuple[int, Fields]:
-        """Run the remaining steps; returns (steps done in all, the last reported fields; {} if none ran)."""
+        """Run the remaining steps; returns (steps done in all, the last reported fields; {} if none ran).
+
+        A stop request (`self.stop`, else the one of the enclosing `graceful_stop` block: SIGINT, SIGTERM, SIGHUP)
+        ends the run after the step in flight: a checkpoint of that step is written, then TrainingStopped is raised.
+        Under torchrun the ranks agree on it after every step, so all of them stop at the same step."""
+        stop = self.stop if self.stop is not None else current_stop()
         step, reported = self.start, {}
         window: list[Fields] = []
         t_last = time.perf_counter()
@@ -175,16 +185,45 @@ class TrainLoop:
                 step += 1
                 self.steps_run += 1
                 update(step, self._progress_value(window[-1]))
+                signum = _agree(stop.signum or 0 if stop.requested else 0) if stop is not None else 0
+                stopping = signum > 0
                 # A checkpoint first, so that a report that fails (or a stop requested from it) loses nothing.
-                if self.checkpoint is not None and (step % self.ckpt_every == 0 or step == self.total):
+                if self.checkpoint is not None and (step % self.ckpt_every == 0 or step == self.total or stopping):
                     self.checkpoint(step)
-                if step % self.log_every == 0 or step == self.total:
+                if step % self.log_every == 0 or step == self.total or stopping:
                     now = time.perf_counter()
                     reported = {**self.reduce(window), "sec_per_step": (now - t_last) / len(window)}
                     if self.report is not None:
                         self.report(step, reported)
                     window, t_last = [], now
+                if stopping and step < self.total:
+                    raise TrainingStopped(step, self.total, signum, self.checkpoint is not None)
         return step, reported
+
+
+class TrainingStopped(Interrupted):
+    """A training run stopped by a signal after a step; its checkpoint is saved (exit code 128 + the signal)."""
+
+    def __init__(self, step: int, total: int, signum: int | None, saved: bool) -> None:
+        name = signal_name(signum or 2)
+        kept = f"a checkpoint of step {step} is saved" if saved else "this run writes no checkpoint"
+        super().__init__(f"{name}: training stopped after step {step} of {total}; {kept}",
+                         exit_code=exit_code_for(signum or 2), hint="run the same command again to continue")
+        self.step, self.total = step, total
+
+
+def _agree(signum: int) -> int:
+    """The stop signal any rank received (0: none), for all ranks: an all-reduce (max) under torch.distributed, so
+    every rank stops after the same step; in one process, `signum` itself."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() < 2:
+        return signum
+    t = torch.tensor([signum], dtype=torch.int32)
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
 
 
 @contextmanager
@@ -218,17 +257,29 @@ class TrainLog:
 
     def write(self, **fields: Any) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(fields) + "\n")
+            with open(self.path, "a+b") as fh:  # appends always go to the end, whatever was read
+                size = fh.seek(0, 2)
+                torn = False
+                if size:
+                    fh.seek(size - 1)
+                    torn = fh.read(1) != b"\n"  # an earlier append was cut short: start a new line
+                fh.write((("\n" if torn else "") + json.dumps(fields) + "\n").encode())
 
     def report(self, step: int, fields: Fields) -> None:
         """A `TrainLoop` report: the step, the fields, the wall-clock time."""
         self.write(step=step, **fields, time=time.time())
 
     def read(self) -> list[dict[str, Any]]:
+        """The logged rows; a line cut short (a full disk, a kill during the append) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,8 +323,9 @@ def save_checkpoint(
     step: int,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write model (+ EMA, optimizer) tensors and metadata atomically: tmp file in the same folder, then rename."""
-    from lvstudio.atomic import save_safetensors_atomic
+    """Write model (+ EMA, optimizer) tensors and metadata atomically (tmp file in the same folder, then rename),
+    with a checksum that `load_checkpoint` verifies (`lvstudio.checked_files`)."""
+    from lvstudio.checked_files import save_checked
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,19 +338,23 @@ def save_checkpoint(
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_meta
     tensors["rng.torch"] = torch.get_rng_state()
-    save_safetensors_atomic(tensors, path, meta)
+    save_checked(tensors, path, meta)
 
 
 def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """Restore what save_checkpoint wrote; returns (step, extra)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Restore what save_checkpoint wrote; returns (step, extra). A damaged file raises DamagedFileError (what is
+    wrong and what to do) before anything is restored."""
+    from lvstudio.checked_files import load_checked
+    from lvstudio.errors import DamagedFileError
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(str(path))
+    try:
+        tensors, meta = load_checked(path, require_digest=False)
+    except DamagedFileError as err:
+        err.hint = ("checkpoints are written atomically, so a crash does not do this (a disk or a copy did): restore "
+                    "it from a backup, or move it away to start the run from step 0")
+        raise
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None:
         ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}

@@ -26,7 +26,7 @@ from lvstudio.errors import LvError
 from lvstudio.tui.budget import PreviewBudget
 from lvstudio.tui.preview import HalfBlockRenderer
 from lvstudio.tui.recorder import Recording
-from lvstudio.tui.studio import Studio, StudioSummary
+from lvstudio.tui.studio import Studio, StudioSummary, explained
 from lvstudio.tui.widgets import PreviewPane, StatusLine, StatusPanel, Timeline, TimelineView
 
 STATUS_EVERY_S = 1.0  # the status timer; a preview frame also refreshes a status older than half of this
@@ -86,6 +86,7 @@ class StudioApp(App[StudioSummary | None]):
         self._preview_rate = 0.0
         self._status_at = 0.0  # when the status was last refreshed (perf_counter)
         self._quitting = False
+        self.quit_when_ready = False  # a stop signal came before the app ran its loop
 
     # -- layout ---------------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -115,6 +116,8 @@ class StudioApp(App[StudioSummary | None]):
         self.generator = self.generate()
         self.pump = self.pump_preview(self.query_one(PreviewPane))
         self.set_interval(STATUS_EVERY_S, self._status_tick)
+        if self.quit_when_ready:
+            self.call_later(self.action_quit)
 
     def on_resize(self, event: Resize) -> None:
         """Switch between the full and the compact layout."""
@@ -269,7 +272,7 @@ class StudioApp(App[StudioSummary | None]):
         try:
             started, result = await asyncio.to_thread(self.studio.toggle_recording)
         except (LvError, ValueError, OSError) as err:
-            self.notify(f"recording: {err}", severity="error")
+            self.notify(f"recording: {explained(err, 'recording')}", severity="error", timeout=10)
             return
         if started:
             self.notify(f"recording to {result}")

@@ -117,6 +117,15 @@ def prompt_storyboard(prompt: str, preset: str, fps: int, seed: int) -> Storyboa
     return parse_storyboard(text, source="--prompt")
 
 
+def explained(err: Exception, action: str) -> Exception:
+    """An I/O error as the CLI would explain it (`lvstudio.io_errors`); anything else unchanged."""
+    from lvstudio.io_errors import io_failure, is_io_error
+
+    if not is_io_error(err):
+        return err
+    return io_failure(err, action=action, elsewhere="record into another folder (--record)")
+
+
 def preset_label(ref: str, name: str) -> str:
     """The preset name to write into a storyboard: the reference itself if it is a name, else the preset's name."""
     if not ref.endswith(".toml") and _PRESET_NAME.fullmatch(ref):
@@ -228,7 +237,7 @@ class Studio:
                 self.pause_waiting.clear()
                 s.step()
         except Exception as err:  # noqa: BLE001 - shown in the UI, the studio stays open
-            self.error = err
+            self.error = explained(err, "generating")
         finally:
             self.pause_waiting.clear()
             self.run_seconds = time.perf_counter() - t0
@@ -359,7 +368,11 @@ class Studio:
         self.stop()
         if self._running:
             self.finished.wait(timeout)
-        self.recorder.stop()
+        try:
+            self.recorder.stop()
+        except Exception as err:  # noqa: BLE001 - a recording the disk refused: keep the storyboard, report it
+            self.recorder.abort()
+            self.error = self.error or explained(err, "finishing the recording")
         path = self.write_storyboard()
         rerender = None
         if path is not None:

@@ -108,6 +108,7 @@ class RenderJob:
         self.stop_event = threading.Event()
         self.running = True
         self.finished = False  # the mp4 was closed (or deliberately dropped)
+        self.abandoned = False  # the studio is shutting down: keep the job folder for `lvstudio render --resume`
         self.started = time.perf_counter()
         session.add_sink(self._on_chunk)
 
@@ -117,6 +118,25 @@ class RenderJob:
 
     def path(self, suffix: str) -> Path:
         return self.folder / f"{self.job_id}{suffix}"
+
+    @property
+    def resume_command(self) -> str:
+        """The command that finishes this render from its job folder (after a crash or a shutdown)."""
+        return f"lvstudio render {self.story_file} --out {self.path('.mp4')} --resume"
+
+    def keep_for_resume(self, *, snapshot: bool) -> str:
+        """Leave the render resumable (partial mp4 dropped; a snapshot saved when stopped between chunks); returns a
+        sentence saying how."""
+        self.finished = True
+        self.sink.abort()
+        if self.session.job is None or not self.session.job.info_path.exists():
+            return "Nothing was kept."
+        if snapshot:
+            try:
+                self.session.write_snapshot()
+            except Exception:  # noqa: BLE001 - the job stays resumable from its older snapshots
+                log.warning("could not save a snapshot of %s", self.job_id)
+        return f"The job is kept in {self.session.job.root}; finish it with: {self.resume_command}"
 
     def stop(self) -> int:
         """Ask for the end after the current chunk; returns the frames done so far."""
@@ -168,6 +188,31 @@ class WebStudio:
         self._slots = threading.BoundedSemaphore(config.max_renders)
         self._bundles: dict[str, ModelBundle] = {}
         self._bundle_lock = threading.Lock()
+        self._jobs: set[RenderJob] = set()  # renders in progress (for shutdown)
+        self._jobs_lock = threading.Lock()
+        self.closing = False
+
+    def shutdown(self, timeout: float = 60.0) -> list[str]:
+        """Stop every render after its chunk in flight and keep it resumable (the studio is going away: SIGINT,
+        SIGTERM, SIGHUP); returns one line per render kept, with its resume command."""
+        self.closing = True
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.abandoned = True
+            job.stop()
+        deadline = time.monotonic() + timeout
+        while any(job.running for job in jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.resume_commands(jobs)
+
+    def resume_commands(self, jobs: list[RenderJob] | None = None) -> list[str]:
+        """"<job id>: <command>" for each render (default: those in progress) whose job folder can be resumed."""
+        if jobs is None:
+            with self._jobs_lock:
+                jobs = list(self._jobs)
+        return [f"{job.job_id}: {job.resume_command}" for job in jobs
+                if job.session.job is not None and job.session.job.info_path.exists()]
 
     # -- storyboard --------------------------------------------------------------------------------------------------
     def parse(self, text: str) -> Storyboard:
@@ -219,6 +264,9 @@ class WebStudio:
         except LvError as err:
             yield _outputs_tuple(None, f"Cannot render: {err}", "")
             return
+        if self.closing:
+            yield _outputs_tuple(None, "The studio is shutting down: no new renders.", "")
+            return
         if not self._slots.acquire(blocking=False):
             yield _outputs_tuple(None, BUSY_MESSAGE.format(n=self.config.max_renders), "")
             return
@@ -229,6 +277,11 @@ class WebStudio:
             yield _outputs_tuple(None, "Loading the preset...", "")
             job = self._start(sb, text, preset, backend, seed_value)
             tab.job, tab.loading = job, False
+            with self._jobs_lock:
+                self._jobs.add(job)
+            if self.closing:
+                job.abandoned = True
+                job.stop()
             if tab.stop_early:
                 job.stop()
             final = yield from self._run(job)
@@ -243,18 +296,32 @@ class WebStudio:
         except LvError as err:
             final = _outputs_tuple(None, f"Cannot render: {err}", "")
         except Exception as err:  # noqa: BLE001 - the page gets a message, the log gets the traceback
-            log.exception("render failed")
-            final = _outputs_tuple(None, f"Render failed ({type(err).__name__}: {str(err)[:200]}); "
-                                         "see the server log for details", "")
+            final = _outputs_tuple(None, self._failed(err, job), "")
         finally:
             tab.loading = False
             if job is not None:
                 job.running = False
                 if not job.finished:  # cut short by an error or a closed tab: drop the partial mp4
                     job.sink.abort()
+                with self._jobs_lock:
+                    self._jobs.discard(job)
             self._slots.release()
         if final is not None:
             yield final
+
+    @staticmethod
+    def _failed(err: Exception, job: RenderJob | None) -> str:
+        """The status line of a render that failed: an I/O error explained (and the job kept for --resume)."""
+        from lvstudio.io_errors import io_failure, is_io_error
+
+        if is_io_error(err):
+            log.warning("render failed: %s", err)
+            kept = job.keep_for_resume(snapshot=False) if job is not None else None
+            failure = io_failure(err, action="rendering", kept=kept,
+                                 elsewhere="start the studio with another --outputs folder")
+            return f"Render failed: {failure}"
+        log.exception("render failed")
+        return f"Render failed ({type(err).__name__}: {str(err)[:200]}); see the server log for details"
 
     def stop(self, tab: TabState) -> str:
         job = tab.job
@@ -312,6 +379,7 @@ class WebStudio:
         import torch
 
         from lvstudio.atomic import atomic_write_text
+        from lvstudio.job_folder import preset_reference
         from lvstudio.session import RenderSession, resolve_settings
         from lvstudio.video import ContactFrames, VideoSink
 
@@ -323,13 +391,18 @@ class WebStudio:
             backend=None if backend in (None, "", FROM_STORYBOARD) else backend, seed=seed)
         bundle = self.bundle(preset_obj)
         with torch.no_grad():
-            session = RenderSession(sb, bundle, settings, score_stride=self.config.oracle_stride)
+            session = RenderSession(sb, bundle, settings, score_stride=self.config.oracle_stride,
+                                    job_dir=folder / f"{job_id}.job")
         folder.mkdir(parents=True, exist_ok=False)
         atomic_write_text(story_file, text)
         sink = VideoSink(folder / f"{job_id}.mp4", settings.fps, settings.width, settings.height)
         contact = ContactFrames(settings.fps, self.config.contact_every_s)
         contact.want((r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges())
-        return RenderJob(job_id, folder, session, story_file, sink, contact)
+        job = RenderJob(job_id, folder, session, story_file, sink, contact)
+        # The job folder `lvstudio render --resume` continues from if this process dies mid-render.
+        chosen = None if preset in (None, "", FROM_STORYBOARD) else str(preset)
+        session.write_job_info(preset_ref=preset_reference(chosen or sb.preset), resume=job.resume_command)
+        return job
 
     def _run(self, job: RenderJob) -> Iterator[tuple[Any, ...]]:
         """Step the session, yielding a preview per chunk; returns the final outputs."""
@@ -349,7 +422,12 @@ class WebStudio:
             wait = pace - (time.perf_counter() - t0)
             if wait > 0:
                 job.stop_event.wait(wait)
-        # Step 2: finish what was made (the whole video, or up to the chunk where Stop was pressed).
+        # Step 2: finish what was made (the whole video, or up to the chunk where Stop was pressed); when the studio
+        # is shutting down, keep the job for `lvstudio render --resume` instead.
+        if job.abandoned and not session.done:
+            kept = job.keep_for_resume(snapshot=True)
+            return _outputs_tuple(preview, f"The studio is shutting down: stopped at frame {session.frames_done}. "
+                                           f"{kept}", progress_html(session))
         return self._finish(job, preview)
 
     def _status(self, job: RenderJob) -> str:
@@ -389,6 +467,8 @@ class WebStudio:
             log.warning("could not write the rendered storyboard: %s", err)
         sheet = write_contact_sheet(job.path(".contact.png"), job.contact.items(manifest["shots"]))
         files.append(sheet)
+        if session.job is not None:
+            session.job.remove()  # the mp4 is made: nothing to resume
         wall = time.perf_counter() - job.started
         how = f"stopped at frame {done} of {session.settings.num_frames}" if stopped else "complete"
         status = (f"Done ({how}): {job.job_id}, {done} frames = {done / session.settings.fps:.2f} s of video "

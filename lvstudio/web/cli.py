@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lvstudio.errors import LvError
+import typer
+
+from lvstudio.errors import Interrupted, LvError
+from lvstudio.stop_signals import StopNow, graceful_stop
 
 MAX_STORY_BYTES = 1 << 20
 
@@ -39,4 +42,22 @@ def preview_command(story: Path | None, port: int | None, host: str, share: bool
     else:
         text, name, folder = FALLBACK_STORY, "storyboard.toml", Path.cwd()
     config = StudioConfig(outputs=policy.outputs, story_text=text, story_name=name, story_dir=folder, preset=preset)
-    launch_studio(WebStudio(config), policy, block=True, quiet=False)
+    studio = WebStudio(config)
+    # SIGINT, SIGTERM and SIGHUP: every render stops after its chunk in flight and keeps its job folder (finish it
+    # with `lvstudio render --resume`), then the server closes; a second signal leaves at once.
+    with graceful_stop(what="the renders' chunks in flight") as stop:
+        demo, _ = launch_studio(studio, policy, block=False, quiet=False)
+        try:
+            while not stop.wait(0.5):
+                pass
+            kept = studio.shutdown()
+        except StopNow as now:  # a second signal: leave at once; the job folders stay resumable
+            for line in studio.resume_commands():
+                typer.echo(f"render {line}", err=True)
+            raise Interrupted(f"{now.args[0]} again: the studio stopped at once", exit_code=now.exit_code,
+                              hint="finish the renders listed above with their commands") from None
+        finally:
+            demo.close()
+    for line in kept:
+        typer.echo(f"render {line}", err=True)
+    raise typer.Exit(stop.exit_code)

@@ -30,6 +30,7 @@ from lvstudio.errors import LvError
 from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptEvent, PromptStreamBuffer, block_start_frame
 from lvstudio.storyboard import Storyboard, dump_storyboard
+from lvstudio.transitions import BLEND, LIVE_DEFAULT, SWITCH
 
 if TYPE_CHECKING:
     from lvstudio.presets.schema import Preset
@@ -182,17 +183,20 @@ class RenderSession:
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
 
-    def push(self, prompt: str, transition: str = "cut", blend_blocks: int = 2) -> PromptEvent:
-        """Live prompt from any thread: lands on the next block not yet generated."""
+    def push(self, prompt: str, transition: str = LIVE_DEFAULT, blend_blocks: int = 2) -> PromptEvent:
+        """Live prompt from any thread: lands on the next block not yet generated. `transition` (lvstudio.transitions):
+        "switch" (default: the shot you are watching continues under the new prompt), "cut" (a new shot) or "blend"
+        (over `blend_blocks` blocks); ValueError for another word, an empty prompt or an unknown {identity}."""
         return self.buffer.push(prompt, transition=transition, blend_blocks=blend_blocks)
 
     def reroll(self, seed: int | None = None) -> PromptEvent:
-        """Re-roll the current shot from the next block on: same prompt, a new seed (random unless given)."""
+        """Re-roll the current shot from the next block on: same prompt, a new seed (random unless given); the shot
+        continues (a switch), new noise from there on."""
         import random
 
         current = self.buffer.events[self.buffer.active_index(max(self.buffer.next_block - 1, 0))]
         new_seed = random.randrange(2**31) if seed is None else seed
-        return self.buffer.push(current.prompt, transition="cut", seed=new_seed)
+        return self.buffer.push(current.prompt, transition=SWITCH, seed=new_seed)
 
     def rendered_storyboard(self) -> Storyboard:
         """The storyboard of what was actually rendered: the shots plus live prompts at their times.
@@ -218,10 +222,10 @@ class RenderSession:
             if at >= duration:
                 break
             lines += ["", "[[shots]]", f"at = {at!r}", f"prompt = {json.dumps(ev.prompt)}"]
-            if ev.transition == "blend" and ev.blend_blocks and prev_at is not None:
-                blend = min(ev.blend_blocks * 4 * n / fps, (at - prev_at) - 1 / fps)
-                if blend > 0:
-                    lines.append(f'transition = "blend {blend!r}s"')
+            if prev_at is not None and ev.transition in (BLEND, SWITCH):  # a cut is the storyboard's default
+                blend = min(ev.blend_blocks * 4 * n / fps, (at - prev_at) - 1 / fps) if ev.transition == BLEND else 0
+                kind = f"blend {blend!r}s" if blend > 0 else SWITCH  # a blend too short to write still continues
+                lines.append(f'transition = "{kind}"')
             if ev.seed is not None:
                 lines.append(f"seed = {ev.seed}")
             prev_at = at
@@ -311,7 +315,8 @@ class RenderSession:
         folder = self.job_dir / "chunks"
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"frame_start": str(chunk.frame_start), "num_frames": str(chunk.num_frames),
-                "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched)}
+                "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched),
+                "new_shot": str(chunk.new_shot)}
         save_safetensors_atomic({"latents": chunk.latents}, folder / f"{chunk.index:06d}.safetensors", meta)
 
     def write_snapshot(self) -> None:
@@ -348,7 +353,8 @@ class RenderSession:
         next_index = int(meta["next_index"])
         for ev in json.loads(meta.get("live_events", "[]")):
             self.buffer.add(PromptEvent(**ev))
-        # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before).
+        # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before; a chunk
+        # that started a new shot restarts the decoder, as it did then).
         decoder = self.bundle.vae.streaming_decoder()
         frames: list[np.ndarray] = []
         for i in range(next_index):
@@ -356,7 +362,10 @@ class RenderSession:
             if not path.exists():
                 raise LvError(f"job folder {self.job_dir} is missing chunk {i}", hint="start over with --force")
             with safe_open(str(path), "pt") as f:
-                n = int(f.metadata()["num_frames"])
+                chunk_meta = f.metadata()
+            n = int(chunk_meta["num_frames"])
+            if chunk_meta.get("new_shot") == "True":
+                decoder.new_shot()
             with torch.no_grad():
                 video = decoder.decode(load_file(str(path))["latents"].to(self.bundle.device))
             frames.append(to_uint8_frames(video)[:n])

@@ -58,7 +58,7 @@ class StudioApp(App[StudioSummary | None]):
         Binding("f6", "stop", "Stop", priority=True),
         Binding("f7,ctrl+r", "toggle_record", "Record", priority=True),
         Binding("f8,ctrl+n", "reroll", "Re-roll", priority=True),
-        Binding("f2,ctrl+t", "toggle_transition", "Switch/Cut/Blend", priority=True),
+        Binding("f2,ctrl+t", "toggle_transition", "Transition", priority=True),
         Binding("escape", "clear_prompt", "Clear", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]

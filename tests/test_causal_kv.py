@@ -118,3 +118,23 @@ def test_recache_attention_setting_reaches_the_model(monkeypatch) -> None:
         for _ in range(be.buffer.seconds_to_block(1.0) + 1):
             be.step()
     assert seen == [None, 2]  # upstream LongLive re-encodes the window bidirectionally by default
+
+
+def test_a_cut_starts_like_a_fresh_video_with_rebased_rope_and_a_resliced_sink(monkeypatch) -> None:  # noqa: ANN001
+    """The tiny preset's settings (rope_mode = "rebase", global_sink = false): with the same noise for every block,
+    the blocks after a cut equal a fresh render's first blocks bit for bit — the emptied cache leaves nothing behind
+    (sink keys kept un-rotated, sink shift, ring position) — including blocks where the window slides."""
+    import lvstudio.backends.causal_kv as ckv
+
+    monkeypatch.setattr(ckv, "block_generator",
+                        lambda run_seed, index, device, salt="block": torch.Generator(device).manual_seed(run_seed))
+    bundle = random_bundle(attention=AttentionSettings(block_frames=2, window_frames=6, sink_frames=2,
+                                                       rope_mode="rebase", global_sink=False))
+    cut = _backend(bundle, cut_at=1.0)
+    for _ in range(cut.buffer.seconds_to_block(1.0)):
+        cut.step()
+    buf = PromptStreamBuffer(bundle.text.encode, block_latents=2, fps=16)
+    buf.add_shot(0.0, "a blue cube on the grass")
+    fresh = CausalKVBackend(bundle, buf, seed=3, width=32, height=32)
+    for _ in range(5):
+        assert torch.equal(cut.step().latents, fresh.step().latents)

@@ -114,3 +114,12 @@ def test_backend_specific_dit_weights_are_used_and_checked(tmp_path) -> None:
     assert not torch.equal(be.step().latents, _backend(bundle).step().latents)
     with pytest.raises(PresetError, match="another architecture"):
         _backend(bundle, dit="other")
+
+
+def test_a_shots_seed_reaches_the_noise() -> None:
+    """A re-roll (a switch with a new seed) changes the noise from its block on, as on the other backends."""
+    plain, reroll = _backend(random_bundle()), _backend(random_bundle())
+    reroll.buffer.push("a red ball over the sea", at=2, seed=5)
+    a, b = [plain.step() for _ in range(4)], [reroll.step() for _ in range(4)]
+    assert all(torch.equal(x.latents, y.latents) for x, y in zip(a[:2], b[:2], strict=True))
+    assert not torch.equal(a[2].latents, b[2].latents)

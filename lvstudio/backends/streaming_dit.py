@@ -123,8 +123,9 @@ class StreamingDiTBackend(BackendBase):
             self._start_shot(self.pending)
 
     def _enter(self, chunk: _BufferChunk) -> None:
-        """A fresh chunk of noise (seeded by its block) enters the buffer at the noisy end."""
-        gen = block_generator(self.seed, chunk.block, torch.device("cpu"), salt="stream")
+        """A fresh chunk of noise (seeded by its block, and the shot's seed if it has one) enters the noisy end."""
+        seed = self.seed if chunk.cond.seed is None else chunk.cond.seed
+        gen = block_generator(seed, chunk.block, torch.device("cpu"), salt="stream")
         noise = torch.randn(1, self.bundle.latent_channels, self.c, self.h, self.w, generator=gen)
         noise = noise.to(self.bundle.device)
         if not self.chunks:

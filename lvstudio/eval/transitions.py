@@ -6,9 +6,12 @@ Per backend, with one preset and one seed (every render below uses the run seed)
   2. cuts: one storyboard of the K unrelated prompts, S seconds each, joined by `cut`. Per shot, oracle adherence
      (scene, colour, shape: fractions of frames) from its second block on, against the same blocks of the
      from-scratch render: a new shot should lose nothing to the shots before it (target: within 3 points, on the
-     mean over shots; single 2-s shots differ by more than that between two seeds). The whole shot's adherence is
-     reported too, next to the same storyboard joined by `switch` — what a storyboard `cut` did before `switch`
-     existed (the issue's table);
+     mean over shots). The shots' noise comes from their block indices, the from-scratch renders' from blocks 0..,
+     so the two differ by seed noise as well: the same prompts from scratch with the next seed are reported as the
+     noise floor. What a cut itself does is isolated by rendering the storyboard again with every other shot
+     replaced: the shots after a replaced one keep their blocks (and noise) but not their predecessor, and should
+     come out identical. The whole shot's adherence is reported too, next to the same storyboard joined by
+     `switch` — what a storyboard `cut` did before `switch` existed (the issue's table);
   3. switches, used as meant: a storyboard of K related prompts — one scene, each prompt changing the object's
      colour or shape (a new instruction for the same shot) — joined by `switch`, and each prompt from scratch.
      Continuity: the mean absolute frame difference across each switch against the mean difference of consecutive
@@ -79,10 +82,12 @@ class BackendReport:
     prompts: list[str]  # the unrelated prompts (items 1-2)
     related: list[str]  # the switch chain (item 3)
     scratch: dict[str, float]  # from scratch, from the second block on (mean over prompts)
+    scratch_other_seed: dict[str, float]  # the same with seed + 1: the noise floor of the comparison
     scratch_whole: dict[str, float]  # from scratch, whole shot
     cut: dict[str, float]  # the cut storyboard, from the second block on
     cut_whole: dict[str, float]
     cut_per_shot: list[dict[str, float]]  # per shot: cut minus from scratch, from the second block on
+    independence: dict[str, float]  # shots whose predecessor was replaced: max / mean |pixel difference| (0-255)
     unrelated_switch_whole: dict[str, float]  # the unrelated prompts joined by switch, whole shot
     related_scratch_whole: dict[str, float]  # the switch chain's prompts from scratch, whole shot
     related_switch_whole: dict[str, float]  # the switch chain joined by switch, whole shot
@@ -99,6 +104,7 @@ class BackendReport:
     def checks(self) -> dict[str, bool]:
         return {
             **{f"cut {k} within 3 points": self.cut[k] >= self.scratch[k] - CUT_TOLERANCE for k in KEYS},
+            "a cut's shot does not depend on the shot before": self.independence["max"] <= 1,
             "switch continuity <= 1.5x": self.continuity["switch_ratio"] <= CONTINUITY_LIMIT,
             **{f"identity {k} within 3 points": self.identity["cut"][k] >= self.identity["scratch"][k] - CUT_TOLERANCE
                for k in ("colour", "shape")},
@@ -121,6 +127,11 @@ class BackendReport:
                f"    from scratch                    {row(self.scratch)}",
                f"    cut                             {row(self.cut)}   "
                f"(delta {pct(f'{k} {self.cut[k] - self.scratch[k]:+.2f}' for k in KEYS)})",
+               f"    from scratch, seed + 1          {row(self.scratch_other_seed)}   "
+               f"(delta {pct(f'{k} {self.scratch_other_seed[k] - self.scratch[k]:+.2f}' for k in KEYS)}: "
+               "the noise floor)",
+               f"  a cut's shot with another shot before it: max |pixel difference| {self.independence['max']:.0f}, "
+               f"mean {self.independence['mean']:.4f} (of 255)",
                "  switch chain (one scene; colour or shape changes), whole shot:",
                f"    each from scratch               {row(self.related_scratch_whole)}",
                f"    one storyboard, switch          {row(self.related_switch_whole)}",
@@ -368,11 +379,13 @@ def evaluate_backend(bundle: Any, backend: str, cfg: TransitionsConfig,
     # Step 1: from scratch, each prompt as long as its shot.
     log(f"{backend}: {cfg.prompts} unrelated prompts from scratch")
     scratch_later, scratch_whole = _from_scratch(bundle, backend, specs, bounds, seed)
+    other_seed, _ = _from_scratch(bundle, backend, specs, bounds, seed + 1)
     # Step 2: the unrelated prompts joined by cuts, and by switches (what a cut did before).
     log(f"{backend}: the unrelated prompts joined by cuts, then by switches")
     cuts = _storyboard(bundle, backend, ats, specs, "cut", bounds[-1], seed)
     unrelated_switch = _storyboard(bundle, backend, ats, specs, "switch", bounds[-1], seed)
     cut_later = _per_shot(cuts.frames, bounds, specs, n, 1)
+    independence = _independence(bundle, backend, ats, specs, bounds, seed, cuts.frames)
     # Step 3: the switch chain, joined by switches and from scratch.
     log(f"{backend}: the switch chain, from scratch and joined by switches")
     related_later, related_whole = _from_scratch(bundle, backend, related, bounds, seed)
@@ -387,9 +400,11 @@ def evaluate_backend(bundle: Any, backend: str, cfg: TransitionsConfig,
     hero, identity = _identity(bundle, backend, cfg, rng)
     return BackendReport(
         backend=backend, preset=p.name, config=asdict(cfg), prompts=[s.caption() for s in specs],
-        related=[s.caption() for s in related], scratch=_mean(scratch_later), scratch_whole=_mean(scratch_whole),
+        related=[s.caption() for s in related], scratch=_mean(scratch_later), scratch_other_seed=_mean(other_seed),
+        scratch_whole=_mean(scratch_whole),
         cut=_mean(cut_later), cut_whole=_mean(_per_shot(cuts.frames, bounds, specs, n, 0)),
         cut_per_shot=[{k: r[k] - q[k] for k in KEYS} for r, q in zip(cut_later, scratch_later, strict=True)],
+        independence=independence,
         unrelated_switch_whole=_mean(_per_shot(unrelated_switch.frames, bounds, specs, n, 0)),
         related_scratch_whole=_mean(related_whole),
         related_switch_whole=_mean(_per_shot(switches.frames, bounds, related, n, 0)),
@@ -401,6 +416,20 @@ def evaluate_backend(bundle: Any, backend: str, cfg: TransitionsConfig,
         latency={"cut": _latency(cuts, cuts.new_shot), "switch": _latency(switches, switches.switched)},
         decoder=decoder_restart(bundle, cuts, specs, n), wall_seconds=time.perf_counter() - t_start,
     )
+
+
+def _independence(bundle: Any, backend: str, ats: list[float], specs: list[Any], bounds: list[int], seed: int,
+                  a: np.ndarray) -> dict[str, float]:
+    """Item 2's check of the cut itself: the cut storyboard (frames `a`) again with every even shot replaced by
+    another prompt; the odd shots keep their blocks and noise but not their predecessor. |pixel difference| of the
+    odd shots."""
+    n = bundle.preset.attention.block_frames
+    others = unrelated_specs(np.random.default_rng(seed + 7), len(specs))
+    mixed = [o if i % 2 == 0 else s for i, (s, o) in enumerate(zip(specs, others, strict=True))]
+    b = _storyboard(bundle, backend, ats, mixed, "cut", bounds[-1], seed).frames
+    diffs = [np.abs(_span(a, b0, b1, n).astype(np.int16) - _span(b, b0, b1, n).astype(np.int16))
+             for i, (b0, b1) in enumerate(zip(bounds, bounds[1:], strict=False)) if i % 2 == 1]
+    return {"max": float(max(d.max() for d in diffs)), "mean": float(np.mean([d.mean() for d in diffs]))}
 
 
 def _identity(bundle: Any, backend: str, cfg: TransitionsConfig,

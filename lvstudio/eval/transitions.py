@@ -4,14 +4,15 @@ Per backend, with one preset and one seed (every render below uses the run seed)
   1. from scratch: each of K unrelated prompts (sampled from the world grammar; consecutive prompts differ in scene,
      colour and shape) rendered alone, as long as its shot lasts in the storyboards below — the reference;
   2. cuts: one storyboard of the K unrelated prompts, S seconds each, joined by `cut`. Per shot, oracle adherence
-     (scene, colour, shape: fractions of frames) from its second block on, against the same blocks of the
-     from-scratch render: a new shot should lose nothing to the shots before it (target: within 3 points, on the
-     mean over shots). The shots' noise comes from their block indices, the from-scratch renders' from blocks 0..,
-     so the two differ by seed noise as well: the same prompts from scratch with the next seed are reported as the
-     noise floor. What a cut itself does is isolated by rendering the storyboard again with every other shot
-     replaced: the shots after a replaced one keep their blocks (and noise) but not their predecessor, and should
-     come out identical. The whole shot's adherence is reported too, next to the same storyboard joined by
-     `switch` — what a storyboard `cut` did before `switch` existed (the issue's table);
+     (scene, colour, shape, objects = exactly the prompted objects: fractions of frames) from its second block on,
+     against the same blocks of the from-scratch render: a new shot should lose nothing to the shots before it
+     (target: within 3 points, on the mean over shots). The shots' noise comes from their block indices, the
+     from-scratch renders' from blocks 0.., so the two differ by seed noise as well: the same prompts from scratch
+     with the next seed are reported as the noise floor. What a cut itself does is isolated by rendering the
+     storyboard again with every other shot replaced: the shots after a replaced one keep their blocks (and noise)
+     but not their predecessor, and should come out identical. The whole shot's adherence is reported too, next to
+     the same storyboard joined by `switch` — what a storyboard `cut` did before `switch` existed (the issue's
+     table);
   3. switches, used as meant: a storyboard of K related prompts — one scene, each prompt changing the object's
      colour or shape (a new instruction for the same shot) — joined by `switch`, and each prompt from scratch.
      Continuity: the mean absolute frame difference across each switch against the mean difference of consecutive
@@ -41,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from lvstudio.prompt_stream import block_at_frame, block_start_frame
+from lvstudio.world.oracle import ADHERENCE_KEYS
 
-KEYS = ("scene", "colour", "shape")
+KEYS = ADHERENCE_KEYS  # scene, colour, shape, objects (exactly the prompted objects)
 CUT_TOLERANCE = 0.03  # adherence points (fractions) a cut's shot may lose against from scratch
 CONTINUITY_LIMIT = 1.5  # frame difference across a switch / inside shots
 RESPONSE_FRACTION = 0.9  # a switch has responded when adherence reaches this fraction of from scratch

@@ -87,9 +87,10 @@ class AnchorCache:
     def to_capture(self, block: int) -> list[CachedAnchor]:
         return [a for a in self.anchors if a.capture_block == block and a.latents is None]
 
-    def latest(self, block: int) -> CachedAnchor | None:
-        """The most recent anchor with latents at or before `block` (the cross-clip reference)."""
-        ready = [a for a in self.anchors if a.block <= block and a.latents is not None]
+    def latest(self, block: int, since: int = 0) -> CachedAnchor | None:
+        """The most recent anchor with latents placed in blocks [since, block] (the cross-clip reference; `since`:
+        the current shot's first block, as a cut leaves the previous shot's anchors behind)."""
+        ready = [a for a in self.anchors if since <= a.block <= block and a.latents is not None]
         return ready[-1] if ready else None
 
     def summary(self) -> list[dict[str, Any]]:

@@ -381,6 +381,47 @@ def eval_adherence_cmd(
     typer.echo("\n".join(report.lines()))
 
 
+@eval_app.command("transitions")
+def eval_transitions_cmd(
+    preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml (a world preset).")] = "tiny",
+    backend: Annotated[list[str] | None, typer.Option(
+        "--backend", help="Backend to evaluate, repeatable (default: every registered backend).")] = None,
+    prompts: Annotated[int, typer.Option(help="Shots (unrelated prompts) in the cut and switch storyboards.")] = 12,
+    seconds: Annotated[float, typer.Option(help="Seconds per shot.")] = 2.0,
+    identity_shots: Annotated[int, typer.Option(help="Shots naming {hero} (identities across cuts).")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt sample and of every render.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the reports as JSON here.")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+) -> None:
+    """Cut, switch and blend on the procedural world: a cut's shot against from scratch, a switch's continuity and
+    response, identities across cuts, the latency and the decoder restart at a cut."""
+    import torch
+
+    from lvstudio.eval.transitions import TransitionsConfig, evaluate_backend, save_reports
+    from lvstudio.presets import load_bundle
+
+    chosen = backend or list(BACKENDS)
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown:
+        raise LvError(f"unknown backend {unknown[0]!r}", hint=f"use one of: {', '.join(BACKENDS)}")
+    try:
+        cfg = TransitionsConfig(prompts, seconds, identity_shots, seed)
+    except ValueError as err:
+        raise LvError(str(err)) from None
+    if threads > 0:
+        torch.set_num_threads(threads)
+    bundle = load_bundle(preset)
+    if not bundle.preset.is_world:
+        raise LvError(f"preset {bundle.preset.name!r} was not trained on the procedural world: the oracle cannot "
+                      "read its frames", hint="use a world preset such as tiny")
+    reports = []
+    for name in chosen:
+        reports.append(evaluate_backend(bundle, name, cfg, log=lambda m: typer.echo(m, err=True)))
+        typer.echo("\n".join(reports[-1].lines()))
+    if json_out is not None:
+        typer.echo(f"wrote {save_reports(reports, json_out)}")
+
+
 @eval_app.command("drift")
 def eval_drift_cmd(
     minutes: Annotated[float, typer.Option(help="Minutes of video per variant.")] = 5.0,

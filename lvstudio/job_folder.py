@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from lvstudio.presets.schema import Preset
 
-JOB_FORMAT = "lvstudio.job/2"
+JOB_FORMAT = "lvstudio.job/3"  # 3: a cut starts a new shot (issue #13); chunks record new_shot
 KEEP_SNAPSHOTS = 2
 _INDEXED = re.compile(r"^(\d{6})\.safetensors$")
 

@@ -3,10 +3,13 @@ conditioning for a backend.
 
 Time runs in *blocks* of latent frames. With Wan's causal VAE, latent 0 is one pixel frame and every later latent is
 four, so block b (n latents) starts at pixel frame 0 for b = 0 and 4bn - 3 afterwards. A shot at time T applies from
-the first block starting at or after T. A `cut` sets `switched` on its first block (the backend re-caches its KV);
-a `blend` interpolates the text embeddings of the previous and the new prompt over N blocks.
+the first block starting at or after T. Transitions (`lvstudio.transitions`): a `cut` sets `new_shot` on its first
+block (the backend forgets the previous shot), a `switch` sets `switched` (the shot continues under the new prompt;
+causal-kv re-caches its KV window), a `blend` interpolates the text embeddings of the previous and the new prompt
+over N blocks.
 
-Live pushes are thread-safe: `push(prompt)` lands on the next block the backend has not asked for yet.
+Live pushes are thread-safe: `push(prompt)` lands on the next block the backend has not asked for yet, as a
+`switch` unless told otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from lvstudio.caches import IdentityCache
+from lvstudio.transitions import BLEND, CUT, LIVE_DEFAULT, STORYBOARD_DEFAULT, SWITCH, check_transition
 
 
 def block_start_frame(block: int, block_latents: int) -> int:
@@ -42,7 +46,7 @@ class PromptEvent:
     block: int  # first block it applies to
     prompt: str  # as written (may contain {identity})
     resolved: str  # identities substituted
-    transition: str = "cut"  # "cut" | "blend"
+    transition: str = STORYBOARD_DEFAULT  # "cut" | "switch" | "blend" (lvstudio.transitions)
     blend_blocks: int = 0
     source: str = "storyboard"  # "storyboard" | "live"
     shot: int | None = None  # storyboard shot index (0-based)
@@ -58,8 +62,9 @@ class BlockConditioning:
     key: str  # identifies the context (for cross-attention caches)
     blend_weight: float  # weight of the active prompt (1.0 outside a blend)
     previous_prompt: str | None
-    switched: bool  # a hard cut starts at this block
+    switched: bool  # a `switch` starts at this block: the shot continues under a new prompt
     seed: int | None
+    new_shot: bool = False  # a `cut` starts at this block: a new shot, nothing of the previous one carries over
 
 
 class PromptStreamBuffer:
@@ -90,23 +95,25 @@ class PromptStreamBuffer:
             self._events.sort(key=lambda e: (e.block, e.source == "live"))  # stable: later pushes win ties
         return event
 
-    def add_shot(self, at_seconds: float, prompt: str, transition: str = "cut", blend_seconds: float = 0.0,
-                 shot: int | None = None, seed: int | None = None) -> PromptEvent:
+    def add_shot(self, at_seconds: float, prompt: str, transition: str = STORYBOARD_DEFAULT,
+                 blend_seconds: float = 0.0, shot: int | None = None, seed: int | None = None) -> PromptEvent:
         blocks = 0
-        if transition == "blend":
+        if check_transition(transition) == BLEND:
             blocks = max(1, round(blend_seconds * self.fps / (4 * self.block_latents)))
         return self.add(PromptEvent(self.seconds_to_block(at_seconds), prompt, self.identities.resolve(prompt),
                                     transition, blocks, "storyboard", shot, seed))
 
-    def push(self, prompt: str, at: int | None = None, transition: str = "cut", blend_blocks: int = 2,
+    def push(self, prompt: str, at: int | None = None, transition: str = LIVE_DEFAULT, blend_blocks: int = 2,
              seed: int | None = None) -> PromptEvent:
-        """Live prompt: applies from block `at`, default the next block not yet generated. Thread-safe."""
+        """Live prompt: applies from block `at`, default the next block not yet generated; a `switch` unless
+        `transition` says otherwise. Thread-safe."""
         if not prompt.strip():
             raise ValueError("a live prompt must not be empty")
+        check_transition(transition)
         resolved = self.identities.resolve(prompt)
         with self._lock:
             block = self._next_block if at is None else max(at, self._next_block)
-        blocks = blend_blocks if transition == "blend" else 0
+        blocks = blend_blocks if transition == BLEND else 0
         return self.add(PromptEvent(block, prompt, resolved, transition, blocks, "live", seed=seed))
 
     @property
@@ -143,13 +150,25 @@ class PromptStreamBuffer:
         prev = events[i - 1] if i > 0 else None
         ctx = self.embedding(ev.resolved)
         weight, prev_prompt, key = 1.0, None, ev.resolved
-        if ev.transition == "blend" and prev is not None and block - ev.block < ev.blend_blocks:
+        if ev.transition == BLEND and prev is not None and block - ev.block < ev.blend_blocks:
             weight = (block - ev.block + 1) / (ev.blend_blocks + 1)
             prev_prompt = prev.resolved
             ctx = (1 - weight) * self.embedding(prev.resolved) + weight * ctx
             key = f"{prev.resolved} -> {ev.resolved} @ {weight:.4f}"
-        switched = ev.transition == "cut" and ev.block == block and block > 0 and prev is not None
-        return BlockConditioning(block, i, ev.resolved, ctx, key, weight, prev_prompt, switched, ev.seed)
+        starts = ev.block == block and block > 0 and prev is not None
+        return BlockConditioning(block, i, ev.resolved, ctx, key, weight, prev_prompt,
+                                 switched=starts and ev.transition == SWITCH, seed=ev.seed,
+                                 new_shot=starts and ev.transition == CUT)
+
+    def first_cut(self, start: int, stop: int) -> int | None:
+        """The first block in [start, stop) where a `cut` starts a new shot (None if none), as far as the events
+        known now say; a backend that fixes several blocks at once (a clip) asks before it reads them."""
+        events = self.events
+        for ev in events:
+            if start <= ev.block < stop and ev.block > 0 and ev.transition == CUT:
+                if events[self.active_index(ev.block, events)] is ev:  # a later event at the same block wins
+                    return ev.block
+        return None
 
     def restore_position(self, next_block: int) -> None:
         """Used when resuming a render: blocks before next_block are already generated."""

@@ -31,6 +31,7 @@ from lvstudio.job_folder import JOB_FORMAT, JobFolder, JobIdentity, preset_finge
 from lvstudio.presets.load import ModelBundle
 from lvstudio.prompt_stream import PromptEvent, PromptStreamBuffer, block_start_frame
 from lvstudio.storyboard import Storyboard, dump_storyboard
+from lvstudio.transitions import BLEND, LIVE_DEFAULT, SWITCH
 
 if TYPE_CHECKING:
     from lvstudio.presets.schema import Preset
@@ -183,17 +184,20 @@ class RenderSession:
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
 
-    def push(self, prompt: str, transition: str = "cut", blend_blocks: int = 2) -> PromptEvent:
-        """Live prompt from any thread: lands on the next block not yet generated."""
+    def push(self, prompt: str, transition: str = LIVE_DEFAULT, blend_blocks: int = 2) -> PromptEvent:
+        """Live prompt from any thread: lands on the next block not yet generated. `transition` (lvstudio.transitions):
+        "switch" (default: the shot you are watching continues under the new prompt), "cut" (a new shot) or "blend"
+        (over `blend_blocks` blocks); ValueError for another word, an empty prompt or an unknown {identity}."""
         return self.buffer.push(prompt, transition=transition, blend_blocks=blend_blocks)
 
     def reroll(self, seed: int | None = None) -> PromptEvent:
-        """Re-roll the current shot from the next block on: same prompt, a new seed (random unless given)."""
+        """Re-roll the current shot from the next block on: same prompt, a new seed (random unless given); the shot
+        continues (a switch), new noise from there on."""
         import random
 
         current = self.buffer.events[self.buffer.active_index(max(self.buffer.next_block - 1, 0))]
         new_seed = random.randrange(2**31) if seed is None else seed
-        return self.buffer.push(current.prompt, transition="cut", seed=new_seed)
+        return self.buffer.push(current.prompt, transition=SWITCH, seed=new_seed)
 
     def rendered_storyboard(self) -> Storyboard:
         """The storyboard of what was actually rendered: the shots plus live prompts at their times.
@@ -219,10 +223,10 @@ class RenderSession:
             if at >= duration:
                 break
             lines += ["", "[[shots]]", f"at = {at!r}", f"prompt = {json.dumps(ev.prompt)}"]
-            if ev.transition == "blend" and ev.blend_blocks and prev_at is not None:
-                blend = min(ev.blend_blocks * 4 * n / fps, (at - prev_at) - 1 / fps)
-                if blend > 0:
-                    lines.append(f'transition = "blend {blend!r}s"')
+            if prev_at is not None and ev.transition in (BLEND, SWITCH):  # a cut is the storyboard's default
+                blend = min(ev.blend_blocks * 4 * n / fps, (at - prev_at) - 1 / fps) if ev.transition == BLEND else 0
+                kind = f"blend {blend!r}s" if blend > 0 else SWITCH  # a blend too short to write still continues
+                lines.append(f'transition = "{kind}"')
             if ev.seed is not None:
                 lines.append(f"seed = {ev.seed}")
             prev_at = at
@@ -313,7 +317,8 @@ class RenderSession:
 
     def _save_chunk(self, chunk: Chunk) -> None:
         meta = {"frame_start": str(chunk.frame_start), "num_frames": str(chunk.num_frames),
-                "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched)}
+                "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched),
+                "new_shot": str(chunk.new_shot)}
         self.job.save_chunk(chunk.index, {"latents": chunk.latents}, meta)
 
     def write_snapshot(self) -> None:
@@ -340,11 +345,15 @@ class RenderSession:
         point = self.job.validate(self.job_identity(), echo)
         for ev in json.loads(point.meta.get("live_events", "[]")):
             self.buffer.add(PromptEvent(**ev))
+        # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before; a chunk
+        # that started a new shot restarts the decoder, as it did then).
         decoder = self.bundle.vae.streaming_decoder()
         frames: list[np.ndarray] = []
         done = 0
         for i in range(point.index):
             tensors, meta = self.job.load_chunk(i)
+            if meta.get("new_shot") == "True":
+                decoder.new_shot()
             with torch.no_grad():
                 video = decoder.decode(tensors["latents"].to(self.bundle.device))
             frames.append(to_uint8_frames(video)[: int(meta["num_frames"])])

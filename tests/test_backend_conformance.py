@@ -6,11 +6,16 @@ registered without a class here. Checks run on tiny random weights (32x32) and o
 128x128 where the oracle reads the frames; marked slow):
 
   - the same seed gives identical chunks; another seed does not;
-  - a snapshot taken after any chunk, restored into a fresh backend, continues identically (through a prompt cut);
+  - a snapshot taken after any chunk, restored into a fresh backend, continues identically (through a cut and a
+    switch);
   - classifier-free guidance 0 on a prompt equals the unguided (scale 1) run of the empty prompt: the unconditional
     path, and guidance changes the output;
-  - a prompt switch reaches the output at the block the backend documents: a scheduled one from the first chunk
-    starting at or after its block, a live one at `next_block + lead_blocks`;
+  - a new prompt (cut or switch) reaches the output at the block the backend documents: a scheduled one from the
+    first chunk starting at or after its block, a live one (a switch unless told otherwise) at
+    `next_block + lead_blocks`;
+  - a `cut` starts a new shot: the chunks from the cut on are bit-identical whatever the previous shot was (latents
+    and decoded frames: no history, no decoder smear), and equal a fresh render of the new prompt given the same
+    noise; a `switch` continues the shot: what follows depends on the previous shot;
   - `cache_summary()` has the same keys for every backend, and its sizes stay constant after warm-up over 44 chunks
     (memory is bounded);
   - `lvstudio bench render --backend NAME` runs.
@@ -33,7 +38,10 @@ from tests.helpers.random_bundle import random_bundle
 
 RED = "a red ball bouncing over the sea"
 BLUE = "a blue cube on the grass"
+SKY = "a blue ball in the sky"
 SWITCH_S = 1.0  # seconds: block 3 with blocks of 2 latents at 16 fps
+LATER_S = 1.5  # block 4
+Shots = tuple[tuple, ...]  # (at seconds, prompt[, transition])
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +85,12 @@ class BackendConformance:
     def weights(self, request: pytest.FixtureRequest) -> tuple[ModelBundle, int]:
         return request.getfixturevalue(f"{request.param}_weights"), SIZES[request.param]
 
-    def make(self, bundle: ModelBundle, size: int, shots: tuple[tuple[float, str], ...] = ((0.0, RED),), *,
+    def make(self, bundle: ModelBundle, size: int, shots: Shots = ((0.0, RED),), *,
              seed: int = 3, cfg_scale: float | None = None) -> BackendBase:
         buf = PromptStreamBuffer(bundle.text.encode, block_latents=bundle.preset.attention.block_frames,
                                  fps=bundle.preset.fps)
-        for at, prompt in shots:
-            buf.add_shot(at, prompt)
+        for at, prompt, *transition in shots:
+            buf.add_shot(at, prompt, *transition)
         return make_backend(self.backend, bundle, buf, seed=seed, width=size, height=size, cfg_scale=cfg_scale)
 
     def test_is_registered_under_its_name(self) -> None:
@@ -102,10 +110,10 @@ class BackendConformance:
 
     def test_snapshot_after_any_chunk_resumes_identically(self, weights: tuple[ModelBundle, int]) -> None:
         bundle, size = weights
-        shots = ((0.0, RED), (SWITCH_S, BLUE))
+        shots = ((0.0, RED), (SWITCH_S, BLUE, "cut"), (LATER_S, SKY, "switch"))
         ref = self.make(bundle, size, shots)
         chunks, states = [], []
-        for _ in range(5):
+        for _ in range(6):
             chunks.append(ref.step())
             states.append(_roundtrip(ref.state_dict()))
         for k in range(1, len(chunks)):
@@ -125,24 +133,79 @@ class BackendConformance:
         guided = self.make(bundle, size, cfg_scale=3.0).step().latents
         assert not torch.allclose(guided, self.make(bundle, size, cfg_scale=1.0).step().latents)
 
-    def test_a_prompt_switch_reaches_the_output_where_documented(self, weights: tuple[ModelBundle, int]) -> None:
+    @pytest.mark.parametrize("transition", ["cut", "switch"])
+    def test_a_new_prompt_reaches_the_output_where_documented(self, weights: tuple[ModelBundle, int],
+                                                              transition: str) -> None:
         bundle, size = weights
-        # Scheduled: from the first chunk that starts at or after the switch block (a clip that straddles the block
-        # keeps its prompt), and not before.
-        be = self.make(bundle, size, ((0.0, RED), (SWITCH_S, BLUE)))
+        # Scheduled: from the first chunk that starts at or after its block (a clip that straddles the block of a
+        # switch keeps its prompt; a cut ends the clip), and not before.
+        be = self.make(bundle, size, ((0.0, RED), (SWITCH_S, BLUE, transition)))
         switch = be.buffer.seconds_to_block(SWITCH_S)
         chunks = [be.step() for _ in range(5)]
         assert any(c.prompt == BLUE for c in chunks)
         assert all((c.prompt == BLUE) == (c.block >= switch) for c in chunks), [(c.block, c.prompt) for c in chunks]
+        if transition == "cut":  # a cut lands exactly on its block, whatever the chunk size
+            assert [c.block for c in chunks if c.new_shot] == [switch]
         # Live: a push lands on next_block + lead_blocks and shows from the first chunk starting there.
         be = self.make(bundle, size)
         for _ in range(2):
             be.step()
-        event = be.buffer.push(BLUE)
-        assert event.block == be.next_block + be.lead_blocks
+        event = be.buffer.push(BLUE) if transition == "switch" else be.buffer.push(BLUE, transition=transition)
+        assert event.block == be.next_block + be.lead_blocks and event.transition == transition  # live default: switch
         chunks = [be.step() for _ in range(be.lead_blocks + 3)]
         assert any(c.prompt == BLUE for c in chunks)
         assert all((c.prompt == BLUE) == (c.block >= event.block) for c in chunks)
+        flag = "new_shot" if transition == "cut" else "switched"
+        assert [c.block for c in chunks if getattr(c, flag)] == [event.block]
+
+    def _from(self, bundle: ModelBundle, size: int, shots: Shots, block: int, n: int) -> list[Chunk]:
+        """The first n chunks that start at or after `block`."""
+        be = self.make(bundle, size, shots)
+        chunks: list[Chunk] = []
+        while len(chunks) < n:
+            chunk = be.step()
+            if chunk.block >= block:
+                chunks.append(chunk)
+        return chunks
+
+    def test_a_cut_starts_a_shot_that_does_not_depend_on_the_previous_one(self, random_weights: ModelBundle) -> None:
+        """After a cut, nothing of the previous shot reaches the new one: change the previous shot and the new shot's
+        latents and decoded frames stay bit-identical (KV cache, buffer, carried latents and VAE decoder history are
+        all dropped). After a switch they change: the shot continues."""
+        size = SIZES["random"]
+        cut = PromptStreamBuffer(random_weights.text.encode, block_latents=2, fps=16).seconds_to_block(SWITCH_S)
+        for transition in ("cut", "switch"):
+            a, b = (self._from(random_weights, size, ((0.0, first), (SWITCH_S, BLUE, transition)), cut, 3)
+                    for first in (RED, SKY))
+            if transition == "cut":
+                assert a[0].new_shot and a[0].block == cut
+                for x, y in zip(a, b, strict=True):
+                    _same(x, y)
+            else:
+                assert a[0].switched and not torch.equal(a[0].latents, b[0].latents)
+                assert not np.array_equal(a[0].frames, b[0].frames)
+
+    def test_a_cut_starts_exactly_like_a_fresh_video(self, random_weights: ModelBundle,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+        """With the same noise for every block (seeds by block index are patched to ignore the index), the chunks of
+        a cut's shot equal the first chunks of a fresh render of its prompt: same sampling, an empty history, frames
+        numbered from 0 (RoPE). Latents only: a video's first latent decodes to 1 frame, a new shot's to 4."""
+        import sys
+
+        from lvstudio.backends import backend_class
+
+        module = sys.modules[backend_class(self.backend).__module__]
+        if not hasattr(module, "block_generator"):
+            pytest.skip(f"{module.__name__} draws its noise without block_generator")
+        monkeypatch.setattr(module, "block_generator",
+                            lambda run_seed, index, device, salt="block": torch.Generator(device).manual_seed(run_seed))
+        size = SIZES["random"]
+        cut = PromptStreamBuffer(random_weights.text.encode, block_latents=2, fps=16).seconds_to_block(SWITCH_S)
+        shot = self._from(random_weights, size, ((0.0, RED), (SWITCH_S, BLUE, "cut")), cut, 2)
+        fresh = self._from(random_weights, size, ((0.0, BLUE),), 0, 2)
+        for x, y in zip(shot, fresh, strict=True):
+            assert x.latents.shape == y.latents.shape and x.block - cut == y.block
+            assert torch.equal(x.latents, y.latents)
 
     def test_cache_summary_keys_and_bounded_memory(self, random_weights: ModelBundle) -> None:
         be = self.make(random_weights, SIZES["random"])
@@ -167,14 +230,16 @@ class BackendConformance:
         assert f"backend {self.backend}" in result.output and "backend state" in result.output
 
     @pytest.mark.slow
-    def test_a_switch_changes_the_content_on_the_tiny_preset(self, tiny_weights: ModelBundle) -> None:
+    @pytest.mark.parametrize("transition", ["cut", "switch"])
+    def test_a_new_prompt_changes_the_content_on_the_tiny_preset(self, tiny_weights: ModelBundle,
+                                                                 transition: str) -> None:
         """Oracle-checked on the trained preset: a red ball over the sea, then a yellow ball on the grass. The frames
         before the first chunk under the new prompt show the first scene, those a little after it the second."""
         from lvstudio.world import ObjectSpec, SceneSpec
         from lvstudio.world.oracle import adherence
 
         red, yellow = "a red ball bouncing over the sea", "a yellow ball bouncing on the grass"
-        be = self.make(tiny_weights, 128, ((0.0, red), (SWITCH_S, yellow)))
+        be = self.make(tiny_weights, 128, ((0.0, red), (SWITCH_S, yellow, transition)))
         chunks = [be.step()]
         while sum(c.prompt == yellow for c in chunks) < 2 or sum(c.num_frames for c in chunks) < 48:
             chunks.append(be.step())

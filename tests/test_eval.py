@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.random_bundle import random_bundle
 
 
@@ -16,6 +18,42 @@ def test_adherence_report_on_random_weights() -> None:
     for key in ("scene", "colour", "shape"):
         assert 0.0 <= report.mean[key] <= 1.0 and 0.0 <= report.majority[key] <= 1.0
     assert any("weakest" in line for line in report.lines())
+
+
+@pytest.mark.filterwarnings("ignore:the tiny preset does not know")
+def test_transitions_report_on_random_weights(tmp_path: Path) -> None:
+    """The plumbing of `lvstudio eval transitions` (the figures come from the trained preset, README)."""
+    import numpy as np
+
+    from lvstudio.eval.transitions import (
+        TransitionsConfig,
+        evaluate_backend,
+        identity_specs,
+        related_specs,
+        save_reports,
+        unrelated_specs,
+    )
+
+    specs = unrelated_specs(np.random.default_rng(0), 6)
+    assert all(a.scene != b.scene and a.primary.colour != b.primary.colour and a.primary.shape != b.primary.shape
+               for a, b in zip(specs, specs[1:], strict=False))
+    chain, changed = related_specs(np.random.default_rng(0), 6)
+    assert len({s.scene for s in chain}) == 1 and changed[0] == "" and set(changed[1:]) <= {"colour", "shape"}
+    for a, b, what in zip(chain, chain[1:], changed[1:], strict=False):
+        assert getattr(a.primary, what) != getattr(b.primary, what) and a.primary.motion == b.primary.motion
+    hero, prompts, hero_specs = identity_specs(np.random.default_rng(0), 4)
+    assert all(p.startswith("{hero} ") and p.replace("{hero}", hero) == s.caption()
+               for p, s in zip(prompts, hero_specs, strict=True))
+    logs: list[str] = []
+    for backend in ("causal-kv", "streaming-dit", "erft-crossclip"):
+        report = evaluate_backend(random_bundle(size=32), backend, TransitionsConfig(3, 1.0, 2, 0), log=logs.append)
+        assert len(report.prompts) == 3 and len(report.cut_per_shot) == 3
+        assert set(report.checks()) >= {"switch continuity <= 1.5x", "cut scene within 3 points"}
+        assert report.continuity["switch_ratio"] > 0 and report.latency["cut"] > 0
+        assert 0 <= report.decoder["restart_scene_first4"] <= 1 and report.response_curve
+        assert any("decoder at a cut" in line for line in report.lines())
+    saved = json.loads(save_reports([report], tmp_path / "t.json").read_text())
+    assert saved[0]["backend"] == "erft-crossclip" and logs
 
 
 def test_training_log_plot(tmp_path: Path) -> None:

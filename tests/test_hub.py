@@ -369,6 +369,48 @@ def test_streaming_vae_decode_equals_full_decode(tmp_path: Path) -> None:
     assert vae.encode(video).shape == (1, 16, 2, 4, 6)
 
 
+def test_wan_streaming_decoder_new_shot_has_zero_history_and_4_frames_per_latent(tmp_path: Path) -> None:
+    """A cut on the Hub presets' Wan VAE (diffusers AutoencoderKLWan, tiny random weights): after `new_shot()` every
+    latent decodes to 4 frames; another history (or none) gives bit-identical frames, so nothing of the previous
+    latents reaches the output; and the frames equal those of a decoder whose every causal cache holds zeros — the
+    literal zero history, built by zeroing the caches of a decoder that has decoded something (diffusers pads with
+    zeros where a cache is missing, so the two must agree)."""
+    from safetensors.torch import load_file, save_file
+
+    from lvstudio.models.wan_components import load_wan_vae
+
+    write_vae(tmp_path / "vae")
+    vae = load_wan_vae(tmp_path / "vae", device=torch.device("cpu"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    before_a, before_b, shot = (torch.randn(1, 16, n, 4, 6, generator=gen) for n in (3, 1, 3))
+    outs = []
+    for history in (before_a, before_b, None):
+        dec = vae.streaming_decoder()
+        if history is not None:
+            dec.decode(history)
+        dec.new_shot()
+        outs.append(torch.cat([dec.decode(shot[:, :, :2]), dec.decode(shot[:, :, 2:])], dim=2))
+    assert outs[0].shape == (1, 3, 4 * 3, 32, 48)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    zeroed = vae.streaming_decoder()
+    zeroed.decode(before_a)
+    state = zeroed.state_dict()
+    assert not any(k.startswith("rep.") for k in state)  # after 3 latents every slot holds frames
+    zeroed.load_state_dict({k: v if k == "frames" else torch.zeros_like(v) for k, v in state.items()})
+    want = torch.cat([zeroed.decode(shot[:, :, :2]), zeroed.decode(shot[:, :, 2:])], dim=2)
+    torch.testing.assert_close(outs[0], want, atol=1e-6, rtol=0)
+    carried = vae.streaming_decoder()  # without the restart the previous shot reaches the new one's frames
+    carried.decode(before_a)
+    assert not torch.allclose(carried.decode(shot), outs[0], atol=1e-3)
+    dec = vae.streaming_decoder()  # a snapshot taken right after the cut (through safetensors) resumes the restart
+    dec.decode(before_a)
+    dec.new_shot()
+    save_file(dec.state_dict(), str(tmp_path / "snap.safetensors"))
+    resumed = vae.streaming_decoder()
+    resumed.load_state_dict(load_file(str(tmp_path / "snap.safetensors")))
+    assert torch.equal(torch.cat([resumed.decode(shot[:, :, :2]), resumed.decode(shot[:, :, 2:])], dim=2), outs[0])
+
+
 def test_hub_bundle_text_zero_padding_and_longlive_lora(hubenv) -> None:
     from lvstudio.presets.load import load_bundle
 

@@ -136,7 +136,7 @@ def test_example_files_exist() -> None:
     assert demo.duration == 12 and len(demo.shots) == 3 and len(demo.identities) == 1
     assert any(s.transition.kind == "blend" for s in demo.shots)
     assert len(story.identities) == 2 and any(a.shot == 1 for a in story.anchors)
-    assert {s.transition.kind for s in story.shots} == {"cut", "blend"}
+    assert {s.transition.kind for s in story.shots} == {"cut", "switch", "blend"}
     assert 50 <= story.duration <= 70
     assert long.duration == 600 and len(long.shots) == 10
 
@@ -164,6 +164,23 @@ def test_queries() -> None:
     assert str(sb.shots[1].transition) == "blend 2s" and str(sb.shots[0].transition) == "cut"
     with pytest.raises(ValueError):
         sb.shot_at(-1)
+
+
+def test_transitions_cut_switch_blend() -> None:
+    """`cut` (the default: a new shot), `switch` (the shot continues) and `blend Ns`; storyboards written before
+    `switch` existed parse unchanged; the writer writes `switch` back and leaves the default out."""
+    sb = parse_storyboard(GOOD.replace('transition = "blend 2s"', 'transition = " Switch "'))
+    assert sb.shots[1].transition == Transition(kind="switch") and str(sb.shots[1].transition) == "switch"
+    text = dump_storyboard(sb)
+    assert 'transition = "switch"' in text and 'transition = "cut"' not in text and parse_storyboard(text) == sb
+    old = parse_storyboard(GOOD.replace('transition = "blend 2s"', 'transition = "cut"'))
+    assert old.shots[1].transition == Transition() == Transition(kind="cut")
+    assert parse_storyboard(GOOD.replace('transition = "blend 2s"\n', "")).shots[1].transition.kind == "cut"
+    _rejects(GOOD.replace('transition = "blend 2s"', 'transition = "swtich"'),
+             't.toml:14:14: shots[1].transition: "swtich" is not a transition — did you mean "switch"?')
+    _rejects(GOOD.replace('transition = "blend 2s"', 'transition = "switch 2s"'), 'is not a transition')
+    with pytest.raises(ValueError, match="a switch has no duration"):
+        Transition(kind="switch", seconds=1.0)
 
 
 def test_defaults_and_optional_fields() -> None:
@@ -369,10 +386,10 @@ def _storyboards(draw: st.DrawFn) -> Storyboard:
     shots = []
     for i, at in enumerate(starts):
         ref = f"{{{draw(st.sampled_from(names))}}} " if names and draw(st.booleans()) else ""
-        blend = draw(st.floats(0.01, 0.99)) * (at - starts[i - 1]) if i and draw(st.booleans()) else None
+        kind = draw(st.sampled_from(["cut", "switch", "blend"])) if i else "cut"
+        blend = draw(st.floats(0.01, 0.99)) * (at - starts[i - 1]) if kind == "blend" else 0.0
         shots.append(Shot(
-            at=at, prompt=ref + draw(_prompt),
-            transition=Transition(kind="blend", seconds=blend) if blend else Transition(),
+            at=at, prompt=ref + draw(_prompt), transition=Transition(kind=kind, seconds=blend),
             seed=draw(st.none() | st.integers(0, 2**63 - 1)),
         ))
     anchors = [Anchor(at=draw(st.floats(starts[k], duration - 0.5)), shot=k + 1)

@@ -198,6 +198,39 @@ def test_streaming_encode_rejects_bad_chunks() -> None:
         dec.decode(torch.randn(2, 16, 1, 2, 2))
 
 
+@pytest.mark.parametrize("time_up", ["progressive", "late"])
+@torch.no_grad()
+def test_new_shot_restarts_from_zero_history_with_4_frames_per_latent(time_up: str) -> None:
+    """A cut: after `new_shot()` the decoder gives 4 frames per latent, nothing of the previous latents reaches the
+    output (another history, or none, gives bit-identical frames), and the frames are those of a decoder whose
+    every causal cache holds zeros (the literal zero history, built here by zeroing a used decoder's caches)."""
+    vae = _vae(dataclasses.replace(SMALL, decoder_time_up=time_up))
+    g = torch.Generator().manual_seed(1)
+    before_a, before_b, shot = (torch.randn(1, 16, n, 3, 2, generator=g) for n in (3, 5, 3))
+    outs = []
+    for history in (before_a, before_b, None):
+        dec = vae.streaming_decoder()
+        if history is not None:
+            dec.decode(history)
+        dec.new_shot()
+        outs.append(torch.cat([dec.decode(shot[:, :, :2]), dec.decode(shot[:, :, 2:])], dim=2))
+    assert outs[0].shape[2] == 4 * 3
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    zeroed = vae.streaming_decoder()
+    zeroed.decode(before_a)
+    zeroed.load_state_dict({k: torch.zeros_like(v) for k, v in zeroed.state_dict().items()})
+    torch.testing.assert_close(zeroed.decode(shot), outs[0], atol=1e-6, rtol=0)
+    carried = vae.streaming_decoder()  # without the restart the previous shot does reach the new one
+    carried.decode(before_a)
+    assert carried.decode(shot).shape == outs[0].shape and not torch.allclose(carried.decode(shot), outs[0])
+    resumed = vae.streaming_decoder()  # a snapshot right after the cut resumes the restart
+    dec = vae.streaming_decoder()
+    dec.decode(before_a)
+    dec.new_shot()
+    resumed.load_state_dict(dec.state_dict())
+    assert torch.equal(torch.cat([resumed.decode(shot[:, :, :2]), resumed.decode(shot[:, :, 2:])], dim=2), outs[0])
+
+
 @torch.no_grad()
 def test_streaming_decoder_snapshot_resume(tmp_path) -> None:
     from safetensors.torch import load_file, save_file

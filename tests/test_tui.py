@@ -199,10 +199,11 @@ def test_typed_prompt_lands_on_the_next_block_and_conditions_the_following_block
             gate.step()
             await wait_for(studio.pause_waiting.is_set, "the worker to idle in the pause")
             next_block, done = session.buffer.next_block, session.frames_done
+            assert str(app.query_one("#mode").render()) == "switch ▸"  # type: ignore[attr-defined]  # live default
             await pilot.press(*typed, "enter")
             assert app.query_one("#prompt").value == ""  # type: ignore[attr-defined]
             rec = studio.live[-1]
-            assert (rec.event.prompt, rec.event.source, rec.event.transition) == (typed, "live", "cut")
+            assert (rec.event.prompt, rec.event.source, rec.event.transition) == (typed, "live", "switch")
             assert rec.event.block == next_block and rec.frame == block_start_frame(next_block, n)
             assert rec.typed_at_frame == done and rec.seconds == rec.frame / session.settings.fps
             await pilot.press("f5")  # resume
@@ -220,7 +221,7 @@ def test_typed_prompt_lands_on_the_next_block_and_conditions_the_following_block
         for b in range(block, max(prompts) + 1):
             cond = session.buffer.conditioning(b)
             assert cond.prompt == typed and torch.equal(cond.context, session.buffer.embedding(typed))
-        assert session.buffer.conditioning(block).switched  # a cut re-caches at its first block
+        assert session.buffer.conditioning(block).switched  # a switch re-caches at its first block (causal-kv)
 
     asyncio.run(scenario())
     assert studio.error is None
@@ -290,7 +291,12 @@ def test_quit_finalises_the_recording_and_the_saved_storyboard_rerenders(preset:
             await wait_for(lambda: len(gate.chunks) >= 1, "the first chunk")
             gate.step(2)
             await wait_for(lambda: len(gate.chunks) >= 3, "three chunks")
-            await pilot.press("f2")  # blend the next prompt in
+            modes = []
+            for _ in range(3):  # F2 cycles switch -> cut -> blend -> switch
+                await pilot.press("f2")
+                modes.append(str(app.query_one("#mode").render()))  # type: ignore[attr-defined]
+            assert modes == ["cut ▸", "blend ▸", "switch ▸"]
+            await pilot.press("f2", "f2")  # blend the next prompt in
             await pilot.press(*"a blue cube on the grass", "enter")
             gate.step(3)
             await wait_for(lambda: len(gate.chunks) >= 6, "six chunks")
@@ -311,7 +317,8 @@ def test_quit_finalises_the_recording_and_the_saved_storyboard_rerenders(preset:
     sb = load_storyboard(summary.storyboard)
     kinds = [(s.prompt, s.transition.kind, s.seed is not None) for s in sb.shots]
     assert kinds[0][0] == "{hero} bouncing over the sea at dusk"
-    assert ("a blue cube on the grass", "blend", False) in kinds and kinds[-1][2]  # the live prompt, then a re-roll
+    assert ("a blue cube on the grass", "blend", False) in kinds  # the live prompt
+    assert kinds[-1][1:] == ("switch", True)  # then a re-roll: the shot continues with a new seed
     live = [r for r in studio.live if r.kind == "prompt"][0]
     assert any(s.prompt == "a blue cube on the grass" and s.at == live.frame / fps for s in sb.shots)
     assert sb.duration == frames / fps and sb.seed == studio.session.settings.seed

@@ -338,6 +338,14 @@ def test_studio_config_rejects_bad_values(tmp_path: Path) -> None:
     assert studio.push("a red ball", "cut", TabState()).startswith("No render is running")
 
 
+def test_live_transition_offers_switch_cut_and_blend_with_switch_first(tmp_path: Path) -> None:
+    import gradio as gr
+
+    demo = WebStudio(StudioConfig(outputs=tmp_path)).build()
+    [radio] = [b for b in demo.blocks.values() if isinstance(b, gr.Radio) and b.elem_id == "live-transition"]
+    assert [c[1] for c in radio.choices] == ["switch", "cut", "blend"] and radio.value == "switch"
+
+
 def test_preview_command_refuses_before_launching(tmp_path: Path) -> None:
     from lvstudio.web.cli import preview_command
 

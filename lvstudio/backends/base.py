@@ -7,8 +7,10 @@ owns everything that does not depend on how the latents are made:
     (`ConditioningCache`) and, for backends that keep one, the KV cache;
   - `step()`: times the work, asks the subclass for the next clean latents (`_generate`), decodes them and builds
     the `Chunk` (frame ranges, prompt, timings);
-  - the conditioning of a block (`_read_conditioning`), which calls the transition hooks `on_prompt_switch` and
-    `on_new_shot`;
+  - the conditioning of a block (`_read_conditioning`), which calls the transition hooks: `on_new_shot` at a `cut`
+    (forget the previous shot), `on_prompt_switch` at a `switch` (continue the shot under the new prompt); a chunk
+    that starts a new shot is decoded from zero decoder history (`decoder.new_shot()`), so nothing of the previous
+    shot is smeared into its first frames;
   - snapshots with fixed key prefixes (`kv.` KV cache, `dec.` decoder caches, `anchor.N` captured anchors, plus
     whatever the subclass adds in `_state`) and `cache_summary()` with the same keys for every backend.
 
@@ -57,7 +59,8 @@ class Chunk:
     event_id: int  # prompt event active for this chunk
     prompt: str
     blend_weight: float = 1.0
-    switched: bool = False
+    switched: bool = False  # a `switch` starts at this chunk
+    new_shot: bool = False  # a `cut` starts a new shot at this chunk
     timings: dict[str, float] = field(default_factory=dict)  # seconds: denoise, recache, decode, total
 
     @property
@@ -177,20 +180,23 @@ class BackendBase(ABC):
 
     # -- transition hooks ------------------------------------------------------------------------------------------
     def on_prompt_switch(self, bc: BlockConditioning) -> None:  # noqa: B027 - an optional hook, no-op by default
-        """A hard prompt change inside the video takes effect at block `bc.block` (the prompt stream's `switched`
-        flag, set today by a `cut`). Default: nothing — the new prompt conditions the blocks from here on.
-        causal-kv re-encodes its KV window under the new prompt (LongLive re-cache)."""
+        """A `switch` at block `bc.block`: the shot continues under a new prompt. Default: nothing — the new prompt
+        conditions the blocks from here on. causal-kv re-encodes its KV window under it (LongLive re-cache)."""
 
-    def on_new_shot(self, bc: BlockConditioning) -> None:
-        """A new shot starts at block `bc.block`: a backend that carries history (KV cache, carried latents) may
-        forget it so the shot starts fresh. The prompt stream does not mark shots yet; until it does, this hook is
-        not called. Default: treat it as a prompt switch."""
-        self.on_prompt_switch(bc)
+    def on_new_shot(self, bc: BlockConditioning) -> None:  # noqa: B027 - no-op for a backend without history
+        """A `cut` at block `bc.block`: a new shot starts. A backend that carries history (KV cache, moving buffer,
+        carried latents) must forget it here, so nothing of the previous shot conditions the new one except what
+        the storyboard names on purpose (identities, anchors placed in the new shot). The base restarts the VAE
+        decoder when the chunk is decoded; the conformance suite checks that a new shot does not depend on the
+        previous one."""
 
     def _read_conditioning(self, block: int) -> BlockConditioning:
-        """The conditioning of `block` from the prompt stream (marking it handed out); a switch calls the hook."""
+        """The conditioning of `block` from the prompt stream (marking it handed out), calling the transition hook
+        of a `cut` (`on_new_shot`) or a `switch` (`on_prompt_switch`) that starts there."""
         bc = self.buffer.conditioning(block)
-        if bc.switched:
+        if bc.new_shot:
+            self.on_new_shot(bc)
+        elif bc.switched:
             self.on_prompt_switch(bc)
         return bc
 
@@ -210,14 +216,16 @@ class BackendBase(ABC):
         t_start = time.perf_counter()
         self._timings = dict.fromkeys(TIMING_KEYS, 0.0)
         out = self._generate()
-        with self.timed("decode"):
-            frames = to_uint8_frames(self.decoder.decode(out.latents))
         bc = out.cond
+        with self.timed("decode"):
+            if bc.new_shot:
+                self.decoder.new_shot()  # zero history, still 4 frames per latent: no smear of the previous shot
+            frames = to_uint8_frames(self.decoder.decode(out.latents))
         return Chunk(
             index=out.index, block=out.block, frames=frames,
             frame_start=block_start_frame(out.block, self.block_latents), latents=out.latents.cpu(),
             latent_start=out.block * self.block_latents, event_id=bc.event_id, prompt=bc.prompt,
-            blend_weight=bc.blend_weight, switched=bc.switched,
+            blend_weight=bc.blend_weight, switched=bc.switched, new_shot=bc.new_shot,
             timings={**self._timings, "total": time.perf_counter() - t_start},
         )
 

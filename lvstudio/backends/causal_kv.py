@@ -2,7 +2,11 @@
 KV cache with an attention sink.
 
 Per block of n latent frames:
-  1. conditioning from the Prompt Stream Buffer; on a hard cut, re-cache the window under the new prompt (LongLive);
+  1. conditioning from the Prompt Stream Buffer. A `cut` starts a new shot: the KV cache and the recent latents are
+     emptied, and the shot's frames are numbered from 0 again (RoPE positions and cache frame ids are shot-local), so
+     the shot's first block is computed exactly as a video's first block (an anchor placed at the cut pins its first
+     latent, and that block becomes the new sink). A `switch` continues the shot: the window is re-cached under the
+     new prompt (LongLive);
   2. sample the block from per-block seeded noise, attending to the cache (few-step with re-noising, or Euler/UniPC);
      frames pinned by an anchor are held clean (timestep 0) throughout;
   3. clean context pass: the block's x0 at t = context_noise is written into the KV cache (eviction keeps the sink);
@@ -68,8 +72,9 @@ class CausalKVBackend(BackendBase):
         self._use_guidance(bundle.dit, self.sampler.cfg_scale if cfg_scale is None else cfg_scale)
         self.cache = self.dit.new_kv_cache(self.spec, (self.h, self.w))
         self.keep_latents = self.attn.window_frames or 4 * self.n * 8
-        self.recent: Tensor | None = None  # [1, C, k, h, w] last clean latents (for re-cache)
+        self.recent: Tensor | None = None  # [1, C, k, h, w] last clean latents of this shot (for re-cache)
         self.block = 0
+        self.origin = 0  # latent frame where the current shot starts: frames are numbered from it (RoPE, cache)
 
     @property
     def next_index(self) -> int:
@@ -81,13 +86,19 @@ class CausalKVBackend(BackendBase):
 
     @property
     def start_frame(self) -> int:
-        return self.block * self.n
+        """The next block's first latent frame, counted from the start of its shot (RoPE position, cache frame id).
+
+        Why shot-local with absolute RoPE too: attention sees only position differences, so inside a shot this
+        changes nothing, and a new shot then starts exactly as a video does — bit for bit, whatever came before —
+        with the model's RoPE table (1024 latent frames for Wan) counted per shot rather than per video."""
+        return self.block * self.n - self.origin
 
     # -- one block ------------------------------------------------------------------------------------------------
     def _generate(self) -> Generated:
-        b, s, n = self.block, self.start_frame, self.n
-        # Step 1: conditioning; a hard cut re-encodes the window under the new prompt (on_prompt_switch).
+        b, n = self.block, self.n
+        # Step 1: conditioning; a cut empties the cache (on_new_shot), a switch re-caches it (on_prompt_switch).
         bc = self._read_conditioning(b)
+        s = self.start_frame  # shot-local: 0 at the first block of a new shot
         cond = self.conds.get(bc.key, bc.context)
         # Step 2: anchors pinned to this block (their first latents are held clean).
         pinned = self._pinned_latents(b)
@@ -121,7 +132,14 @@ class CausalKVBackend(BackendBase):
 
         return denoise
 
-    # -- re-cache, anchors, memory ----------------------------------------------------------------------------------
+    # -- transitions, re-cache, anchors, memory ---------------------------------------------------------------------
+    def on_new_shot(self, bc: BlockConditioning) -> None:
+        """A cut: forget the previous shot (KV cache, sink included, and the recent latents kept for re-cache); the
+        new shot's frames are numbered from 0. Anchors placed at this block still pin its first latent."""
+        self.cache.reset()
+        self.recent = None
+        self.origin = bc.block * self.n
+
     def on_prompt_switch(self, bc: BlockConditioning) -> None:
         """LongLive: re-encode the window under the new prompt (if the preset says so and there is history)."""
         if self.attn.recache_on_switch and self.recent is not None:
@@ -156,10 +174,11 @@ class CausalKVBackend(BackendBase):
         return None
 
     def _capture_shot_anchor(self, block: int, x0: Tensor, cond: Conditioning) -> None:
-        """"First frame of shot N" anchors: keep that shot's first block; with a sink, its K/V become the new sink."""
+        """"First frame of shot N" anchors: keep that shot's first block; with a sink, its K/V become the new sink
+        (already so when the block starts the video or a new shot: the cache then holds just this block)."""
         for a in self.anchors.to_capture(block):
             a.latents = x0.detach().cpu().clone()
-            if self.attn.sink_frames and block > 0:
+            if self.attn.sink_frames and self.start_frame > 0:
                 self.dit.recache(self.cache, x0.expand(self.batch, -1, -1, -1, -1), self.start_frame, cond,
                                  keep_sink=False, block_frames=self.n, rope_mode=self.attn.rope_mode,
                                  t_context=self.sampler.context_noise)
@@ -169,12 +188,13 @@ class CausalKVBackend(BackendBase):
 
     # -- snapshot -----------------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Tensor]:
-        state = {"block": torch.tensor(self.block)}
+        state = {"block": torch.tensor(self.block), "origin": torch.tensor(self.origin)}
         if self.recent is not None:
             state["recent"] = self.recent.contiguous()
         return state
 
     def _load_state(self, state: dict[str, Tensor]) -> None:
         self.block = int(state["block"])
+        self.origin = int(state.get("origin", torch.tensor(0)))
         self.recent = state.get("recent")
         self.buffer.restore_position(self.block)

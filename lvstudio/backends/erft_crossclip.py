@@ -8,6 +8,10 @@ preset says), conditioned on
     video's first latent, prepended as one clean frame;
   - one prompt per clip from the Prompt Stream Buffer (the prompt active at the clip's first new block), so a prompt
     change shows from the first clip that starts at or after it; a live prompt lands on the next clip (lead 0).
+Transitions: a `switch` or `blend` continues the shot (the next clip carries latents as usual). A `cut` starts a new
+shot: the clip before it is shortened to end at the cut (so the cut lands exactly on its block), and the cut's clip
+starts without carried latents and without the previous shot's reference — its reference is an anchor placed in
+the new shot, else nothing for its first clip and its own first latent afterwards (as at the start of a video).
 Clip k uses its own seed. Models fine-tuned with Error-Recycling (an ERFT LoRA named by the preset) learn to repair
 the errors such carried history accumulates.
 """
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     from lvstudio.caches import AnchorCache
     from lvstudio.models.wan_dit import WanDiT
     from lvstudio.presets.load import ModelBundle
-    from lvstudio.prompt_stream import PromptStreamBuffer
+    from lvstudio.prompt_stream import BlockConditioning, PromptStreamBuffer
 
 MERGED_MARK = "_lvstudio_erft_lora"  # set on a large DiT whose weights carry a LoRA merged in place
 INPLACE_MERGE_PARAMS = 1e8  # DiTs above this size get the LoRA merged in place instead of into a copy
@@ -76,7 +80,8 @@ class ERFTCrossClipBackend(BackendBase):
         self.clip = 0
         self.latents_done = 0  # latent frames emitted so far
         self.carry: Tensor | None = None  # [1, C, K, h, w]
-        self.first: Tensor | None = None  # [1, C, 1, h, w] the video's first latent (default reference)
+        self.first: Tensor | None = None  # [1, C, 1, h, w] the shot's first latent (default reference)
+        self.shot_block = 0  # the block where the current shot started (anchors before it are not references)
 
     @property
     def next_index(self) -> int:
@@ -99,20 +104,30 @@ class ERFTCrossClipBackend(BackendBase):
         return self.bundle.preset.file_path(self.st.lora)
 
     def _reference(self, block: int) -> Tensor | None:
-        """The clean reference frame prepended to the clip (a 4-frame-type latent)."""
+        """The clean reference frame prepended to the clip (a 4-frame-type latent): the latest anchor of this shot,
+        else the shot's first latent."""
         if not self.st.use_anchor:
             return None
-        anchor = self.anchors.latest(block)
+        anchor = self.anchors.latest(block, since=self.shot_block)
         if anchor is not None and anchor.pinned() is not None and block > 0:
             return anchor.latents[:, :, -1:].to(self.bundle.device)
         return None if self.first is None else self.first
 
+    def on_new_shot(self, bc: BlockConditioning) -> None:
+        """A cut: the clip starts without the previous shot's carried latents or reference."""
+        self.carry = None
+        self.first = None
+        self.shot_block = bc.block
+
     def _generate(self) -> Generated:
         dev = self.bundle.device
+        first_block = self.latents_done // self.n
+        bc = self._read_conditioning(first_block)  # a cut drops the carry and the reference (on_new_shot)
         k = 0 if self.carry is None else self.carry.shape[2]
         new = self.st.clip_frames - k
-        first_block = self.latents_done // self.n
-        bc = self._read_conditioning(first_block)
+        cut = self.buffer.first_cut(first_block + 1, first_block + new // self.n)
+        if cut is not None:  # end the clip at the next cut, so the new shot starts exactly there
+            new = (cut - first_block) * self.n
         for b in range(first_block + 1, first_block + new // self.n):
             self.buffer.conditioning(b)  # mark the clip's blocks as handed out (live pushes land after the clip)
         cond = self.conds.get(bc.key, bc.context)
@@ -138,7 +153,7 @@ class ERFTCrossClipBackend(BackendBase):
         # Step 3: carry the tail over (the base decodes the new latents: one continuous streaming decode).
         if self.first is None:
             self.first = x0[:, :, :1].clone()
-        self.carry = x0[:, :, new - self.st.carry_frames :] if self.st.carry_frames else None
+        self.carry = x0[:, :, max(0, new - self.st.carry_frames) :] if self.st.carry_frames else None
         out = Generated(self.clip, first_block, x0, bc)
         self.clip += 1
         self.latents_done += new
@@ -152,7 +167,7 @@ class ERFTCrossClipBackend(BackendBase):
         return [x for x in (self.carry, self.first) if x is not None]
 
     def _state(self) -> dict[str, Tensor]:
-        state = {"counters": torch.tensor([self.clip, self.latents_done])}
+        state = {"counters": torch.tensor([self.clip, self.latents_done, self.shot_block])}
         if self.carry is not None:
             state["carry"] = self.carry.contiguous()
         if self.first is not None:
@@ -160,7 +175,9 @@ class ERFTCrossClipBackend(BackendBase):
         return state
 
     def _load_state(self, state: dict[str, Tensor]) -> None:
-        self.clip, self.latents_done = (int(v) for v in state["counters"])
+        counters = [int(v) for v in state["counters"]]
+        self.clip, self.latents_done = counters[:2]
+        self.shot_block = counters[2] if len(counters) > 2 else 0
         self.carry = state.get("carry")
         self.first = state.get("first")
         self.buffer.restore_position(self.latents_done // self.n)

@@ -1,6 +1,6 @@
 """`lvstudio bench render`: generation speed of a whole render (DiT + VAE decode + H.264 encode) on this machine.
 
-Measured in one run, on one long single-prompt render with live cuts pushed every 20 s:
+Measured in one run, on one long single-prompt render with live prompts (switches) pushed every 20 s:
   - real-time factor (video seconds per wall second) including decode and encode;
   - time to first frame;
   - per-chunk time around minute 1 vs around the last minute (rolling window => ratio ~ 1);

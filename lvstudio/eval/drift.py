@@ -422,12 +422,13 @@ def evaluate_drift(
 
         bundle = load_bundle(variant.preset)
     p = bundle.preset
-    # Step 1: the storyboard as cuts in a prompt stream; the backend renders it with the run seed.
+    # Step 1: the storyboard as switches in a prompt stream (one long shot whose prompt changes: what drifts is the
+    # history carried across the whole video); the backend renders it with the run seed.
     shots = drift_storyboard(cfg)
     prompts = list(dict.fromkeys(prompt for _, prompt, _ in shots))
     buffer = PromptStreamBuffer(bundle.text.encode, block_latents=p.attention.block_frames, fps=p.fps)
     for i, (at, prompt, _) in enumerate(shots):
-        buffer.add_shot(at, prompt, shot=i)
+        buffer.add_shot(at, prompt, transition="switch" if i else "cut", shot=i)
     backend = _make_variant_backend(variant, bundle, buffer, cfg.seed)
     total = round(cfg.minutes * 60.0 * p.fps)
     report = DriftReport(variant.text, variant.name, p.name, variant.backend, cfg, p.fps, p.width, p.height, prompts,

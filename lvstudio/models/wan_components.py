@@ -9,7 +9,9 @@ VAE (`WanVAE`): works on *normalised* latents z = (mu - mean) / std with Wan's 1
 VAE config), like the tiny VAE. `streaming_decoder()` decodes block by block: diffusers' `AutoencoderKLWan` decodes
 one latent frame at a time through its decoder with a per-conv feature cache (reference mechanisms §2.3); the
 streaming decoder keeps that cache between calls instead of clearing it, so the concatenated output equals a full
-decode (first block of n latents -> 1 + 4(n-1) frames, later blocks 4n).
+decode (first block of n latents -> 1 + 4(n-1) frames, later blocks 4n). `new_shot()` (a cut) restarts it from zero
+history while keeping 4 frames per latent: every conv cache is empty (zero padding) and the temporal upsamplers are
+primed with diffusers' "Rep" marker, which makes them double frames from a zero history.
 """
 
 from __future__ import annotations
@@ -294,12 +296,37 @@ class WanStreamingDecoder:
 
         self._slots = sum(isinstance(m, WanCausalConv3d) for m in decoder.modules())
         self._cache: list[Any] = [None] * self._slots
-        self._frames = 0  # latent frames decoded so far in this video
+        self._frames = 0  # latent frames decoded so far in this video (0: the next call starts the video)
+        self._rep_slots: list[int] | None = None  # cache slots of the temporal upsamplers, found on first need
 
     def reset(self) -> None:
         """Forget the video: the next call starts a new one."""
         self._cache = [None] * self._slots
         self._frames = 0
+
+    def new_shot(self) -> None:
+        """A hard cut: forget the previous shot's frames (zero history) but keep decoding 4 frames per latent.
+
+        Every causal conv starts from zero padding, as at the start of a video; the temporal upsamplers get the
+        "Rep" marker that diffusers leaves after a video's first latent, so they run their time conv (zero history)
+        and double frames instead of passing the first latent through as one frame.
+        """
+        self._cache = [None] * self._slots
+        for i in self._time_up_slots():
+            self._cache[i] = "Rep"
+        self._frames = max(self._frames, 1)  # a restarted shot is never the video's first chunk
+
+    @torch.no_grad()
+    def _time_up_slots(self) -> list[int]:
+        """The cache slots of the temporal upsamplers: those a fresh decode of one latent marks "Rep" (a 2x2 probe,
+        so the slot order is diffusers' own, whatever the decoder's layout)."""
+        if self._rep_slots is None:
+            vae, model = self.vae, self.vae.model
+            probe = torch.zeros(1, vae.z_dim, 1, 2, 2, device=vae.device, dtype=vae.dtype)
+            cache: list[Any] = [None] * self._slots
+            model.decoder(model.post_quant_conv(probe), feat_cache=cache, feat_idx=[0], first_chunk=True)
+            self._rep_slots = [i for i, slot in enumerate(cache) if isinstance(slot, str) and slot == "Rep"]
+        return self._rep_slots
 
     @torch.no_grad()
     def decode(self, z_block: Tensor) -> Tensor:

@@ -38,7 +38,9 @@ class VideoVAE(Protocol):
     def decode(self, z: Tensor) -> Tensor:
         ...
 
-    def streaming_decoder(self): ...  # noqa: ANN201 - returns an object with decode(z_block), state_dict(), reset()
+    # returns an object with decode(z_block), state_dict(), load_state_dict(), reset() and new_shot() (a cut: zero
+    # history, still 4 frames per latent)
+    def streaming_decoder(self): ...  # noqa: ANN201
 
 
 @dataclass

@@ -10,7 +10,7 @@
     [[shots]]
     at = "0:12"
     prompt = "{hero} moving right on the grass"
-    transition = "blend 2s"      # or "cut" (default)
+    transition = "blend 2s"      # or "cut" (default: a new shot) or "switch" (the shot continues)
 
     schema    the pydantic models and their checks (every message has a fix)
     times     seconds <-> "1:30", exactly

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from lvstudio.backends.registry import BACKENDS
 from lvstudio.storyboard.messages import CONTROL_RE, LINE_CONTROL_RE, fail, show, suggest, type_name
 from lvstudio.storyboard.times import TIME_FIX, TimeParseError, format_time, parse_time, seconds_text
+from lvstudio.transitions import TRANSITIONS
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_SHOTS = 1000
@@ -176,39 +177,43 @@ _CONFIG = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class Transition(BaseModel):
-    """How a shot starts: a hard `cut`, or a `blend` of `seconds` from the previous shot's prompt."""
+    """How a shot starts (`lvstudio.transitions`): a `cut` to a new shot (the default), a `switch` that continues the
+    previous shot under this prompt, or a `blend` of `seconds` from the previous shot's prompt."""
 
     model_config = _CONFIG
 
-    kind: Literal["cut", "blend"] = "cut"
+    kind: Literal["cut", "switch", "blend"] = "cut"
     seconds: float = 0.0
 
     @model_validator(mode="after")
     def _check(self) -> Transition:
-        if self.kind == "cut" and self.seconds != 0:
-            fail("a cut has no duration", 'write "cut", or "blend 2s" for a soft transition')
+        if self.kind != "blend" and self.seconds != 0:
+            fail(f"a {self.kind} has no duration", f'write "{self.kind}", or "blend 2s" for a soft transition')
         if self.kind == "blend" and not (math.isfinite(self.seconds) and self.seconds > 0):
             fail("a blend needs a duration above 0", 'e.g. transition = "blend 2s"')
         return self
 
     def __str__(self) -> str:
-        return "cut" if self.kind == "cut" else f"blend {seconds_text(self.seconds)}"
+        return self.kind if self.kind != "blend" else f"blend {seconds_text(self.seconds)}"
+
+
+_TRANSITION_FIX = 'use "cut" (a new shot), "switch" (the shot continues) or "blend <time>", e.g. "blend 2s"'
 
 
 def _parse_transition(value: Any) -> Any:
-    """`"cut"` / `"blend 2s"` → Transition; Transition instances and dicts pass through to pydantic."""
+    """`"cut"` / `"switch"` / `"blend 2s"` → Transition; Transition instances and dicts pass through to pydantic."""
     if isinstance(value, (Transition, dict)):
         return value
     if not isinstance(value, str):
-        fail(f"transition must be text, got {type_name(value)}", 'use "cut" or "blend 2s"')
+        fail(f"transition must be text, got {type_name(value)}", _TRANSITION_FIX)
     text = value.strip().lower()
-    if text == "cut":
-        return Transition()
+    if text in ("cut", "switch"):
+        return Transition(kind=text)
     match = _BLEND_RE.fullmatch(text)
     if match is None:
-        close = suggest(text.split(" ")[0], ["cut", "blend"]) if text else None
+        close = suggest(text.split(" ")[0], list(TRANSITIONS)) if text else None
         hint = f'did you mean "{close}"? ' if close else ""
-        fail(f"{show(value)} is not a transition", hint + 'use "cut" or "blend <time>", e.g. "blend 2s"')
+        fail(f"{show(value)} is not a transition", hint + _TRANSITION_FIX)
     if not match.group(1) or not match.group(1).strip():
         fail("a blend needs a duration", 'e.g. transition = "blend 2s"')
     try:
@@ -506,8 +511,8 @@ class Storyboard(BaseModel):
                 fail(f"{at} is at or after the end of the video (duration {end})",
                       "move the shot earlier or raise duration", ("shots", i, "at"))
             if i == 0:
-                if shot.transition.kind == "blend":
-                    fail("the first shot cannot blend: there is nothing before it",
+                if shot.transition.kind != "cut":
+                    fail(f"the first shot cannot {shot.transition.kind}: there is nothing before it",
                           'use "cut" or remove transition', ("shots", 0, "transition"))
                 continue
             prev = self.shots[i - 1].at

@@ -47,7 +47,7 @@ def dump_storyboard(sb: Storyboard) -> str:
             lines.append(f"shot = {anchor.shot}")
     for shot in sb.shots:
         lines += ["", "[[shots]]", f'at = "{format_time(shot.at)}"', f"prompt = {toml_string(shot.prompt)}"]
-        if shot.transition.kind != "cut":
+        if shot.transition.kind != "cut":  # the default; "switch" and "blend Ns" are written
             lines.append(f'transition = "{shot.transition}"')
         if shot.seed is not None:
             lines.append(f"seed = {shot.seed}")

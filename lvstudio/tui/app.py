@@ -23,6 +23,7 @@ from textual.widgets import Footer, Input, Label
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from lvstudio.errors import LvError
+from lvstudio.transitions import LIVE_CHOICES, LIVE_DEFAULT
 from lvstudio.tui.budget import PreviewBudget
 from lvstudio.tui.preview import HalfBlockRenderer
 from lvstudio.tui.recorder import Recording
@@ -57,7 +58,7 @@ class StudioApp(App[StudioSummary | None]):
         Binding("f6", "stop", "Stop", priority=True),
         Binding("f7,ctrl+r", "toggle_record", "Record", priority=True),
         Binding("f8,ctrl+n", "reroll", "Re-roll", priority=True),
-        Binding("f2,ctrl+t", "toggle_transition", "Cut/Blend", priority=True),
+        Binding("f2,ctrl+t", "toggle_transition", "Transition", priority=True),
         Binding("escape", "clear_prompt", "Clear", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
@@ -77,7 +78,7 @@ class StudioApp(App[StudioSummary | None]):
         self.budget = PreviewBudget(preview_budget, 1.0 / self.preview_fps, max_interval=3.0)
         self.blend_blocks = blend_blocks
         self.exit_when_done = exit_when_done
-        self.transition = "cut"
+        self.transition = LIVE_DEFAULT  # the next prompt's transition; F2 cycles through LIVE_CHOICES
         self.summary: StudioSummary | None = None
         self.generator: Worker[None] | None = None  # the generation thread worker (started when ready)
         self.pump: Worker[None] | None = None  # the preview pump thread worker
@@ -232,8 +233,8 @@ class StudioApp(App[StudioSummary | None]):
         self.query_one("#prompt", Input).value = ""
 
     def action_toggle_transition(self) -> None:
-        """Switch the next prompt between a hard cut and a blend."""
-        self.transition = "blend" if self.transition == "cut" else "cut"
+        """Cycle the next prompt's transition: switch (continue the shot) -> cut (a new shot) -> blend -> switch."""
+        self.transition = LIVE_CHOICES[(LIVE_CHOICES.index(self.transition) + 1) % len(LIVE_CHOICES)]
         self.query_one("#mode", Label).update(self._mode_text())
 
     # -- controls -------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lvstudio.errors import LvError
+from lvstudio.transitions import LIVE_DEFAULT, check_transition
 from lvstudio.tui.player import FramePlayer
 from lvstudio.tui.recorder import Recorder, Recording, timestamp_name
 
@@ -252,10 +253,10 @@ class Studio:
         s = self.session
         return not (self.finished.is_set() or s.done or s.stopped or self.error is not None)
 
-    def push(self, prompt: str, transition: str = "cut", blend_blocks: int = 2) -> LivePrompt:
-        """Push a live prompt at the next block; ValueError for an empty prompt or an unknown {identity}."""
-        if transition not in ("cut", "blend"):
-            raise ValueError(f"transition must be 'cut' or 'blend', got {transition!r}")
+    def push(self, prompt: str, transition: str = LIVE_DEFAULT, blend_blocks: int = 2) -> LivePrompt:
+        """Push a live prompt at the next block; ValueError for an empty prompt, an unknown {identity} or a
+        transition other than switch, cut or blend."""
+        check_transition(transition)
         typed_at = self.session.frames_done
         event = self.session.push(prompt.strip(), transition=transition, blend_blocks=blend_blocks)
         return self._log(event, typed_at, "prompt")

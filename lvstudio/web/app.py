@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lvstudio.errors import LvError, StoryboardError
+from lvstudio.transitions import LIVE_CHOICES, LIVE_DEFAULT
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -348,8 +349,8 @@ class WebStudio:
             return f"The live prompt is longer than {MAX_LIVE_PROMPT_CHARS} characters."
         if any(ord(c) < 32 and c not in "\t\n" for c in prompt):
             return "The live prompt contains control characters."
-        if transition not in ("cut", "blend"):
-            return f"Unknown transition {transition!r}: use cut or blend."
+        if transition not in LIVE_CHOICES:
+            return f"Unknown transition {transition!r}: use {', '.join(LIVE_CHOICES)}."
         session = job.session
         try:
             event = session.push(prompt, transition=transition)
@@ -522,7 +523,8 @@ class WebStudio:
                     live = gr.Textbox("", label="Live prompt (goes into the running render)", lines=2,
                                       max_length=MAX_LIVE_PROMPT_CHARS, elem_id="live-prompt")
                     with gr.Row():
-                        transition = gr.Radio(["cut", "blend"], value="cut", label="Transition",
+                        transition = gr.Radio(list(LIVE_CHOICES), value=LIVE_DEFAULT, label="Transition",
+                                              info="switch: the shot continues · cut: a new shot · blend: a fade",
                                               elem_id="live-transition")
                         push = gr.Button("Push prompt", elem_id="push")
                     pushed = gr.Textbox("", label="Live prompt status", interactive=False, elem_id="push-status")

@@ -1,0 +1,79 @@
+"""Transitions through the session API (tiny random weights): live prompts default to a switch, rendered
+storyboards write cut / switch / blend back so they re-render the session, and a resumed job re-decodes a cut's
+chunks with the decoder restarted exactly as the render did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvstudio.session import RenderSession, RenderSettings
+from lvstudio.storyboard import parse_storyboard
+from tests.helpers.random_bundle import random_bundle
+
+STORY = """title = "transitions"
+fps = 16
+duration = "4s"
+seed = 3
+
+[[shots]]
+at = 0
+prompt = "a red ball bouncing over the sea"
+
+[[shots]]
+at = "1s"
+prompt = "a blue cube on the grass"
+"""
+
+
+def _session(backend: str, job_dir: Path | None = None) -> RenderSession:
+    bundle = random_bundle()
+    settings = RenderSettings("random-test", backend, 3, 16, 32, 32, 64)
+    return RenderSession(parse_storyboard(STORY), bundle, settings, job_dir=job_dir, snapshot_every=2)
+
+
+def test_live_prompts_default_to_switch_and_the_rendered_storyboard_keeps_every_transition() -> None:
+    session = _session("causal-kv")
+    session.step()
+    switch = session.push("a blue ball in the sky")  # block 1
+    session.step()
+    cut = session.push("a red cube on the grass", transition="cut")  # block 2; the storyboard cuts at block 3
+    for _ in range(3):
+        session.step()
+    blend = session.push("a red ball over the sea", transition="blend")  # block 5
+    for _ in range(2):
+        session.step()
+    reroll = session.reroll(seed=5)  # block 7
+    assert [e.block for e in (switch, cut, blend, reroll)] == [1, 2, 5, 7]
+    assert [e.transition for e in (switch, cut, blend, reroll)] == ["switch", "cut", "blend", "switch"]
+    with pytest.raises(ValueError, match="cut, switch, blend"):
+        session.push("a red ball", transition="fade")
+    session.run()
+    saved = session.rendered_storyboard()  # (a blend is cut short to fit before the next shot)
+    assert [(s.prompt, str(s.transition), s.seed) for s in saved.shots] == [
+        ("a red ball bouncing over the sea", "cut", None), ("a blue ball in the sky", "switch", None),
+        ("a red cube on the grass", "cut", None), ("a blue cube on the grass", "cut", None),
+        ("a red ball over the sea", "blend 0.9375s", None), ("a red ball over the sea", "switch", 5)]
+
+
+@pytest.mark.parametrize("backend", ["causal-kv", "streaming-dit", "erft-crossclip"])
+def test_resume_redecodes_a_cut_with_the_decoder_restarted(backend: str, tmp_path: Path) -> None:
+    ref = _session(backend)
+    frames = []
+    while not ref.done:
+        frames.append(ref.step().frames)
+    video = np.concatenate(frames)
+    job = tmp_path / "job"
+    first = _session(backend, job)
+    first.write_job_info()
+    cut_chunk = None
+    while cut_chunk is None or first.backend.next_index % 2:  # past the cut, to the next snapshot
+        chunk = first.step()
+        cut_chunk = chunk.index if chunk.new_shot else cut_chunk
+    again = _session(backend, job)
+    done = np.concatenate(again.resume())
+    assert done.shape[0] == again.frames_done and np.array_equal(done, video[: done.shape[0]])
+    rest = [again.step().frames for _ in iter(lambda: again.done, True)]
+    assert np.array_equal(np.concatenate([done, *rest]), video)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lvstudio.errors import PresetError
+from lvstudio.presets.lock import read_lock
 from tests.helpers.hub_cache import WAN_REPO, build_hub_cache, commit_for, tiny_dit, write_test_preset, write_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_pull_resolves_from_the_offline_cache_locks_commits_and_converts(hubenv)
     hc, root, logs = hubenv
     for name in SHIPPED:
         p = load_preset(f"hubtest-{name}")
-        assert {r: rec.commit for r, rec in hub.read_lock(p.name).items()} == {r: hc.commits[r] for r in p.hub_repos()}
+        assert {r: rec.commit for r, rec in read_lock(p.name).items()} == {r: hc.commits[r] for r in p.hub_repos()}
         assert any("from the cache" in line for line in logs[name]) and "ready:" in logs[name][-1]
         resolved = hub.resolve(p)
         dit_file = resolved.paths["dit"]
@@ -166,7 +167,7 @@ def test_a_preset_never_pulled_says_pull_and_an_unpinned_pull_locks_main(hubenv,
     # the pull said so, and the lock holds the commit and every file's sha256 and size.
     assert any("not pinned" in line and "'main'" in line for line in logs["longlive-1.3b"])
     monkeypatch.setenv("LVSTUDIO_CACHE", str(hubenv[1] / "lv"))
-    lock = hub.read_lock("hubtest-longlive-1.3b")
+    lock = read_lock("hubtest-longlive-1.3b")
     ll = "Efficient-Large-Model/LongLive-1.3B"
     assert lock[ll].commit == hc.commits[ll] and lock[ll].requested == "main"
     snap = hub.resolve(load_preset("hubtest-longlive-1.3b")).snapshots[ll]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lvstudio.errors import PresetError
+from lvstudio.presets.lock import read_lock
 from tests.helpers.hub_cache import WAN_REPO, FakeHub, build_hub_cache, tiny_dit, write_test_preset
 
 SF = "gdhe17/Self-Forcing"
@@ -90,7 +91,7 @@ def test_first_pull_resolves_main_once_checks_every_byte_and_locks_it(online: Fa
         assert any(repo in line and "not pinned" in line and commit in line for line in lines), lines
     assert any("presets pin" in line for line in lines)
     # Step 2: the lock holds the commit and the sha256 and size of every file pulled.
-    lock = hub.read_lock(NAME)
+    lock = read_lock(NAME)
     resolved = hub.resolve(load_preset(NAME))
     for repo, commit in first.items():
         assert (lock[repo].commit, lock[repo].requested) == (commit, "main")
@@ -105,11 +106,11 @@ def test_first_pull_resolves_main_once_checks_every_byte_and_locks_it(online: Fa
     again = _pull()
     assert online.resolved == [(SF, "main"), (WAN_REPO, "main")] and len(online.downloads) == 2
     assert any("locked by an earlier pull" in line and "from the cache" in line for line in again)
-    assert hub.read_lock(NAME)[SF].commit == first[SF]
+    assert read_lock(NAME)[SF].commit == first[SF]
     # Step 4: `--revision main` moves it (and keeps the other repository where main still is).
     _pull(revision=["main"])
-    assert hub.read_lock(NAME)[SF].commit == moved and (SF, moved) in online.downloads
-    assert hub.read_lock(NAME)[WAN_REPO].commit == first[WAN_REPO]
+    assert read_lock(NAME)[SF].commit == moved and (SF, moved) in online.downloads
+    assert read_lock(NAME)[WAN_REPO].commit == first[WAN_REPO]
     assert hub.resolve(load_preset(NAME)).commits[SF] == moved
 
 
@@ -118,11 +119,11 @@ def test_pin_writes_the_locked_commits_into_the_user_preset_folder(online: FakeH
     from typer.testing import CliRunner
 
     from lvstudio.cli import app
-    from lvstudio.presets import hub, load_preset
+    from lvstudio.presets import load_preset
     from lvstudio.presets.cli import presets_pin
 
     _pull()
-    lock = hub.read_lock(NAME)
+    lock = read_lock(NAME)
     target = presets_pin(NAME, echo=lambda _m: None)
     assert target == tmp_path / "config" / "presets" / f"{NAME}.toml"
     data = tomli.loads(target.read_text())
@@ -138,7 +139,7 @@ def test_pin_writes_the_locked_commits_into_the_user_preset_folder(online: FakeH
     online.move_branch(SF, {"checkpoints/self_forcing_dmd.pt": _new_dit_bytes(22)})
     resolved_before = list(online.resolved)
     _pull()
-    assert online.resolved == resolved_before and hub.read_lock(NAME)[SF].commit == lock[SF].commit
+    assert online.resolved == resolved_before and read_lock(NAME)[SF].commit == lock[SF].commit
     with pytest.raises(PresetError, match="would be ignored") as err:
         _pull(revision=["main"])
     assert "presets pin" in str(err.value)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lvstudio.errors import PresetError
@@ -110,7 +111,12 @@ def test_render_with_a_damaged_embedded_preset_exits_2_naming_the_file(hashed: P
     demo = (ROOT / "storyboards" / "demo.toml").read_text()
     story.write_text(demo.replace('preset = "tiny"', 'preset = "random-test"'))
     out = tmp_path / "out.mp4"
-    result = CliRunner().invoke(app, ["render", str(story), "--out", str(out), "--duration", "1s", "--no-progress"])
+    grad = torch.is_grad_enabled()
+    try:  # `lvstudio render` turns autograd off for its process; the in-process runner must not leak that
+        result = CliRunner().invoke(app, ["render", str(story), "--out", str(out), "--duration", "1s",
+                                          "--no-progress"])
+    finally:
+        torch.set_grad_enabled(grad)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and str(hashed.parent / "dit.safetensors") in result.output
     assert not out.exists()

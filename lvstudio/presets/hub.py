@@ -49,8 +49,6 @@ LOCKED = "locked by an earlier pull"
 WEIGHT_SUFFIXES = (".safetensors",)
 TEXT_SUFFIXES = (".json",)
 
-__all__ = ["FileCheck", "lock_path", "lvstudio_cache_dir", "read_lock"]  # re-exported for callers of this module
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Locations and modes (read at call time)

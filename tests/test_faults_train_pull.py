@@ -149,11 +149,17 @@ def hub_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.parametrize("code", [errnos.ENOSPC, errnos.EACCES])
 def test_a_disk_error_while_pulling_is_one_clear_message(hub_env: Path, monkeypatch: pytest.MonkeyPatch,
                                                          code: int) -> None:
+    from types import SimpleNamespace
+
     import huggingface_hub
 
     from lvstudio.presets import hub
+    from tests.helpers.hub_cache import commit_for
 
     before = tree_state(hub_env)
+    # The Hub answers what 'main' is (pull resolves an unpinned repository once), then the download fails.
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda _self, repo_id, **_k: SimpleNamespace(id=repo_id, sha=commit_for(repo_id)))
     monkeypatch.setattr(hub, "download_plan", lambda *a, **k: [("autoregressive_checkpoint/model.pt", 4096, False)])
 
     def download(repo_id: str, **_kw) -> str:

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from lvstudio.errors import PresetError
-from tests.helpers.hub_cache import WAN_REPO, build_hub_cache, tiny_dit, write_test_preset, write_vae
+from lvstudio.presets.lock import read_lock
+from tests.helpers.hub_cache import WAN_REPO, build_hub_cache, commit_for, tiny_dit, write_test_preset, write_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("self-forcing-1.3b", "causvid-1.3b", "longlive-1.3b")
@@ -49,11 +50,13 @@ def hubenv(tmp_path_factory: pytest.TempPathFactory):
             write_test_preset(root / "presets", name)
         logs: dict[str, list[str]] = {}
         sf_repo = "gdhe17/Self-Forcing"
-        # Explicit commits for one preset, the `main` opt-in for the others.
-        revs = {"self-forcing-1.3b": [hc.commits[sf_repo], f"{WAN_REPO}={hc.commits[WAN_REPO]}"]}
+        # Explicit commits for one preset, an explicit `--revision main` for one, nothing (unpinned: main resolved
+        # once, here offline from the cache's ref) for the third.
+        revs = {"self-forcing-1.3b": [hc.commits[sf_repo], f"{WAN_REPO}={hc.commits[WAN_REPO]}"],
+                "causvid-1.3b": ["main"]}
         for name in SHIPPED:
             lines: list[str] = []
-            presets_pull(f"hubtest-{name}", revs.get(name, ["main"]), echo=lines.append)
+            presets_pull(f"hubtest-{name}", revs.get(name), echo=lines.append)
             logs[name] = lines
         yield hc, root, logs
 
@@ -66,7 +69,7 @@ def _fresh_lv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 # Preset files
 
 
-def test_shipped_hub_presets_pin_or_mark_revisions_and_fetch_no_code() -> None:
+def test_shipped_hub_presets_are_pinned_or_unpinned_and_fetch_no_code() -> None:
     from lvstudio.models.wan_dit import CONFIGS
     from lvstudio.presets import load_preset
     from lvstudio.presets.hub import allow_patterns
@@ -77,10 +80,11 @@ def test_shipped_hub_presets_pin_or_mark_revisions_and_fetch_no_code() -> None:
         assert p.is_hub and (p.text_encoder, p.vae, p.backend) == ("umt5", "wan", "causal-kv")
         assert (p.width, p.height, p.fps) == (832, 480, 16)
         assert {k: full[k] for k in p.dit_config} == p.dit_config and p.dit_config["num_layers"] == 30
-        assert p.licence and WAN_REPO in p.hub_repos()
-        for repo in p.hub_repos():  # never silently on a branch: pinned 40-hex or the FILL-ME marker
+        assert "Apache-2.0" in p.licence and WAN_REPO in p.hub_repos()
+        assert "FILL-ME" not in (ROOT / "presets" / f"{name}.toml").read_text()  # unpinned = no revision at all
+        for repo in p.hub_repos():  # never on a branch: a pinned 40-hex commit, or unpinned (locked by the pull)
             raw = p.revisions.get(repo, p.revision if repo == p.repo_id else None)
-            assert raw == "FILL-ME" or (raw and len(raw) == 40)
+            assert raw is None or len(raw) == 40
             for pattern in allow_patterns(p, repo):
                 assert pattern.endswith((".safetensors", ".json", ".pt")), pattern
         assert p.files["dit"].kind == "pt"
@@ -89,6 +93,9 @@ def test_shipped_hub_presets_pin_or_mark_revisions_and_fetch_no_code() -> None:
     assert (cv.sampler.step_list, cv.sampler.shift, cv.sampler.warp) == ([1000, 757, 522], 8.0, False)
     assert (ll.attention.window_frames, ll.attention.sink_frames, ll.attention.recache_on_switch) == (12, 3, True)
     assert ll.lora is not None and (ll.lora.rank, ll.lora.alpha) == (256, 256.0)
+    # Which weights inside each upstream pickle: Self-Forcing's EMA, CausVid's and LongLive's generator (use_ema false).
+    assert [p.files["dit"].state_key for p in (sf, cv, ll)] == ["generator_ema", "generator", "generator"]
+    assert "CC-BY-NC-SA-4.0" in sf.licence and "CC-BY-NC-4.0" in cv.licence and "not confirmed" in ll.licence
     assert all(p.attention.block_frames == 3 for p in (sf, cv, ll))
     assert not load_preset("tiny").is_hub
 
@@ -129,7 +136,7 @@ def test_pull_resolves_from_the_offline_cache_locks_commits_and_converts(hubenv)
     hc, root, logs = hubenv
     for name in SHIPPED:
         p = load_preset(f"hubtest-{name}")
-        assert hub.read_lock(p.name) == {r: hc.commits[r] for r in p.hub_repos()}
+        assert {r: rec.commit for r, rec in read_lock(p.name).items()} == {r: hc.commits[r] for r in p.hub_repos()}
         assert any("from the cache" in line for line in logs[name]) and "ready:" in logs[name][-1]
         resolved = hub.resolve(p)
         dit_file = resolved.paths["dit"]
@@ -147,16 +154,27 @@ def test_pull_resolves_from_the_offline_cache_locks_commits_and_converts(hubenv)
     assert lora and all(k.startswith("blocks.") and ".lora_" in k for k in lora)
 
 
-def test_pull_refuses_to_float_on_main_without_revision(hubenv, tmp_path, monkeypatch) -> None:
-    from lvstudio.presets.cli import presets_pull
+def test_a_preset_never_pulled_says_pull_and_an_unpinned_pull_locks_main(hubenv, tmp_path, monkeypatch) -> None:
+    from lvstudio.presets import hub, load_preset
     from lvstudio.presets.load import load_bundle
 
+    hc, _, logs = hubenv
     _fresh_lv(monkeypatch, tmp_path)
-    with pytest.raises(PresetError, match="never floats on 'main'") as err:
-        presets_pull("hubtest-causvid-1.3b", echo=lambda _m: None)
-    assert "--revision" in str(err.value) and "FILL-ME" in str(err.value)
-    with pytest.raises(PresetError, match="lvstudio presets pull hubtest-self-forcing-1.3b"):
+    with pytest.raises(PresetError, match="is not pulled yet") as err:  # no pin, no lock: loading names the command
         load_bundle("hubtest-self-forcing-1.3b")
+    assert "lvstudio presets pull hubtest-self-forcing-1.3b" in str(err.value)
+    # The fixture pulled longlive with no --revision at all: main was read once (offline: from the cache's ref),
+    # the pull said so, and the lock holds the commit and every file's sha256 and size.
+    assert any("not pinned" in line and "'main'" in line for line in logs["longlive-1.3b"])
+    monkeypatch.setenv("LVSTUDIO_CACHE", str(hubenv[1] / "lv"))
+    lock = read_lock("hubtest-longlive-1.3b")
+    ll = "Efficient-Large-Model/LongLive-1.3B"
+    assert lock[ll].commit == hc.commits[ll] and lock[ll].requested == "main"
+    snap = hub.resolve(load_preset("hubtest-longlive-1.3b")).snapshots[ll]
+    base = Path(os.path.realpath(snap / "models/longlive_base.pt"))
+    assert lock[ll].files["models/longlive_base.pt"].size == base.stat().st_size
+    assert lock[ll].files["models/longlive_base.pt"].sha256 == base.name  # = the Hub's LFS sha256 (blob name)
+    assert {"vae/config.json", "tokenizer/tokenizer.json"} <= set(lock[WAN_REPO].files)
 
 
 def test_not_converted_yet_names_the_command(hubenv, tmp_path, monkeypatch) -> None:
@@ -236,6 +254,7 @@ def test_disk_space_is_checked_before_downloading(hubenv, tmp_path, monkeypatch)
     _fresh_lv(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(hub, "resolve_commit", lambda _p, repo, _rev: commit_for(repo))  # the Hub says main = ...
     monkeypatch.setattr(hub, "download_plan", lambda *a, **k: [("checkpoints/self_forcing_dmd.pt", 6 << 30, False)])
     monkeypatch.setattr(hub, "free_bytes", lambda _p: 3 << 30)
 
@@ -249,9 +268,13 @@ def test_disk_space_is_checked_before_downloading(hubenv, tmp_path, monkeypatch)
 
 
 def _http_error(cls, status: int):
-    import httpx2
+    import importlib
 
-    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/o/r"))
+    from huggingface_hub import errors
+
+    # The HTTP client huggingface_hub itself uses (httpx in 1.x, httpx2 in 2.x): its Response is errors.Response.
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])
+    response = http.Response(status, request=http.Request("GET", "https://huggingface.co/api/models/o/r"))
     return cls(f"{status} Client Error", response=response)
 
 
@@ -277,6 +300,7 @@ def test_hub_errors_become_clear_preset_errors(hubenv, tmp_path, monkeypatch, ma
             raise errors.DryRunError("Dry run cannot be performed") from err
         raise err
 
+    monkeypatch.setattr(hub, "resolve_commit", lambda _p, repo, _rev: commit_for(repo))
     monkeypatch.setattr(hub, "download_plan", failing_plan)
     with pytest.raises(PresetError, match=words) as caught:
         presets_pull("hubtest-causvid-1.3b", ["main"], echo=lambda _m: None)
@@ -487,8 +511,8 @@ def test_presets_list_says_whether_files_are_present_and_verified(hubenv, tmp_pa
     from typer.testing import CliRunner
 
     from lvstudio.cli import app
-    from lvstudio.presets import hub
-    from lvstudio.presets.cli import presets_list
+    from lvstudio.presets import integrity
+    from lvstudio.presets.cli import presets_list, presets_verify
 
     _, root, _ = hubenv
     broken = tmp_path / "presets"
@@ -497,16 +521,17 @@ def test_presets_list_says_whether_files_are_present_and_verified(hubenv, tmp_pa
     monkeypatch.setenv("LVSTUDIO_PRESET_PATH", os.pathsep.join([str(root / "presets"), str(broken)]))
     status = dict(presets_list(echo=lambda _m: None))
     assert status["tiny"] == "ready" and status["half"] == "missing nowhere.safetensors"
-    assert status["self-forcing-1.3b"] == "unpinned"  # the shipped file says FILL-ME and nothing was pulled here
+    assert status["self-forcing-1.3b"] == "not pulled"  # the shipped preset: unpinned, and nothing pulled here
     assert {status[f"hubtest-{n}"] for n in SHIPPED} == {"verified"}
     stamps = root / "lv" / "verified.json"
-    saved = stamps.read_bytes()
-    try:
-        stamps.unlink()
-        monkeypatch.setattr(hub, "SMALL_FILE", 0)  # the test weights are small; real ones are not hashed by `list`
+    assert not stamps.exists()  # files this small are hashed every time, never stamped
+    try:  # as if they were large: `list` hashes nothing large, so a file never hashed since the pull is unchecked
+        monkeypatch.setattr(integrity, "SMALL_FILE", 0)
         assert dict(presets_list(echo=lambda _m: None))["hubtest-longlive-1.3b"] == "pulled, not verified"
+        presets_verify("hubtest-longlive-1.3b", echo=lambda _m: None)  # hashes (and stamps) every file
+        assert dict(presets_list(echo=lambda _m: None))["hubtest-longlive-1.3b"] == "verified"
     finally:
-        stamps.write_bytes(saved)
+        stamps.unlink(missing_ok=True)
     result = CliRunner().invoke(app, ["presets", "list"])
     assert result.exit_code == 0, result.output
     line = next(x for x in result.stdout.splitlines() if x.startswith("hubtest-causvid-1.3b "))
@@ -526,9 +551,9 @@ def test_hub_cli_commands_exit_2_with_one_clear_line(hubenv, tmp_path, monkeypat
     ok = runner.invoke(root, ["presets", "verify", "hubtest-self-forcing-1.3b"])
     assert ok.exit_code == 0, ok.output
     _fresh_lv(monkeypatch, tmp_path)
-    bad = runner.invoke(root, ["presets", "pull", "hubtest-causvid-1.3b"])
-    assert bad.exit_code == 2 and "--revision" in bad.output and "Traceback" not in bad.output
-    good = runner.invoke(root, ["presets", "pull", "hubtest-causvid-1.3b", "--revision", "main"])
+    bad = runner.invoke(root, ["presets", "pin", "hubtest-causvid-1.3b"])  # nothing pulled, nothing to pin
+    assert bad.exit_code == 2 and "pull it first" in bad.output and "Traceback" not in bad.output
+    good = runner.invoke(root, ["presets", "pull", "hubtest-causvid-1.3b"])
     assert good.exit_code == 0, good.output
 
 

@@ -1,4 +1,4 @@
-"""`lvstudio presets list | info | pull | verify | convert`: one typer sub-app over the presets package.
+"""`lvstudio presets list | info | pull | pin | verify | convert | hash`: one typer sub-app over the presets package.
 
 The `presets_*` functions do the work and report through `echo` (one line per step); the `*_cmd` functions are the
 typer commands with the documented options, registered on `presets_app` (which `lvstudio.cli` mounts as
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 Echo = Callable[[str], None]
 
-presets_app = typer.Typer(help="List, pull, verify and convert model presets.", no_args_is_help=True)
+presets_app = typer.Typer(help="List, pull, pin, verify, convert and hash model presets.", no_args_is_help=True)
 
 
 def _hub_preset(name: str) -> Preset:
@@ -43,32 +43,33 @@ def _gib(n: int) -> str:
 def preset_status(preset: Preset) -> str:
     """Whether a preset's files are present and verified, in a few words (the status column of `presets list`).
 
-    Local presets: "ready" (every file present; sha256 checked where the preset gives one), "missing <file>" or
-    "checksum mismatch". Hub presets: "unpinned", "not pulled", "not converted", "verified" (every file matched its
-    reference hash when last checked, and is unchanged since), "pulled, not verified" (some file was never hashed:
-    `lvstudio presets verify NAME` does it) or "checksum mismatch". Nothing large is hashed here.
+    Embedded presets: "ready" (every file present and matching the sha256/size its preset file records),
+    "missing <file>", "checksum mismatch" or "damaged <file>" (not a readable safetensors file). Hub presets:
+    "not pulled", "not converted", "verified" (every file matched its reference when last hashed, and is unchanged
+    since), "pulled, not verified" (some large file was never hashed: `lvstudio presets verify NAME` does it) or
+    "checksum mismatch". Nothing large is hashed here.
     """
-    from lvstudio.presets import hub
+    from lvstudio.presets import hub, integrity
 
     if not preset.is_hub:
-        for role, entry in preset.files.items():
-            path = preset.file_path(role)
-            if not path.exists():
+        stamps = integrity.Stamps(trust=True)
+        for role in integrity.local_roles(preset):
+            entry, path = preset.files[role], preset.file_path(role)
+            check = integrity.check_file(path, stamps, sha256=entry.sha256, size=entry.size)
+            if check.status == "missing":
                 return f"missing {entry.path}"
-            if entry.sha256 is not None and hub.sha256_file(path) != entry.sha256:
+            if check.failed:
                 return "checksum mismatch"
+            if path.suffix == ".safetensors" and integrity.safetensors_error(path) is not None:
+                return f"damaged {entry.path}"
+        stamps.save()
         return "ready"
     try:
         resolved = hub.resolve(preset)
     except PresetError as err:
-        text = str(err)
-        if "pins no revision" in text:
-            return "unpinned"
-        if "converted" in text:
-            return "not converted"
-        return "not pulled"
+        return "not converted" if "converted" in str(err) else "not pulled"
     checks = hub.verify_resolved(resolved, use_stamps=True, cached_only=True)
-    if any(c.status == "mismatch" for c in checks):
+    if any(c.failed for c in checks):
         return "checksum mismatch"
     if any(c.status == "unchecked" for c in checks):
         return "pulled, not verified"
@@ -94,7 +95,17 @@ def presets_info(name: str, *, echo: Echo = print) -> Preset:
     from lvstudio.presets.schema import load_preset
 
     p = load_preset(name)
-    echo(p.model_dump_json(indent=2, exclude={"folder"}))
+    echo(p.model_dump_json(indent=2, exclude={"folder", "sources"}))
+    echo("preset file: " + " over ".join(str(f) for f in p.sources))
+    if p.is_hub:
+        from lvstudio.presets.lock import lock_path, locked_commits
+
+        locked = locked_commits(p.name)
+        for repo in p.hub_repos():
+            pin, lock = p.pinned_revision(repo), locked.get(repo)
+            state = (f"pinned at {pin}" if pin else f"locked at {lock} by a pull ({lock_path(p.name)})" if lock
+                     else "not pinned, not pulled: the first pull resolves main once and locks it")
+            echo(f"revision of {repo}: {state}")
     echo(f"status: {preset_status(p)}")
     if p.text_encoder == "tiny" and "text_encoder" in p.files and p.file_path("text_encoder").exists():
         from lvstudio.models.tiny_text import load_text_encoder
@@ -112,10 +123,12 @@ def presets_pull(
     convert: bool = True,
     echo: Echo = print,
 ) -> PullResult:
-    """Download (or find in the Hub cache) a preset's files, verify their sha256, lock the commits, convert `.pt`.
+    """Download (or find in the Hub cache) a preset's files, check every byte, lock the commits with the sha256 and
+    size of every file, convert `.pt` checkpoints.
 
     revision: `--revision` values — `OWNER/NAME=COMMIT`, a bare 40-hex commit (the main repo), or a branch such as
-    `main` (an explicit, one-time opt-in for every unpinned repo; the resolved commits go into the lock).
+    `main` (resolve every unpinned repository again, also where a lock exists). Without it, an unpinned repository
+    is read at its locked commit, or (first pull) its main branch is resolved once and locked.
     """
     from lvstudio.presets import hub
 
@@ -126,18 +139,55 @@ def presets_pull(
     result = hub.pull(preset, overrides, force=force, log=echo)
     for r in result.repos:
         how = "from the cache" if r.cached else f"downloaded {_gib(r.bytes_downloaded)}"
-        echo(f"  {r.repo_id} @ {r.commit} ({how})")
-        if r.revision != r.commit:
-            echo(f"    pinned from {r.revision!r} (lock); to pin it for everyone, write \"{r.commit}\" as this repo's "
-                 "revision in the preset file (revision = ... or [revisions])")
+        echo(f"  {r.repo_id} @ {r.commit} ({r.why}; {how})")
     unref = [c for c in result.checks if c.status == "unreferenced"]
-    echo(f"  sha256 verified: {sum(c.status == 'ok' for c in result.checks)} files"
+    echo(f"  sha256 checked: {sum(c.status == 'ok' for c in result.checks)} files"
          + (f", {len(unref)} without a reference hash" if unref else ""))
-    echo(f"  lock: {result.lock}")
+    echo(f"  lock (commits, sha256 and size of every file): {result.lock}")
+    if any(r.why == "not pinned" or r.revision != r.commit for r in result.repos):
+        echo(f"  to pin these commits for good: `lvstudio presets pin {preset.name}`")
     if convert:
         presets_convert(preset.name, force=force, echo=echo)
     echo(f'ready: use preset = "{preset.name}" in a storyboard (needs a GPU for full-size models: --device cuda)')
     return result
+
+
+def presets_pin(name: str, *, to: Path | None = None, force: bool = False, echo: Echo = print) -> Path:
+    """Write the commits of a preset's last pull (and the sha256/size of its single-file entries) into a pin file,
+    `NAME.toml` with `base = "NAME"`, in the user's preset folder (or `to`)."""
+    from lvstudio.presets import edit, hub
+    from lvstudio.presets.lock import lock_path, read_lock
+    from lvstudio.presets.schema import user_presets_dir
+
+    preset = _hub_preset(name)
+    lock = read_lock(preset.name)
+    absent = [repo for repo in preset.hub_repos() if repo not in lock]
+    if absent:
+        raise PresetError(f"preset {preset.name!r} has no locked commit for {', '.join(absent)}: nothing to pin yet",
+                          hint=f"pull it first: `lvstudio presets pull {preset.name}`")
+    commits = {repo: lock[repo].commit for repo in preset.hub_repos()}
+    for repo, commit in commits.items():
+        pinned = preset.pinned_revision(repo)
+        if pinned is not None and pinned != commit:
+            raise PresetError(f"preset {preset.name!r} pins {repo} at {pinned[:12]} but its lock says {commit[:12]}",
+                              hint=f"pull it again (`lvstudio presets pull {preset.name}`), then pin")
+    files = {}
+    for e in hub.hub_entries(preset):
+        locked = lock[e.repo_id].files.get(e.path) if e.kind != "diffusers" else None
+        if locked is not None:
+            files[e.role] = (locked.sha256, locked.size)
+    target = (to or user_presets_dir()) / f"{preset.name}.toml"
+    if preset.sources[-1].resolve() == target.resolve():  # no base below it: the file is the preset itself
+        raise PresetError(f"{target} is the preset itself, not a pin file",
+                          hint="write the commits into it by hand, or pin into another folder with --to DIR")
+    edit.write_pin_file(target, preset.name, preset.repo_id, commits, files, source=f"the lock {lock_path(name)}",
+                        force=force)
+    for repo, commit in commits.items():
+        echo(f"  {repo} @ {commit}")
+    echo(f"pinned {preset.name} in {target} ({len(files)} file hashes); delete that file to unpin")
+    if to is not None:
+        echo(f"  {to} is read when it is listed in LVSTUDIO_PRESET_PATH")
+    return target
 
 
 def presets_verify(name: str, *, echo: Echo = print) -> list[FileCheck]:
@@ -186,6 +236,46 @@ def presets_convert(
     return done
 
 
+def _preset_at(target: str) -> Preset:
+    """A preset by name, by its TOML file, or by the folder holding its preset.toml."""
+    from lvstudio.presets.schema import load_preset
+
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "preset.toml").is_file():
+            raise PresetError(f"{path} has no preset.toml", hint="give the preset's folder, its TOML file or its name")
+        path = path / "preset.toml"
+    return load_preset(path if path.suffix == ".toml" else target)
+
+
+def presets_hash(target: str, *, write: bool = False, echo: Echo = print) -> dict[str, tuple[str, int]]:
+    """sha256 and size of every file of an embedded preset; `write` records them in its preset file (a maintainer
+    runs this after retraining the weights a preset ships)."""
+    from lvstudio.presets import edit, integrity
+
+    preset = _preset_at(target)
+    hashes = integrity.hash_local(preset)
+    if not hashes:
+        raise PresetError(f"preset {preset.name!r} has no local files to hash",
+                          hint="Hub presets are hashed by `lvstudio presets pull` (the lock) and pinned by "
+                               "`lvstudio presets pin`")
+    differ = 0
+    for role, (sha, size) in hashes.items():
+        entry = preset.files[role]
+        same = entry.sha256 == sha and entry.size == size
+        differ += not same
+        state = "recorded" if same else "not recorded" if entry.sha256 is None else "differs from the preset file"
+        echo(f"  {role:<14} {sha}  {size:>10}  {preset.file_path(role)}  ({state})")
+    if write:
+        changed = edit.write_file_hashes(preset.sources[0], hashes)
+        echo(f"{preset.sources[0]}: " + (f"wrote sha256 and size of {', '.join(changed)}" if changed
+                                         else "already up to date"))
+    elif differ:
+        echo(f"{differ} of {len(hashes)} not recorded; `lvstudio presets hash {target} --write` records them in "
+             f"{preset.sources[0]}")
+    return hashes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # typer commands
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +287,7 @@ def _echo(msg: str) -> None:
 
 @presets_app.command("list")
 def list_cmd() -> None:
-    """List the presets found (presets/ and $LVSTUDIO_PRESET_PATH): backend, size, whether the files are ready."""
+    """List the presets found (your preset folder, $LVSTUDIO_PRESET_PATH, presets/): backend, size, file status."""
     presets_list(echo=typer.echo)
 
 
@@ -213,12 +303,35 @@ def pull_cmd(
     revision: Annotated[list[str] | None, typer.Option(
         "--revision", "-r", metavar="[REPO=]REV",
         help="Commit to pull: OWNER/NAME=COMMIT, a bare COMMIT for the preset's main repo, or a branch such as "
-             "'main' to pin today's commit of every unpinned repo. Repeatable.")] = None,
+             "'main' to move every unpinned repo to today's commit (default: the locked commit, else main resolved "
+             "once). Repeatable.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Download and convert again even if cached.")] = False,
     no_convert: Annotated[bool, typer.Option("--no-convert", help="Do not convert .pt checkpoints now.")] = False,
 ) -> None:
-    """Download a Hub preset (weights and JSON only), verify sha256, pin the commits, convert .pt to safetensors."""
+    """Download a Hub preset (weights and JSON only) at one commit per repo, check every byte, lock the commits with
+    the sha256 and size of every file, convert .pt to safetensors."""
     presets_pull(name, revision, force=force, convert=not no_convert, echo=_echo)
+
+
+@presets_app.command("pin")
+def pin_cmd(
+    name: Annotated[str, typer.Argument(help="A pulled Hub preset.")],
+    to: Annotated[Path | None, typer.Option("--to", help="Folder for the pin file (default: your preset folder, "
+                                            "$LVSTUDIO_CONFIG/presets or ~/.config/lvstudio/presets).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a file there that is not a pin file.")] = False,
+) -> None:
+    """Pin the commits of the last pull: writes NAME.toml (base = NAME, the commits and file hashes) in your preset
+    folder, so every later pull and load reads exactly those files."""
+    presets_pin(name, to=to, force=force, echo=_echo)
+
+
+@presets_app.command("hash")
+def hash_cmd(
+    target: Annotated[str, typer.Argument(metavar="PRESET|PATH", help="An embedded preset: name, folder or TOML.")],
+    write: Annotated[bool, typer.Option("--write", help="Record sha256 and size in the preset file.")] = False,
+) -> None:
+    """Print (and with --write, record) the sha256 and size of an embedded preset's files; loads check them."""
+    presets_hash(target, write=write, echo=typer.echo)
 
 
 @presets_app.command("verify")

@@ -8,7 +8,8 @@ LongLive's LoRA as `{"generator_lora": peft_state_dict}`. A pickle can run code 
     anything but tensors and plain containers), and only on a file whose sha256 was checked first;
   * the output is safetensors (a JSON header plus raw buffers) with official Wan key names, written atomically,
     and a small JSON record beside it (`<file>.lvstudio.json`: sha256 of the output, source repo/commit/path and
-    source sha256) that `lvstudio.presets.hub.verify` checks before every load.
+    source sha256) that `lvstudio.presets.hub.verify` checks before every load (its hash is stamped as it is
+    written, so that check reads nothing while the file is unchanged).
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def convert_checkpoint(
     kind: "dit" (official Wan keys, checked against `dit_config` when given), "lora" (LongLive adapter) or
     "tensors" (every tensor, wrappers stripped). source_info (repo, commit, path, sha256) goes into the record.
     """
-    from lvstudio.presets.hub import sha256_file, sidecar_path
+    from lvstudio.presets.hub import sidecar_path
+    from lvstudio.presets.integrity import Stamps, sha256_file
 
     source, output = Path(source), Path(output)
     if not source.is_file():
@@ -212,6 +214,9 @@ def convert_checkpoint(
     save_safetensors_atomic(sd, output, meta)
     del ckpt, sd
     out_sha = sha256_file(output)
+    stamps = Stamps(trust=True)  # the first load after a pull need not hash the converted file again
+    stamps.remember(output, out_sha)
+    stamps.save()
     atomic_write_json(record_path, {**info, "source_sha256": src_sha, "sha256": out_sha, "kind": kind,
                                      "num_tensors": len(_read_keys(output)), "converter": CONVERTER_VERSION},
                       sort_keys=True)

@@ -1,17 +1,20 @@
-"""Hugging Face Hub presets: pull (download), resolve (offline), verify (sha256) and the lock of pinned commits.
+"""Hugging Face Hub presets: pull (download), resolve (offline), verify (sha256) — every byte checked.
 
 A Hub preset names files in one or more repositories (the DiT checkpoint in its own repo, umT5 + VAE in
-`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`). Each repository is read at a 40-hex commit: pinned in the preset, or — while the
-preset still says `revision = "FILL-ME"` — given once to `lvstudio presets pull NAME --revision ...` and then kept in
-a lock file (`<lvstudio cache>/locks/NAME.json`). Nothing ever floats on a branch silently.
+`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`). Each repository is read at one 40-hex commit:
 
-    pull     snapshot_download with allow_patterns = exactly the preset's files (weights + JSON, never code); cache
-             reuse first (no network when everything is cached), HF_HUB_OFFLINE respected, free disk checked first,
-             then every file hashed (sha256) and the commits written to the lock.
+  * pinned in the preset (`revision`, `[revisions]`; `lvstudio presets pin NAME` writes them for you), else
+  * locked by the first `lvstudio presets pull NAME`: a repository the preset leaves unpinned has its branch
+    (`main`) resolved once, the pull says so, and the commit goes into the lock with the sha256 and size of every
+    file (`lvstudio.presets.lock`). Later pulls and every load use the locked commit; `--revision main` moves it on.
+
+    pull     snapshot_download with allow_patterns = exactly the preset's files (weights + JSON, never code) at the
+             commit; cache reuse first (no network when everything is cached), HF_HUB_OFFLINE respected, free disk
+             checked first; then every file is hashed and checked, and the lock written.
     resolve  local only: role -> path in the Hub cache snapshot (or the converted safetensors for `.pt` files);
              clear errors when something was never pulled or converted.
-    verify   sha256 of every file against the preset's pinned sha256, or against the Hub's own content address
-             (the blob name: sha256 for LFS files, git-sha1 for small files), before anything is loaded.
+    verify   every file against the preset's sha256, else the lock's sha256 and size, else the Hub's own content
+             address (the blob name), before anything is loaded (`lvstudio.presets.integrity`).
 
 Where things live: the Hub cache is HF_HUB_CACHE (or HF_HOME/hub, else huggingface_hub's default); lvstudio's own
 cache (locks, converted safetensors, verification stamps) is LVSTUDIO_CACHE (default ~/.cache/lvstudio). Both are
@@ -20,23 +23,29 @@ read when a function is called, not at import.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from lvstudio.atomic import atomic_write_json
 from lvstudio.errors import LvError, PresetError
+from lvstudio.presets.edit import is_pin_file
+from lvstudio.presets.integrity import (
+    FileCheck,
+    Stamps,
+    check_file,
+    lvstudio_cache_dir,
+    read_json,
+)
+from lvstudio.presets.integrity import require_ok as _require_ok
+from lvstudio.presets.lock import LockedFile, LockedRepo, lock_path, locked_commits, read_lock, write_lock
 from lvstudio.presets.schema import REVISION_PLACEHOLDER, FileEntry, Preset, is_commit
 
-CHUNK = 1 << 20  # hash in 1 MiB reads
-SMALL_FILE = 16 << 20  # bytes; files up to this size are hashed even when only remembered hashes are wanted
 DISK_MARGIN = 2 << 30  # keep 2 GiB free after a download (bytes)
+DEFAULT_BRANCH = "main"  # what an unpinned, never pulled repository is resolved from (once)
+LOCKED = "locked by an earlier pull"
 WEIGHT_SUFFIXES = (".safetensors",)
 TEXT_SUFFIXES = (".json",)
 
@@ -57,14 +66,6 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def lvstudio_cache_dir() -> Path:
-    """lvstudio's own cache (locks, converted weights, verification stamps): LVSTUDIO_CACHE or ~/.cache/lvstudio."""
-    if os.environ.get("LVSTUDIO_CACHE"):
-        return Path(os.environ["LVSTUDIO_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "lvstudio"
-
-
 def is_offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub itself reads it only at import)."""
     value = os.environ.get("HF_HUB_OFFLINE")
@@ -80,10 +81,6 @@ def repo_folder(repo_id: str, cache: Path | None = None) -> Path:
     return (cache or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
 
 
-def lock_path(preset_name: str) -> Path:
-    return lvstudio_cache_dir() / "locks" / f"{preset_name}.json"
-
-
 def converted_path(repo_id: str, commit: str, path: str) -> Path:
     """Where `lvstudio presets convert` writes the safetensors for an upstream `.pt` file."""
     stem = PurePosixPath(path).with_suffix(".safetensors")
@@ -95,43 +92,17 @@ def sidecar_path(converted: Path) -> Path:
     return converted.with_name(converted.name + ".lvstudio.json")
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_json(path, data, sort_keys=True)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Revisions and the lock
+# Revisions
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def read_lock(preset_name: str) -> dict[str, str]:
-    """repo_id -> commit recorded by the last successful pull of this preset ({} if none)."""
-    data = _read_json(lock_path(preset_name))
-    revs = data.get("revisions", {})
-    return {k: v for k, v in revs.items() if isinstance(v, str) and is_commit(v)}
-
-
-def write_lock(preset_name: str, revisions: Mapping[str, str]) -> Path:
-    path = lock_path(preset_name)
-    _write_json(path, {"preset": preset_name, "revisions": dict(revisions),
-                              "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    return path
 
 
 def parse_revision_args(values: Iterable[str], preset: Preset) -> dict[str, str]:
     """`--revision` values -> {repo_id: revision}.
 
     `REPO=REV` applies to that repository. A bare 40-hex commit applies to the preset's main repository. A bare
-    branch or tag (e.g. `main`) is an explicit opt-in to float once: it applies to every repository the preset does
-    not pin, and pull records the commits it resolved to in the lock.
+    branch or tag (e.g. `main`) applies to every repository the preset does not pin: pull resolves it again (also
+    where a lock exists) and locks the commits it resolved to.
     """
     repos = preset.hub_repos()
     out: dict[str, str] = {}
@@ -151,40 +122,58 @@ def parse_revision_args(values: Iterable[str], preset: Preset) -> dict[str, str]
                                   hint="write --revision OWNER/NAME=COMMIT")
             out[preset.repo_id] = value.lower()
         else:
-            for repo in repos:
-                if preset.pinned_revision(repo) is None:
-                    out.setdefault(repo, value)
+            unpinned = [repo for repo in repos if preset.pinned_revision(repo) is None]
+            if not unpinned:
+                raise PresetError(f"preset {preset.name!r} pins every repository it reads; --revision {value!r} "
+                                  "would be ignored", hint=_pinned_hint(preset))
+            for repo in unpinned:
+                out.setdefault(repo, value)
     for repo, rev in out.items():
         if not rev or rev == REVISION_PLACEHOLDER:
             raise PresetError(f"--revision for {repo} is empty or {REVISION_PLACEHOLDER!r}",
-                              hint="give the 40-hex commit id from the repository's history on huggingface.co")
+                              hint="give a 40-hex commit id, or a branch such as main")
     return out
 
 
-def resolve_revisions(preset: Preset, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """repo_id -> revision to use: --revision override, else the preset's pinned commit, else the lock's commit.
+def _pinned_hint(preset: Preset) -> str:
+    """How to move a pinned preset to another commit."""
+    pin_file = next((f for f in preset.sources if is_pin_file(f)), None)
+    if pin_file is not None:
+        return (f"drop --revision; to move the pin, delete the pin file {pin_file}, pull with --revision, then "
+                f"`lvstudio presets pin {preset.name}` again")
+    return "drop --revision for this repository, or copy the preset under a new name without the pin"
 
-    Raises PresetError when a repository has no pin anywhere (the preset says FILL-ME and nothing was pulled).
-    """
-    overrides = overrides or {}
-    lock = read_lock(preset.name)
+
+def resolve_revisions(preset: Preset) -> dict[str, str]:
+    """repo_id -> commit a load uses: the preset's pin, else the lock's commit. PresetError when neither exists."""
+    lock = locked_commits(preset.name)
     out: dict[str, str] = {}
     missing: list[str] = []
     for repo in preset.hub_repos():
-        rev = overrides.get(repo) or preset.pinned_revision(repo) or lock.get(repo)
+        rev = preset.pinned_revision(repo) or lock.get(repo)
         if rev is None:
             missing.append(repo)
         else:
             out[repo] = rev
     if missing:
-        example = " ".join(f"--revision {r}=<40-hex commit>" for r in missing)
         raise PresetError(
-            f"preset {preset.name!r} pins no revision for {', '.join(missing)} (revision = {REVISION_PLACEHOLDER!r}) "
-            "and lvstudio never floats on 'main'",
-            hint=f"pull it at a commit you checked: `lvstudio presets pull {preset.name} {example}` (commit ids are in "
-                 "the repository's 'Files and versions' history), or `--revision main` to pin today's main once",
+            f"preset {preset.name!r} is not pulled yet: no commit of {', '.join(missing)} is pinned in the preset "
+            f"or locked by a pull (lock: {lock_path(preset.name)})",
+            hint=_pull_hint(preset),
         )
     return out
+
+
+def _pull_revision(preset: Preset, repo: str, overrides: Mapping[str, str],
+                   lock: Mapping[str, LockedRepo]) -> tuple[str, str]:
+    """(revision, why) a pull reads a repository at: --revision, the preset's pin, the lock, else the branch."""
+    if repo in overrides:
+        return overrides[repo], "--revision"
+    if (pinned := preset.pinned_revision(repo)) is not None:
+        return pinned, "pinned by the preset"
+    if repo in lock:
+        return lock[repo].commit, LOCKED
+    return DEFAULT_BRANCH, "not pinned"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,7 +247,7 @@ def _entry_missing(snapshot: Path, e: HubEntry) -> str | None:
     if not any(n.endswith(".safetensors") for n in names):
         return f"{e.path}/*.safetensors"
     for index in (p for p in files if p.name.endswith(".safetensors.index.json")):
-        shards = set(_read_json(index).get("weight_map", {}).values())
+        shards = set(read_json(index).get("weight_map", {}).values())
         absent = sorted(s for s in shards if not (index.parent / s).is_file())
         if absent:
             return f"{e.path}/{absent[0]}"
@@ -292,6 +281,7 @@ class Resolved:
     commits: dict[str, str]
     paths: dict[str, Path]  # role -> file, diffusers folder, or (pt) the converted safetensors
     sources: dict[str, Path] = field(default_factory=dict)  # role -> the upstream file in the Hub cache
+    snapshots: dict[str, Path] = field(default_factory=dict)  # repo -> its snapshot folder in the Hub cache
 
     def files(self, role: str) -> list[Path]:
         """Every loadable file of a role (a diffusers folder expands to its weights and JSON)."""
@@ -299,6 +289,10 @@ class Resolved:
         if p.is_dir():
             return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in WEIGHT_SUFFIXES + TEXT_SUFFIXES)
         return [p]
+
+    def repo_path(self, repo: str, path: Path) -> str:
+        """A snapshot file's path inside its repository (the key of the lock's `files`)."""
+        return path.relative_to(self.snapshots[repo]).as_posix()
 
 
 def _pull_hint(preset: Preset) -> str:
@@ -320,6 +314,7 @@ def resolve(preset: Preset, *, require_converted: bool = True,
     commits: dict[str, str] = {}
     paths: dict[str, Path] = {}
     sources: dict[str, Path] = {}
+    snapshots: dict[str, Path] = {}
     for repo, rev in revisions.items():
         commit, snap = _snapshot(repo, rev, cache)
         if snap is None or commit is None:
@@ -327,7 +322,7 @@ def resolve(preset: Preset, *, require_converted: bool = True,
                 f"preset {preset.name!r} is not pulled yet: {repo} at {rev[:12]} is not in the Hub cache {cache}",
                 hint=_pull_hint(preset),
             )
-        commits[repo] = commit
+        commits[repo], snapshots[repo] = commit, snap
         for e in hub_entries(preset, repo):
             missing = _entry_missing(snap, e)
             if missing is not None:
@@ -350,7 +345,7 @@ def resolve(preset: Preset, *, require_converted: bool = True,
                 paths[e.role] = conv
             else:
                 paths[e.role] = src
-    return Resolved(preset, commits, paths, sources)
+    return Resolved(preset, commits, paths, sources, snapshots)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,132 +353,80 @@ def resolve(preset: Preset, *, require_converted: bool = True,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def require_ok(preset: Preset, checks: Iterable[FileCheck]) -> None:
+    """Raise PresetError naming every missing or changed file (nothing is loaded after this fails)."""
+    _require_ok(preset.name, checks, hint=(
+        f"the files are damaged or were changed; download them again with `lvstudio presets pull {preset.name} "
+        f"--force` (converted files: `lvstudio presets convert {preset.name} --force`)"))
 
 
-def git_blob_sha1(path: Path) -> str:
-    """git's object id of a file ("blob <size>\\0" + bytes): the Hub's etag for small, non-LFS files."""
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def _locked(resolved: Resolved, lock: Mapping[str, LockedRepo], repo: str) -> LockedRepo | None:
+    """The lock's record of a repository, if it is for the commit being read."""
+    rec = lock.get(repo)
+    return rec if rec is not None and rec.commit == resolved.commits.get(repo) else None
 
 
-@dataclass(frozen=True)
-class FileCheck:
-    """The result of hashing one file."""
-
-    path: Path  # as the user sees it (the snapshot path or the converted file)
-    status: str  # ok | mismatch | unreferenced (no expected hash known) | unchecked (not hashed yet: cached_only)
-    sha256: str
-    expected: str | None  # what it was compared with (sha256 or git-sha1), if anything
-    reference: str  # preset | hub-etag | converted-record | none
-
-
-class _Stamps:
-    """sha256 remembered per (real path, size, mtime) so loading does not re-hash gigabytes every time.
-
-    Every hash computed is remembered; `trust` says whether a remembered one may be used instead of hashing again
-    (loads and `presets list` trust them; `pull` and `presets verify` hash everything afresh).
-    """
-
-    def __init__(self, trust: bool) -> None:
-        self.trust = trust
-        self.path = lvstudio_cache_dir() / "verified.json"
-        self.data: dict[str, list] = _read_json(self.path)
-        self.dirty = False
-
-    def sha256(self, path: Path, *, compute: bool = True) -> str | None:
-        """The file's sha256 (remembered, else hashed now); None when `compute` is off, nothing is remembered and
-        the file is large."""
-        real = os.path.realpath(path)
-        st = os.stat(real)
-        key = [st.st_size, st.st_mtime_ns]
-        hit = self.data.get(real)
-        if self.trust and hit is not None and hit[:2] == key:
-            return str(hit[2])
-        if not compute and st.st_size > SMALL_FILE:
-            return None
-        digest = sha256_file(Path(real))
-        self.data[real] = [*key, digest]
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.dirty:
-            _write_json(self.path, self.data)
+def _check_hub_file(resolved: Resolved, lock: Mapping[str, LockedRepo], role: str, path: Path, stamps: Stamps,
+                    compute: bool) -> FileCheck:
+    """One Hub file against the preset's sha256/size (single files), else the lock's, else the Hub's blob name."""
+    entry = resolved.preset.files[role]
+    repo = resolved.preset.file_repo(role)
+    rec = _locked(resolved, lock, repo)
+    locked = rec.files.get(resolved.repo_path(repo, path)) if rec is not None else None
+    single = entry.kind != "diffusers"
+    sha = (entry.sha256 if single else None) or (locked.sha256 if locked else None)
+    size = (entry.size if single else None) or (locked.size if locked else None)
+    reference = "preset" if single and entry.sha256 else "lock" if locked else "hub-etag"
+    return check_file(path, stamps, sha256=sha, size=size, reference=reference, etag=sha is None, compute=compute)
 
 
-def _check_file(path: Path, expected_sha256: str | None, stamps: _Stamps, compute: bool = True) -> FileCheck:
-    digest = stamps.sha256(path, compute=compute)
-    if digest is None:
-        return FileCheck(path, "unchecked", "", expected_sha256, "none")
-    if expected_sha256 is not None:
-        status = "ok" if digest == expected_sha256 else "mismatch"
-        return FileCheck(path, status, digest, expected_sha256, "preset")
-    etag = Path(os.path.realpath(path)).name
-    if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
-        return FileCheck(path, "ok" if digest == etag else "mismatch", digest, etag, "hub-etag")
-    if len(etag) == 40 and all(c in "0123456789abcdef" for c in etag):
-        sha1 = git_blob_sha1(Path(os.path.realpath(path)))
-        return FileCheck(path, "ok" if sha1 == etag else "mismatch", digest, etag, "hub-etag")
-    return FileCheck(path, "unreferenced", digest, None, "none")
+def _lock_gaps(resolved: Resolved, lock: Mapping[str, LockedRepo], role: str) -> list[FileCheck]:
+    """Files the lock lists in a diffusers folder that are gone from the snapshot."""
+    entry = resolved.preset.files[role]
+    repo = resolved.preset.file_repo(role)
+    rec = _locked(resolved, lock, repo)
+    if entry.kind != "diffusers" or rec is None:
+        return []
+    prefix = entry.path.rstrip("/") + "/"
+    gone = [p for p in rec.files if p.startswith(prefix) and not (resolved.snapshots[repo] / p).is_file()]
+    return [FileCheck(resolved.snapshots[repo] / p, "missing", "", rec.files[p].sha256, "lock",
+                      "listed in the lock, missing from the Hub cache") for p in gone]
 
 
 def verify_resolved(resolved: Resolved, *, use_stamps: bool, include_sources: bool = False,
                     roles: Iterable[str] | None = None, cached_only: bool = False) -> list[FileCheck]:
-    """Hash the files of a resolved preset (converted files against their record, others against preset/etag).
+    """Check the files of a resolved preset (converted files against their record, others as `_check_hub_file`).
 
-    cached_only: hash nothing large, use only the hashes remembered from earlier checks (files never checked come
-    back "unchecked"); `presets list` uses this to say whether a preset is verified without reading gigabytes.
+    use_stamps: trust remembered hashes of unchanged files (loads); False hashes every byte (pull, verify).
+    cached_only: hash nothing large, use only remembered hashes (files never checked come back "unchecked");
+    `presets list` uses this to say whether a preset is verified without reading gigabytes.
     """
-    stamps = _Stamps(use_stamps or cached_only)
+    stamps = Stamps(trust=use_stamps or cached_only)
     compute = not cached_only
-    checks: list[FileCheck] = []
-    preset = resolved.preset
+    lock = read_lock(resolved.preset.name)
     wanted = set(roles) if roles is not None else set(resolved.paths)
+    checks: list[FileCheck] = []
     try:
         for role, path in resolved.paths.items():
             if role not in wanted:
                 continue
-            entry = preset.files[role]
-            if entry.kind == "pt":
+            if resolved.preset.files[role].kind == "pt":
                 if include_sources and role in resolved.sources:
-                    checks.append(_check_file(resolved.sources[role], entry.sha256, stamps, compute))
+                    checks.append(_check_hub_file(resolved, lock, role, resolved.sources[role], stamps, compute))
                 if path.is_file():
-                    record = _read_json(sidecar_path(path))
-                    digest = stamps.sha256(path, compute=compute)
-                    exp = record.get("sha256")
-                    status = "unchecked" if digest is None else "ok" if exp == digest else "mismatch"
-                    checks.append(FileCheck(path, status, digest or "", exp, "converted-record"))
+                    expected = read_json(sidecar_path(path)).get("sha256")
+                    if not isinstance(expected, str):
+                        checks.append(FileCheck(path, "mismatch", "", None, "converted-record",
+                                                "its conversion record is missing or damaged"))
+                    else:
+                        checks.append(check_file(path, stamps, sha256=expected, reference="converted-record",
+                                                 compute=compute))
                 continue
-            single = entry.sha256 if entry.kind != "diffusers" else None
-            for f in resolved.files(role):
-                checks.append(_check_file(f, single, stamps, compute))
+            checks += [_check_hub_file(resolved, lock, role, f, stamps, compute) for f in resolved.files(role)]
+            checks += _lock_gaps(resolved, lock, role)
     finally:
         stamps.save()
     return checks
-
-
-def require_ok(preset: Preset, checks: list[FileCheck]) -> None:
-    """Raise PresetError naming every file whose hash does not match (nothing is loaded after this fails)."""
-    bad = [c for c in checks if c.status == "mismatch"]
-    if not bad:
-        return
-    lines = "; ".join(f"{c.path} (sha256 {c.sha256[:16]}…, expected {str(c.expected)[:16]}… from {c.reference})"
-                      for c in bad[:4])
-    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-    raise PresetError(
-        f"checksum mismatch in preset {preset.name!r}: {lines}{more}",
-        hint=f"the files are corrupt or were changed; re-download them with `lvstudio presets pull {preset.name} "
-             "--force` (converted files: `lvstudio presets convert " + preset.name + " --force`)",
-    )
 
 
 def verify(preset: Preset, *, full: bool = True) -> list[FileCheck]:
@@ -502,11 +445,12 @@ class RepoPull:
     """What pull did for one repository."""
 
     repo_id: str
-    revision: str  # as requested
-    commit: str  # resolved 40-hex commit
-    cached: bool  # True: everything was already in the cache (no network used)
+    revision: str  # as read: a commit, or the branch that was resolved
+    commit: str  # the 40-hex commit pulled
+    cached: bool  # True: everything was already in the cache (no download)
     bytes_downloaded: int
     snapshot: Path
+    why: str = ""  # where the revision came from: --revision, pinned by the preset, locked, not pinned
 
 
 @dataclass(frozen=True)
@@ -612,6 +556,20 @@ def check_disk(preset: Preset, download: int, convert: int, margin: int = DISK_M
             )
 
 
+def resolve_commit(preset: Preset, repo_id: str, revision: str) -> str:
+    """The commit a branch or tag points to on the Hub now (one API call)."""
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(repo_id, revision=revision).sha
+    except _hub_errors() as err:
+        raise _map_hub_error(err, preset, repo_id, revision) from None
+    if not is_commit(sha):
+        raise PresetError(f"the Hub gave no commit id for {repo_id} at {revision!r} (got {sha!r})",
+                          hint=f"pass one: `lvstudio presets pull {preset.name} --revision {repo_id}=<40-hex commit>`")
+    return str(sha)
+
+
 def pull(
     preset: Preset,
     revisions: Mapping[str, str] | None = None,
@@ -620,55 +578,79 @@ def pull(
     tqdm_class: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> PullResult:
-    """Download (or find in the cache) every Hub file of a preset, verify sha256, and lock the commits.
+    """Download (or find in the cache) every Hub file of a preset at one commit per repository, check every byte,
+    and lock the commits with the sha256 and size of every file.
 
-    revisions: {repo_id: revision} overrides (from `--revision`); a preset's pinned commits are used otherwise.
-    Raises PresetError for every user-fixable problem (unpinned, offline and not cached, gated/missing repo,
-    unknown revision, missing file, not enough disk, checksum mismatch).
+    revisions: {repo_id: revision} overrides (from `--revision`). Without them each repository is read at the
+    preset's pin, else the locked commit, else its `main` branch resolved once (and said so through `log`).
+    Raises PresetError for every user-fixable problem (offline and not cached, gated/missing repo, unknown revision,
+    missing file, not enough disk, checksum mismatch).
     """
     say = log or (lambda _m: None)
-    for repo, rev in (revisions or {}).items():
+    overrides = dict(revisions or {})
+    for repo, rev in overrides.items():
         pinned = preset.pinned_revision(repo)
         if pinned is not None and rev != pinned:
-            raise PresetError(
-                f"preset {preset.name!r} pins {repo} at {pinned[:12]}; --revision {rev!r} would be ignored when "
-                "loading",
-                hint="drop --revision for this repository, or edit the preset's pin (or copy the preset under a new "
-                     "name)",
-            )
-    revs = resolve_revisions(preset, revisions)
-    results = [_pull_repo(preset, repo, rev, force=force, tqdm_class=tqdm_class, say=say) for repo, rev in revs.items()]
-    # Step 4: lock the commits, then hash everything (upstream sources included) before anyone loads it.
-    commits = {r.repo_id: r.commit for r in results}
-    lock = write_lock(preset.name, commits)
-    resolved = resolve(preset, require_converted=False, revisions=commits)
+            raise PresetError(f"preset {preset.name!r} pins {repo} at {pinned[:12]}; --revision {rev!r} would be "
+                              "ignored when loading", hint=_pinned_hint(preset))
+    lock = read_lock(preset.name)
+    results = []
+    for repo in preset.hub_repos():
+        rev, why = _pull_revision(preset, repo, overrides, lock)
+        results.append(_pull_repo(preset, repo, rev, why, force=force, tqdm_class=tqdm_class, say=say))
+    # Step 4: hash every file (upstream sources included) and check it before anyone loads it; then lock.
+    resolved = resolve(preset, require_converted=False, revisions={r.repo_id: r.commit for r in results})
     checks = verify_resolved(resolved, use_stamps=False, include_sources=True)
     require_ok(preset, checks)
-    return PullResult(preset.name, results, checks, lock)
+    records = {}
+    for r in results:
+        files = {}
+        for c in checks:
+            if c.sha256 and c.path.is_relative_to(resolved.snapshots[r.repo_id]):
+                files[resolved.repo_path(r.repo_id, c.path)] = LockedFile(c.sha256, os.path.getsize(c.path))
+        earlier = lock.get(r.repo_id)
+        requested = earlier.requested if earlier is not None and r.why == LOCKED else r.revision  # kept across pulls
+        records[r.repo_id] = LockedRepo(r.commit, requested or r.revision, files)
+    return PullResult(preset.name, results, checks, write_lock(preset.name, records))
 
 
-def _pull_repo(preset: Preset, repo: str, rev: str, *, force: bool, tqdm_class: Any,
+def _branch_commit(preset: Preset, repo: str, branch: str, why: str, say: Callable[[str], None]) -> str:
+    """Resolve a branch to a commit once: on the Hub, or (offline) from the Hub cache's ref."""
+    if is_offline():
+        commit, _ = _snapshot(repo, branch, hub_cache_dir())
+        if commit is None:
+            raise PresetError(
+                f"offline (HF_HUB_OFFLINE=1) and {repo} at {branch!r} is not in the Hub cache {hub_cache_dir()}",
+                hint=f"unset HF_HUB_OFFLINE and run `lvstudio presets pull {preset.name}`, or copy a Hub cache "
+                     "holding it there")
+        say(f"{repo}: {why}; offline, so {branch!r} is read from the Hub cache: {commit} (locked from now on)")
+        return commit
+    commit = resolve_commit(preset, repo, branch)
+    say(f"{repo}: {why}; {branch!r} resolved once to {commit} (locked from now on; "
+        f"`lvstudio presets pin {preset.name}` pins it in a preset file)")
+    return commit
+
+
+def _pull_repo(preset: Preset, repo: str, rev: str, why: str, *, force: bool, tqdm_class: Any,
                say: Callable[[str], None]) -> RepoPull:
     """One repository of a pull: from the cache when complete there, else a checked download of exactly the
-    preset's files."""
+    preset's files at one commit."""
     cache = hub_cache_dir()
-    offline = is_offline()
     entries = hub_entries(preset, repo)
     patterns = allow_patterns(preset, repo)
+    commit = rev if is_commit(rev) else _branch_commit(preset, repo, rev, why, say)
     # Step 1: cache reuse — a complete local snapshot needs no network at all.
-    commit, snap = _snapshot(repo, rev, cache)
-    floating = not is_commit(rev)
-    if snap is not None and commit is not None and not force and (offline or not floating):
+    _, snap = _snapshot(repo, commit, cache)
+    missing = [e.path for e in entries]
+    if snap is not None and not force:
         missing = [m for e in entries if (m := _entry_missing(snap, e)) is not None]
         if not missing:
             say(f"{repo}@{commit[:12]}: cached ({len(entries)} entries)")
-            return RepoPull(repo, rev, commit, True, 0, snap)
-    else:
-        missing = [e.path for e in entries]
-    if offline:
+            return RepoPull(repo, rev, commit, True, 0, snap, why)
+    if is_offline():
         raise PresetError(
             f"offline (HF_HUB_OFFLINE=1) and preset {preset.name!r} is not in the Hub cache {cache}: "
-            f"{repo} at {rev[:12]} lacks {', '.join(missing[:4])}",
+            f"{repo} at {commit[:12]} lacks {', '.join(missing[:4])}",
             hint=f"unset HF_HUB_OFFLINE and run `lvstudio presets pull {preset.name}`, or copy a Hub cache "
                  "holding these files there",
         )
@@ -676,24 +658,23 @@ def _pull_repo(preset: Preset, repo: str, rev: str, *, force: bool, tqdm_class: 
 
     try:
         # Step 2: what would be downloaded, and is there room for it (plus the converted copies of .pt files)?
-        plan = download_plan(repo, rev, patterns, cache)
+        plan = download_plan(repo, commit, patterns, cache)
         need = sum(size for _, size, cached in plan if not cached or force)
         check_disk(preset, need, sum(size for name, size, _ in plan if name.endswith((".pt", ".pth"))))
         if not plan:
-            raise PresetError(f"none of {patterns} exist in {repo} at {rev[:12]}",
+            raise PresetError(f"none of {patterns} exist in {repo} at {commit[:12]}",
                               hint="check files.*.path in the preset against the repository's file list")
-        say(f"{repo}@{rev[:12]}: downloading {need / 2**30:.2f} GiB ({len(plan)} files)")
-        # Step 3: download exactly the preset's files (never code).
-        folder = snapshot_download(repo, revision=rev, cache_dir=str(cache), allow_patterns=patterns,
+        say(f"{repo}@{commit[:12]}: downloading {need / 2**30:.2f} GiB ({len(plan)} files)")
+        # Step 3: download exactly the preset's files (never code) at the commit.
+        folder = snapshot_download(repo, revision=commit, cache_dir=str(cache), allow_patterns=patterns,
                                    force_download=force, tqdm_class=tqdm_class)
     except PresetError:
         raise
     except _hub_errors() as err:
-        raise _map_hub_error(err, preset, repo, rev) from None
+        raise _map_hub_error(err, preset, repo, commit) from None
     snap = Path(folder)
-    commit = snap.name
     missing = [m for e in entries if (m := _entry_missing(snap, e)) is not None]
     if missing:
         raise PresetError(f"{repo} at {commit[:12]} has no {', '.join(missing)}",
                           hint="check files.*.path in the preset against the repository's file list")
-    return RepoPull(repo, rev, commit, False, sum(s for _, s, c in plan if not c), snap)
+    return RepoPull(repo, rev, snap.name, False, sum(s for _, s, c in plan if not c or force), snap, why)

@@ -1,7 +1,9 @@
 """Loading a preset into models: the DiT, its text encoder and its VAE behind small adapters every backend uses.
 
-`tiny` presets load from their folder. Hub presets (umT5 text encoder, Wan VAE) load from the Hugging Face cache
-after `lvstudio presets pull` (`lvstudio.presets.hub`): every file is sha256-checked before it is opened, `.pt`
+`tiny` presets load from their folder: every file is checked against the sha256 and size its preset.toml records,
+and its safetensors header read, before it is opened (`lvstudio.presets.integrity`). Hub presets (umT5 text
+encoder, Wan VAE) load from the Hugging Face cache after `lvstudio presets pull` (`lvstudio.presets.hub`): every file
+is checked against the preset, the lock or the Hub's content address before it is opened, `.pt`
 checkpoints are read only in their converted safetensors form, a LoRA (LongLive) is merged through peft, and the
 models go to the requested device in bfloat16 on a GPU (float32 on the CPU).
 """
@@ -89,7 +91,10 @@ class ModelBundle:
         if role is None:
             return self.dit
         if role not in self.variants:
+            from lvstudio.presets.integrity import verify_local
+
             path = _require(self.preset.file_path(role), self.preset, f"{role!r} DiT")
+            verify_local(self.preset, [role])
             dit = load_dit(path)
             if dit.cfg.to_dict() != self.dit.cfg.to_dict():
                 raise PresetError(f"preset {self.preset.name!r}: files.{role} ({path}) has another architecture than "
@@ -142,11 +147,16 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
         return _load_hub_bundle(preset, dev)
     from lvstudio.models.tiny_text import load_text_encoder
     from lvstudio.models.tiny_vae import load_vae
+    from lvstudio.presets.integrity import verify_local
 
+    # Step 1: every file present, of the recorded sha256 and size, with a readable header — before any is opened.
+    paths = {role: _require(preset.file_path(role), preset, what)
+             for role, what in (("dit", "DiT"), ("text_encoder", "text encoder"), ("vae", "VAE"))}
+    verify_local(preset, [r for r in preset.files if r in paths or preset.file_path(r).exists()])  # LoRAs too
     dit_cfg = WanDiTConfig.from_dict(preset.dit_config) if preset.dit_config else None
-    dit = load_dit(_require(preset.file_path("dit"), preset, "DiT"), dit_cfg).to(dev)
-    text = load_text_encoder(_require(preset.file_path("text_encoder"), preset, "text encoder")).to(dev)
-    vae = load_vae(_require(preset.file_path("vae"), preset, "VAE"), device=dev).train(False)
+    dit = load_dit(paths["dit"], dit_cfg).to(dev)
+    text = load_text_encoder(paths["text_encoder"]).to(dev)
+    vae = load_vae(paths["vae"], device=dev).train(False)
     return ModelBundle(preset, dit, TinyTextAdapter(text), vae, dev, latent_channels=dit.cfg.out_dim)
 
 

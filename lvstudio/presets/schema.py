@@ -5,8 +5,11 @@ Hub for the others), the sampler and the attention settings. `lvstudio presets l
 `lvstudio presets pull|verify|convert` (`lvstudio.presets.hub`, `.convert`) fetch Hub files;
 `lvstudio.presets.load.load_bundle` turns a preset into models.
 
-Presets are found in the repository's `presets/` folder and in the folders listed in `LVSTUDIO_PRESET_PATH`
-(os.pathsep-separated), by exact name or by a unique name prefix (`self-forcing` -> `self-forcing-1.3b`).
+Presets are found, first match wins, in the user's preset folder (`user_presets_dir()`: where `lvstudio presets pin`
+writes), in the folders listed in `LVSTUDIO_PRESET_PATH` (os.pathsep-separated) and in the repository's `presets/`
+folder, by exact name or by a unique name prefix (`self-forcing` -> `self-forcing-1.3b`). A preset file that says
+`base = "NAME"` changes the preset NAME found further down that list: its tables are merged key by key over NAME's
+(a pin file holds only `revision`, `[revisions]` and `[files.<role>] sha256/size`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from lvstudio.errors import PresetError
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
-# A Hub revision that still has to be pinned: `lvstudio presets pull NAME --revision <40-hex>` fills it in the lock.
+# The old spelling of "not pinned" (today: leave `revision` out). Still read, as unpinned.
 REVISION_PLACEHOLDER = "FILL-ME"
+MAX_BASE_DEPTH = 8
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -167,15 +171,17 @@ class Preset(_Strict):
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     crossclip: CrossClipSettings = Field(default_factory=CrossClipSettings)
     repo_id: str | None = None  # Hugging Face Hub presets
-    revision: str | None = None  # 40-hex commit of repo_id, or "FILL-ME" (pinned by `presets pull --revision`)
-    revisions: dict[str, str] = Field(default_factory=dict)  # other repos: repo_id -> 40-hex commit or "FILL-ME"
+    # 40-hex commit of repo_id; left out = unpinned: the first `presets pull` resolves the branch once and locks it.
+    revision: str | None = None
+    revisions: dict[str, str] = Field(default_factory=dict)  # other repos: repo_id -> 40-hex commit
     licence: str = ""
     lora: LoraSettings | None = None
     dtype: DType = "auto"  # DiT and text encoder: auto = bfloat16 on GPU, float32 on CPU
     vae_dtype: DType = "auto"
     text_offload: Literal["auto", "never", "cpu", "swap"] = "auto"  # where the text encoder lives on a GPU run
     training: dict = Field(default_factory=dict)  # how the weights were made, and their figures (informational)
-    folder: Path | None = Field(None, exclude=True)  # where the preset file lives (set by load_preset)
+    folder: Path | None = Field(None, exclude=True)  # where the preset's local files live (set by load_preset)
+    sources: list[Path] = Field(default_factory=list, exclude=True)  # its preset files, the `base` chain, top first
 
     @field_validator("backend")
     @classmethod
@@ -187,7 +193,7 @@ class Preset(_Strict):
     @field_validator("revision")
     @classmethod
     def _revision(cls, value: str | None) -> str | None:
-        return None if value is None else _check_revision(value, "revision")
+        return None if value is None or value == REVISION_PLACEHOLDER else _check_revision(value, "revision")
 
     @field_validator("revisions")
     @classmethod
@@ -195,8 +201,9 @@ class Preset(_Strict):
         for repo, rev in value.items():
             if not _REPO_ID.fullmatch(repo):
                 raise ValueError(f"revisions: {repo!r} is not a repo id ('owner/name')")
-            _check_revision(rev, f"revisions.{repo}")
-        return value
+            if rev != REVISION_PLACEHOLDER:
+                _check_revision(rev, f"revisions.{repo}")
+        return {repo: rev for repo, rev in value.items() if rev != REVISION_PLACEHOLDER}
 
     @model_validator(mode="after")
     def _hub_files(self) -> Preset:
@@ -245,7 +252,7 @@ class Preset(_Strict):
         return repos
 
     def pinned_revision(self, repo_id: str) -> str | None:
-        """The 40-hex commit the preset pins for a repository, or None (absent or "FILL-ME")."""
+        """The 40-hex commit the preset pins for a repository, or None (unpinned)."""
         rev = self.revisions.get(repo_id)
         if rev is None and repo_id == self.repo_id:
             rev = self.revision
@@ -266,11 +273,11 @@ class Preset(_Strict):
 
 
 def _check_revision(value: str, key: str) -> str:
-    if value == REVISION_PLACEHOLDER or _COMMIT.fullmatch(value):
+    if _COMMIT.fullmatch(value):
         return value
     raise ValueError(
-        f"{key} must be a 40-hex commit id or {REVISION_PLACEHOLDER!r} (got {value!r}); a branch or tag such as "
-        "'main' would silently change the weights"
+        f"{key} must be a 40-hex commit id (got {value!r}); a branch or tag such as 'main' would silently change the "
+        f"weights. Leave it out to leave the repository unpinned (the first pull locks the commit it resolved)"
     )
 
 
@@ -279,22 +286,37 @@ def is_commit(revision: str | None) -> bool:
     return revision is not None and _COMMIT.fullmatch(revision) is not None
 
 
+def user_presets_dir() -> Path:
+    """The user's own preset folder (searched first; `lvstudio presets pin` writes here):
+    $LVSTUDIO_CONFIG/presets, else $XDG_CONFIG_HOME/lvstudio/presets, else ~/.config/lvstudio/presets."""
+    if os.environ.get("LVSTUDIO_CONFIG"):
+        return Path(os.environ["LVSTUDIO_CONFIG"]).expanduser() / "presets"
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "lvstudio" / "presets"
+
+
 def preset_search_dirs() -> list[Path]:
-    """Folders searched for presets: those in LVSTUDIO_PRESET_PATH (first), then the repository's presets/."""
+    """Folders searched for presets, first match wins: the user's folder (pins go there, so they apply to whichever
+    preset of that name is found below), then LVSTUDIO_PRESET_PATH, then the repository's presets/."""
     extra = [Path(p) for p in os.environ.get("LVSTUDIO_PRESET_PATH", "").split(os.pathsep) if p.strip()]
-    return [*extra, presets_dir()]
+    return [user_presets_dir(), *extra, presets_dir()]
+
+
+def _preset_files() -> list[tuple[str, Path]]:
+    """(name, file) of every preset file found, in search order (a name may appear more than once)."""
+    out: list[tuple[str, Path]] = []
+    for root in preset_search_dirs():
+        if root.is_dir():
+            out += [(p.stem, p) for p in sorted(root.glob("*.toml"))]
+            out += [(p.parent.name, p) for p in sorted(root.glob("*/preset.toml"))]
+    return out
 
 
 def available_presets() -> dict[str, Path]:
     """name -> preset file for every preset found (`NAME.toml` or `NAME/preset.toml`; earlier folders win)."""
     found: dict[str, Path] = {}
-    for root in reversed(preset_search_dirs()):
-        if not root.is_dir():
-            continue
-        for p in sorted(root.glob("*.toml")):
-            found[p.stem] = p
-        for p in sorted(root.glob("*/preset.toml")):
-            found[p.parent.name] = p
+    for name, path in _preset_files():
+        found.setdefault(name, path)
     return dict(sorted(found.items()))
 
 
@@ -305,10 +327,53 @@ def _resolve_name(name: str, known: dict[str, Path]) -> Path | None:
     return known[matches[0]] if len(matches) == 1 else None
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
-    """Load a preset by name (from presets/) or by path to its TOML file."""
+def _read_toml(path: Path) -> dict:
     import tomli
 
+    try:
+        return tomli.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError) as err:
+        raise PresetError(f"{path}: {err}", hint="fix the preset file's TOML") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, tables merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _base_file(name: str, below: Path) -> Path | None:
+    """The preset file `base = name` in `below` refers to: the first one found after `below` in search order (for its
+    own name), else the first one that is not `below`."""
+    files = [p for n, p in _preset_files() if n == name]
+    same = [i for i, p in enumerate(files) if p.resolve() == below.resolve()]
+    after = files[same[0] + 1 :] if same else files
+    return after[0] if after else None
+
+
+def _with_bases(path: Path) -> tuple[dict, list[Path]]:
+    """A preset file's data merged over its `base` chain, and the files of that chain (top first)."""
+    data = _read_toml(path)
+    chain = [path]
+    while "base" in data:
+        name = data.pop("base")
+        if not isinstance(name, str) or len(chain) > MAX_BASE_DEPTH:
+            raise PresetError(f"{chain[-1]}: base must name one preset (chain: {' -> '.join(map(str, chain))})",
+                              hint='write base = "NAME" with the name of a preset found below this file')
+        found = _base_file(name, chain[-1])
+        if found is None:
+            raise PresetError(f"{chain[-1]}: base = {name!r}: no preset of that name below this file",
+                              hint="`lvstudio presets list` shows the presets; delete the file to drop the override")
+        below = _read_toml(found)
+        chain.append(found)
+        data = _merge(below, data)  # carries on with `below`'s own base, if it has one
+    return data, chain
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """Load a preset by name (from the search folders) or by path to its TOML file (its `base` chain merged)."""
     path = Path(name_or_path)
     if not (path.suffix == ".toml" and path.exists()):
         known = available_presets()
@@ -319,15 +384,13 @@ def load_preset(name_or_path: str | Path) -> Preset:
                 hint=f"choose one of: {', '.join(sorted(known)) or '(none found)'}; `lvstudio presets list` shows them",
             )
         path = found
-    try:
-        data = tomli.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomli.TOMLDecodeError) as err:
-        raise PresetError(f"{path}: {err}", hint="fix the preset file's TOML") from None
+    data, chain = _with_bases(path)
     try:
         preset = Preset.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
-        raise PresetError(f"{path}: {key}: {first['msg']}",
+        where = str(path) + (f" (with its base {', '.join(map(str, chain[1:]))})" if len(chain) > 1 else "")
+        raise PresetError(f"{where}: {key}: {first['msg']}",
                           hint="see presets/tiny/preset.toml for the schema") from None
-    return preset.model_copy(update={"folder": path.parent})
+    return preset.model_copy(update={"folder": chain[-1].parent, "sources": chain})

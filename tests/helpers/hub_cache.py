@@ -8,7 +8,7 @@ Upstream formats reproduced at tiny size:
   * Self-Forcing: `checkpoints/self_forcing_dmd.pt` = torch.save({"generator": sd, "generator_ema": sd_ema}), keys
     prefixed "model." (the EMA weights differ, so a test can tell which were taken);
   * CausVid: `autoregressive_checkpoint/model.pt` = {"generator": {"model." + key: ...}};
-  * LongLive: `models/longlive_base.pt` = {"generator_ema": {"model._fsdp_wrapped_module." + key}} and
+  * LongLive: `models/longlive_base.pt` = {"generator": {"model." + key}} (one copy, no EMA, as published) and
     `models/lora.pt` = {"generator_lora": peft's get_peft_model_state_dict of a rank-4 LoRA on every block linear};
   * Wan2.1 diffusers repo: `text_encoder/` (UMT5EncoderModel.save_pretrained, tiny config), `tokenizer/`
     (tokenizer.json + tokenizer_config.json + special_tokens_map.json), `vae/` (AutoencoderKLWan.save_pretrained).
@@ -50,8 +50,8 @@ def git_sha1(data: bytes) -> str:
     return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
 
 
-def add_file(cache: Path, repo_id: str, commit: str, path: str, data: bytes) -> Path:
-    """Write one file into the cache layout; returns its blob path."""
+def add_file(cache: Path, repo_id: str, commit: str, path: str, data: bytes, ref: str | None = "main") -> Path:
+    """Write one file into the cache layout (and point `refs/<ref>` at the commit); returns its blob path."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     lfs = not path.endswith(".json")
     etag = hashlib.sha256(data).hexdigest() if lfs else git_sha1(data)
@@ -63,8 +63,9 @@ def add_file(cache: Path, repo_id: str, commit: str, path: str, data: bytes) -> 
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
     return blob
 
 
@@ -182,14 +183,14 @@ def build_hub_cache(root: Path) -> HubCache:
     hc.dits["causvid-1.3b"] = cv
     add_file(root, cv_repo, hc.commits[cv_repo], "autoregressive_checkpoint/model.pt",
              _pt_bytes({"generator": {"model." + k: v for k, v in cv.state_dict().items()}}))
-    # LongLive: FSDP-wrapped EMA base + peft LoRA.
+    # LongLive: the generator only (upstream use_ema: false) + peft LoRA.
     ll_repo = "Efficient-Large-Model/LongLive-1.3B"
     hc.commits[ll_repo] = commit_for(ll_repo)
     base = tiny_dit(13)
     hc.dits["longlive-1.3b"] = base
     lora_sd, hc.lora_model = tiny_lora(base, 14)
     add_file(root, ll_repo, hc.commits[ll_repo], "models/longlive_base.pt",
-             _pt_bytes({"generator_ema": {"model._fsdp_wrapped_module." + k: v for k, v in base.state_dict().items()}}))
+             _pt_bytes({"generator": {"model." + k: v for k, v in base.state_dict().items()}}))
     add_file(root, ll_repo, hc.commits[ll_repo], "models/lora.pt", _pt_bytes({"generator_lora": lora_sd}))
     return hc
 
@@ -244,3 +245,77 @@ def write_test_preset(folder: Path, shipped: str, *, name: str | None = None, si
     path = folder / f"{data['name']}.toml"
     path.write_text(to_toml(data), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The online Hub, faked at huggingface_hub's function boundary (HfApi.model_info, snapshot_download)
+
+
+class FakeHub:
+    """Serves repositories from a hand-built Hub cache (`remote`) as the Hub would: `model_info(...).sha` resolves a
+    branch, `snapshot_download` copies exactly the allowed files of a commit into the caller's cache (or, with
+    `dry_run`, lists them). Counts what it is asked."""
+
+    def __init__(self, remote: Path) -> None:
+        self.remote = remote
+        self.resolved: list[tuple[str, str]] = []  # (repo, revision) asked of model_info
+        self.downloads: list[tuple[str, str]] = []  # (repo, commit) actually downloaded
+
+    def commit(self, repo_id: str, revision: str) -> str:
+        from huggingface_hub import errors
+
+        folder = self.remote / ("models--" + repo_id.replace("/", "--"))
+        if not folder.is_dir():
+            raise errors.RepositoryNotFoundError(f"404: {repo_id}", response=_response(404))
+        ref = folder / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        if not (folder / "snapshots" / commit).is_dir():
+            raise errors.RevisionNotFoundError(f"404: {repo_id}@{revision}", response=_response(404))
+        return commit
+
+    def move_branch(self, repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
+        """A new commit on the remote: the branch's files with `files` replaced or added."""
+        old = self.commit(repo_id, branch)
+        new = hashlib.sha1((old + json.dumps(sorted(files))).encode()).hexdigest()
+        snap = self.remote / ("models--" + repo_id.replace("/", "--")) / "snapshots" / old
+        for f in sorted(snap.rglob("*")):
+            if f.is_file() and f.relative_to(snap).as_posix() not in files:
+                add_file(self.remote, repo_id, new, f.relative_to(snap).as_posix(), f.read_bytes(), ref=None)
+        for path, data in files.items():
+            add_file(self.remote, repo_id, new, path, data, ref=None)
+        (self.remote / ("models--" + repo_id.replace("/", "--")) / "refs" / branch).write_text(new)
+        return new
+
+    def model_info(self, repo_id: str, revision: str | None = None, **_kw: Any) -> Any:
+        from types import SimpleNamespace
+
+        self.resolved.append((repo_id, revision or "main"))
+        return SimpleNamespace(id=repo_id, sha=self.commit(repo_id, revision or "main"))
+
+    def snapshot_download(self, repo_id: str, *, revision: str, cache_dir: str, allow_patterns: list[str],
+                          dry_run: bool = False, force_download: bool = False, **_kw: Any) -> Any:
+        from fnmatch import fnmatch
+        from types import SimpleNamespace
+
+        commit = self.commit(repo_id, revision)
+        snap = self.remote / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+        files = [f for f in sorted(snap.rglob("*"))
+                 if f.is_file() and any(fnmatch(f.relative_to(snap).as_posix(), p) for p in allow_patterns)]
+        local = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+        if dry_run:
+            return [SimpleNamespace(filename=f.relative_to(snap).as_posix(), file_size=f.stat().st_size,
+                                    commit_hash=commit, is_cached=(local / f.relative_to(snap)).is_file(),
+                                    will_download=True) for f in files]
+        self.downloads.append((repo_id, commit))
+        for f in files:
+            add_file(Path(cache_dir), repo_id, commit, f.relative_to(snap).as_posix(), f.read_bytes(), ref=None)
+        return str(local)
+
+
+def _response(status: int) -> Any:
+    import importlib
+
+    from huggingface_hub import errors
+
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])  # httpx (hub 1.x) or httpx2 (2.x)
+    return http.Response(status, request=http.Request("GET", "https://huggingface.co/api/models/x"))

@@ -217,33 +217,42 @@ def preview(
     preview_command(story, port, host, share, auth, preset, outputs)
 
 
+_FSDP = typer.Option("--fsdp", help="Shard the model(s) across torchrun's processes (torch fully_shard); "
+                                     "checkpoints are sharded (torch.distributed.checkpoint).")
+
+
 @train_app.command("diffusion-forcing")
 def train_diffusion_forcing_cmd(
     config: Annotated[Path, typer.Argument(
         metavar="CONFIG.toml", help="Training config (see presets/tiny/train_df.toml).")],
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
+    fsdp: Annotated[bool, _FSDP] = False,
 ) -> None:
     """Diffusion Forcing: per-block noise levels, block-causal attention (resumes from out_dir)."""
-    _train(config, "diffusion_forcing", "DFConfig", "train_diffusion_forcing", not no_progress)
+    _train(config, "diffusion_forcing", "DFConfig", "train_diffusion_forcing", not no_progress, fsdp)
 
 
 @train_app.command("streaming")
 def train_streaming_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Streaming-buffer training config.")],
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
+    fsdp: Annotated[bool, _FSDP] = False,
 ) -> None:
     """StreamDiT-style buffer training: staggered partition levels + boundary consistency (resumes from out_dir)."""
-    _train(config, "streaming", "StreamConfig", "train_streaming", not no_progress)
+    _train(config, "streaming", "StreamConfig", "train_streaming", not no_progress, fsdp)
 
 
-def _train(config: Path, module: str, config_class: str, function: str, progress: bool) -> None:
-    """Load CONFIG.toml into the recipe's config class and run the recipe (imports stay lazy)."""
+def _train(config: Path, module: str, config_class: str, function: str, progress: bool, fsdp: bool = False) -> None:
+    """Load CONFIG.toml into the recipe's config class and run the recipe (imports stay lazy); `--fsdp` sets the
+    config's `fsdp`."""
     import importlib
 
     from lvstudio.train.common import load_config
 
     mod = importlib.import_module(f"lvstudio.train.{module}")
     cfg = load_config(config, getattr(mod, config_class))
+    if fsdp:
+        cfg = cfg.model_copy(update={"fsdp": True})
     result = getattr(mod, function)(cfg, progress=progress)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("loss") and isinstance(v, float))
     typer.echo(f"done: step {result['step']}, {losses or 'no loss logged'}, weights in {cfg.out_dir}")
@@ -267,9 +276,10 @@ def train_self_forcing_cmd(
     config: Annotated[Path, typer.Argument(
         metavar="CONFIG.toml", help="Self-Forcing config (see presets/tiny/train_sf.toml).")],
     no_progress: Annotated[bool, _NO_PROGRESS] = False,
+    fsdp: Annotated[bool, _FSDP] = False,
 ) -> None:
     """Self-Forcing: autoregressive KV rollouts in training, DMD against the base model (resumes from out_dir)."""
-    _train(config, "self_forcing", "SelfForcingConfig", "train_self_forcing", not no_progress)
+    _train(config, "self_forcing", "SelfForcingConfig", "train_self_forcing", not no_progress, fsdp)
 
 
 @train_app.command("causal-distill")
@@ -284,15 +294,28 @@ def train_causal_distill_cmd(
 
 @train_app.command("export")
 def train_export_cmd(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The diffusion-forcing config of the run.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The config of the run.")],
     to: Annotated[Path | None, typer.Option(
-        "--to", help="Also copy the weights (fp16) into this preset folder.")] = None,
+        "--to", help="Also copy the weights (fp16) into this preset folder (diffusion-forcing, streaming).")] = None,
+    recipe: Annotated[str, typer.Option(
+        help="The run's recipe: diffusion-forcing, streaming or self-forcing.")] = "diffusion-forcing",
 ) -> None:
-    """Export dit/text safetensors (EMA) from the latest checkpoint of a diffusion-forcing run."""
-    from lvstudio.train.common import load_config
-    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint, ship_weights
+    """Export the EMA weights of a run's latest checkpoint (an unfinished run's too): dit/text safetensors.
 
-    run = export_checkpoint(load_config(config, DFConfig))
+    A sharded (--fsdp) checkpoint is first gathered into one file, out_dir/consolidated.safetensors."""
+    from lvstudio.train.common import load_config
+
+    if recipe == "self-forcing":
+        from lvstudio.train.self_forcing import SelfForcingConfig, export_run
+
+        typer.echo(f"exported the generator's EMA weights to {export_run(load_config(config, SelfForcingConfig))}")
+        return
+    if recipe not in ("diffusion-forcing", "streaming"):
+        raise LvError(f"--recipe {recipe!r} has no export", hint="choose diffusion-forcing, streaming or self-forcing")
+    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint, ship_weights
+    from lvstudio.train.streaming import StreamConfig
+
+    run = export_checkpoint(load_config(config, StreamConfig if recipe == "streaming" else DFConfig))
     typer.echo(f"exported EMA weights into {run}")
     if to is not None:
         for path in ship_weights(run, to):

@@ -8,6 +8,7 @@ Each command is a small function that imports its implementation lazily, so `lvs
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -147,8 +148,11 @@ def _summary(sb: Storyboard, source: str) -> str:
 
 @app.command()
 def render(
-    story: Annotated[Path, typer.Argument(metavar="STORY.toml", help="The storyboard to render.")],
+    story: Annotated[list[Path], typer.Argument(
+        metavar="STORY.toml|DIR...", help="The storyboard to render; several, or folders of them, make a batch.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output mp4 (default out/<story>.mp4).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", help="Render a batch into this folder (<stem>.mp4 each, batch.json; default out/).")] = None,
     preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.")] = None,
     backend: Annotated[str | None, typer.Option(help=" | ".join(BACKENDS) + ".")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the storyboard's seed.")] = None,
@@ -160,25 +164,53 @@ def render(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: $LVSTUDIO_DEVICE or cpu).")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
-    """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet)."""
+    """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet), or a batch of them.
+
+    A batch (several storyboards, a folder, --out-dir, or any torchrun launch) resumes interrupted jobs and skips
+    finished ones by itself; under `torchrun --nproc_per_node=N` the processes share its storyboards."""
     from lvstudio.render import EXIT_INTERRUPTED as INTERRUPTED
     from lvstudio.render import RenderRequest
     from lvstudio.render import render as run_render
-    from lvstudio.storyboard import parse_time
 
-    secs = None
-    if duration is not None:
-        try:
-            secs = parse_time(duration)
-        except ValueError as err:
-            raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
-    req = RenderRequest(story, out, preset, backend, seed, secs, resume, force, progress=not no_progress,
+    secs = _duration_seconds(duration)
+    if out_dir is not None or len(story) > 1 or story[0].is_dir() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if out is not None:
+            raise LvError("--out names the output of one storyboard", hint="give a batch an --out-dir")
+        _render_batch(story, out_dir or Path("out"), preset, backend, seed, secs, force, not no_progress, keep_job,
+                      device, threads)
+        return
+    req = RenderRequest(story[0], out, preset, backend, seed, secs, resume, force, progress=not no_progress,
                         keep_job=keep_job, threads=threads, device=device)
     result = run_render(req, echo=lambda m: typer.echo(m, err=True))
     if result.interrupted:
         raise typer.Exit(INTERRUPTED)
     rt = result.stats.get("realtime_factor")
     typer.echo(f"wrote {result.video} ({rt}x real time), {result.manifest}, {result.contact_sheet}")
+
+
+def _duration_seconds(duration: str | None) -> float | None:
+    from lvstudio.storyboard import parse_time
+
+    if duration is None:
+        return None
+    try:
+        return parse_time(duration)
+    except ValueError as err:
+        raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
+
+
+def _render_batch(stories: list[Path], out_dir: Path, preset: str | None, backend: str | None, seed: int | None,
+                  duration: float | None, force: bool, progress: bool, keep_job: bool, device: str | None,
+                  threads: int) -> None:
+    """`lvstudio render` of a batch (lvstudio.batch): per-job lines from every rank, the summary from rank 0."""
+    from lvstudio.batch import BatchRequest, run_batch, summary_lines
+
+    req = BatchRequest(stories, out_dir, preset, backend, seed, duration, force, progress, keep_job, device, threads)
+    outcome = run_batch(req, echo=lambda m: typer.echo(m, err=True))
+    if outcome.index is not None:
+        typer.echo("\n".join(summary_lines(outcome.index)))
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
 
 
 @app.command()

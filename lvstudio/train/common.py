@@ -97,8 +97,8 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo on CPU, nccl on CUDA. A group
-    the caller already started is used as it is (and left running by `shutdown_distributed`)."""
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo for CPU tensors, nccl for CUDA
+    ones. A group the caller already started is used as it is (and left running by `shutdown_distributed`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     import torch.distributed as dist
@@ -107,8 +107,10 @@ def init_distributed() -> DistInfo:
     if owns:
         from datetime import timedelta
 
-        # Rank 0 may spend a long time building the latent dataset while the others wait at a barrier.
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=4))
+        # Rank 0 may spend a long time building the latent dataset while the others wait at a barrier. The recipes
+        # keep their tensors on the CPU: gloo for those, nccl for CUDA tensors when there is a GPU.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=4))
     return DistInfo(dist.get_rank(), dist.get_world_size(), owns)
 
 

@@ -1,0 +1,167 @@
+"""Batch rendering (`lvstudio render A.toml B.toml DIR --out-dir D`, lvstudio.batch): planning and the skip/resume
+rules in one process, an interrupted job resumed by the batch, and under torchrun (2 CPU processes) the work shared
+so that every storyboard is rendered once, bit-identical to a one-process render, a bad storyboard reported and a
+rerun that renders nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvstudio.batch import BatchRequest, collect_stories, exit_code, job_action, plan_jobs, run_batch
+from lvstudio.errors import LvError, OutputExistsError
+from tests.helpers.random_preset import write_random_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = 'title = "bad"\nduration = "1s"\n[[shots]]\nat = "0:99"\nprompt = "a red ball"\n'
+
+
+def _story(folder: Path, name: str, seconds: float, seed: int = 1, preset: str = "random-test") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.toml"
+    path.write_text(f'title = "{name}"\npreset = "{preset}"\nduration = {seconds}\nseed = {seed}\n'
+                    '[[shots]]\nat = 0\nprompt = "a red ball bouncing over the sea"\n'
+                    '[[shots]]\nat = 0.5\nprompt = "a blue cube on the grass"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def preset_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for LVSTUDIO_PRESET_PATH holding `random-test` (tiny random weights, 64x64)."""
+    root = tmp_path_factory.mktemp("presets")
+    write_random_preset(root / "random-test")
+    return root
+
+
+@pytest.fixture
+def presets(preset_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LVSTUDIO_PRESET_PATH", str(preset_path))
+    return preset_path
+
+
+def _frames(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _render_one(story: Path, out: Path) -> Path:
+    from lvstudio.render import RenderRequest, render
+
+    return render(RenderRequest(story, out, progress=False), echo=lambda m: None).video
+
+
+def test_plan_orders_dearest_first_and_refuses_clashing_names(presets: Path, tmp_path: Path) -> None:
+    sb = tmp_path / "sb"
+    short, long_, mid = _story(sb, "a", 1.0), _story(sb, "b", 3.0), _story(sb, "c", 2.0)
+    (sb / "bad.toml").write_text(BAD)
+    assert collect_stories([sb, short]) == [sb / "a.toml", sb / "b.toml", sb / "bad.toml", sb / "c.toml"]
+    jobs = plan_jobs(BatchRequest([sb], tmp_path / "out"))
+    assert [Path(j.story).name for j in jobs] == ["b.toml", "c.toml", "a.toml", "bad.toml"]
+    assert jobs[-1].cost == 0 and jobs[0].cost == 3 * jobs[2].cost
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b.mp4").write_bytes(b"finished")  # a finished output costs nothing
+    assert Path(plan_jobs(BatchRequest([sb], tmp_path / "out"))[0].story).name == "c.toml"
+    _story(tmp_path / "other", "a", 1.0)
+    with pytest.raises(LvError, match="would both render to"):
+        plan_jobs(BatchRequest([short, tmp_path / "other" / "a.toml"], tmp_path / "out"))
+    with pytest.raises(LvError, match="no \\*.toml"):
+        collect_stories([tmp_path / "out"])
+    del long_, mid
+
+
+def test_job_actions_never_overwrite_without_force(presets: Path, tmp_path: Path) -> None:
+    story, out = _story(tmp_path, "a", 1.0), tmp_path / "out" / "a.mp4"
+    req = BatchRequest([story], out.parent)
+    assert job_action(story, out, req) == "render"
+    out.parent.mkdir()
+    (out.parent / "a.job").mkdir()  # a job folder without a snapshot: nothing to resume, started over
+    assert job_action(story, out, req) == "render" and not (out.parent / "a.job").exists()
+    out.write_bytes(b"someone's video")
+    with pytest.raises(OutputExistsError, match="without its manifest"):
+        job_action(story, out, req)
+    assert job_action(story, out, BatchRequest([story], out.parent, force=True)) == "render"
+    assert exit_code([]) == 0
+
+
+@pytest.mark.slow
+def test_a_batch_resumes_an_interrupted_job_and_skips_finished_ones(presets: Path, tmp_path: Path) -> None:
+    from lvstudio.render import RenderRequest, render
+    from lvstudio.session import RenderSession
+
+    sb, out = tmp_path / "sb", tmp_path / "out"
+    a, b = _story(sb, "a", 2.0), _story(sb, "b", 1.0, seed=2)
+    ref = _render_one(a, tmp_path / "ref" / "a.mp4")
+    # Step 1: interrupt a render of `a` after two chunks (SIGINT, as Ctrl-C): its job folder stays.
+    step = RenderSession.step
+
+    def step_then_interrupt(self: RenderSession):
+        chunk = step(self)
+        if chunk.index == 1:
+            signal.raise_signal(signal.SIGINT)
+        return chunk
+
+    RenderSession.step = step_then_interrupt
+    try:
+        assert render(RenderRequest(a, out / "a.mp4", progress=False), echo=lambda m: None).interrupted
+    finally:
+        RenderSession.step = step
+    assert (out / "a.job" / "snapshot.safetensors").exists() and not (out / "a.mp4").exists()
+    # Step 2: the batch resumes `a` (to the uninterrupted frames) and renders `b`; a rerun skips both.
+    first = run_batch(BatchRequest([sb], out, progress=False), echo=lambda m: None)
+    assert first.exit_code == 0
+    assert {r.story: r.status for r in first.results} == {str(a): "resumed", str(b): "rendered"}
+    assert np.array_equal(_frames(out / "a.mp4"), _frames(ref))
+    assert 0 < first.results[0].video_s < 2.0  # what was left of `a`
+    again = run_batch(BatchRequest([sb], out, progress=False), echo=lambda m: None)
+    assert [r.status for r in again.results] == ["skipped", "skipped"]
+    index = json.loads((out / "batch.json").read_text())
+    assert index["counts"]["skipped"] == 2 and index["video_s"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(os.environ.get("LVSTUDIO_SKIP_DISTRIBUTED") == "1", reason="LVSTUDIO_SKIP_DISTRIBUTED=1")
+def test_two_processes_share_a_batch_bit_identical_to_one_process(presets: Path, tmp_path: Path) -> None:
+    sb, out = tmp_path / "sb", tmp_path / "out"
+    stories = [_story(sb, "a", 1.0, seed=1), _story(sb, "b", 1.5, seed=2), _story(sb, "c", 1.0, seed=3)]
+    (sb / "bad.toml").write_text(BAD)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), LVSTUDIO_PRESET_PATH=str(presets))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lvstudio",
+           "render", str(sb), "--out-dir", str(out), "--no-progress"]
+
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    # Step 1: one launch, two ranks: the bad storyboard fails (exit 2 on every rank) and the others are made.
+    proc = launch()
+    assert proc.returncode != 0 and "bad.toml:4:6" in proc.stderr and "failed: " in proc.stdout
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr  # exit 2, no crash
+    index = json.loads((out / "batch.json").read_text())
+    assert index["world_size"] == 2 and index["counts"] == {
+        "rendered": 3, "resumed": 0, "skipped": 0, "failed": 1, "interrupted": 0, "pending": 0}
+    rows = {Path(j["story"]).name: j for j in index["jobs"]}
+    assert rows["bad.toml"]["status"] == "failed" and "0:99" in rows["bad.toml"]["error"]
+    assert rows["b.toml"]["order"] == 0  # the longest first
+    assert {rows[s.name]["rank"] for s in stories} == {0, 1}  # both ranks rendered
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert not list(out.glob("*.job")) and not list(out.glob(".*partial*"))
+    # Step 2: every output is bit-identical (decoded frames) to a render of the storyboard in one process.
+    for story in stories:
+        ref = _render_one(story, tmp_path / "ref" / f"{story.stem}.mp4")
+        assert np.array_equal(_frames(out / f"{story.stem}.mp4"), _frames(ref)), story.name
+    # Step 3: a rerun renders nothing new.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "batch.json"}
+    launch()
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "batch.json"}
+    assert after == before
+    rerun = json.loads((out / "batch.json").read_text())
+    assert rerun["counts"]["skipped"] == 3 and rerun["counts"]["failed"] == 1 and rerun["counts"]["rendered"] == 0

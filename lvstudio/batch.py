@@ -320,6 +320,9 @@ def run_job(job: Job, req: BatchRequest, ranks: Ranks, device: str, order: int,
 
 def run_batch(req: BatchRequest, echo: Callable[[str], None] = print) -> BatchOutcome:
     """Render every storyboard of the request across the ranks of this launch; rank 0 writes the index."""
+    import lvstudio.render  # noqa: F401 - torch and the render stack: imported before the clock starts, on every rank
+    import lvstudio.session  # noqa: F401
+
     ranks = Ranks.join()
     t0, started = time.perf_counter(), time.time()
     # Step 1: rank 0 plans (and makes the folder); every rank reads the plan, or the problem that stops the batch.

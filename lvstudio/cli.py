@@ -472,11 +472,27 @@ def bench_render_cmd(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     backend: Annotated[list[str] | None, typer.Option(
         help="Backend(s) to measure (repeat the option); default: the preset's.")] = None,
+    batch: Annotated[int, typer.Option(
+        help="Instead: a batch of this many storyboards (the longest --minutes long), aggregate video-s per wall-s "
+             "under each --procs.")] = 0,
+    procs: Annotated[list[int] | None, typer.Option(
+        help="Process counts for --batch (repeat the option; default 1 and 2; more than 1 runs under torchrun).")
+    ] = None,
 ) -> None:
     """Real-time factor with decode + H.264, first frame, chunk time and memory at minute 1 vs the end, re-cache stall.
 
     Every preset x backend combination runs one after the other in this process; with several, the ratios against
-    the first are printed."""
+    the first are printed. With --batch: the same batch rendered by 1 and 2 (--procs) processes, side by side."""
+    if batch > 0:
+        from lvstudio.eval.bench_batch import batch_bench_lines, run_batch_bench
+
+        name = (preset or ["tiny"])[0]
+        counts = tuple(procs or [1, 2])
+        if min(counts) < 1:
+            raise LvError("--procs must be at least 1")
+        results = run_batch_bench(name, batch, minutes, counts, threads)
+        typer.echo("\n".join(batch_bench_lines(results, batch, minutes, name, threads)))
+        return
     from lvstudio.eval.bench_render import comparison_lines, run_render_bench
 
     for name in backend or []:

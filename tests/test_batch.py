@@ -93,14 +93,14 @@ def test_job_actions_never_overwrite_without_force(presets: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_a_batch_resumes_an_interrupted_job_and_skips_finished_ones(presets: Path, tmp_path: Path) -> None:
-    from lvstudio.render import RenderRequest, render
+def test_ctrl_c_stops_a_batch_which_then_resumes_to_the_uninterrupted_frames(presets: Path, tmp_path: Path) -> None:
     from lvstudio.session import RenderSession
 
     sb, out = tmp_path / "sb", tmp_path / "out"
     a, b = _story(sb, "a", 2.0), _story(sb, "b", 1.0, seed=2)
     ref = _render_one(a, tmp_path / "ref" / "a.mp4")
-    # Step 1: interrupt a render of `a` after two chunks (SIGINT, as Ctrl-C): its job folder stays.
+    # Step 1: Ctrl-C (SIGINT) after the second chunk of the first job: it keeps its job folder, no job starts after
+    # it, and the index says so.
     step = RenderSession.step
 
     def step_then_interrupt(self: RenderSession):
@@ -111,11 +111,14 @@ def test_a_batch_resumes_an_interrupted_job_and_skips_finished_ones(presets: Pat
 
     RenderSession.step = step_then_interrupt
     try:
-        assert render(RenderRequest(a, out / "a.mp4", progress=False), echo=lambda m: None).interrupted
+        stopped = run_batch(BatchRequest([sb], out, progress=False), echo=lambda m: None)
     finally:
         RenderSession.step = step
+    assert stopped.exit_code == 130 and [r.status for r in stopped.results] == ["interrupted"]
+    index = json.loads((out / "batch.json").read_text())
+    assert [j["status"] for j in index["jobs"]] == ["interrupted", "pending"]
     assert (out / "a.job" / "snapshot.safetensors").exists() and not (out / "a.mp4").exists()
-    # Step 2: the batch resumes `a` (to the uninterrupted frames) and renders `b`; a rerun skips both.
+    # Step 2: the same command resumes `a` (to the uninterrupted frames) and renders `b`; a rerun skips both.
     first = run_batch(BatchRequest([sb], out, progress=False), echo=lambda m: None)
     assert first.exit_code == 0
     assert {r.story: r.status for r in first.results} == {str(a): "resumed", str(b): "rendered"}

@@ -18,7 +18,8 @@ What a job does with its output `<out-dir>/<stem>.mp4` (the rules of `lvstudio r
   - a video without a manifest (not ours, or the render died in its last step): fail, nothing is overwritten;
   - else render it (a job folder without a snapshot holds nothing to resume and is started over).
 A failing storyboard (unreadable, invalid, a missing preset) is reported in the index and the others go on. Ctrl-C
-finishes the chunk in flight on every rank, keeps the job folders and writes the index; the same command resumes.
+(torchrun passes it on to every rank) finishes the chunk in flight, keeps the job folder, starts no further job and
+writes the index; the same command resumes.
 
 The index, `<out-dir>/batch.json` (written atomically by rank 0): see `BATCH_FORMAT` and `write_index`.
 """
@@ -200,11 +201,11 @@ def _cost(story: Path, req: BatchRequest) -> float:
     except (LvError, OSError, ValueError):
         return 0.0
     out = req.out_dir / f"{story.stem}.mp4"
-    left = settings.num_frames
-    if not req.force and _frames_done(_job_dir(out)) is not None:
-        left -= _frames_done(_job_dir(out)) or 0
-    elif not req.force and out.exists():
-        left = 0
+    done = None if req.force else _frames_done(_job_dir(out))
+    if done is not None:
+        left = settings.num_frames - done
+    else:
+        left = 0 if (out.exists() and not req.force) else settings.num_frames
     return float(max(left, 0) * settings.width * settings.height)
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,16 @@ def preset_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def presets(preset_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LVSTUDIO_PRESET_PATH", str(preset_path))
     return preset_path
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_kept() -> Iterator[None]:
+    """`render()` turns autograd off for its process (a CLI command); here it runs inside the test process."""
+    import torch
+
+    before = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(before)
 
 
 def _frames(path: Path) -> np.ndarray:

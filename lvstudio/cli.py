@@ -10,6 +10,7 @@ the command functions.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -172,8 +173,11 @@ def _summary(sb: Storyboard, source: str) -> str:
 
 @app.command()
 def render(
-    story: Annotated[Path, typer.Argument(metavar="STORY.toml", help="The storyboard to render.")],
+    story: Annotated[list[Path], typer.Argument(
+        metavar="STORY.toml|DIR...", help="The storyboard to render; several, or folders of them, make a batch.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output mp4 (default out/<story>.mp4).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", help="Render a batch into this folder (<stem>.mp4 each, batch.json; default out/).")] = None,
     preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.")] = None,
     backend: Annotated[str | None, typer.Option(help=" | ".join(BACKENDS) + ".")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the storyboard's seed.")] = None,
@@ -185,25 +189,53 @@ def render(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: $LVSTUDIO_DEVICE or cpu).")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
-    """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet)."""
+    """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet), or a batch of them.
+
+    A batch (several storyboards, a folder, --out-dir, or any torchrun launch) resumes interrupted jobs and skips
+    finished ones by itself; under `torchrun --nproc_per_node=N` the processes share its storyboards."""
     from lvstudio.render import EXIT_INTERRUPTED as INTERRUPTED
     from lvstudio.render import RenderRequest
     from lvstudio.render import render as run_render
-    from lvstudio.storyboard import parse_time
 
-    secs = None
-    if duration is not None:
-        try:
-            secs = parse_time(duration)
-        except ValueError as err:
-            raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
-    req = RenderRequest(story, out, preset, backend, seed, secs, resume, force, progress=not no_progress,
+    secs = _duration_seconds(duration)
+    if out_dir is not None or len(story) > 1 or story[0].is_dir() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if out is not None:
+            raise LvError("--out names the output of one storyboard", hint="give a batch an --out-dir")
+        _render_batch(story, out_dir or Path("out"), preset, backend, seed, secs, force, not no_progress, keep_job,
+                      device, threads)
+        return
+    req = RenderRequest(story[0], out, preset, backend, seed, secs, resume, force, progress=not no_progress,
                         keep_job=keep_job, threads=threads, device=device)
     result = run_render(req, echo=_say)
     if result.interrupted:
         raise typer.Exit(result.exit_code or INTERRUPTED)
     rt = result.stats.get("realtime_factor")
     typer.echo(f"wrote {result.video} ({rt}x real time), {result.manifest}, {result.contact_sheet}")
+
+
+def _duration_seconds(duration: str | None) -> float | None:
+    from lvstudio.storyboard import parse_time
+
+    if duration is None:
+        return None
+    try:
+        return parse_time(duration)
+    except ValueError as err:
+        raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
+
+
+def _render_batch(stories: list[Path], out_dir: Path, preset: str | None, backend: str | None, seed: int | None,
+                  duration: float | None, force: bool, progress: bool, keep_job: bool, device: str | None,
+                  threads: int) -> None:
+    """`lvstudio render` of a batch (lvstudio.batch): per-job lines from every rank, the summary from rank 0."""
+    from lvstudio.batch import BatchRequest, run_batch, summary_lines
+
+    req = BatchRequest(stories, out_dir, preset, backend, seed, duration, force, progress, keep_job, device, threads)
+    outcome = run_batch(req, echo=lambda m: typer.echo(m, err=True))
+    if outcome.index is not None:
+        typer.echo("\n".join(summary_lines(outcome.index)))
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
 
 
 @app.command()
@@ -242,34 +274,44 @@ def preview(
     preview_command(story, port, host, share, auth, preset, outputs)
 
 
+_FSDP = typer.Option("--fsdp", help="Shard the model(s) across torchrun's processes (torch fully_shard); "
+                                     "checkpoints are sharded (torch.distributed.checkpoint).")
+
+
 @train_app.command("diffusion-forcing")
 def train_diffusion_forcing_cmd(
     config: Annotated[Path, typer.Argument(
         metavar="CONFIG.toml", help="Training config (see presets/tiny/train_df.toml).")],
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
+    fsdp: Annotated[bool, _FSDP] = False,
 ) -> None:
     """Diffusion Forcing: per-block noise levels, block-causal attention (resumes from out_dir)."""
-    _train(config, "diffusion_forcing", "DFConfig", "train_diffusion_forcing", not no_progress)
+    _train(config, "diffusion_forcing", "DFConfig", "train_diffusion_forcing", not no_progress, fsdp)
 
 
 @train_app.command("streaming")
 def train_streaming_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Streaming-buffer training config.")],
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still written).")] = False,
+    fsdp: Annotated[bool, _FSDP] = False,
 ) -> None:
     """StreamDiT-style buffer training: staggered partition levels + boundary consistency (resumes from out_dir)."""
-    _train(config, "streaming", "StreamConfig", "train_streaming", not no_progress)
+    _train(config, "streaming", "StreamConfig", "train_streaming", not no_progress, fsdp)
 
 
-def _train(config: Path, module: str, config_class: str, function: str, progress: bool) -> None:
-    """Load CONFIG.toml into the recipe's config class and run the recipe (imports stay lazy)."""
+def _train(config: Path, module: str, config_class: str, function: str, progress: bool, fsdp: bool = False) -> None:
+    """Load CONFIG.toml into the recipe's config class and run the recipe (imports stay lazy); `--fsdp` sets the
+    config's `fsdp`."""
     import importlib
 
     from lvstudio.train.common import load_config
 
     mod = importlib.import_module(f"lvstudio.train.{module}")
     cfg = load_config(config, getattr(mod, config_class))
-    with training_guard(f"lvstudio train {module.replace('_', '-')} {config}", config, cfg.out_dir):
+    if fsdp:
+        cfg = cfg.model_copy(update={"fsdp": True})
+    command = f"lvstudio train {module.replace('_', '-')} {config}" + (" --fsdp" if fsdp else "")
+    with training_guard(command, config, cfg.out_dir):
         result = getattr(mod, function)(cfg, progress=progress)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("loss") and isinstance(v, float))
     typer.echo(f"done: step {result['step']}, {losses or 'no loss logged'}, weights in {cfg.out_dir}")
@@ -315,9 +357,10 @@ def train_self_forcing_cmd(
     config: Annotated[Path, typer.Argument(
         metavar="CONFIG.toml", help="Self-Forcing config (see presets/tiny/train_sf.toml).")],
     no_progress: Annotated[bool, _NO_PROGRESS] = False,
+    fsdp: Annotated[bool, _FSDP] = False,
 ) -> None:
     """Self-Forcing: autoregressive KV rollouts in training, DMD against the base model (resumes from out_dir)."""
-    _train(config, "self_forcing", "SelfForcingConfig", "train_self_forcing", not no_progress)
+    _train(config, "self_forcing", "SelfForcingConfig", "train_self_forcing", not no_progress, fsdp)
 
 
 @train_app.command("causal-distill")
@@ -332,15 +375,28 @@ def train_causal_distill_cmd(
 
 @train_app.command("export")
 def train_export_cmd(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The diffusion-forcing config of the run.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The config of the run.")],
     to: Annotated[Path | None, typer.Option(
-        "--to", help="Also copy the weights (fp16) into this preset folder.")] = None,
+        "--to", help="Also copy the weights (fp16) into this preset folder (diffusion-forcing, streaming).")] = None,
+    recipe: Annotated[str, typer.Option(
+        help="The run's recipe: diffusion-forcing, streaming or self-forcing.")] = "diffusion-forcing",
 ) -> None:
-    """Export dit/text safetensors (EMA) from the latest checkpoint of a diffusion-forcing run."""
-    from lvstudio.train.common import load_config
-    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint, ship_weights
+    """Export the EMA weights of a run's latest checkpoint (an unfinished run's too): dit/text safetensors.
 
-    run = export_checkpoint(load_config(config, DFConfig))
+    A sharded (--fsdp) checkpoint is first gathered into one file, out_dir/consolidated.safetensors."""
+    from lvstudio.train.common import load_config
+
+    if recipe == "self-forcing":
+        from lvstudio.train.self_forcing import SelfForcingConfig, export_run
+
+        typer.echo(f"exported the generator's EMA weights to {export_run(load_config(config, SelfForcingConfig))}")
+        return
+    if recipe not in ("diffusion-forcing", "streaming"):
+        raise LvError(f"--recipe {recipe!r} has no export", hint="choose diffusion-forcing, streaming or self-forcing")
+    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint, ship_weights
+    from lvstudio.train.streaming import StreamConfig
+
+    run = export_checkpoint(load_config(config, StreamConfig if recipe == "streaming" else DFConfig))
     typer.echo(f"exported EMA weights into {run}")
     if to is not None:
         for path in ship_weights(run, to):
@@ -508,11 +564,27 @@ def bench_render_cmd(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     backend: Annotated[list[str] | None, typer.Option(
         help="Backend(s) to measure (repeat the option); default: the preset's.")] = None,
+    batch: Annotated[int, typer.Option(
+        help="Instead: a batch of this many storyboards (the longest --minutes long), aggregate video-s per wall-s "
+             "under each --procs.")] = 0,
+    procs: Annotated[list[int] | None, typer.Option(
+        help="Process counts for --batch (repeat the option; default 1 and 2; more than 1 runs under torchrun).")
+    ] = None,
 ) -> None:
     """Real-time factor with decode + H.264, first frame, chunk time and memory at minute 1 vs the end, re-cache stall.
 
     Every preset x backend combination runs one after the other in this process; with several, the ratios against
-    the first are printed."""
+    the first are printed. With --batch: the same batch rendered by 1 and 2 (--procs) processes, side by side."""
+    if batch > 0:
+        from lvstudio.eval.bench_batch import batch_bench_lines, run_batch_bench
+
+        name = (preset or ["tiny"])[0]
+        counts = tuple(procs or [1, 2])
+        if min(counts) < 1:
+            raise LvError("--procs must be at least 1")
+        results = run_batch_bench(name, batch, minutes, counts, threads)
+        typer.echo("\n".join(batch_bench_lines(results, batch, minutes, name, threads)))
+        return
     from lvstudio.eval.bench_render import comparison_lines, run_render_bench
 
     for name in backend or []:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lvstudio import __version__
-from lvstudio.checked_files import load_checked, save_checked
+from lvstudio.checked_files import load_checked, read_metadata, save_checked
 from lvstudio.errors import DamagedFileError, LvError
 
 if TYPE_CHECKING:
@@ -177,6 +177,18 @@ class JobFolder:
     # -- reading --------------------------------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.root.exists()
+
+    def frames_saved(self) -> int | None:
+        """Frames made up to the newest snapshot, from its header (unchecked: `validate` checks everything when the
+        job resumes); 0 for a job with no snapshot yet; None when there is no job here to resume (no job.json)."""
+        if not self.info_path.is_file():
+            return None
+        for index in reversed(self._indexed(self.snapshots)):
+            try:
+                return int(read_metadata(self.snapshot_path(index)).get("frames_done", 0))
+            except (DamagedFileError, ValueError):
+                continue
+        return 0
 
     def read_info(self) -> dict[str, Any]:
         """job.json; LvError when it is missing or damaged (then the job cannot be identified)."""

@@ -50,6 +50,7 @@ from lvstudio.train.self_forcing import (
     train_self_forcing,
     world_prompts,
 )
+from lvstudio.train.sharding import refuse_fsdp
 
 
 class CausalDistillConfig(SelfForcingConfig):
@@ -219,6 +220,8 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
     import os
 
     del vocabulary
+    refuse_fsdp(cfg.fsdp, "causal-distill", "it runs in one process (its DMD stage is the self-forcing recipe, "
+                "which takes --fsdp)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("causal-distill runs in one process (launch it without torchrun)")
     if cfg.threads:
@@ -258,7 +261,7 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
                                 checkpoint=save, progress=progress, description="ode regression")
     step, last = loop.run(one_step)
     loss_value = last.get("loss", math.nan)
-    export_generator(generator, ema, out, sampler_settings(cfg))
+    export_generator(generator.cfg, ema.shadow, out, sampler_settings(cfg))
     result = {"step": step, "loss": loss_value, "pairs": len(prompts), "pair_seconds": pair_seconds,
               "out_dir": str(out)}
     # Stage 2: DMD on noised real latents (CausVid), the Self-Forcing loop with backward_simulation = false.

@@ -47,6 +47,7 @@ class TrainConfigBase(BaseModel):
     log_every: int = 10
     ckpt_every: int = 100
     threads: int = 0  # 0 = torch default
+    fsdp: bool = False  # shard the models across torchrun's processes (`--fsdp`; lvstudio.train.sharding)
 
 
 def load_config(path: str | Path, model: type[C]) -> C:
@@ -84,6 +85,7 @@ def load_config(path: str | Path, model: type[C]) -> C:
 class DistInfo:
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # init_distributed created the process group (and shutdown_distributed ends it)
 
     @property
     def is_main(self) -> bool:
@@ -95,25 +97,31 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo on CPU, nccl on CUDA."""
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo for CPU tensors, nccl for CUDA
+    ones. A group the caller already started is used as it is (and left running by `shutdown_distributed`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         from datetime import timedelta
 
-        # Rank 0 may spend a long time building the latent dataset while the others wait at a barrier.
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=4))
-    return DistInfo(dist.get_rank(), dist.get_world_size())
+        # Rank 0 may spend a long time building the latent dataset while the others wait at a barrier. The recipes
+        # keep their tensors on the CPU: gloo for those, nccl for CUDA tensors when there is a GPU.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=4))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), owns)
 
 
 def shutdown_distributed(info: DistInfo) -> None:
+    """Wait for every rank, then end the process group if `init_distributed` started it."""
     if info.enabled:
         import torch.distributed as dist
 
         dist.barrier()
-        dist.destroy_process_group()
+        if info.owns_group:
+            dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:

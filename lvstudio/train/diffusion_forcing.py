@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lvstudio.errors import LvError
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.tiny_text import TinyTextConfig, TinyTextEncoder
 from lvstudio.models.wan_dit import CONFIGS, WanDiT, WanDiTConfig
@@ -30,15 +31,21 @@ from lvstudio.train.loop import (
     EMA,
     TrainLog,
     TrainLoop,
-    latest_checkpoint,
     load_checkpoint,
     lr_at,
     optimizer_step,
-    save_checkpoint,
     set_lr,
     step_generator,
     unwrap,
     weights_digest,
+)
+from lvstudio.train.sharding import (
+    check_fsdp,
+    consolidated_checkpoint,
+    resume_run_checkpoint,
+    save_run_checkpoint,
+    shard_model,
+    whole_tensors,
 )
 
 
@@ -174,16 +181,18 @@ def start_run(cfg: DFConfig, dataset: LatentDataset | None, vocabulary: list[str
 
 def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool = True,
                  dataset: LatentDataset | None = None, vocabulary: list[str] | None = None) -> dict:
-    """The run of every latent-space recipe that trains the whole model (DF, streaming): data, AdamW, EMA, DDP,
-    checkpoints; the loss is the recipe's."""
+    """The run of every latent-space recipe that trains the whole model (DF, streaming): data, AdamW, EMA, DDP or
+    FSDP (`cfg.fsdp`), checkpoints; the loss is the recipe's."""
+    check_fsdp(cfg.fsdp, recipe)
     dist, out, data, vocabulary = start_run(cfg, dataset, vocabulary)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocabulary, data.latents.shape[1])
+    if cfg.fsdp:
+        shard_model(model)  # parameters, gradients, AdamW states and the EMA are sharded from here on
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
-    ckpt = latest_checkpoint(out)
-    start = load_checkpoint(ckpt, model, opt, ema)[0] if ckpt is not None else 0
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    start = resume_run_checkpoint(out, model, {"": opt}, ema, cfg.fsdp)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled and not cfg.fsdp else model
 
     def one_step(step: int) -> dict[str, float]:
         # A deterministic batch and noise for (seed, step, rank); loss, backward, clip, AdamW; EMA (a plain copy
@@ -197,24 +206,26 @@ def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool 
         return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}
 
     def save(step: int) -> None:
-        if dist.is_main:
-            save_checkpoint(out / "checkpoint.safetensors", model, opt, ema, step, {"recipe": recipe})
+        save_run_checkpoint(out, model, {"": opt}, ema, step, {"recipe": recipe}, dist, cfg.fsdp)
 
     loop = TrainLoop.for_config(cfg, start=start, report=TrainLog(out, dist.is_main).report, checkpoint=save,
                                 progress=progress and dist.is_main, description=recipe)
     step, last = loop.run(one_step)
+    shadow = whole_tensors(ema.shadow) if cfg.fsdp else ema.shadow
     if dist.is_main:
-        export_weights(model, ema, out)
+        export_weights(model, shadow, out)
+    digest = weights_digest(model)
     shutdown_distributed(dist)
-    return {"step": step, "loss": last.get("loss", float("nan")), "weights_sha256": weights_digest(model)}
+    return {"step": step, "loss": last.get("loss", float("nan")), "weights_sha256": digest}
 
 
 def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: list[str] | None = None) -> Path:
-    """Write dit/text safetensors from the EMA of the latest checkpoint of a (possibly unfinished) run."""
+    """Write dit/text safetensors from the EMA of the latest checkpoint of a (possibly unfinished) run; a sharded
+    (FSDP) checkpoint is first gathered into out_dir/consolidated.safetensors."""
     out = Path(out_dir or cfg.out_dir)
-    ckpt = latest_checkpoint(out)
+    ckpt = consolidated_checkpoint(out)
     if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {out}")
+        raise LvError(f"no checkpoint in {out}", hint="train first, or pass the config of the run to export")
     if vocabulary is None:
         from lvstudio.world import vocabulary as world_vocabulary
 
@@ -226,7 +237,7 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
     model = build_model(cfg.model_copy(update={"init_dit": None, "init_text": None}), vocabulary, channels)
     ema = EMA(model, cfg.ema_decay)
     step, _ = load_checkpoint(ckpt, model, None, ema)
-    export_weights(model, ema, out)
+    export_weights(model, ema.shadow, out)
     return out
 
 
@@ -250,13 +261,13 @@ def ship_weights(run_dir: Path, preset_dir: Path, half: bool = True) -> list[Pat
     return written
 
 
-def export_weights(model: TinyDF, ema: EMA, out: Path) -> None:
-    """Write the EMA weights as dit.safetensors / text.safetensors (with configs in metadata) into out."""
+def export_weights(model: TinyDF, shadow: dict[str, Tensor], out: Path) -> None:
+    """Write the EMA weights (`EMA.shadow`, whole tensors) as dit.safetensors / text.safetensors (with configs in
+    metadata) into out."""
     from safetensors.torch import save_file
 
     from lvstudio.models.tiny_text import config_to_json
 
-    shadow = ema.shadow
     dit = {k[4:]: v.contiguous() for k, v in shadow.items() if k.startswith("dit.")}
     text = {k[5:]: v.contiguous() for k, v in shadow.items() if k.startswith("text.")}
     save_file(dit, str(out / "dit.safetensors"),

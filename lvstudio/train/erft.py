@@ -48,6 +48,7 @@ from lvstudio.train.loop import (
     unflatten_optimizer,
     unwrap,
 )
+from lvstudio.train.sharding import refuse_fsdp
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHECKPOINT = "checkpoint.safetensors"
@@ -519,6 +520,8 @@ def _erft_dataset(cfg: ERFTConfig, out: Path, dist: DistInfo) -> LatentDataset:
 def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset | None = None,
                vocabulary: list[str] | None = None) -> dict:
     """Train (or resume) an ERFT LoRA in cfg.out_dir; writes out_dir/erft_lora.safetensors. Works under torchrun."""
+    refuse_fsdp(cfg.fsdp, "erft", "it trains a LoRA on a frozen base; its checkpoints hold the adapters of one "
+                "process (not yet written for sharded adapters)")
     dist, out, data, vocabulary = start_run(cfg, dataset, vocabulary, _erft_dataset)
     # Step 1: frozen base (DiT + text), LoRA adapters (same init on every rank), AdamW on the adapters only.
     torch.manual_seed(cfg.seed)

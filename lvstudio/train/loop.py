@@ -85,15 +85,18 @@ def average_gradients(params: Iterable[nn.Parameter], dist: DistInfo) -> None:
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[nn.Parameter],
                    grad_clip: float, *, average_over: DistInfo | None = None) -> float:
     """zero_grad, backward, (all-reduce the gradients by hand if `average_over` is given), clip to `grad_clip`,
-    step; returns the gradient norm before clipping."""
-    params = list(params)
+    step; returns the gradient norm before clipping.
+
+    `params` is read after the backward pass: under FSDP a module holds its unsharded parameters between forward and
+    backward, and the gradients land on the sharded ones the optimizer steps (pass `model.parameters()`)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    params = list(params)
     if average_over is not None:
         average_gradients(params, average_over)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # over every rank's shards under FSDP
     opt.step()
-    return float(norm)
+    return float(whole(norm))
 
 
 class EMA:
@@ -118,11 +121,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (a DTensor: a collective, every rank must call it), else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def weights_digest(model: nn.Module) -> str:
-    """sha256 of all parameters (used to check that DDP ranks end with identical weights)."""
+    """sha256 of all parameters (used to check that DDP ranks end with identical weights; whole tensors under
+    FSDP, so every rank must call it)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().float().contiguous().numpy().tobytes())
+        h.update(whole(p.detach()).float().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -315,34 +326,67 @@ def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
+def _optimizer_keys(name: str) -> tuple[str, str]:
+    """(tensor prefix, metadata key) of an optimizer in a checkpoint: `optim.`/`optimizer` for a run's only
+    optimizer (name ""), `optim_<name>.`/`optimizer_<name>` when a run has several."""
+    return ("optim.", "optimizer") if not name else (f"optim_{name}.", f"optimizer_{name}")
+
+
+def checkpoint_state(model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None, step: int,
+                     extra: dict[str, Any] | None = None, *, copy: bool = True,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What a checkpoint holds: tensors `model.*`, `ema.*`, `optim[_<name>].<param>.<state>`, `rng.torch`, and the
+    string metadata (step, extra, optimizer param groups). copy=False keeps the live tensors themselves (sharded
+    DTensors under FSDP), so a sharded load can fill them in place."""
+    tensors = {f"model.{k}": v.detach().contiguous().clone() if copy else v for k, v in model.state_dict().items()}
+    meta = {"step": str(step), "extra": json.dumps(extra or {}), "format": "pt"}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.contiguous().clone() if copy else v for k, v in ema.shadow.items()})
+    for name, opt in optimizers.items():
+        prefix, key = _optimizer_keys(name)
+        opt_tensors, meta[key] = flatten_optimizer(opt, prefix=prefix)
+        tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors, meta
+
+
+def restore_checkpoint_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], model: nn.Module,
+                             optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None,
+                             ) -> tuple[int, dict[str, Any]]:
+    """Put what `checkpoint_state` described back into the model, optimizers, EMA and RNG; returns (step, extra)."""
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    for name, opt in optimizers.items():
+        prefix, key = _optimizer_keys(name)
+        if key in meta:
+            unflatten_optimizer(opt, tensors, meta[key], prefix=prefix)
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return int(meta.get("step", 0)), json.loads(meta.get("extra", "{}"))
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None,
     ema: EMA | None,
     step: int,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write model (+ EMA, optimizer) tensors and metadata atomically (tmp file in the same folder, then rename),
+    """Write model (+ EMA, optimizers) tensors and metadata atomically (tmp file in the same folder, then rename),
     with a checksum that `load_checkpoint` verifies (`lvstudio.checked_files`)."""
     from lvstudio.checked_files import save_checked
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"step": str(step), "extra": json.dumps(extra or {}), "format": "pt"}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v.contiguous().clone() for k, v in ema.shadow.items()})
-    if optimizer is not None:
-        opt_tensors, opt_meta = flatten_optimizer(optimizer)
-        tensors.update(opt_tensors)
-        meta["optimizer"] = opt_meta
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors, meta = checkpoint_state(model, _optimizers(optimizer), ema, step, extra)
     save_checked(tensors, path, meta)
 
 
 def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None
+    path: str | Path, model: nn.Module,
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None, ema: EMA | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Restore what save_checkpoint wrote; returns (step, extra). A damaged file raises DamagedFileError (what is
     wrong and what to do) before anything is restored."""
@@ -355,14 +399,14 @@ def load_checkpoint(
         err.hint = ("checkpoints are written atomically, so a crash does not do this (a disk or a copy did): restore "
                     "it from a backup, or move it away to start the run from step 0")
         raise
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if ema is not None:
-        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    if optimizer is not None and "optimizer" in meta:
-        unflatten_optimizer(optimizer, tensors, meta["optimizer"])
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
-    return int(meta.get("step", 0)), json.loads(meta.get("extra", "{}"))
+    return restore_checkpoint_state(tensors, meta, model, _optimizers(optimizer), ema)
+
+
+def _optimizers(optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None,
+                ) -> dict[str, torch.optim.Optimizer]:
+    if optimizer is None:
+        return {}
+    return optimizer if isinstance(optimizer, dict) else {"": optimizer}
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -14,9 +14,11 @@ Generator samples come from
 `mode = "mixed-history"` is the non-distillation baseline: ordinary flow matching on the next block given a history
 that is the generator's own (no-grad) reconstruction with probability p, else real latents.
 
-Runs in one process or under torchrun (gradients are all-reduced by hand: the rollout calls the generator many
-times per backward, which DDP's single-forward bookkeeping does not allow). Checkpoints (both models, both AdamW
-states, the generator EMA) are one safetensors file in out_dir; the export is `dit.safetensors` (generator EMA).
+Runs in one process or under torchrun: DDP-style with gradients all-reduced by hand (the rollout calls the generator
+many times per backward, which DDP's single-forward bookkeeping does not allow), or with `--fsdp` (generator, critic
+and the frozen real score sharded, `lvstudio.train.sharding`). Checkpoints (both models, both AdamW states, the
+generator EMA) are one safetensors file in out_dir, or a sharded one under FSDP; the export is `dit.safetensors`
+(generator EMA).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lvstudio.models.kv_cache import AttentionSpec
-from lvstudio.models.wan_dit import Conditioning, WanDiT
+from lvstudio.models.wan_dit import Conditioning, WanDiT, WanDiTConfig
 from lvstudio.sampling.flow_matching import (
     FlowMatchTable,
     add_noise,
@@ -51,13 +53,18 @@ from lvstudio.train.loop import (
     EMA,
     TrainLog,
     TrainLoop,
-    flatten_optimizer,
     lr_at,
     optimizer_step,
     set_lr,
     step_generator,
-    unflatten_optimizer,
     weights_digest,
+)
+from lvstudio.train.sharding import (
+    check_fsdp,
+    resume_run_checkpoint,
+    save_run_checkpoint,
+    shard_model,
+    whole_tensors,
 )
 
 RealFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t, t [B, F]) -> (x0 cond, x0 uncond)
@@ -425,44 +432,34 @@ def mixed_history_loss(generator: WanDiT, context: Tensor, x0_real: Tensor, cfg:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_state(path: Path, models: nn.ModuleDict, opts: dict[str, torch.optim.Optimizer], ema: EMA, step: int,
-               extra: dict) -> None:
-    """One atomic safetensors file: model.<name>.*, ema.*, optim_<name>.* and their metadata."""
+def export_generator(config: WanDiTConfig, shadow: dict[str, Tensor], out: Path, sampler: dict | None = None) -> Path:
+    """Write the generator EMA (`EMA.shadow`, whole tensors) as out/dit.safetensors (config metadata as
+    diffusion_forcing.export_weights)."""
     from lvstudio.atomic import save_safetensors_atomic
 
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in models.state_dict().items()}
-    tensors.update({f"ema.{k}": v.contiguous().clone() for k, v in ema.shadow.items()})
-    meta = {"step": str(step), "extra": json.dumps(extra), "format": "pt"}
-    for name, opt in opts.items():
-        flat, opt_meta = flatten_optimizer(opt, prefix=f"optim_{name}.")
-        tensors.update(flat)
-        meta[f"optimizer_{name}"] = opt_meta
-    save_safetensors_atomic(tensors, path, meta)
+    meta = {"config": json.dumps(config.to_dict()), "format": "pt"}
+    if sampler is not None:
+        meta["sampler"] = json.dumps(sampler)
+    return save_safetensors_atomic({k: v.contiguous() for k, v in shadow.items()}, out / "dit.safetensors", meta)
 
 
-def load_state(path: Path, models: nn.ModuleDict, opts: dict[str, torch.optim.Optimizer], ema: EMA) -> int:
+def export_run(cfg: SelfForcingConfig) -> Path:
+    """out_dir/dit.safetensors from the generator EMA of the run's latest checkpoint (an unfinished run's too; a
+    sharded one is gathered into out_dir/consolidated.safetensors first)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(str(path))
-    models.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    for name, opt in opts.items():
-        if f"optimizer_{name}" in meta:
-            unflatten_optimizer(opt, tensors, meta[f"optimizer_{name}"], prefix=f"optim_{name}.")
-    return int(meta.get("step", 0))
+    from lvstudio.errors import LvError
+    from lvstudio.train.sharding import consolidated_checkpoint
 
-
-def export_generator(generator: WanDiT, ema: EMA, out: Path, sampler: dict | None = None) -> Path:
-    """Write the generator EMA as out/dit.safetensors (config metadata as diffusion_forcing.export_weights)."""
-    from lvstudio.atomic import save_safetensors_atomic
-
-    meta = {"config": json.dumps(generator.cfg.to_dict()), "format": "pt"}
-    if sampler is not None:
-        meta["sampler"] = json.dumps(sampler)
-    return save_safetensors_atomic({k: v.contiguous() for k, v in ema.shadow.items()}, out / "dit.safetensors", meta)
+    out = Path(cfg.out_dir)
+    ckpt = consolidated_checkpoint(out)
+    if ckpt is None:
+        raise LvError(f"no checkpoint in {out}", hint="train first, or pass the config of the run to export")
+    shadow = {k[4:]: v for k, v in load_file(str(ckpt)).items() if k.startswith("ema.")}
+    with safe_open(str(cfg.init_dit or cfg.real_dit), "pt") as f:
+        config = WanDiTConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    return export_generator(config, shadow, out, sampler_settings(cfg))
 
 
 def sampler_settings(cfg: SelfForcingConfig) -> dict:
@@ -483,14 +480,20 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
     `vocabulary` is accepted for symmetry with the other recipes; the frozen text encoder brings its own.
     """
     del vocabulary
+    dmd = cfg.mode == "dmd"
+    recipe = "mixed-history" if not dmd else ("self-forcing" if cfg.backward_simulation else "causvid-dmd")
+    check_fsdp(cfg.fsdp, "self-forcing")
     dist = init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    dmd = cfg.mode == "dmd"
     models = load_models(cfg, with_critic=dmd)
+    if cfg.fsdp:  # generator, critic and the frozen real score, each sharded on its own (the text encoder is not)
+        for dit in (models.generator, models.critic, models.real):
+            if dit is not None:
+                shard_model(dit)
     needs_data = not dmd or not cfg.backward_simulation or cfg.prompt_source == "dataset"
     data = dataset
     if needs_data and data is None:
@@ -506,24 +509,23 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
         opts["critic"] = torch.optim.AdamW(models.critic.parameters(), lr=cfg.lr_critic, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
     ema = EMA(models.generator, cfg.ema_decay)
-    ckpt = out / "checkpoint.safetensors"
-    start = load_state(ckpt, trainable, opts, ema) if ckpt.exists() else 0
-    recipe = "mixed-history" if not dmd else ("self-forcing" if cfg.backward_simulation else "causvid-dmd")
+    start = resume_run_checkpoint(out, trainable, opts, ema, cfg.fsdp)
     one_step = _step_fn(cfg, models, opts, ema, data, windows, dist)
 
     def save(step: int) -> None:
-        if dist.is_main:
-            save_state(ckpt, trainable, opts, ema, step, {"recipe": recipe})
+        save_run_checkpoint(out, trainable, opts, ema, step, {"recipe": recipe}, dist, cfg.fsdp)
 
     loop = TrainLoop.for_config(cfg, start=start, report=TrainLog(out, dist.is_main).report, checkpoint=save,
                                 progress=progress and dist.is_main, description=recipe,
                                 progress_keys=("loss_g", "loss_c"))
     step, last = loop.run(one_step)
+    shadow = whole_tensors(ema.shadow) if cfg.fsdp else ema.shadow
     if dist.is_main:
-        export_generator(models.generator, ema, out, sampler_settings(cfg))
+        export_generator(models.generator.cfg, shadow, out, sampler_settings(cfg))
+    digest = weights_digest(models.generator)
     shutdown_distributed(dist)
     return {"step": step, "loss_g": _nan(last.get("loss_g")), "loss_c": _nan(last.get("loss_c")),
-            "out_dir": str(out), "weights_sha256": weights_digest(models.generator)}
+            "out_dir": str(out), "weights_sha256": digest}
 
 
 def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torch.optim.Optimizer], ema: EMA,
@@ -535,6 +537,7 @@ def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torc
     table = FlowMatchTable(shift=cfg.shift)
     spec = cfg.spec
     last = {"loss_g": math.nan, "loss_c": math.nan}
+    average = None if cfg.fsdp else dist  # FSDP's reduce-scatter already averages the gradients
 
     def one_step(step: int) -> dict[str, float | None]:
         # Step 1: deterministic prompts (and real windows) and noise for (seed, step, rank).
@@ -552,7 +555,7 @@ def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torc
         if cfg.mode != "dmd":
             # Step 2 (baseline): flow matching on the next block after mixed history.
             loss = mixed_history_loss(models.generator, context, x0_real, cfg, table, gen)
-            optimizer_step(opts["generator"], loss, models.generator.parameters(), cfg.grad_clip, average_over=dist)
+            optimizer_step(opts["generator"], loss, models.generator.parameters(), cfg.grad_clip, average_over=average)
             ema.update(models.generator, decay=ema_decay)
             last["loss_g"] = float(loss.detach())
             return {"loss_g": _finite(last["loss_g"]), "loss_c": _finite(last["loss_c"]), "lr": lr_g}
@@ -566,7 +569,7 @@ def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torc
             loss_g = dmd_loss(x, _real_fn(models.real, context, uncond, spec), _x0_fn(models.critic, context, spec),
                               sigma, eps, cfg.guidance_scale)
             optimizer_step(opts["generator"], loss_g, models.generator.parameters(), cfg.grad_clip,
-                           average_over=dist)
+                           average_over=average)
             ema.update(models.generator, decay=ema_decay)
             last["loss_g"] = float(loss_g.detach())
         # Step 4: critic (fake score) update, every iteration, on this iteration's samples (detached: one rollout per
@@ -575,7 +578,7 @@ def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torc
         sigma = sample_dmd_sigma(x.shape[0], cfg.num_frames, cfg.dmd_shift, gen, clamp=cfg.dmd_clamp)
         eps = torch.randn(x.shape, generator=gen)
         loss_c = critic_loss(_velocity_fn(models.critic, context, spec), x.detach(), sigma, eps)
-        optimizer_step(opts["critic"], loss_c, models.critic.parameters(), cfg.grad_clip, average_over=dist)
+        optimizer_step(opts["critic"], loss_c, models.critic.parameters(), cfg.grad_clip, average_over=average)
         last["loss_c"] = float(loss_c.detach())
         return {"loss_g": _finite(last["loss_g"]), "loss_c": _finite(last["loss_c"]), "lr": lr_g}
 

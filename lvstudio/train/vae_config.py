@@ -44,6 +44,9 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
     from lvstudio.train.vae_recipe import VAETrainConfig, train_vae, world_batch_fn
 
     cfg = load_config(path, VAEFileConfig)
+    from lvstudio.train.sharding import refuse_fsdp
+
+    refuse_fsdp(cfg.fsdp, "vae", "the tiny VAE trains in one process")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = TinyVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()})

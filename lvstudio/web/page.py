@@ -33,8 +33,8 @@ CSS = """
 .lv-live span { position: absolute; left: -6px; top: -2px; color: #fff; font-size: 14px; }
 .lv-todo { position: absolute; top: 0; bottom: 0; right: 0;
            background: repeating-linear-gradient(45deg, #0008 0 4px, #0003 4px 8px); }
-.lv-playhead { position: absolute; z-index: 2; top: -2px; bottom: -2px; width: 3px; margin-left: -1px; background: #facc15;
-               box-shadow: 0 0 3px #000; }
+.lv-playhead { position: absolute; z-index: 2; top: -2px; bottom: -2px; width: 3px; margin-left: -1px;
+               background: #facc15; box-shadow: 0 0 3px #000; }
 .lv-ruler { display: flex; justify-content: space-between; color: #9ca3af; margin-top: 2px; }
 .lv-ruler .lv-head { color: #facc15; }
 """

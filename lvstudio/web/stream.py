@@ -4,8 +4,8 @@ finished mp4 at the end.
 One segment per chunk: a segment leaves as soon as its chunk is decoded (no waiting for frames of the next chunk),
 and a live prompt lands at a block start, which is a chunk start, so the first segment made under a new prompt
 begins with it. Chunks shorter than `min_segment_s` (the streaming backend's are a few frames) are joined with the
-next one (except the first chunk, which goes out alone: it is the time to the first frame), so the browser and gradio (which re-muxes every segment with ffmpeg) do not pay per-segment costs many
-times a second.
+next one (except the first chunk, which goes out alone: it sets the time to the first frame), so the browser and
+gradio (which re-muxes every segment with ffmpeg) do not pay per-segment costs many times a second.
 
 Each segment is an mp4 written by its own `VideoSink` (libx264, yuv420p, crf 18, preset medium: the settings of
 `lvstudio render`), so it starts on a keyframe and plays on its own. The finished mp4 is the segments joined without

@@ -129,6 +129,8 @@ def test_live_video_plays_while_rendering_and_its_segments_are_the_final_mp4(stu
             # Step 3: the finished mp4 replaces the stream.
             page.wait_for_function(RESULT_READY, timeout=300_000, polling=100)
             live_hidden = page.locator("#live").is_hidden()
+            # It carries on from where the live video was (near its end: the render was slower than real time).
+            taken_over = page.evaluate("() => document.querySelector('#result video').currentTime")
             status = page.locator("#status textarea").input_value()
             bodies = [r.body() for r in dict.fromkeys(streamed)]
         finally:
@@ -142,6 +144,7 @@ def test_live_video_plays_while_rendering_and_its_segments_are_the_final_mp4(stu
     frame = int(re.search(r"frame (\d+)", reply).group(1))
     assert LIVE in title and f"(f{frame})" in title and "blend" in title
     assert status.startswith("Done (complete)") and live_hidden, status
+    assert taken_over > 2.0, taken_over
     # The segments the browser played, joined, are the finished mp4, frame for frame.
     job = re.search(r"Done \(complete\): (\S+),", status).group(1)
     joined = tmp_path / "joined.ts"

@@ -113,7 +113,9 @@ def test_live_video_plays_while_rendering_and_its_segments_are_the_final_mp4(stu
                 samples.append(page.evaluate(PLAYBACK))
                 time.sleep(0.2)
             # Step 2: steer from the keyboard: F2 picks the next transition, Enter pushes the prompt.
-            page.keyboard.press("F2")
+            page.keyboard.press("F2")  # switch (the default) -> cut
+            sync_api.expect(page.locator("#live-transition input[value=cut]")).to_be_checked(timeout=10_000)
+            page.keyboard.press("F2")  # cut -> blend
             sync_api.expect(page.locator("#live-transition input[value=blend]")).to_be_checked(timeout=10_000)
             page.locator("#live-prompt input, #live-prompt textarea").first.fill(LIVE)
             page.locator("#live-prompt input, #live-prompt textarea").first.press("Enter")

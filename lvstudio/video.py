@@ -25,6 +25,7 @@ __all__ = [
     "ContactFrames",
     "VideoInfo",
     "VideoSink",
+    "join_mp4s",
     "probe_video",
     "write_contact_sheet",
 ]
@@ -189,6 +190,62 @@ class VideoSink:
             self.close()
         else:
             self.abort()
+
+
+def _decode_delay(part: Path) -> int:
+    """How many frames the first decode time of an mp4 part lies before its first presentation time."""
+    import av  # noqa: PLC0415
+
+    with av.open(str(part)) as src:
+        s = src.streams.video[0]
+        first = next((p for p in src.demux(s) if p.dts is not None), None)
+        if first is None:
+            raise ValueError(f"{part} holds no video packets")
+        return round(float((first.pts - first.dts) * s.time_base * s.average_rate))
+
+
+def join_mp4s(parts: list[Path], path: str | Path) -> Path:
+    """Join H.264 mp4 parts (each from its own `VideoSink`, same size and settings, each starting on a keyframe)
+    into one mp4 at `path` (+faststart, atomic) without re-encoding: the joined file holds the parts' very packets,
+    so it decodes to exactly the frames the parts decode to. Returns `path`.
+
+    Each part's presentation times are shifted by the frames before it. Decode times are laid out evenly with one
+    delay for the whole file, the largest of the parts' B-frame delays (x264 gives a part of one frame none), so
+    they keep rising across the joins. Parts whose codec headers differ (another size or encoder setting) are
+    refused with ValueError.
+    """
+    import av  # noqa: PLC0415
+
+    from lvstudio.atomic import atomic_path  # noqa: PLC0415
+
+    if not parts:
+        raise ValueError("join_mp4s needs at least one part")
+    delay = max(_decode_delay(part) for part in parts)  # frames
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4",
+                                           options={"movflags": "+faststart"}) as out:
+        stream: Any = None
+        header: bytes | None = None
+        offset = 0  # frames of the parts before this one
+        for part in parts:
+            with av.open(str(part)) as src:
+                s = src.streams.video[0]
+                if stream is None:
+                    stream, header = out.add_stream_from_template(s), bytes(s.codec_context.extradata or b"")
+                    stream.time_base = s.time_base
+                elif bytes(s.codec_context.extradata or b"") != header or s.time_base != stream.time_base:
+                    raise ValueError(f"{part} was not encoded like {parts[0]} (codec header or time base differ)")
+                ticks = round(1 / (s.average_rate * s.time_base))  # one frame, in ticks
+                frames = 0
+                for packet in src.demux(s):
+                    if packet.dts is None:  # the demuxer's end-of-stream marker
+                        continue
+                    packet.pts += offset * ticks
+                    packet.dts = (offset + frames - delay) * ticks
+                    packet.stream = stream
+                    out.mux(packet)
+                    frames += 1
+                offset += frames
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -90,6 +90,17 @@ def final_outputs(job) -> tuple:  # noqa: ANN001
     return outs[-1]
 
 
+def result_video(outputs: tuple) -> str | None:
+    """The finished mp4 of a render's outputs (it comes as an update that also shows the result player)."""
+    video = outputs[3]
+    return video.get("value") if isinstance(video, dict) else video
+
+
+def is_segment(update: tuple) -> bool:
+    """Did this update carry a segment of the live video? (gradio_client downloads the stream's playlist.)"""
+    return isinstance(update[6], str)
+
+
 def test_render_gives_playable_h264_with_previews_and_job_named_files(server: Server) -> None:
     client = server.client()
     try:
@@ -97,10 +108,19 @@ def test_render_gives_playable_h264_with_previews_and_job_named_files(server: Se
         updates = list(job)
     finally:
         client.close()
-    previews = [u[0] for u in updates[:-1] if u[0] is not None]
-    assert len(previews) >= 3  # one live preview per chunk (3 s = 48 frames = 6+ chunks)
-    preview, status, progress, video, sheet, files = updates[-1]
+    firsts = [i for i, u in enumerate(updates[:-1]) if isinstance(u[0], str)]
+    segments = [i for i, u in enumerate(updates) if is_segment(u)]
+    assert len(firsts) == 1 and firsts[0] < segments[0]  # the first frame goes out before the first segment
+    assert len(segments) == 7  # one per chunk: 5 + 8 + 8 + 8 + 8 + 8 + 3 frames (the last 3 at the end)
+    # gradio_client fetches the stream's HLS playlist (what a browser polls): every segment, 3 s in all.
+    playlist = Path(updates[segments[-1]][6]).read_text()
+    durations = [float(d) for d in re.findall(r"#EXTINF:([\d.]+),", playlist)]
+    assert len(durations) == 7 and abs(sum(durations) - 3.0) < 1e-3, playlist
+    preview, status, progress, _, sheet, files, live, timeline = updates[-1]
+    video = result_video(updates[-1])
     assert status.startswith("Done (complete)"), status
+    assert live == {"visible": False, "__type__": "update"} and updates[-1][3]["visible"]  # the mp4 replaces it
+    assert "generated 0:03 (f48)" in timeline and "<span>2</span>" in timeline
     info = probe_video(video)  # downloaded through the server's /gradio_api/file= route
     assert (info.codec, info.pix_fmt, info.num_frames, info.width, info.height) == ("h264", "yuv420p", 48, 64, 64)
     assert info.faststart
@@ -124,7 +144,7 @@ def test_live_prompt_lands_in_manifest_at_its_block(server: Server) -> None:
         job = server.render(client, story(duration="4s", second_at="0.5s"))
         message, seen_chunks = None, 0
         for update in job:
-            seen_chunks += update[0] is not None
+            seen_chunks += is_segment(update)
             if seen_chunks == 2 and message is None:
                 message = client.predict(live, "blend", api_name="/push")
         final = final_outputs(job)
@@ -150,7 +170,7 @@ def test_stop_ends_within_one_chunk_and_keeps_a_playable_video(server: Server) -
         job = server.render(client, story(duration="30s", second_at="10s"))
         reply, seen = None, 0
         for update in job:
-            seen += update[0] is not None
+            seen += is_segment(update)
             if seen == 2 and reply is None:
                 reply = client.predict(api_name="/stop")
         final = final_outputs(job)
@@ -161,7 +181,7 @@ def test_stop_ends_within_one_chunk_and_keeps_a_playable_video(server: Server) -
     assert m, reply
     at_stop = int(m.group(1))
     assert "stopped at frame" in final[1], final[1]
-    info = probe_video(final[3])
+    info = probe_video(result_video(final))
     assert (info.codec, info.pix_fmt) == ("h264", "yuv420p")
     assert at_stop <= info.num_frames <= at_stop + CHUNK_FRAMES  # at most the chunk in flight was finished
     assert info.num_frames < 30 * 16
@@ -184,7 +204,7 @@ def test_invalid_storyboard_returns_the_cli_message_not_a_traceback(server: Serv
         client.close()
     assert final[1] == f"Storyboard error, nothing rendered:\n{expected.value}"
     assert panel == str(expected.value) and "storyboard.toml:" in panel
-    assert "Traceback" not in final[1] and final[3] is None
+    assert "Traceback" not in final[1] and result_video(final) is None
     assert sorted(p.name for p in server.outputs.iterdir()) == before  # nothing written
 
 
@@ -194,7 +214,7 @@ def test_one_render_per_process_busy_message_and_tabs_are_separate(server: Serve
         job = server.render(tab_a, story(duration="30s", second_at="10s"))
         busy = push_b = None
         for update in job:
-            if update[0] is not None and busy is None:
+            if is_segment(update) and busy is None:
                 busy = final_outputs(server.render(tab_b, story()))
                 push_b = tab_b.predict("a red ball", "cut", api_name="/push")
                 assert tab_b.predict(api_name="/stop").startswith("Nothing to stop")  # B cannot stop A
@@ -203,7 +223,7 @@ def test_one_render_per_process_busy_message_and_tabs_are_separate(server: Serve
     finally:
         tab_a.close()
         tab_b.close()
-    assert busy is not None and busy[1] == BUSY_MESSAGE.format(n=1) and busy[3] is None
+    assert busy is not None and busy[1] == BUSY_MESSAGE.format(n=1) and result_video(busy) is None
     assert push_b.startswith("No render is running in this tab")
     assert "stopped at frame" in final[1]
 
@@ -226,8 +246,8 @@ def test_eight_clients_at_once_get_busy_or_their_own_render_and_the_server_stays
     busy = [f for f in finals if f[1] == BUSY_MESSAGE.format(n=1)]
     done = [f for f in finals if f[1].startswith("Done (complete)")]
     assert len(busy) + len(done) == 8 and done, [f[1] for f in finals]
-    assert len({f[3] for f in done}) == len(done)  # each render its own job folder and video
-    assert all(probe_video(f[3]).num_frames == 16 for f in done)
+    assert len({result_video(f) for f in done}) == len(done)  # each render its own job folder and video
+    assert all(probe_video(result_video(f)).num_frames == 16 for f in done)
     assert not [p for p in server.outputs.glob("*/*.job")]  # finished renders leave no job folder
     # The server is still up and serves the next render.
     assert final_outputs(server.render(server.client(), story("1s", "0.5s")))[1].startswith("Done (complete)")
@@ -251,7 +271,7 @@ def test_a_full_disk_during_a_web_render_is_explained_and_the_job_resumes_from_t
     assert writes.failed
     status = final[1]
     assert status.startswith("Render failed: rendering") and "no space left on the device" in status, status
-    assert "Traceback" not in status and final[3] is None
+    assert "Traceback" not in status and result_video(final) is None
     command = re.search(r"finish it with: (lvstudio render \S+ --out \S+ --resume)", status)
     assert command, status
     assert_clean_exit(cli(*command.group(1).split()[1:], "--no-progress"), 0, "resuming")

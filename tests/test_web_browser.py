@@ -1,8 +1,10 @@
 """`lvstudio preview` in a real browser: Debian chromium driven by playwright (never `playwright install`).
 
-Loads the page, presses Render on the demo storyboard (tiny random weights), sees preview frames arrive, and waits
-for the finished mp4 to be decodable in the page's <video> element. Set LVSTUDIO_WEB_SCREENSHOT=path to also save
-the screenshot there (docs/preview.png was made this way), and LVSTUDIO_WEB_PRESET=tiny to render with a real preset.
+Presses Render on the demo storyboard (tiny random weights, paced slower than real time), checks that the first
+frame shows, that the live <video> plays while the render runs (currentTime advances, readyState >= 3, frames
+decode), steers it from the keyboard (F2, Enter), and that the H.264 segments the browser received, joined, are the
+finished mp4 frame for frame. Set LVSTUDIO_WEB_SCREENSHOT=path to also save the mid-render screenshot there
+(docs/preview.png was made this way), and LVSTUDIO_WEB_PRESET=tiny to render with a real preset.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,19 +37,18 @@ from lvstudio.web.security import gradio_env, make_policy  # noqa: E402
 from tests.helpers.random_preset import write_random_preset  # noqa: E402
 
 LIVE = "{hero} moving left on the snow"
-WATCH_PREVIEWS = """() => {
-  window.__previews = [];
-  const seen = () => {
-    const img = document.querySelector('#preview img');
-    const src = img && img.getAttribute('src');
-    if (src && !window.__previews.includes(src)) window.__previews.push(src);
-  };
-  new MutationObserver(seen).observe(document.body, {subtree: true, childList: true, attributes: true});
+FIRST_FRAME = "() => !!document.querySelector('#first-frame img')?.getAttribute('src')"
+PLAYBACK = """() => {
+  const v = document.querySelector('#live video');
+  const status = document.querySelector('#status textarea').value;
+  if (!v) return {status, t: 0, ready: 0, decoded: 0};
+  return {status, t: v.currentTime, ready: v.readyState, decoded: v.getVideoPlaybackQuality().totalVideoFrames};
 }"""
-VIDEO_READY = """() => {
+RESULT_READY = """() => {
   const v = document.querySelector('#result video');
-  return !!v && v.readyState >= 2 && v.videoWidth > 0;
+  return !!v && v.offsetParent !== null && v.readyState >= 2 && v.videoWidth > 0;
 }"""
+PACE_S = 0.6  # per chunk of 8 frames (0.5 s of video): slower than real time, so playback waits for segments
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     policy = make_policy(port=port, outputs=root / "outputs")
     demo_story = demo_story_path()
     config = StudioConfig(outputs=policy.outputs, story_text=demo_story.read_text(), story_name="storyboards/demo.toml",
-                          story_dir=demo_story.parent, preset=str(preset), min_chunk_seconds=0.1)
+                          story_dir=demo_story.parent, preset=str(preset), min_chunk_seconds=PACE_S)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in gradio_env(policy).items():
             mp.setenv(key, value)
@@ -76,44 +78,83 @@ def launch_browser(p):  # noqa: ANN001, ANN201 - playwright objects
     return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
-def test_browser_renders_demo_with_live_preview_and_playable_video(studio: tuple[str, Path], tmp_path: Path) -> None:
-    studio_url, _ = studio
+def decode(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])  # [n, H, W, 3]
+
+
+@pytest.mark.slow
+def test_live_video_plays_while_rendering_and_its_segments_are_the_final_mp4(studio: tuple[str, Path],
+                                                                              tmp_path: Path) -> None:
+    studio_url, outputs = studio
     outside: list[str] = []
+    streamed: list = []  # responses of the H.264 segments, in the order the browser fetched them
+    samples: list[dict] = []
     with sync_api.sync_playwright() as p:
         browser = launch_browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.on("request", lambda r: outside.append(r.url)
                     if urlparse(r.url).hostname not in ("127.0.0.1", "localhost") and r.url.startswith("http")
                     else None)
+            page.on("response", lambda r: streamed.append(r)
+                    if "/stream/" in r.url and urlparse(r.url).path.endswith(".ts") else None)
             page.goto(studio_url, wait_until="domcontentloaded")
             page.wait_for_selector("#render", timeout=60_000)
             sync_api.expect(page.locator("#validation textarea")).to_have_value(
                 "OK: 3 shot(s), 0:12 at 16 fps = 192 frames, preset tiny, seed 7", timeout=30_000)
-            page.evaluate(WATCH_PREVIEWS)
             page.locator("#render").click()
-            # Steer it while it runs: a live prompt typed into the page goes into the running session.
-            page.wait_for_function("() => window.__previews.length >= 2", timeout=120_000, polling=50)
-            page.locator("#live-prompt textarea").fill(LIVE)
-            page.locator("#push").click()
-            sync_api.expect(page.locator("#push-status textarea")).to_have_value(re.compile("lands at block"),
-                                                                                  timeout=30_000)
-            page.wait_for_function(VIDEO_READY, timeout=180_000, polling=100)
-            previews = page.evaluate("() => window.__previews")
-            status = page.locator("#status textarea").input_value()
-            progress = page.locator("#progress").inner_text()
-            width = page.evaluate("() => document.querySelector('#result video').videoWidth")
-            page.locator("#result").scroll_into_view_if_needed()
-            page.evaluate("() => window.scrollTo(0, 0)")
-            time.sleep(0.3)
+            page.wait_for_function(FIRST_FRAME, timeout=120_000, polling=50)  # before the first segment plays
+            # Step 1: the live video plays while the render runs.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len([s for s in samples if s["ready"] >= 3]) < 3:
+                samples.append(page.evaluate(PLAYBACK))
+                time.sleep(0.2)
+            # Step 2: steer from the keyboard: F2 picks the next transition, Enter pushes the prompt.
+            page.keyboard.press("F2")  # switch (the default) -> cut
+            sync_api.expect(page.locator("#live-transition input[value=cut]")).to_be_checked(timeout=10_000)
+            page.keyboard.press("F2")  # cut -> blend
+            sync_api.expect(page.locator("#live-transition input[value=blend]")).to_be_checked(timeout=10_000)
+            page.locator("#live-prompt input, #live-prompt textarea").first.fill(LIVE)
+            page.locator("#live-prompt input, #live-prompt textarea").first.press("Enter")
+            sync_api.expect(page.locator("#push-status textarea")).to_have_value(
+                re.compile(r"Live prompt \(blend\) lands at block \d+: frame \d+, \d"), timeout=30_000)
+            reply = page.locator("#push-status textarea").input_value()
+            marker = page.locator("#timeline .lv-live")
+            sync_api.expect(marker).to_have_count(1, timeout=30_000)
+            title = marker.get_attribute("title")
+            samples.append(page.evaluate(PLAYBACK))
             shot = tmp_path / "preview.png"
-            page.screenshot(path=str(shot), full_page=True)
+            page.screenshot(path=str(shot), full_page=True)  # mid-render, with the live prompt on the timeline
+            # Step 3: the finished mp4 replaces the stream.
+            page.wait_for_function(RESULT_READY, timeout=300_000, polling=100)
+            live_hidden = page.locator("#live").is_hidden()
+            # It carries on from where the live video was (near its end: the render was slower than real time).
+            taken_over = page.evaluate("() => document.querySelector('#result video').currentTime")
+            status = page.locator("#status textarea").input_value()
+            bodies = [r.body() for r in dict.fromkeys(streamed)]
         finally:
             browser.close()
-    assert len(previews) >= 2, previews  # preview frames arrived while rendering
-    assert status.startswith("Done (complete)"), status
-    assert width > 0
-    assert LIVE in progress  # the per-shot progress lists the live prompt as its own row
+    rendering = [s for s in samples if s["status"].startswith("Rendering")]
+    assert len(rendering) >= 3, samples[-3:]
+    assert any(s["ready"] >= 3 for s in rendering) and max(s["decoded"] for s in rendering) > 0, rendering[-3:]
+    times = [s["t"] for s in rendering if s["t"] > 0]
+    assert len(times) >= 2 and times[-1] > times[0], times  # currentTime advances during the render
+    assert any("Slower than real time" in s["status"] for s in rendering)
+    frame = int(re.search(r"frame (\d+)", reply).group(1))
+    assert LIVE in title and f"(f{frame})" in title and "blend" in title
+    assert status.startswith("Done (complete)") and live_hidden, status
+    assert taken_over > 2.0, taken_over
+    # The segments the browser played, joined, are the finished mp4, frame for frame.
+    job = re.search(r"Done \(complete\): (\S+),", status).group(1)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(bodies))
+    final = decode(outputs / job / f"{job}.mp4")
+    assert final.shape[0] == 192
+    np.testing.assert_array_equal(decode(joined), final)
+    assert not (outputs / job / f"{job}.stream").exists()  # the segments went with the render
     assert shot.stat().st_size > 10_000
     assert not outside, f"the page fetched from outside loopback: {outside[:5]}"
     if os.environ.get("LVSTUDIO_WEB_SCREENSHOT"):
@@ -133,9 +174,10 @@ def test_closing_the_tab_stops_its_render_and_keeps_what_was_made(studio: tuple[
             page = browser.new_page()
             page.goto(url, wait_until="domcontentloaded")
             page.wait_for_selector("#render", timeout=60_000)
-            page.evaluate(WATCH_PREVIEWS)
             page.locator("#render").click()
-            page.wait_for_function("() => window.__previews.length >= 2", timeout=120_000, polling=50)
+            page.wait_for_function(FIRST_FRAME, timeout=120_000, polling=50)
+            page.wait_for_function("() => (document.querySelector('#live video')?.readyState || 0) >= 2",
+                                   timeout=120_000, polling=50)
             page.close()
         finally:
             browser.close()

@@ -5,10 +5,12 @@ slots (one render at a time by default; a second request gets a clear "busy" mes
 browser tab has its own `TabState` in a `gr.State`: the job it is rendering, which the Stop and live-prompt handlers
 reach. Nothing about sessions lives at module level.
 
-A render is a generator: it steps the session one chunk at a time and yields a preview frame, a status line and
-per-shot progress after every chunk, then the finished H.264 mp4, the contact sheet and the files to download.
-Stop sets a flag that the loop checks between chunks, so generation ends within one chunk and what was made is
-finished into a playable mp4. Outputs go to `<outputs>/<job id>/<job id>.*`; names never come from prompts.
+A render is a generator: it steps the session one chunk at a time and yields, after every chunk, the chunk as a
+short H.264 segment for the streaming video (lvstudio/web/stream.py; the first decoded frame goes out as an image
+before the first segment), a status line, per-shot progress and the timeline (lvstudio/web/page.py); at the end the
+finished mp4 (the segments joined) replaces the stream, with the contact sheet and the files to download. Stop sets
+a flag that the loop checks between chunks, so generation ends within one chunk and what was made is finished into
+a playable mp4. Outputs go to `<outputs>/<job id>/<job id>.*`; names never come from prompts.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from lvstudio.errors import LvError, StoryboardError
 from lvstudio.transitions import LIVE_CHOICES, LIVE_DEFAULT
+from lvstudio.web.page import CSS, PAGE_JS, TRANSITION_KEY, timeline_html
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -37,7 +40,8 @@ if TYPE_CHECKING:
     from lvstudio.presets.load import ModelBundle
     from lvstudio.session import RenderSession
     from lvstudio.storyboard import Storyboard
-    from lvstudio.video import ContactFrames, VideoSink
+    from lvstudio.video import ContactFrames
+    from lvstudio.web.stream import LiveVideo
 
 log = logging.getLogger("lvstudio.web")
 
@@ -58,14 +62,6 @@ prompt = "a red ball bouncing over the sea at dusk"
 [[shots]]
 at = "4s"
 prompt = "a red ball resting on the snow"
-"""
-CSS = """
-#validation textarea, #status textarea { font-family: ui-monospace, monospace; }
-#preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
-#result video { image-rendering: pixelated; }
-#progress table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
-#progress td, #progress th { padding: 2px 6px; text-align: left; }
-#progress progress { width: 100%; }
 """
 
 
@@ -98,13 +94,13 @@ class StudioConfig:
 class RenderJob:
     """One render started from a tab: the session, its mp4 sink, and where its files go."""
 
-    def __init__(self, job_id: str, folder: Path, session: RenderSession, story_file: Path, sink: VideoSink,
+    def __init__(self, job_id: str, folder: Path, session: RenderSession, story_file: Path, sink: LiveVideo,
                  contact: ContactFrames) -> None:
         self.job_id = job_id
         self.folder = folder
         self.session = session
         self.story_file = story_file
-        self.sink = sink
+        self.sink = sink  # the live video's segments, joined into the mp4 at the end
         self.contact = contact
         self.stop_event = threading.Event()
         self.running = True
@@ -176,9 +172,24 @@ def _validation_ok(sb: Storyboard) -> str:
             f"preset {sb.preset}, seed {sb.seed}")
 
 
-def _outputs_tuple(preview: np.ndarray | None, status: str, progress: str, video: str | None = None,
-                   sheet: str | None = None, files: list[str] | None = None) -> tuple[Any, ...]:
-    return preview, status, progress, video, sheet, files
+SKIP: Any = object()  # "leave this output as it is" (gradio's skip) in `_outputs_tuple`
+
+
+def _outputs_tuple(preview: Any, status: str, progress: Any, video: Any = None, sheet: Any = None,
+                   files: Any = None, live: Any = SKIP, timeline: Any = SKIP) -> tuple[Any, ...]:
+    """The render's outputs: (first frame, status, progress, result mp4, contact sheet, files, live segment,
+    timeline); SKIP leaves an output unchanged (the live video is only ever given segments or updates)."""
+    import gradio as gr
+
+    values = (preview, status, progress, video, sheet, files, live, timeline)
+    return tuple(gr.skip() if v is SKIP else v for v in values)
+
+
+def _player(*, live: bool) -> tuple[Any, Any]:
+    """(live video, result video) updates: the stream shown while rendering, the finished mp4 after."""
+    import gradio as gr
+
+    return gr.update(visible=live), gr.update(visible=not live)
 
 
 class WebStudio:
@@ -275,7 +286,8 @@ class WebStudio:
         job: RenderJob | None = None
         try:
             tab.loading, tab.stop_early = True, False
-            yield _outputs_tuple(None, "Loading the preset...", "")
+            live, result = _player(live=True)
+            yield _outputs_tuple(None, "Loading the preset...", "", video=result, live=live, timeline="")
             job = self._start(sb, text, preset, backend, seed_value)
             tab.job, tab.loading = job, False
             with self._jobs_lock:
@@ -382,7 +394,8 @@ class WebStudio:
         from lvstudio.atomic import atomic_write_text
         from lvstudio.job_folder import preset_reference
         from lvstudio.session import RenderSession, resolve_settings
-        from lvstudio.video import ContactFrames, VideoSink
+        from lvstudio.video import ContactFrames
+        from lvstudio.web.stream import LiveVideo
 
         job_id = new_job_id()
         folder = self.config.outputs / job_id
@@ -396,7 +409,7 @@ class WebStudio:
                                     job_dir=folder / f"{job_id}.job")
         folder.mkdir(parents=True, exist_ok=False)
         atomic_write_text(story_file, text)
-        sink = VideoSink(folder / f"{job_id}.mp4", settings.fps, settings.width, settings.height)
+        sink = LiveVideo(folder / f"{job_id}.mp4", settings.fps, settings.width, settings.height)
         contact = ContactFrames(settings.fps, self.config.contact_every_s)
         contact.want((r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges())
         job = RenderJob(job_id, folder, session, story_file, sink, contact)
@@ -406,20 +419,24 @@ class WebStudio:
         return job
 
     def _run(self, job: RenderJob) -> Iterator[tuple[Any, ...]]:
-        """Step the session, yielding a preview per chunk; returns the final outputs."""
+        """Step the session, yielding each chunk's segment (and first the first decoded frame); returns the final
+        outputs."""
         import torch
 
         session = job.session
-        preview: np.ndarray | None = None
+        first: np.ndarray | None = None
         pace = self.config.min_chunk_seconds
         # Step 1: one chunk per iteration; Stop is checked between chunks (and wakes the pacing wait).
         while not session.done and not job.stop_requested:
             t0 = time.perf_counter()
             with torch.no_grad():
-                chunk = session.step()  # sinks: mp4 writer, contact frames
-            if chunk.frames.shape[0]:
-                preview = chunk.frames[-1]  # [H, W, 3]
-            yield _outputs_tuple(preview, self._status(job), progress_html(session))
+                chunk = session.step()  # sinks: the live video's frame queue, contact frames
+            if first is None and chunk.frames.shape[0]:  # on screen before the first segment is even encoded
+                first = chunk.frames[0]  # [H, W, 3]
+                yield _outputs_tuple(first, self._status(job), SKIP, SKIP, SKIP, SKIP, timeline=self._timeline(job))
+            segment = job.sink.segment()
+            yield _outputs_tuple(SKIP, self._status(job), progress_html(session), SKIP, SKIP, SKIP,
+                                 live=str(segment) if segment is not None else SKIP, timeline=self._timeline(job))
             wait = pace - (time.perf_counter() - t0)
             if wait > 0:
                 job.stop_event.wait(wait)
@@ -427,16 +444,29 @@ class WebStudio:
         # is shutting down, keep the job for `lvstudio render --resume` instead.
         if job.abandoned and not session.done:
             kept = job.keep_for_resume(snapshot=True)
-            return _outputs_tuple(preview, f"The studio is shutting down: stopped at frame {session.frames_done}. "
-                                           f"{kept}", progress_html(session))
-        return self._finish(job, preview)
+            return _outputs_tuple(first, f"The studio is shutting down: stopped at frame {session.frames_done}. "
+                                         f"{kept}", progress_html(session))
+        last = job.sink.segment(final=True)  # frames too few for a segment of their own: the stream's last one
+        if last is not None:
+            yield _outputs_tuple(SKIP, self._status(job), SKIP, SKIP, SKIP, SKIP, live=str(last))
+        return self._finish(job, first)
+
+    @staticmethod
+    def _timeline(job: RenderJob) -> str:
+        s = job.session
+        return timeline_html(s.shot_ranges(), s.settings.num_frames, s.settings.fps, s.frames_done)
 
     def _status(self, job: RenderJob) -> str:
+        """Frame, chunk, speed; and whether the video is made slower than it plays (then playback waits)."""
         s = job.session
         total = s.settings.num_frames
         rate = s.frames_done / max(time.perf_counter() - job.started, 1e-9)
-        return (f"Rendering {job.job_id}: frame {s.frames_done}/{total} ({100 * s.frames_done // max(total, 1)}%), "
-                f"chunk {s.stats.chunks}, {rate:.1f} frames/s (x{rate / s.settings.fps:.2f} real time)")
+        speed = rate / s.settings.fps
+        line = (f"Rendering {job.job_id}: frame {s.frames_done}/{total} ({100 * s.frames_done // max(total, 1)}%), "
+                f"chunk {s.stats.chunks}, {rate:.1f} frames/s (x{speed:.2f} real time)")
+        if speed < 1.0:
+            line += "\nSlower than real time: the video pauses at the end of each segment until the next one is made."
+        return line
 
     def _finish(self, job: RenderJob, preview: np.ndarray | None) -> tuple[Any, ...]:
         from lvstudio.atomic import atomic_write_text
@@ -474,8 +504,10 @@ class WebStudio:
         how = f"stopped at frame {done} of {session.settings.num_frames}" if stopped else "complete"
         status = (f"Done ({how}): {job.job_id}, {done} frames = {done / session.settings.fps:.2f} s of video "
                   f"in {wall:.1f} s. Files are in {job.job_id}/ in the outputs folder.")
-        return _outputs_tuple(preview, status, progress_html(session, done=done), str(video), str(sheet),
-                              [str(f) for f in files])
+        live, result = _player(live=False)  # the finished mp4 replaces the stream
+        result["value"] = str(video)
+        return _outputs_tuple(preview, status, progress_html(session, done=done), result, str(sheet),
+                              [str(f) for f in files], live=live, timeline=self._timeline(job))
 
     # -- page --------------------------------------------------------------------------------------------------------
     def preset_choices(self) -> list[str]:
@@ -516,33 +548,38 @@ class WebStudio:
                     status = gr.Textbox("", label="Status", lines=3, max_lines=8, interactive=False,
                                         elem_id="status")
             with gr.Row():
-                with gr.Column(scale=1):
-                    preview_img = gr.Image(None, format="png", label="Live preview (last frame of each chunk)",
-                                           interactive=False, height=288, buttons=[], elem_id="preview")
-                with gr.Column(scale=1):
-                    live = gr.Textbox("", label="Live prompt (goes into the running render)", lines=2,
-                                      max_length=MAX_LIVE_PROMPT_CHARS, elem_id="live-prompt")
+                with gr.Column(scale=3, elem_id="player"):
+                    # Before the first segment plays: the first decoded frame (the page's script hides it then).
+                    first_img = gr.Image(None, format="png", label="First frame", interactive=False, height=320,
+                                         buttons=[], elem_id="first-frame")
+                    live_video = gr.Video(None, label="Live video (plays while it renders)", streaming=True,
+                                          autoplay=True, interactive=False, height=320, buttons=[], elem_id="live")
+                    video = gr.Video(None, label="Result (H.264 mp4)", format=None, interactive=False, height=320,
+                                     buttons=["download"], visible=False, elem_id="result")
+                    timeline = gr.HTML("", label="Timeline", elem_id="timeline")
+                with gr.Column(scale=2):
+                    live = gr.Textbox("", label="Live prompt (Enter pushes it into the running render)", lines=1,
+                                      max_lines=1, max_length=MAX_LIVE_PROMPT_CHARS, elem_id="live-prompt")
                     with gr.Row():
-                        transition = gr.Radio(list(LIVE_CHOICES), value=LIVE_DEFAULT, label="Transition",
+                        transition = gr.Radio(list(LIVE_CHOICES), value=LIVE_DEFAULT,
+                                              label=f"Transition ({TRANSITION_KEY}: next)",
                                               info="switch: the shot continues · cut: a new shot · blend: a fade",
                                               elem_id="live-transition")
                         push = gr.Button("Push prompt", elem_id="push")
                     pushed = gr.Textbox("", label="Live prompt status", interactive=False, elem_id="push-status")
                     progress = gr.HTML("", label="Shots", elem_id="progress")
             with gr.Row():
-                video = gr.Video(None, label="Result (H.264 mp4)", format=None, interactive=False, height=320,
-                                 buttons=["download"], elem_id="result")
                 sheet = gr.Image(None, type="filepath", format="png", label="Contact sheet", interactive=False,
                                  height=320, buttons=["download"], elem_id="contact")
-            files = gr.File(None, file_count="multiple", label="Downloads (mp4, manifest, storyboards, sheet)",
-                            interactive=False, elem_id="files")
+                files = gr.File(None, file_count="multiple", label="Downloads (mp4, manifest, storyboards, sheet)",
+                                interactive=False, elem_id="files")
 
             light = {"concurrency_limit": None, "show_progress": "hidden"}
             story.change(self.validate, [story], [validation], api_name="validate", trigger_mode="always_last",
                          **light)
             go.click(self.render, [story, preset, backend, seed, tab],
-                     [preview_img, status, progress, video, sheet, files], api_name="render",
-                     concurrency_limit=None, show_progress="minimal")
+                     [first_img, status, progress, video, sheet, files, live_video, timeline], api_name="render",
+                     concurrency_limit=None, show_progress="hidden")
             halt.click(self.stop, [tab], [status], api_name="stop", **light)
             push.click(self.push, [live, transition, tab], [pushed], api_name="push", **light)
             live.submit(self.push, [live, transition, tab], [pushed], api_name="push_submit", **light)
@@ -593,6 +630,6 @@ def launch_studio(studio: WebStudio, policy: Any, *, block: bool = True, quiet: 
         os.environ[key] = value
     demo = studio.build()
     demo.queue(max_size=16, default_concurrency_limit=1)
-    _, url, _ = demo.launch(prevent_thread_lock=not block, theme=studio_theme(), css=CSS,
+    _, url, _ = demo.launch(prevent_thread_lock=not block, theme=studio_theme(), css=CSS, js=PAGE_JS,
                             **launch_kwargs(policy, quiet=quiet))
     return demo, url

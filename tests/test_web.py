@@ -376,3 +376,18 @@ def test_preview_command_refuses_before_launching(tmp_path: Path) -> None:
     with pytest.raises(LvError, match="no such storyboard"):
         preview_command(tmp_path / "missing.toml", None, "127.0.0.1", False, None, None, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_preview_command_without_ffmpeg_names_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lvstudio.cli import app
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "ffprobe" else real_which(name, *a, **k))
+    result = CliRunner().invoke(app, ["preview", "--outputs", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "ffprobe, not found on the PATH" in result.output and "install FFmpeg" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()

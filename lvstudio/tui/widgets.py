@@ -19,11 +19,10 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from lvstudio.storyboard import format_time
+from lvstudio.timeline_palette import LIVE_COLOURS, SHOT_COLOURS
 from lvstudio.tui.preview import HalfBlockRenderer
 from lvstudio.tui.studio import LivePrompt, StudioStatus
 
-SHOT_COLOURS = ("#3b82f6", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#14b8a6", "#eab308", "#ec4899")
-LIVE_COLOURS = ("#e879f9", "#22d3ee", "#a3e635", "#fb923c")
 STATE_MARKS = {"starting": "…", "generating": "▶", "paused": "⏸", "stopped": "■", "finished": "✓", "error": "✗"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import typer
@@ -24,6 +25,16 @@ def _read_story(story: Path) -> str:
         raise LvError(f"cannot read {story} ({type(err).__name__})", hint="save it as UTF-8 text") from None
 
 
+def _require_ffmpeg() -> None:
+    """gradio's streaming video re-muxes every live segment with ffmpeg and probes it with ffprobe: without them the
+    first render would fail in the browser, so the studio refuses to start instead."""
+    missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
+    if missing:
+        raise LvError(f"the web studio's live video needs {' and '.join(missing)}, not found on the PATH",
+                      hint="install FFmpeg (it provides both ffmpeg and ffprobe), e.g. `apt install ffmpeg`, "
+                           "`brew install ffmpeg` or `conda install ffmpeg`, then start `lvstudio preview` again")
+
+
 def preview_command(story: Path | None, port: int | None, host: str, share: bool, auth: str | None,
                     preset: str | None, outputs: Path | None) -> None:
     """Open the studio on http://HOST:PORT (default 127.0.0.1) and serve until Ctrl-C."""
@@ -31,6 +42,7 @@ def preview_command(story: Path | None, port: int | None, host: str, share: bool
 
     if importlib.util.find_spec("gradio") is None:
         raise LvError("the web studio needs gradio, which is not installed", hint="pip install 'lvstudio[web]'")
+    _require_ffmpeg()
     from lvstudio.web.app import FALLBACK_STORY, StudioConfig, WebStudio, demo_story_path, launch_studio
     from lvstudio.web.security import make_policy
 

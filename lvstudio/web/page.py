@@ -12,9 +12,8 @@ import html
 from typing import Any
 
 from lvstudio.storyboard import format_time
+from lvstudio.timeline_palette import LIVE_COLOURS, SHOT_COLOURS
 
-SHOT_COLOURS = ("#3b82f6", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#14b8a6", "#eab308", "#ec4899")
-LIVE_COLOURS = ("#e879f9", "#22d3ee", "#a3e635", "#fb923c")
 TRANSITION_KEY = "F2"
 
 CSS = """

@@ -351,13 +351,13 @@ def place_dit(dit: WanDiT, plan: MemoryPlan, device: torch.device | str, *, pref
 # ---------------------------------------------------------------------------------------------------------------
 
 
-FP32_PARAMS = (".norm3.",)  # WanBlock feeds norm3 the float32 stream; layer_norm refuses bf16 weights with it
+FP32_PARAMS = (".norm3.",)  # small affine norms kept at full precision (WanBlock computes norm3 in fp32 anyway)
 
 
 def keep_fp32_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a DiT parameter is stored in when the model runs in `dtype`: float32 for the affine norm3 (Wan
-    computes its norms in fp32; `layer_norm` rejects an fp32 input with bf16 weights — seen on CPU, the same check
-    guards the CUDA kernel as far as we know: unverified on a GPU), `dtype` for the rest."""
+    """The dtype a DiT parameter is stored in when the model runs in `dtype`: float32 for the affine norm3 (a few
+    KB; Wan computes its norms in fp32, and WanBlock casts norm3's weights to fp32 whatever their dtype, so a plain
+    `.to(bf16)` runs too), `dtype` for the rest."""
     return torch.float32 if any(tag in name for tag in FP32_PARAMS) else dtype
 
 

@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -79,6 +79,8 @@ class ModelBundle:
     latent_channels: int
     spatial_stride: int = 8
     variants: dict[str, WanDiT] = field(default_factory=dict, repr=False)  # role -> DiT loaded by dit_for
+    image_encoder: Any | None = None  # image-to-video presets: lvstudio.models.clip_vision.ClipVisionEncoder
+    notes: list[str] = field(default_factory=list)  # what loading chose (e.g. GPU placement), printed by render
 
     def latent_hw(self, width: int, height: int) -> tuple[int, int]:
         s = self.spatial_stride

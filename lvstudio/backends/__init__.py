@@ -46,7 +46,7 @@ def make_backend(name: str, bundle: ModelBundle, buffer: PromptStreamBuffer, *, 
             takers = [n for n in BACKENDS if key in backend_class(n).options]
             if name in takers:  # a variant of the backend for this kind of preset (SVI) takes no such option
                 raise LvError(f"the {key!r} option does not apply to {name!r} with preset {bundle.preset.name!r} "
-                              f"(run by {cls.__name__})", hint=f"drop {key}; the preset's own LoRA is merged when it loads")
+                              f"(run by {cls.__name__})", hint=f"drop {key}; this preset's LoRA is merged as it loads")
             raise LvError(f"the {key!r} option applies to the {', '.join(takers) or 'no'} backend, not {name!r}",
                           hint=f"drop {key} or use backend = \"{takers[0]}\"" if takers else f"drop {key}")
     return cls(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors, cfg_scale=cfg_scale, **given)

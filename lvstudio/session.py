@@ -187,6 +187,10 @@ class RenderSession:
         with torch.no_grad():
             return self.bundle.vae.encode(still.to(self.bundle.device)).cpu()  # [1, C, 2, h, w]
 
+    def estimate(self) -> str | None:
+        """One line on the time per chunk, measured now, for presets far from real time (None for the others)."""
+        return None if self.bundle.preset.realtime else self.backend.estimate()
+
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
 

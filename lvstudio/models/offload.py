@@ -492,3 +492,33 @@ class StepClock:
         if not self.step_seconds:
             raise ValueError("no step measured yet")
         return estimate_clip_time(self.step_seconds[-1], self.steps, self.overhead_seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-level offload for an encoder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SwapOnCall:
+    """An encoder adapter (WanVAE, ClipVisionEncoder) whose `module` lives on the CPU and visits `device` only while
+    one of `methods` runs ("swap" in a MemoryPlan). Every other attribute is the adapter's own."""
+
+    def __init__(self, inner: Any, module: nn.Module, device: torch.device, methods: Sequence[str]) -> None:
+        self._inner, self._module, self._device, self._methods = inner, module, torch.device(device), set(methods)
+        module.to("cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name not in self._methods:
+            return attr
+
+        def visiting(*args: Any, **kwargs: Any) -> Any:
+            self._module.to(self._device)
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._module.to("cpu")
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        return visiting

@@ -145,6 +145,10 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
     from lvstudio.models.wan_components import resolve_device
 
     dev = resolve_device(device if device is not None else os.environ.get("LVSTUDIO_DEVICE", "cpu"))
+    if preset.crossclip.svi is not None and preset.is_hub:  # image-to-video (Stable Video Infinity)
+        from lvstudio.presets.load_i2v import load_svi_bundle
+
+        return load_svi_bundle(preset, dev)
     if preset.is_hub or preset.text_encoder != "tiny" or preset.vae != "tiny":
         return _load_hub_bundle(preset, dev)
     from lvstudio.models.tiny_text import load_text_encoder

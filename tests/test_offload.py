@@ -40,7 +40,7 @@ def test_footprint_of_wan_i2v_14b_in_bf16() -> None:
     assert 0.80 * GB < fp.block_bytes < 0.82 * GB
     assert fp.nonblock_bytes == fp.total_bytes - 40 * fp.block_bytes
     act = activation_bytes(CONFIGS["wan2.1-i2v-14b"], (21, 60, 104), batch=2)  # 81 frames, 480x832, CFG rows
-    assert 8 * GB < act < 16 * GB
+    assert 12.8 * GB < act < 14 * GB  # one such call peaked at 12.8 GB on an H200 (benchmarks/svi_speed.py)
 
 
 # -- the decision -----------------------------------------------------------------------------------------------

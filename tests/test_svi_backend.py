@@ -35,8 +35,8 @@ def _image(seed: int) -> torch.Tensor:
 
 def _setup(bundle, *, shots=((0.0, "a red ball over the sea"),), anchors=None, seed: int = 3):
     buf = PromptStreamBuffer(bundle.text.encode, block_latents=1, fps=16)
-    for at, prompt in shots:
-        buf.add_shot(at, prompt)
+    for at, prompt, *how in shots:
+        buf.add_shot(at, prompt, *how)
     if anchors is None:
         anchors = AnchorCache()
         anchors.add(CachedAnchor(0, "image:first.png", pixels=_image(0)))
@@ -61,8 +61,8 @@ def _record_y(monkeypatch) -> list[dict]:
 
 def test_shot_clips_chain_frames_prompts_and_conditioning(monkeypatch) -> None:
     bundle = tiny_svi_bundle("shot")
-    # "a blue cube" starts at frame 4, inside clip 0 (frames 0-7): it shows from clip 1 on.
-    be, buf = _setup(bundle, shots=((0.0, "a red ball over the sea"), (0.25, "a blue cube over the grass")))
+    # A switch to "a blue cube" at frame 4, inside clip 0 (frames 0-7): it shows from clip 1 on, the carry stays.
+    be, buf = _setup(bundle, shots=((0.0, "a red ball over the sea"), (0.25, "a blue cube over the grass", "switch")))
     assert isinstance(be, SviCrossClipBackend) and be.mode == SVI_MODES["shot"]
     calls = _record_y(monkeypatch)
     chunks = [be.step()]
@@ -85,6 +85,40 @@ def test_shot_clips_chain_frames_prompts_and_conditioning(monkeypatch) -> None:
     assert torch.equal(calls[0]["y"], pixel_carry_y(vae, ref[:, :, None], ref, F, "reference"))  # clip 0: the image
     assert torch.equal(calls[1]["text"], buf.embedding("a blue cube over the grass"))
     assert be.cache_summary()["latent_frames"] == 1.0  # one carried frame
+
+
+def test_a_cut_ends_the_clip_and_starts_a_new_shot_from_an_image(monkeypatch) -> None:
+    """A cut at 0.5 s (block 3, frame 9): clip 0 shows frames 0-8 (its held-back frame 8 too: nothing continues it),
+    clip 1 starts exactly at frame 9 with nothing carried, image-to-video from the shot's own anchor image; a cut
+    without an image of its own restarts from the latest earlier anchor image."""
+    bundle = tiny_svi_bundle("shot")
+    anchors = AnchorCache()
+    anchors.add(CachedAnchor(0, "image:first.png", pixels=_image(0)))
+    anchors.add(CachedAnchor(3, "image:second.png", pixels=_image(1)))
+    be, _ = _setup(bundle, anchors=anchors, shots=((0.0, "a red ball over the sea"),
+                                                   (0.5, "a blue cube over the grass", "cut"),
+                                                   (1.5, "a red cube over the sea", "cut")))
+    calls = _record_y(monkeypatch)
+    chunks = [be.step() for _ in range(4)]
+    assert [c.frame_start for c in chunks] == [0, 9, 17, 25] and [c.num_frames for c in chunks] == [9, 8, 8, 8]
+    assert [c.new_shot for c in chunks] == [False, True, False, True]
+    video0 = bundle.vae.decode(chunks[0].latents)
+    assert (chunks[0].frames == to_uint8_frames(video0)).all()  # all 9 frames, held-back one included
+    first_of = {k: pixel_carry_y(bundle.vae, _image(k)[:, :, None], _image(k), F, "reference") for k in (0, 1)}
+    assert torch.equal(calls[0]["y"], first_of[0]) and torch.equal(calls[1]["y"], first_of[1])  # new shot: image 2
+    assert not torch.equal(calls[2]["y"], first_of[1])  # then the shot continues from its own frames
+    assert torch.equal(calls[3]["y"], first_of[1])  # the cut at 1.5 s has no image: the latest earlier one
+    assert [c.prompt for c in chunks] == ["a red ball over the sea", "a blue cube over the grass",
+                                          "a blue cube over the grass", "a red cube over the sea"]
+
+
+def test_a_cut_inside_a_clip_ends_its_shown_frames_there() -> None:
+    bundle = tiny_svi_bundle("film")  # film: clips show 4 new frames... unless a cut comes first
+    be, buf = _setup(bundle, shots=((0.0, "a red ball over the sea"), (0.0625, "a blue cube over the grass", "cut")))
+    chunks = [be.step(), be.step()]  # the cut at frame 1 (block 1): clip 0 shows one frame
+    assert [c.frame_start for c in chunks] == [0, 1] and chunks[0].num_frames == 1
+    assert chunks[1].new_shot and chunks[1].block == 1 and be.chain.carry.shape[2] == 5
+    assert buf.next_block == be.next_block == 2
 
 
 def test_resume_at_a_clip_boundary_continues_exactly() -> None:

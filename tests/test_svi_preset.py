@@ -67,7 +67,7 @@ def test_shipped_svi_presets(name: str, mode: str, lora: str) -> None:
     p = load_preset(name)
     assert (p.backend, p.crossclip.svi, p.crossclip.pixel_frames, p.realtime) == ("erft-crossclip", mode, 81, False)
     assert (p.crossclip.steps, p.crossclip.shift, p.crossclip.cfg_scale, p.crossclip.sampler) == (50, 5.0, 5.0, "euler")
-    assert p.crossclip.negative_prompt.startswith("bright tones, overexposed")
+    assert p.negative_prompt.startswith("bright tones, overexposed")
     assert (p.width, p.height, p.fps, p.dit_config["model_type"], p.dit_config["num_layers"]) == (832, 480, 16, "i2v",
                                                                                                    40)
     assert p.files["svi_lora"].path == lora and p.file_repo("svi_lora") == SVI_REPO

@@ -83,7 +83,8 @@ class SviCrossClipBackend(BackendBase):
             cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
         self.sampling = I2VSampling(steps=self.st.steps, shift=self.st.shift, guidance=cfg_scale,
                                     sampler=self.st.sampler)
-        self.negative = buffer.embedding(self.st.negative_prompt) if cfg_scale != 1.0 else None  # [1, L, D]
+        negative = bundle.preset.negative_prompt
+        self.negative = buffer.embedding(negative) if cfg_scale != 1.0 else None  # [1, L, D]
         self.shot_block = 0  # first block of the current shot
         first = self._reference(0)
         if first is None:

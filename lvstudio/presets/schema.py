@@ -84,7 +84,6 @@ class CrossClipSettings(_Strict):
     svi: Literal["shot", "film", "tom", "2.0", "2.0-pro"] | None = None
     pixel_frames: int = Field(81, ge=5)  # SVI: frames per clip (1 + 4k), the previous clip's motion frames included
     sampler: Literal["euler", "unipc"] = "euler"  # SVI: the flow sampler of each clip
-    negative_prompt: str = ""  # SVI: the negative prompt of classifier-free guidance
 
     @field_validator("pixel_frames")
     @classmethod
@@ -195,6 +194,7 @@ class Preset(_Strict):
     text_offload: Literal["auto", "never", "cpu", "swap"] = "auto"  # where the text encoder lives on a GPU run
     training: dict = Field(default_factory=dict)  # how the weights were made, and their figures (informational)
     realtime: bool = True  # False: minutes per clip (14B); `presets list` says so and render prints an estimate
+    negative_prompt: str = ""  # CFG's unconditional prompt when the storyboard sets none ("" = the empty prompt)
     folder: Path | None = Field(None, exclude=True)  # where the preset's local files live (set by load_preset)
     sources: list[Path] = Field(default_factory=list, exclude=True)  # its preset files, the `base` chain, top first
 

@@ -59,9 +59,8 @@ def tiny_svi_bundle(mode: str = "shot", *, frames: int = 9, size: int = 32, step
     cpu = torch.device("cpu")
     preset = Preset(
         name="svi-test", backend="erft-crossclip", fps=16, width=size, height=size, realtime=False,
-        attention=AttentionSettings(block_frames=1),
-        crossclip=CrossClipSettings(svi=mode, pixel_frames=frames, steps=steps, shift=5.0, cfg_scale=cfg_scale,
-                                    negative_prompt=negative_prompt),
+        negative_prompt=negative_prompt, attention=AttentionSettings(block_frames=1),
+        crossclip=CrossClipSettings(svi=mode, pixel_frames=frames, steps=steps, shift=5.0, cfg_scale=cfg_scale),
     )
     return ModelBundle(preset, dit, TinyTextAdapter(text.eval()), WanVAE(comp["vae"], cpu, torch.float32), cpu,
                        latent_channels=16, image_encoder=ClipVisionEncoder(comp["image_encoder"],

@@ -63,6 +63,8 @@ class CachedAnchor:
     source: str  # "image:<path>" or "shot:<n>"
     latents: Tensor | None = None  # [1, C, >=2, h, w] clean latents (encoded image, or the captured shot block)
     capture_block: int | None = None  # "shot:<n>" anchors: the block whose latents are captured
+    # [1, 3, H, W] in [-1, 1]: the anchor image itself (or a captured first frame) for image-to-video backends (SVI)
+    pixels: Tensor | None = None
 
     def pinned(self) -> Tensor | None:
         """The latent to hold clean at the start of `block` ([1, C, 1, h, w]), or None if not captured yet."""

@@ -116,6 +116,10 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
     thumbs.want((r["frame_start"] + r["frame_end"]) // 2 for r in session.shot_ranges())
     if stop.requested:  # a signal came while the models loaded
         session.stop()
+    for note in session.bundle.notes:  # what loading chose (GPU placement of a 14B model)
+        echo(note)
+    if not stop.requested and (estimate := session.estimate()) is not None:
+        echo(estimate)
     try:
         _start_or_resume(req, session, sink, thumbs, resume_cmd, echo)
         # Step 3: run with a progress bar; a stop signal finishes the current chunk and keeps the job folder.

@@ -152,7 +152,8 @@ class RenderSession:
         for a in storyboard.anchors:
             block = self.buffer.seconds_to_block(a.at)
             if a.image is not None:
-                self.anchors.add(CachedAnchor(block, f"image:{a.image}", self._encode_image(a.image)))
+                pixels = self._read_image(a.image)  # [1, 3, H, W]
+                self.anchors.add(CachedAnchor(block, f"image:{a.image}", self._encode_image(pixels), pixels=pixels))
             else:
                 capture = self.buffer.seconds_to_block(storyboard.shots[a.shot - 1].at)
                 self.anchors.add(CachedAnchor(block, f"shot:{a.shot}", capture_block=capture))
@@ -168,7 +169,8 @@ class RenderSession:
             self.evaluator = OracleEvaluator(stride=score_stride)
 
     # -- inputs -----------------------------------------------------------------------------------------------------
-    def _encode_image(self, path: Path) -> torch.Tensor:
+    def _read_image(self, path: Path) -> torch.Tensor:
+        """An anchor image at the render size -> [1, 3, H, W] in [-1, 1]."""
         import cv2
 
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -176,10 +178,18 @@ class RenderSession:
             raise LvError(f"cannot read anchor image {path}", hint="use a PNG or JPEG file")
         img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (self.settings.width, self.settings.height),
                          interpolation=cv2.INTER_AREA)
-        x = torch.from_numpy(img).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
+        return torch.from_numpy(img).float().div(127.5).sub(1).permute(2, 0, 1)[None]
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[1, 3, H, W] -> latents [1, C, 2, h, w] of the still image (a first-frame latent and a 4-frame one)."""
+        x = pixels[:, :, None]  # [1, 3, 1, H, W]
         still = x.expand(-1, -1, 5, -1, -1)  # 1 + 4 frames of the still image
         with torch.no_grad():
             return self.bundle.vae.encode(still.to(self.bundle.device)).cpu()  # [1, C, 2, h, w]
+
+    def estimate(self) -> str | None:
+        """One line on the time per chunk, measured now, for presets far from real time (None for the others)."""
+        return None if self.bundle.preset.realtime else self.backend.estimate()
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)

@@ -40,7 +40,7 @@ def test_footprint_of_wan_i2v_14b_in_bf16() -> None:
     assert 0.80 * GB < fp.block_bytes < 0.82 * GB
     assert fp.nonblock_bytes == fp.total_bytes - 40 * fp.block_bytes
     act = activation_bytes(CONFIGS["wan2.1-i2v-14b"], (21, 60, 104), batch=2)  # 81 frames, 480x832, CFG rows
-    assert 8 * GB < act < 16 * GB
+    assert 12.8 * GB < act < 14 * GB  # one such call peaked at 12.8 GB on an H200 (benchmarks/svi_speed.py)
 
 
 # -- the decision -----------------------------------------------------------------------------------------------
@@ -225,3 +225,29 @@ def test_minutes_per_clip_from_the_first_step() -> None:
     assert len(reports) == 1 and clock.estimate().step_seconds == 10.0  # later steps refine, report once
     with pytest.raises(ValueError):
         estimate_clip_time(0.0, 50)
+
+
+def test_swap_on_call_visits_the_device_only_while_it_runs() -> None:
+    from lvstudio.models.offload import SwapOnCall
+
+    class Moves(torch.nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(2, 2)
+            self.seen: list[str] = []
+
+        def to(self, device):  # noqa: ANN001 - records where the model is sent
+            self.seen.append(str(device))
+            return self
+
+    class Encoder:
+        def __init__(self, module: Moves) -> None:
+            self.module, self.dim = module, 7
+
+        def encode(self, x: torch.Tensor) -> list[str]:
+            return list(self.module.seen)
+
+    module = Moves()
+    swapped = SwapOnCall(Encoder(module), module, torch.device("cpu"), ("encode",))
+    assert module.seen == ["cpu"] and swapped.dim == 7  # parked on the CPU; other attributes pass through
+    assert swapped.encode(torch.zeros(1)) == ["cpu", "cpu"]  # inside the call: sent to the device
+    assert module.seen == ["cpu", "cpu", "cpu"]  # and back afterwards

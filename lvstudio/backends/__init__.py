@@ -39,11 +39,14 @@ def make_backend(name: str, bundle: ModelBundle, buffer: PromptStreamBuffer, *, 
     (`BackendBase.options`), e.g. `lora` for erft-crossclip: None = the preset's ERFT LoRA if it names one,
     False = none, True = required, or a path. An option given as None counts as not given.
     """
-    cls = backend_class(name)
+    cls = backend_class(name).variant_for(bundle)
     given = {k: v for k, v in options.items() if v is not None}
     for key in given:
         if key not in cls.options:
             takers = [n for n in BACKENDS if key in backend_class(n).options]
+            if name in takers:  # a variant of the backend for this kind of preset (SVI) takes no such option
+                raise LvError(f"the {key!r} option does not apply to {name!r} with preset {bundle.preset.name!r} "
+                              f"(run by {cls.__name__})", hint=f"drop {key}; this preset's LoRA is merged as it loads")
             raise LvError(f"the {key!r} option applies to the {', '.join(takers) or 'no'} backend, not {name!r}",
                           hint=f"drop {key} or use backend = \"{takers[0]}\"" if takers else f"drop {key}")
     return cls(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors, cfg_scale=cfg_scale, **given)

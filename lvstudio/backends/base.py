@@ -76,6 +76,10 @@ class Generated:
     block: int
     latents: Tensor  # [1, C, n, h, w]
     cond: BlockConditioning  # the conditioning the chunk was made under (its prompt, event, blend weight)
+    # A backend that decodes its chunks itself (SVI: every clip is its own video) gives the frames [n, H, W, 3] uint8
+    # and the index of the first one; otherwise the base streams `latents` through its decoder.
+    frames: np.ndarray | None = None
+    frame_start: int | None = None
 
 
 class ConditioningCache:
@@ -123,6 +127,13 @@ class BackendBase(ABC):
 
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def variant_for(cls, bundle: ModelBundle) -> type[BackendBase]:
+        """The class that runs this backend for `bundle` (`make_backend` asks first): this class, or a subclass of
+        BackendBase registered under the same name for a kind of model (erft-crossclip -> its SVI variant for
+        image-to-video presets)."""
+        return cls
 
     def __init__(self, bundle: ModelBundle, buffer: PromptStreamBuffer, *, seed: int, width: int, height: int,
                  anchors: AnchorCache | None = None) -> None:
@@ -190,6 +201,11 @@ class BackendBase(ABC):
         decoder when the chunk is decoded; the conformance suite checks that a new shot does not depend on the
         previous one."""
 
+    def estimate(self) -> str | None:
+        """One line on how long a chunk will take, measured before the render starts, for backends that are far from
+        real time (render prints it). Default: None, nothing to say."""
+        return None
+
     def _read_conditioning(self, block: int) -> BlockConditioning:
         """The conditioning of `block` from the prompt stream (marking it handed out), calling the transition hook
         of a `cut` (`on_new_shot`) or a `switch` (`on_prompt_switch`) that starts there."""
@@ -217,13 +233,15 @@ class BackendBase(ABC):
         self._timings = dict.fromkeys(TIMING_KEYS, 0.0)
         out = self._generate()
         bc = out.cond
-        with self.timed("decode"):
-            if bc.new_shot:
-                self.decoder.new_shot()  # zero history, still 4 frames per latent: no smear of the previous shot
-            frames = to_uint8_frames(self.decoder.decode(out.latents))
+        frames = out.frames
+        if frames is None:
+            with self.timed("decode"):
+                if bc.new_shot:
+                    self.decoder.new_shot()  # zero history, still 4 frames per latent: no smear of the previous shot
+                frames = to_uint8_frames(self.decoder.decode(out.latents))
+        start = block_start_frame(out.block, self.block_latents) if out.frame_start is None else out.frame_start
         return Chunk(
-            index=out.index, block=out.block, frames=frames,
-            frame_start=block_start_frame(out.block, self.block_latents), latents=out.latents.cpu(),
+            index=out.index, block=out.block, frames=frames, frame_start=start, latents=out.latents.cpu(),
             latent_start=out.block * self.block_latents, event_id=bc.event_id, prompt=bc.prompt,
             blend_weight=bc.blend_weight, switched=bc.switched, new_shot=bc.new_shot,
             timings={**self._timings, "total": time.perf_counter() - t_start},

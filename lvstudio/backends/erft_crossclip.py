@@ -14,6 +14,10 @@ starts without carried latents and without the previous shot's reference — its
 the new shot, else nothing for its first clip and its own first latent afterwards (as at the start of a video).
 Clip k uses its own seed. Models fine-tuned with Error-Recycling (an ERFT LoRA named by the preset) learn to repair
 the errors such carried history accumulates.
+
+Stable Video Infinity presets (`[crossclip] svi = "shot" | "film" | ...`: a Wan2.1 image-to-video DiT with an SVI
+LoRA) run through `lvstudio.backends.svi_crossclip.SviCrossClipBackend` instead (`variant_for`): same name, same
+per-clip prompts and anchors, SVI's own clip conditioning.
 """
 
 from __future__ import annotations
@@ -45,6 +49,15 @@ INPLACE_MERGE_PARAMS = 1e8  # DiTs above this size get the LoRA merged in place 
 class ERFTCrossClipBackend(BackendBase):
     name = "erft-crossclip"
     options = ("lora",)
+
+    @classmethod
+    def variant_for(cls, bundle: ModelBundle) -> type[BackendBase]:
+        """SVI presets run as `SviCrossClipBackend`; every other preset as this class."""
+        if bundle.preset.crossclip.svi is None:
+            return cls
+        from lvstudio.backends.svi_crossclip import SviCrossClipBackend
+
+        return SviCrossClipBackend
 
     def __init__(
         self,

@@ -71,17 +71,19 @@ def dit_footprint(dit: nn.Module | WanDiTConfig, dtype: torch.dtype = torch.bflo
 
 def activation_bytes(cfg: WanDiTConfig, latent_shape: Sequence[int], batch: int = 2,
                      dtype: torch.dtype = torch.bfloat16) -> int:
-    """A generous estimate of the peak activation memory of one DiT call.
+    """An estimate of the peak activation memory of one DiT call, a little above what was measured.
 
-    latent_shape (f, h, w); batch = rows per call (2 with batched guidance). Per token: the fp32 residual stream
-    and its modulated fp32 copy and output (3 x dim x 4), q/k/v/attention output in the compute dtype (4 x dim),
-    and the FFN hidden before and after GELU (2 x ffn_dim). Flash/SDPA attention needs no L x L matrix.
+    latent_shape (f, h, w); batch = rows per call (2 with batched guidance). Per token: five fp32 copies of the
+    residual stream (the stream, its norm, the modulated copy, a gated output, the new stream: 5 x dim x 4),
+    q/k/v/attention output in the compute dtype (4 x dim), and the FFN hidden before and after GELU (2 x ffn_dim).
+    Flash/SDPA attention needs no L x L matrix. Wan2.1-I2V-14B, 81 frames at 480x832, 2 rows, bf16: 13.0 GB; one
+    call peaked at 12.8 GB above the weights and cross-attention K/V on an H200 (benchmarks/svi_speed.py).
     """
     f, h, w = latent_shape
     pt, ph, pw = cfg.patch_size
     tokens = (f // pt) * (h // ph) * (w // pw)
     item = torch.empty((), dtype=dtype).element_size()
-    per_token = 3 * cfg.dim * 4 + 4 * cfg.dim * item + 2 * cfg.ffn_dim * item
+    per_token = 5 * cfg.dim * 4 + 4 * cfg.dim * item + 2 * cfg.ffn_dim * item
     return int(batch * tokens * per_token)
 
 
@@ -351,13 +353,13 @@ def place_dit(dit: WanDiT, plan: MemoryPlan, device: torch.device | str, *, pref
 # ---------------------------------------------------------------------------------------------------------------
 
 
-FP32_PARAMS = (".norm3.",)  # WanBlock feeds norm3 the float32 stream; layer_norm refuses bf16 weights with it
+FP32_PARAMS = (".norm3.",)  # small affine norms kept at full precision (WanBlock computes norm3 in fp32 anyway)
 
 
 def keep_fp32_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a DiT parameter is stored in when the model runs in `dtype`: float32 for the affine norm3 (Wan
-    computes its norms in fp32; `layer_norm` rejects an fp32 input with bf16 weights — seen on CPU, the same check
-    guards the CUDA kernel as far as we know: unverified on a GPU), `dtype` for the rest."""
+    """The dtype a DiT parameter is stored in when the model runs in `dtype`: float32 for the affine norm3 (a few
+    KB; Wan computes its norms in fp32, and WanBlock casts norm3's weights to fp32 whatever their dtype, so a plain
+    `.to(bf16)` runs too), `dtype` for the rest."""
     return torch.float32 if any(tag in name for tag in FP32_PARAMS) else dtype
 
 
@@ -492,3 +494,33 @@ class StepClock:
         if not self.step_seconds:
             raise ValueError("no step measured yet")
         return estimate_clip_time(self.step_seconds[-1], self.steps, self.overhead_seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-level offload for an encoder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SwapOnCall:
+    """An encoder adapter (WanVAE, ClipVisionEncoder) whose `module` lives on the CPU and visits `device` only while
+    one of `methods` runs ("swap" in a MemoryPlan). Every other attribute is the adapter's own."""
+
+    def __init__(self, inner: Any, module: nn.Module, device: torch.device, methods: Sequence[str]) -> None:
+        self._inner, self._module, self._device, self._methods = inner, module, torch.device(device), set(methods)
+        module.to("cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name not in self._methods:
+            return attr
+
+        def visiting(*args: Any, **kwargs: Any) -> Any:
+            self._module.to(self._device)
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._module.to("cpu")
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        return visiting

@@ -219,8 +219,11 @@ class WanBlock(nn.Module):
         h = per_frame(self.norm1(x.float())) * (1 + scale_msa) + shift_msa
         y = self.self_attn(h.flatten(1, 2).to(dtype), attn, layer)
         x = x + (per_frame(y.float()) * gate_msa).flatten(1, 2)
-        # Step 2: cross-attention on the affine-normed stream (no modulation, no gate).
-        x = x + self.cross_attn(self.norm3(x.float()).to(dtype), ctx_kv).float()
+        # Step 2: cross-attention on the affine-normed stream (no modulation, no gate). The norm runs in fp32 with fp32
+        # weights whatever dtype they are stored in (Wan: fp32 autocast; diffusers: FP32LayerNorm).
+        n3 = self.norm3
+        normed = F.layer_norm(x.float(), n3.normalized_shape, n3.weight.float(), n3.bias.float(), n3.eps)
+        x = x + self.cross_attn(normed.to(dtype), ctx_kv).float()
         # Step 3: modulated FFN, gated residual.
         h = per_frame(self.norm2(x.float())) * (1 + scale_ffn) + shift_ffn
         y = self.ffn(h.flatten(1, 2).to(dtype))

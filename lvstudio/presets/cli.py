@@ -77,7 +77,8 @@ def preset_status(preset: Preset) -> str:
 
 
 def presets_list(*, echo: Echo = print) -> list[tuple[str, str]]:
-    """One line per preset found (name, backend, native size, status, description); returns (name, status)."""
+    """One line per preset found (name, backend, native size, status, description, which says when a preset is not
+    real time); returns (name, status)."""
     from lvstudio.presets.schema import available_presets, load_preset
 
     out = []
@@ -85,7 +86,8 @@ def presets_list(*, echo: Echo = print) -> list[tuple[str, str]]:
         p = load_preset(name)
         status = preset_status(p)
         size = f"{p.width}x{p.height}@{p.fps}"
-        echo(f"{name:24s} {p.backend:14s} {size:12s} {status:20s} {p.description}")
+        speed = "" if p.realtime else "NOT REAL TIME (minutes per clip): "
+        echo(f"{name:24s} {p.backend:14s} {size:12s} {status:20s} {speed}{p.description}")
         out.append((name, status))
     return out
 

@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -79,6 +79,8 @@ class ModelBundle:
     latent_channels: int
     spatial_stride: int = 8
     variants: dict[str, WanDiT] = field(default_factory=dict, repr=False)  # role -> DiT loaded by dit_for
+    image_encoder: Any | None = None  # image-to-video presets: lvstudio.models.clip_vision.ClipVisionEncoder
+    notes: list[str] = field(default_factory=list)  # what loading chose (e.g. GPU placement), printed by render
 
     def latent_hw(self, width: int, height: int) -> tuple[int, int]:
         s = self.spatial_stride
@@ -143,6 +145,10 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
     from lvstudio.models.wan_components import resolve_device
 
     dev = resolve_device(device if device is not None else os.environ.get("LVSTUDIO_DEVICE", "cpu"))
+    if preset.crossclip.svi is not None and preset.is_hub:  # image-to-video (Stable Video Infinity)
+        from lvstudio.presets.load_i2v import load_svi_bundle
+
+        return load_svi_bundle(preset, dev)
     if preset.is_hub or preset.text_encoder != "tiny" or preset.vae != "tiny":
         return _load_hub_bundle(preset, dev)
     from lvstudio.models.tiny_text import load_text_encoder

@@ -78,6 +78,19 @@ class CrossClipSettings(_Strict):
     shift: float = Field(2.0, gt=0)
     cfg_scale: float | None = Field(None, ge=0)  # classifier-free guidance; None = the preset's sampler.cfg_scale
     lora: str | None = None  # role in [files] of an ERFT LoRA to apply (safetensors)
+    # Stable Video Infinity: an image-to-video DiT (its SVI LoRA merged at load, `svi_lora` in [files]) makes clips of
+    # `pixel_frames` frames, each conditioned on the previous one as this release does (lvstudio.models.svi.SVI_MODES:
+    # shot / film / tom / 2.0 carry decoded frames, 2.0-pro latents). None: the latent carry-over above.
+    svi: Literal["shot", "film", "tom", "2.0", "2.0-pro"] | None = None
+    pixel_frames: int = Field(81, ge=5)  # SVI: frames per clip (1 + 4k), the previous clip's motion frames included
+    sampler: Literal["euler", "unipc"] = "euler"  # SVI: the flow sampler of each clip
+
+    @field_validator("pixel_frames")
+    @classmethod
+    def _frames(cls, value: int) -> int:
+        if (value - 1) % 4:
+            raise ValueError(f"pixel_frames must be 1 + 4k (e.g. 81), got {value}")
+        return value
 
 
 class StreamingSettings(_Strict):
@@ -180,6 +193,8 @@ class Preset(_Strict):
     vae_dtype: DType = "auto"
     text_offload: Literal["auto", "never", "cpu", "swap"] = "auto"  # where the text encoder lives on a GPU run
     training: dict = Field(default_factory=dict)  # how the weights were made, and their figures (informational)
+    realtime: bool = True  # False: minutes per clip (14B); `presets list` says so and render prints an estimate
+    negative_prompt: str = ""  # CFG's unconditional prompt when the storyboard sets none ("" = the empty prompt)
     folder: Path | None = Field(None, exclude=True)  # where the preset's local files live (set by load_preset)
     sources: list[Path] = Field(default_factory=list, exclude=True)  # its preset files, the `base` chain, top first
 

@@ -33,3 +33,35 @@ def tiny_i2v_components(seed: int = 0) -> dict:
     )).eval()
     image_processor = transformers.CLIPImageProcessor(crop_size=32, size=32)
     return {"vae": vae, "transformer": transformer, "image_encoder": image_encoder, "image_processor": image_processor}
+
+
+WORDS = ["a", "red", "blue", "ball", "cube", "over", "the", "sea", "grass", "blurry", "static"]
+
+
+def tiny_svi_bundle(mode: str = "shot", *, frames: int = 9, size: int = 32, steps: int = 2, cfg_scale: float = 5.0,
+                    negative_prompt: str = "blurry static", seed: int = 0):
+    """A ModelBundle for the SVI cross-clip backend on the components above (the Wan I2V architecture: DiT, VAE and
+    CLIP vision tower with random weights) and the tiny word-level text encoder at the DiT's text width."""
+    from lvstudio.models.clip_vision import ClipVisionEncoder
+    from lvstudio.models.key_maps import load_dit_state_dict
+    from lvstudio.models.tiny_text import TinyTextConfig, TinyTextEncoder
+    from lvstudio.models.wan_components import WanVAE
+    from lvstudio.models.wan_dit import WanDiT
+    from lvstudio.models.wan_i2v import dit_config_from_diffusers
+    from lvstudio.presets import AttentionSettings, CrossClipSettings, Preset
+    from lvstudio.presets.load import ModelBundle, TinyTextAdapter
+
+    comp = tiny_i2v_components(seed)
+    dit = WanDiT(dit_config_from_diffusers(comp["transformer"].config)).eval()
+    load_dit_state_dict(dit, comp["transformer"].state_dict(), source="tiny i2v transformer")
+    torch.manual_seed(seed)
+    text = TinyTextEncoder(TinyTextConfig.for_words(WORDS, dim=TEXT_DIM, num_layers=1, num_heads=2, text_len=8))
+    cpu = torch.device("cpu")
+    preset = Preset(
+        name="svi-test", backend="erft-crossclip", fps=16, width=size, height=size, realtime=False,
+        negative_prompt=negative_prompt, attention=AttentionSettings(block_frames=1),
+        crossclip=CrossClipSettings(svi=mode, pixel_frames=frames, steps=steps, shift=5.0, cfg_scale=cfg_scale),
+    )
+    return ModelBundle(preset, dit, TinyTextAdapter(text.eval()), WanVAE(comp["vae"], cpu, torch.float32), cpu,
+                       latent_channels=16, image_encoder=ClipVisionEncoder(comp["image_encoder"],
+                                                                           comp["image_processor"], cpu))

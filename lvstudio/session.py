@@ -141,10 +141,10 @@ class RenderSession:
         for name, ident in storyboard.identities.items():
             self.identities.add(name, ident.prompt, ident.image)
         self.buffer = PromptStreamBuffer(bundle.text.encode, self.identities, block_latents=block_latents,
-                                         fps=settings.fps)
+                                         fps=settings.fps, negative=storyboard.negative_prompt)
         for i, shot in enumerate(storyboard.shots):
             self.buffer.add_shot(shot.at, shot.prompt, shot.transition.kind, shot.transition.seconds, shot=i,
-                                 seed=shot.seed)
+                                 seed=shot.seed, negative=shot.negative_prompt)
         for ident in self.identities.identities.values():
             ident.embedding = self.buffer.embedding(ident.prompt)
         # Step 2: anchors (images encoded by the VAE; "first frame of shot N" captured while rendering).
@@ -229,6 +229,8 @@ class RenderSession:
                 lines.append(f'transition = "{kind}"')
             if ev.seed is not None:
                 lines.append(f"seed = {ev.seed}")
+            if ev.negative is not None:
+                lines.append(f"negative_prompt = {json.dumps(ev.negative)}")
             prev_at = at
         return parse_storyboard("\n".join(lines) + "\n", source="<rendered session>")
 

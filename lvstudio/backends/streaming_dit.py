@@ -154,7 +154,7 @@ class StreamingDiTBackend(BackendBase):
         first = self.chunks.pop(0)
         x0 = self.x[:, :, : self.c]
         self.x = self.x[:, :, self.c :]
-        cond = self.conds.get(first.cond.key, first.cond.context)
+        cond = self.conds.of(first.cond)
         self.dit(x0.expand(self.batch, -1, -1, -1, -1), torch.zeros(self.batch, self.c, device=x0.device), cond,
                  attention=AttentionSpec(self.c), kv_cache=self.cache, start_frame=first.block * self.c - self.origin,
                  write_cache=True, rope_mode=self.attn.rope_mode)
@@ -173,7 +173,7 @@ class StreamingDiTBackend(BackendBase):
         keys = list(OrderedDict.fromkeys(ch.cond.key for ch in self.chunks))
         for key in keys:
             ch0 = next(ch for ch in self.chunks if ch.cond.key == key)
-            cond = self.conds.get(ch0.cond.key, ch0.cond.context)
+            cond = self.conds.of(ch0.cond)
             out = self.conds.guide(self.dit(self.x.expand(self.batch, -1, -1, -1, -1), t.expand(self.batch, -1), cond,
                                             attention=self.spec, kv_cache=self.cache, start_frame=start,
                                             rope_mode=self.attn.rope_mode))

@@ -108,6 +108,11 @@ class SessionStats:
         return (self.frames / fps) / wall if wall > 0 else 0.0
 
 
+def _default_negative(sb: Storyboard, preset: Preset) -> str:
+    """CFG's unconditional prompt for shots without their own: the storyboard's, else the preset's (default "")."""
+    return preset.negative_prompt if sb.negative_prompt is None else sb.negative_prompt
+
+
 class RenderSession:
     def __init__(
         self,
@@ -118,10 +123,12 @@ class RenderSession:
         job_dir: Path | None = None,
         snapshot_every: int = 8,
         score_stride: int = SCORE_STRIDE,
+        extend: torch.Tensor | None = None,
     ) -> None:
         """score_stride: world presets have the oracle read every `score_stride`-th frame as it is made, for the
-        manifest's per-shot scores (renders of any length; 0 = never score)."""
-        from lvstudio.backends import make_backend
+        manifest's per-shot scores (renders of any length; 0 = never score). extend: a video [1, 3, F, H, W] in
+        [-1, 1] that this render continues (SkyReels-V2 DF presets; the frames made are the continuation)."""
+        from lvstudio.backends import backend_class, make_backend
 
         self.storyboard = storyboard
         self.bundle = bundle
@@ -141,7 +148,8 @@ class RenderSession:
         for name, ident in storyboard.identities.items():
             self.identities.add(name, ident.prompt, ident.image)
         self.buffer = PromptStreamBuffer(bundle.text.encode, self.identities, block_latents=block_latents,
-                                         fps=settings.fps, negative=storyboard.negative_prompt)
+                                         fps=settings.fps,
+                                         negative=_default_negative(storyboard, bundle.preset))
         for i, shot in enumerate(storyboard.shots):
             self.buffer.add_shot(shot.at, shot.prompt, shot.transition.kind, shot.transition.seconds, shot=i,
                                  seed=shot.seed, negative=shot.negative_prompt)
@@ -157,8 +165,13 @@ class RenderSession:
                 capture = self.buffer.seconds_to_block(storyboard.shots[a.shot - 1].at)
                 self.anchors.add(CachedAnchor(block, f"shot:{a.shot}", capture_block=capture))
         # Step 3: the backend.
+        options: dict[str, Any] = {}
+        if "num_frames" in backend_class(settings.backend).options:
+            options["num_frames"] = settings.num_frames  # a backend that plans its segments for the video's length
+        if extend is not None:
+            options["extend"] = extend
         self.backend = make_backend(settings.backend, bundle, self.buffer, seed=settings.seed, width=settings.width,
-                                    height=settings.height, anchors=self.anchors)
+                                    height=settings.height, anchors=self.anchors, **options)
         self.frames_done = 0
         # Step 4: the manifest's evaluator (world presets): reads frames as they stream, keeps only its readings.
         self.evaluator: ShotEvaluator | None = None
@@ -349,7 +362,7 @@ class RenderSession:
             self.buffer.add(PromptEvent(**ev))
         # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before; a chunk
         # that started a new shot restarts the decoder, as it did then).
-        decoder = self.bundle.vae.streaming_decoder()
+        decoder = self.backend.fresh_decoder()
         frames: list[np.ndarray] = []
         done = 0
         for i in range(point.index):

@@ -263,6 +263,47 @@ class TestERFTCrossClip(BackendConformance):
     backend = "erft-crossclip"
 
 
+class TestStreamingDiTSkyReels(BackendConformance):
+    """streaming-dit in its SkyReels-V2 DF mode (a preset with [skyreels]), on random weights only (no trained DF
+    model is small enough for CPU)."""
+
+    backend = "streaming-dit"
+
+    @pytest.fixture(params=["random"])
+    def weights(self) -> tuple[ModelBundle, int]:
+        from tests.helpers.random_bundle import random_skyreels_bundle
+
+        return random_skyreels_bundle(), SIZES["random"]
+
+    @pytest.fixture
+    def random_weights(self) -> ModelBundle:
+        from tests.helpers.random_bundle import random_skyreels_bundle
+
+        return random_skyreels_bundle()
+
+    def test_is_registered_under_its_name(self, random_weights: ModelBundle) -> None:
+        from lvstudio.backends.skyreels_mode import SkyReelsDFMode
+
+        be = self.make(random_weights, SIZES["random"])
+        assert type(be) is SkyReelsDFMode and be.name == "streaming-dit"
+
+    def test_cache_summary_keys_and_bounded_memory(self, random_weights: ModelBundle) -> None:
+        """Chunks are blocks of a segment that finishes several at once, so what is held cycles with the segment
+        (4 chunks of 2 latents per 6-latent segment with 2 carried); it is bounded: every later cycle repeats."""
+        be = self.make(random_weights, SIZES["random"])
+        summaries = []
+        for _ in range(44):
+            be.step()
+            summaries.append(be.cache_summary())
+        assert all(tuple(s) == SUMMARY_KEYS for s in summaries)
+        period = 2  # (6 - 2) / 2 blocks per segment
+        assert all(s == summaries[8 + i % period] for i, s in enumerate(summaries[8:])), summaries[6:12]
+
+    @pytest.mark.skip(reason="no trained SkyReels model runs on CPU; random weights only")
+    def test_a_switch_changes_the_content_on_the_tiny_preset(self) -> None:
+        pass
+
+
 def test_every_registered_backend_is_covered() -> None:
     covered = {cls.backend for cls in BackendConformance.__subclasses__()}
     assert covered == set(BACKENDS), f"add a conformance class for: {sorted(set(BACKENDS) - covered)}"

@@ -42,7 +42,8 @@ def test_parsed_defaulted_and_written_back() -> None:
     assert [sb.negative_for(i) for i in range(3)] == ["blurry, static", "{hero}", ""]
     assert parse_storyboard(dump_storyboard(sb)) == sb
     plain = parse_storyboard('title = "t"\nduration = 3\n[[shots]]\nat = 0\nprompt = "a red ball"\n')
-    assert plain.negative_prompt == "" and plain.negative_for(0) == ""  # the empty prompt stays the default
+    assert plain.negative_prompt is None and plain.negative_for(0) == ""  # the empty prompt stays the default
+    assert plain.negative_for(0, default="static") == "static"  # ... unless the preset names one
     assert "negative_prompt" not in dump_storyboard(plain)
 
 

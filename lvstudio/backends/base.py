@@ -195,6 +195,14 @@ class BackendBase(ABC):
     def _load_state(self, state: dict[str, Tensor]) -> None:
         """Restore `_state()` and the prompt stream's position (`buffer.restore_position`)."""
 
+    def block_start_frame(self, block: int) -> int:
+        """First output pixel frame of prompt-stream block `block` (Wan layout: block 0 is 3 frames shorter)."""
+        return block_start_frame(block, self.block_latents)
+
+    def fresh_decoder(self):  # noqa: ANN201 - the VAE's streaming decoder
+        """A new streaming decoder in the state this backend's decoder started in (`--resume` re-decodes with it)."""
+        return self.bundle.vae.streaming_decoder()
+
     # -- transition hooks ------------------------------------------------------------------------------------------
     def on_prompt_switch(self, bc: BlockConditioning) -> None:  # noqa: B027 - an optional hook, no-op by default
         """A `switch` at block `bc.block`: the shot continues under a new prompt. Default: nothing — the new prompt
@@ -240,7 +248,7 @@ class BackendBase(ABC):
             frames = to_uint8_frames(self.decoder.decode(out.latents))
         return Chunk(
             index=out.index, block=out.block, frames=frames,
-            frame_start=block_start_frame(out.block, self.block_latents), latents=out.latents.cpu(),
+            frame_start=self.block_start_frame(out.block), latents=out.latents.cpu(),
             latent_start=out.block * self.block_latents, event_id=bc.event_id, prompt=bc.prompt,
             blend_weight=bc.blend_weight, switched=bc.switched, new_shot=bc.new_shot,
             timings={**self._timings, "total": time.perf_counter() - t_start},

@@ -399,7 +399,7 @@ class Storyboard(BaseModel):
     resolution: tuple[int, int] | None = None
     duration: float
     seed: int = 0
-    negative_prompt: str = ""  # CFG's unconditional row for every shot without its own ("" = the empty prompt)
+    negative_prompt: str | None = None  # CFG's unconditional row for shots without their own; None = the preset's
     identities: dict[str, Identity] = Field(default_factory=dict)
     anchors: list[Anchor] = Field(default_factory=list)
     shots: list[Shot]
@@ -467,8 +467,8 @@ class Storyboard(BaseModel):
 
     @field_validator("negative_prompt", mode="before")
     @classmethod
-    def _negative(cls, value: Any) -> str:
-        return negative_field(value)
+    def _negative(cls, value: Any) -> str | None:
+        return None if value is None else negative_field(value)
 
     @field_validator("identities", mode="before")
     @classmethod
@@ -556,7 +556,7 @@ class Storyboard(BaseModel):
 
     def _check_references(self) -> None:
         """Every `{name}` in a prompt or a negative prompt names a defined identity."""
-        texts: list[tuple[str, tuple[str | int, ...]]] = [(self.negative_prompt, ("negative_prompt",))]
+        texts: list[tuple[str, tuple[str | int, ...]]] = [(self.negative_prompt or "", ("negative_prompt",))]
         for i, shot in enumerate(self.shots):
             texts.append((shot.prompt, ("shots", i, "prompt")))
             if shot.negative_prompt:
@@ -616,7 +616,11 @@ class Storyboard(BaseModel):
         prompt = self.shots[shot_index].prompt
         return _REF_RE.sub(lambda m: self.identities[m.group(1)].prompt, prompt)
 
-    def negative_for(self, shot_index: int) -> str:
-        """The negative prompt (as written) of a shot: its own, else the storyboard's ("" = the empty prompt)."""
+    def negative_for(self, shot_index: int, default: str = "") -> str:
+        """The negative prompt (as written) of a shot: its own, else the storyboard's, else `default` (the preset's;
+        "" = the empty prompt)."""
         own = self.shots[shot_index].negative_prompt
-        return self.negative_prompt if own is None else own
+        for text in (own, self.negative_prompt):
+            if text is not None:
+                return text
+        return default

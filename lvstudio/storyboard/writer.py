@@ -35,7 +35,7 @@ def dump_storyboard(sb: Storyboard) -> str:
     if sb.resolution is not None:
         lines.append(f'resolution = "{sb.resolution[0]}x{sb.resolution[1]}"')
     lines += [f'duration = "{format_time(sb.duration)}"', f"seed = {sb.seed}"]
-    if sb.negative_prompt:
+    if sb.negative_prompt is not None:
         lines.append(f"negative_prompt = {toml_string(sb.negative_prompt)}")
     for name, identity in sb.identities.items():
         lines += ["", f"[identities.{name}]", f"prompt = {toml_string(identity.prompt)}"]

@@ -56,7 +56,7 @@ def _session_latents(comp: Components, sk: SkyReelsSettings, text: str, base_dir
 
 
 def _reference(comp: Components, cls, sk: SkyReelsSettings, num_frames: int, **extra) -> torch.Tensor:  # noqa: ANN001
-    torch.manual_seed(block_seed(SEED, 1, "skyreels"))  # addnoise_condition: the global generator in diffusers
+    torch.manual_seed(block_seed(SEED, 0, "skyreels-addnoise"))  # addnoise_condition: the global generator in diffusers
     pipe = comp.pipeline(cls, sk.shift)
     negative = UMT5Text(comp.text_encoder, comp.tokenizer, TEXT_LEN, torch.device("cpu"), "never").encode([NEGATIVE])
     return pipe(prompt=None, prompt_embeds=comp.prompt, negative_prompt_embeds=negative, height=HEIGHT, width=WIDTH,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lvstudio.backends.base import BackendBase, Generated, block_seed
+from lvstudio.backends.base import BackendBase, Generated, block_generator
 from lvstudio.backends.streaming_dit import StreamingDiTBackend
 from lvstudio.errors import LvError
 from lvstudio.prompt_stream import BlockConditioning
@@ -52,13 +52,12 @@ def df_settings(sk: SkyReelsSettings) -> DFSettings:
                       addnoise_condition=sk.addnoise_condition)
 
 
-def planned_latents(num_frames: int | None, block: int, prefix: int = 0) -> int | None:
-    """Timeline latents for `num_frames` output pixel frames: enough latents (the session trims the frames), whole
-    blocks (every segment must divide), plus the `prefix` latents of a video being extended."""
-    if num_frames is None:
-        return None
-    new = math.ceil((num_frames - 1) / 4) + 1 if prefix == 0 else math.ceil(num_frames / 4)
-    return prefix + math.ceil(new / block) * block
+def planned_latents(num_frames: int, block: int, prefix: int = 0, *, first_frame: bool = True) -> int:
+    """Run latents for `num_frames` output pixel frames: enough latents (the session trims the frames), whole blocks
+    (every segment must divide), plus the `prefix` latents of a video being extended. first_frame: the run's first
+    latent is one frame (a video's start), else every latent is 4 frames (after a cut, after an extended video)."""
+    new = math.ceil((num_frames - 1) / 4) + 1 if first_frame else math.ceil(num_frames / 4)
+    return prefix + max(math.ceil(new / block), 1) * block
 
 
 class SkyReelsDFMode(StreamingDiTBackend):
@@ -93,26 +92,36 @@ class SkyReelsDFMode(StreamingDiTBackend):
         self.batch = 2 if self.cfg != 1.0 else 1  # model calls per prompt (cond, uncond)
         self.spec = skyreels_attention(sk.causal_block_size, sk.causal_attention)
         self._conds: OrderedDict[str, Conditioning] = OrderedDict()
-        # Step 1: the first frames: a video to extend, or an anchor image at 0:00 (image-to-video), or none.
-        prefix, kind = self._prefix(extend)
-        self.offset = 0  # timeline latents before the output (the extended video's tail)
-        shape = (1, bundle.latent_channels, self.h, self.w)
-        self.sampler = SkyReelsDFSampler(
-            self.df, shape, None, prefix=prefix, prefix_kind=kind,
-            generator=torch.Generator().manual_seed(block_seed(seed, 0, "skyreels")),
-            condition_generator=torch.Generator().manual_seed(block_seed(seed, 1, "skyreels")),
-            device=bundle.device)
-        if kind == "video":
-            self.offset = self.sampler.input_latents
-            self._prime = prefix[:, :, : self.offset]  # the timeline's first latents (diffusers cuts the end)
-            self.decoder = self.fresh_decoder()
-        self.sampler.num_latents = planned_latents(num_frames, self.block_latents, self.offset)
-        self.sampler.segment_plan(0)  # raises now for a plan that cannot work
-        # Step 2: the stream: per-block conditionings of frames in flight, finished latents not yet returned.
+        self.num_frames = num_frames
         self.block_conds: dict[int, BlockConditioning] = {}
-        self.ready: Tensor | None = None  # [1, C, n, h, w] finished timeline latents from `returned` on
-        self.returned = self.offset  # timeline latents handed out as chunks (or skipped: the extended video's)
-        self.entered = 0  # prompt-stream blocks whose frames have entered the sampler
+        self.ready: Tensor | None = None  # [1, C, n, h, w] finished run latents from `returned` on
+        self.entered = 0  # prompt-stream blocks whose frames have entered a sampler (their prompt is fixed)
+        self.cut_at = -1  # the block of a cut that ends the current run (-1: none known)
+        # The first run starts at block 0 from a video to extend, an anchor image at 0:00 or noise.
+        prefix, kind = self._prefix(extend)
+        self._prime = None
+        self._new_run(0, prefix, kind)
+        if kind == "video":
+            self._prime = prefix[:, :, : self.offset]  # the run's first latents (diffusers cuts the end)
+            self.decoder = self.fresh_decoder()
+
+    def _new_run(self, block: int, prefix: Tensor | None = None, kind: str | None = None) -> None:
+        """A fresh DF run from prompt-stream block `block` (0, or the block of a cut: nothing carries over)."""
+        n = self.block_latents
+        self.run_block, self.cut_at = block, -1
+        self.block_conds = {b: bc for b, bc in self.block_conds.items() if b < block}  # frames of the old run
+        self.sampler = SkyReelsDFSampler(
+            self.df, (1, self.bundle.latent_channels, self.h, self.w), None, prefix=prefix, prefix_kind=kind,
+            generator=block_generator(self.seed, block, torch.device("cpu"), "skyreels"),
+            condition_generator=block_generator(self.seed, block, torch.device("cpu"), "skyreels-addnoise"),
+            device=self.bundle.device)
+        self.offset = self.sampler.input_latents  # run latents before the output (an extended video's tail)
+        if self.num_frames is not None:
+            left = self.num_frames - self.block_start_frame(block)
+            self.sampler.num_latents = planned_latents(left, n, self.offset, first_frame=block == 0 and not self.offset)
+        self.sampler.segment_plan(0)  # raises now for a plan that cannot work
+        self.returned = self.offset  # run latents handed out as chunks (or skipped: the extended video's)
+        self.ready = None
 
     def _prefix(self, extend: Tensor | None) -> tuple[Tensor | None, str | None]:
         if extend is not None:
@@ -131,7 +140,7 @@ class SkyReelsDFMode(StreamingDiTBackend):
     def fresh_decoder(self):  # noqa: ANN201 - the VAE's streaming decoder type
         """A decoder primed with the extended video's tail (its frames are the video's, not output)."""
         decoder = self.bundle.vae.streaming_decoder()
-        if getattr(self, "offset", 0):
+        if getattr(self, "_prime", None) is not None:
             with torch.no_grad():
                 decoder.decode(self._prime)
         return decoder
@@ -139,7 +148,7 @@ class SkyReelsDFMode(StreamingDiTBackend):
     # -- positions --------------------------------------------------------------------------------------------------
     @property
     def next_index(self) -> int:
-        return (self.returned - self.offset) // self.block_latents
+        return self.run_block + (self.returned - self.offset) // self.block_latents
 
     @property
     def next_block(self) -> int:
@@ -151,21 +160,47 @@ class SkyReelsDFMode(StreamingDiTBackend):
         return max(self.entered - self.next_block, 0)
 
     def block_start_frame(self, block: int) -> int:
-        if self.offset:  # after an extended video every latent is 4 new frames
+        if self._prime is not None:  # after an extended video every latent is 4 new frames
             return 4 * block * self.block_latents
         return super().block_start_frame(block)
 
     def _block_of(self, latent: int) -> int:
-        return (latent - self.offset) // self.block_latents
+        """The prompt-stream block of a latent of the current run."""
+        return self.run_block + (latent - self.offset) // self.block_latents
+
+    # -- cuts: a cut ends the run; the new shot is a fresh run ---------------------------------------------------------
+    def on_new_shot(self, bc: BlockConditioning) -> None:
+        """A cut inside the current run (known only once its block enters: a live cut): the run's frames from that
+        block on are made but never shown; the next run starts at the cut."""
+        if bc.block > self.run_block and (self.cut_at < 0 or bc.block < self.cut_at):
+            self.cut_at = bc.block
+
+    def _end_run_at_known_cut(self) -> None:
+        """Before a segment starts: a cut the prompt stream already knows inside it ends the run there (the segment is
+        planned shorter, as diffusers plans a video's last segment)."""
+        seg = self.sampler.segment_plan(self.sampler.segment_index)
+        if seg is None or self.sampler.latents is not None or self.cut_at >= 0:
+            return
+        first_new = self._block_of(seg.start + max(seg.emit_from, seg.prefix, 1))
+        cut = self.buffer.first_cut(max(first_new, self.run_block + 1), self._block_of(seg.end - 1) + 1)
+        if cut is not None:
+            self.cut_at = cut
+            self.sampler.num_latents = self.offset + (cut - self.run_block) * self.block_latents
 
     # -- one chunk = one block --------------------------------------------------------------------------------------
     def _generate(self) -> Generated:
         n = self.block_latents
         while self.ready is None or self.ready.shape[2] < n:
+            if self.ready is None and self.next_block == self.cut_at:
+                self._new_run(self.cut_at)  # every frame before the cut is out: the new shot starts from nothing
+                continue
+            self._end_run_at_known_cut()
             if self.sampler.done:
-                if self.ready is None:
+                if self.ready is None and self.next_block != self.cut_at:
                     raise LvError("the SkyReels run is complete: no frames are left to make",
                                   hint="render a longer duration")
+                if self.ready is None:
+                    continue
                 break
             self._call()
         block = self._block_of(self.returned)
@@ -181,12 +216,16 @@ class SkyReelsDFMode(StreamingDiTBackend):
         """One sampler iteration: read the entering blocks' prompts, then one model call per distinct prompt."""
         nxt = self.sampler.peek()
         assert nxt is not None  # callers check `done`
-        # Step 1: blocks entering now read their conditioning (a cut calls on_prompt_switch).
+        # Step 1: blocks entering now read their conditioning (a cut calls on_new_shot; a switch, on_prompt_switch).
         for latent in nxt.entering:
             b = self._block_of(latent)
-            if b >= 0 and b not in self.block_conds:
+            if b in self.block_conds:
+                continue
+            if self.cut_at < 0 or b < self.cut_at:
                 self.block_conds[b] = self._read_conditioning(b)
                 self.entered = max(self.entered, b + 1)
+            if 0 <= self.cut_at <= b:  # made, never shown: the new shot starts afresh
+                self.block_conds[b] = self.buffer.conditioning(self.cut_at - 1)
         # Step 2: frames stepped at this call, grouped by the prompt they entered with.
         groups: OrderedDict[str, list[int]] = OrderedDict()
         for latent in nxt.updating:
@@ -208,8 +247,9 @@ class SkyReelsDFMode(StreamingDiTBackend):
 
         with self.timed("denoise"):
             chunks = self.sampler.step(denoise)
+        stop = None if self.cut_at < 0 else self.offset + (self.cut_at - self.run_block) * self.block_latents
         for chunk in chunks:
-            lat = chunk.latents[:, :, max(self.offset - chunk.start, 0) :]
+            lat = chunk.latents[:, :, max(self.offset - chunk.start, 0) : None if stop is None else stop - chunk.start]
             if lat.shape[2]:
                 self.ready = lat if self.ready is None else torch.cat([self.ready, lat], dim=2)
 
@@ -240,14 +280,20 @@ class SkyReelsDFMode(StreamingDiTBackend):
 
     def _state(self) -> dict[str, Tensor]:
         state = {f"df.{k}": v for k, v in self.sampler.state_dict().items()}
-        state["counters"] = torch.tensor([self.returned, self.entered])
+        length = -1 if self.sampler.num_latents is None else self.sampler.num_latents
+        state["counters"] = torch.tensor([self.returned, self.entered, self.run_block, self.cut_at, length])
         if self.ready is not None:
             state["ready"] = self.ready.contiguous()
         return state
 
     def _load_state(self, state: dict[str, Tensor]) -> None:
+        returned, entered, run_block, cut_at, length = (int(v) for v in state["counters"])
+        if run_block != self.run_block:
+            self._new_run(run_block)
         self.sampler.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("df.")})
-        self.returned, self.entered = (int(v) for v in state["counters"])
+        self.sampler.num_latents = None if length < 0 else length
+        self.returned, self.entered, self.cut_at = returned, entered, cut_at
         self.ready = state["ready"].to(self.bundle.device) if "ready" in state else None
         self.buffer.restore_position(self.entered)
-        self.block_conds = {b: self.buffer.conditioning(b) for b in range(self.next_block, self.entered)}
+        self.block_conds = {b: self.buffer.conditioning(b if cut_at < 0 or b < cut_at else cut_at - 1)
+                            for b in range(self.next_block, self.entered)}

@@ -66,6 +66,7 @@ class RenderSettings:
     width: int
     height: int
     num_frames: int  # None of the overrides can make this unbounded; live sessions pass a large number
+    extend: str | None = None  # the video this render continues: "<file name> sha256:<hex>" (part of a job's identity)
 
     @property
     def duration(self) -> float:
@@ -437,4 +438,5 @@ def build_manifest(session: RenderSession, story: Path, video: Path, *, probe: P
             "recache_stall_ms": [round(x, 2) for x in st.recache_ms],
         },
         "caches": session.cache_summary(),
+        **({"extends": s.extend} if s.extend else {}),  # the video this render continues (it comes first)
     }

@@ -198,6 +198,11 @@ class RenderSession:
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
 
+    def block_frame(self, block: int) -> int:
+        """The first video frame of prompt-stream block `block` (where an event at that block shows; the studios
+        report live prompts with it)."""
+        return self.backend.block_start_frame(block)
+
     def push(self, prompt: str, transition: str = LIVE_DEFAULT, blend_blocks: int = 2) -> PromptEvent:
         """Live prompt from any thread: lands on the next block not yet generated. `transition` (lvstudio.transitions):
         "switch" (default: the shot you are watching continues under the new prompt), "cut" (a new shot) or "blend"
@@ -385,14 +390,13 @@ class RenderSession:
     # -- summaries --------------------------------------------------------------------------------------------------
     def shot_ranges(self) -> list[dict[str, Any]]:
         """Per prompt event: its frame range in the rendered video."""
-        n = self.bundle.preset.attention.block_frames
         events = self.buffer.events
         out = []
         for i, ev in enumerate(events):
-            start = min(block_start_frame(ev.block, n), self.settings.num_frames)
+            start = min(self.block_frame(ev.block), self.settings.num_frames)
             end = self.settings.num_frames
             if i + 1 < len(events):
-                end = min(block_start_frame(events[i + 1].block, n), end)
+                end = min(self.block_frame(events[i + 1].block), end)
             out.append({"event": i, "source": ev.source, "shot": ev.shot, "prompt": ev.prompt, "resolved": ev.resolved,
                         "transition": ev.transition, "block": ev.block, "frame_start": start, "frame_end": end,
                         "time": round(start / self.settings.fps, 3)})

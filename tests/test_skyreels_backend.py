@@ -114,3 +114,33 @@ def test_extend_continues_a_video_as_the_video_to_video_pipeline(comp: Component
         chunks = [be.step() for _ in range(3)]
     assert [c.frame_start for c in chunks] == [0, 20, 40] and all(c.num_frames == 20 for c in chunks)
     _assert_close(torch.cat([c.latents for c in chunks], dim=2), ref[:, :, 5:])
+
+
+def test_live_prompts_through_the_session_api_land_where_the_studios_say() -> None:
+    """What the TUI and the web studio do (RenderSession.push from another thread between chunks): a live switch
+    lands on the first block that has not entered the sampler and shows from that block's frame on."""
+    from tests.helpers.random_bundle import random_skyreels_bundle
+
+    bundle = random_skyreels_bundle()
+    sb = parse_storyboard('title = "t"\nduration = "4s"\n[[shots]]\nat = 0\nprompt = "a red ball"\n')
+    settings = RenderSettings("random-skyreels", "streaming-dit", 0, 16, 32, 32, sb.num_frames())
+    session = RenderSession(sb, bundle, settings)
+    made = []
+    session.add_sink(made.append)
+    for _ in range(2):
+        session.step()
+    event = session.push("a blue cube", transition="switch")
+    assert event.block == session.backend.next_block + session.backend.lead_blocks
+    with torch.no_grad():
+        session.run()
+    assert all((c.prompt == "a blue cube") == (c.block >= event.block) for c in made)
+    assert any(c.prompt == "a blue cube" for c in made)
+    live = [s for s in session.shot_ranges() if s["source"] == "live"]
+    assert live[0]["frame_start"] == session.block_frame(event.block)
+    assert "a blue cube" in dump_rendered(session)
+
+
+def dump_rendered(session: RenderSession) -> str:
+    from lvstudio.storyboard import dump_storyboard
+
+    return dump_storyboard(session.rendered_storyboard())

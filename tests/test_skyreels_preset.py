@@ -170,3 +170,46 @@ def test_extend_errors_exit_2(skyenv, tmp_path: Path) -> None:  # noqa: ANN001
         assert result.exit_code == 2, result.output
         assert words in result.output and "Traceback" not in result.output
         assert not out.exists() and not os.path.exists(tmp_path / "x.job" / "job.json")
+
+
+@pytest.mark.slow
+def test_an_interrupted_extend_resumes_to_the_same_video(skyenv, tmp_path: Path,  # noqa: ANN001
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM after the second chunk of an `--extend` render, then `--resume --extend`: the encoder gets exactly the
+    frames of the uninterrupted render (the previous video's, then the same new ones); `--resume` with another video
+    is refused (exit 2). Frames, not mp4 bytes: on this content x264 did not always give the same bytes for the same
+    frames from one run to the next (seen on the loaded 2-core machine, uninterrupted renders included)."""
+    import signal
+
+    from lvstudio.video import VideoSink
+    from tests.helpers.fault_render import SignalAt, assert_clean_exit, cli
+    from tests.helpers.skyreels_hub import NAME as preset
+
+    fed: dict[str, list[np.ndarray]] = {}
+    real_write = VideoSink.write
+
+    def write(sink: VideoSink, frames: np.ndarray) -> None:
+        fed.setdefault(sink.path.name, []).append(frames.reshape(-1, *frames.shape[-3:]).copy())
+        real_write(sink, frames)
+
+    story = tmp_path / "story.toml"
+    story.write_text(STORY.format(preset=preset))
+    previous, other = tmp_path / "previous.mp4", tmp_path / "other.mp4"
+    rng = np.random.default_rng(0)
+    for path in (previous, other):
+        with VideoSink(path, 24, 64, 64) as sink:
+            sink.write(rng.integers(0, 256, (21, 64, 64, 3), dtype=np.uint8))
+    monkeypatch.setattr(VideoSink, "write", write)
+    ref, out = tmp_path / "ref.mp4", tmp_path / "out.mp4"
+    assert_clean_exit(cli("render", str(story), "--out", str(ref), "--extend", str(previous), "--no-progress"), 0)
+    with SignalAt(2, [signal.SIGTERM]):
+        r = cli("render", str(story), "--out", str(out), "--extend", str(previous), "--no-progress")
+    assert_clean_exit(r, 143, f"--extend {previous} --resume")
+    refused = cli("render", str(story), "--out", str(out), "--extend", str(other), "--no-progress", "--resume")
+    assert_clean_exit(refused, 2, "extend: the job has")
+    fed.pop("out.mp4")
+    done = cli("render", str(story), "--out", str(out), "--extend", str(previous), "--no-progress", "--resume")
+    assert_clean_exit(done, 0)
+    want, got = np.concatenate(fed["ref.mp4"]), np.concatenate(fed["out.mp4"])
+    assert want.shape == got.shape == (21 + 48, 64, 64, 3) and np.array_equal(want, got)
+    assert out.exists() and not out.with_name("out.job").exists()

@@ -20,6 +20,14 @@ peak GPU memory and the KV-cache size.
     python benchmarks/wan_speed.py                       # 14 blocks per mode (steady state from block 6 / 3)
     python benchmarks/wan_speed.py --blocks 30 --window 21 --json out/wan_speed.json
     python benchmarks/wan_speed.py --allow-cpu --tiny    # smoke test of the code path (tiny sizes, no GPU)
+    python benchmarks/wan_speed.py --skyreels            # SkyReels-V2 DF 1.3B at the preset's settings instead
+
+`--skyreels`: the `skyreels-v2-df-1.3b-540p` preset's regime (the streaming-dit backend's DF mode): the 1.3B DiT with
+the fps sample info at 960x544 (latent 68x120, 2040 tokens per latent frame), 24 fps, segments of 97 frames (25
+latents) carrying 17 (5 latents), 30 UniPC steps, CFG 6 (two DiT calls per step), through lvstudio's DF sampler, in
+the asynchronous mode the preset ships (ar_step 5, blocks of 5) and the synchronous one (ar_step 0). Reported per
+mode: model calls, time to the first finished frames (decoded), frames/s overall and from the second segment on
+(what a long video runs at), peak GPU memory. Upstream: about 14.7 GB peak VRAM for the 1.3B model at 540P.
 
 Without a CUDA GPU it says so and exits 0 (nothing is measured).
 """
@@ -182,6 +190,119 @@ def run_mode(dit, vae, *, mode: str, window: int | None, sink: int, blocks: int,
                       masks_steady, peak, cache.nbytes() / 2**20, decode_time / total if total else 0.0)
 
 
+@dataclass(frozen=True)
+class DFResult:
+    mode: str
+    pixel_frames: int
+    calls: int  # sampler iterations (each = 2 DiT forwards with CFG)
+    first_chunk_s: float  # noise -> the first finished frames, decoded
+    fps: float
+    fps_steady: float  # frames/s from the second segment on (NaN with one segment)
+    peak_mem_gib: float
+    decode_share: float
+
+
+def skyreels_settings(tiny: bool, ar_step: int):
+    from lvstudio.sampling.df_sampler import DFSettings
+
+    cbs = 5 if ar_step else 1
+    if tiny:
+        return DFSettings(num_steps=4, shift=8.0, base_num_frames=37, ar_step=ar_step, causal_block_size=cbs,
+                          overlap_history=17, addnoise_condition=20)
+    return DFSettings(num_steps=30, shift=8.0, base_num_frames=97, ar_step=ar_step, causal_block_size=cbs,
+                      overlap_history=17, addnoise_condition=20)
+
+
+def run_skyreels(dit, vae, settings, *, mode: str, num_frames: int, latent_hw: tuple[int, int], device,
+                 guidance: float = 6.0) -> DFResult:
+    """Generate `num_frames` pixel frames with the DF sampler (the streaming-dit DF mode's model calls)."""
+    import torch
+
+    from lvstudio.sampling.df_sampler import SkyReelsDFSampler, latent_frames
+    from lvstudio.sampling.skyreels_df import skyreels_conditioning, skyreels_denoiser
+
+    cfg = dit.cfg
+    gen = torch.Generator(device=device).manual_seed(0)
+    cond = skyreels_conditioning(dit, torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen, device=device), 24)
+    uncond = skyreels_conditioning(dit, torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen, device=device), 24)
+    denoise = skyreels_denoiser(dit, cond, uncond, guidance, causal_block_size=settings.causal_block_size)
+    sampler = SkyReelsDFSampler(settings, (1, cfg.out_dim, *latent_hw), latent_frames(num_frames),
+                                generator=torch.Generator().manual_seed(1),
+                                condition_generator=torch.Generator().manual_seed(2), device=device)
+    decoder = vae.streaming_decoder() if vae is not None else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    frames = calls = 0
+    first = steady_t0 = None
+    steady_frames = 0
+    decode_time = 0.0
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        while not sampler.done:
+            if sampler.segment_index == 1 and sampler.iteration == 0 and steady_t0 is None:
+                _sync(device)
+                steady_t0 = time.perf_counter()
+            chunks = sampler.step(denoise)
+            calls += 1
+            for chunk in chunks:
+                t1 = time.perf_counter()
+                n = int(decoder.decode(chunk.latents).shape[2]) if decoder is not None else \
+                    4 * chunk.num_frames - (3 if chunk.start == 0 else 0)
+                _sync(device)
+                decode_time += time.perf_counter() - t1
+                frames += n
+                if steady_t0 is not None:
+                    steady_frames += n
+                if first is None:
+                    first = time.perf_counter() - t0
+    _sync(device)
+    total = time.perf_counter() - t0
+    steady_s = time.perf_counter() - steady_t0 if steady_t0 is not None else 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return DFResult(mode, frames, calls, first or float("nan"), frames / total,
+                    steady_frames / steady_s if steady_s > 0 else float("nan"), peak, decode_time / total)
+
+
+def skyreels_main(args, device, dtype) -> int:
+    """--skyreels: the DF modes (async as the preset ships, and sync)."""
+    import torch
+
+    from lvstudio.models.wan_dit import CONFIGS, WanDiT, WanDiTConfig
+
+    height, width = (64, 64) if args.tiny else (544, 960)
+    latent_hw = (height // 8, width // 8)
+    torch.manual_seed(0)
+    base = WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=64, text_len=16) \
+        if args.tiny else CONFIGS["wan2.1-t2v-1.3b"]
+    cfg = WanDiTConfig.from_dict({**base.to_dict(), "inject_sample_info": True})
+    with torch.device(device):
+        dit = WanDiT(cfg)
+    dit = dit.to(dtype).eval().requires_grad_(False)
+    _, vae = build(args.tiny, device, dtype, with_vae=not args.no_vae) if not args.no_vae else (None, None)
+    num_frames = args.df_frames or (77 if args.tiny else 177)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test, not a measurement)"
+    print(f"device: {gpu}; SkyReels-V2 DF DiT {sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B params, "
+          f"{dtype}; {width}x{height} (latent {latent_hw[0]}x{latent_hw[1]}); {num_frames} frames at 24 fps; CFG 6; "
+          f"VAE decode: {'no' if args.no_vae else 'yes'}; torch {torch.__version__}")
+    results = []
+    for mode, ar_step in (("skyreels-df async 5/5", 5), ("skyreels-df sync", 0)):
+        results.append(run_skyreels(dit, vae, skyreels_settings(args.tiny, ar_step), mode=mode,
+                                    num_frames=num_frames, latent_hw=latent_hw, device=device))
+    print(f"{'mode':<24} {'frames':>6} {'calls':>5} {'first frames s':>14} {'frames/s':>9} {'fps steady':>10} "
+          f"{'peak GiB':>8} {'decode %':>8}")
+    for r in results:
+        print(f"{r.mode:<24} {r.pixel_frames:>6} {r.calls:>5} {r.first_chunk_s:>14.3f} {r.fps:>9.2f} "
+              f"{r.fps_steady:>10.2f} {r.peak_mem_gib:>8.2f} {100 * r.decode_share:>7.1f}%")
+    print(f"async / sync: speed x{results[0].fps / results[1].fps:.2f}, "
+          f"first frames x{results[0].first_chunk_s / results[1].first_chunk_s:.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": gpu, "dtype": str(dtype), "width": width, "height": height,
+                                         "vae": not args.no_vae, "results": [asdict(r) for r in results]}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=14,
@@ -202,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-cpu", action="store_true", help="run on the CPU when no GPU (smoke test only)")
     ap.add_argument("--tiny", action="store_true", help="tiny DiT/VAE and 64x64 (smoke test of the code path)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--skyreels", action="store_true", help="SkyReels-V2 DF 1.3B at the preset's settings instead")
+    ap.add_argument("--df-frames", type=int, default=None,
+                    help="--skyreels: pixel frames (default 177 = 2 segments; tiny: 77 = 3 segments)")
     args = ap.parse_args(argv)
 
     import torch
@@ -220,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.skyreels:
+        return skyreels_main(args, device, dtype)
     height, width = (64, 64) if args.tiny else (args.height, args.width)
     if height % 16 or width % 16:
         print(f"wan_speed: {width}x{height} is not a multiple of 16", file=sys.stderr)

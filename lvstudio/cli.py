@@ -188,6 +188,9 @@ def render(
     keep_job: Annotated[bool, typer.Option("--keep-job", help="Keep the job folder (per-chunk latents).")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: $LVSTUDIO_DEVICE or cpu).")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    extend: Annotated[Path | None, typer.Option(
+        "--extend", metavar="VIDEO.mp4", help="Continue this video (SkyReels-V2 DF presets): the output is the video "
+                                              "followed by the storyboard's frames.")] = None,
 ) -> None:
     """Render a storyboard to an H.264 mp4 (+ manifest.json and a contact sheet), or a batch of them.
 
@@ -201,11 +204,13 @@ def render(
     if out_dir is not None or len(story) > 1 or story[0].is_dir() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if out is not None:
             raise LvError("--out names the output of one storyboard", hint="give a batch an --out-dir")
+        if extend is not None:
+            raise LvError("--extend continues one video with one storyboard", hint="render that storyboard alone")
         _render_batch(story, out_dir or Path("out"), preset, backend, seed, secs, force, not no_progress, keep_job,
                       device, threads)
         return
     req = RenderRequest(story[0], out, preset, backend, seed, secs, resume, force, progress=not no_progress,
-                        keep_job=keep_job, threads=threads, device=device)
+                        keep_job=keep_job, threads=threads, device=device, extend=extend)
     result = run_render(req, echo=_say)
     if result.interrupted:
         raise typer.Exit(result.exit_code or INTERRUPTED)

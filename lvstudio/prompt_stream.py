@@ -51,6 +51,7 @@ class PromptEvent:
     source: str = "storyboard"  # "storyboard" | "live"
     shot: int | None = None  # storyboard shot index (0-based)
     seed: int | None = None  # per-shot seed override
+    negative: str | None = None  # CFG's unconditional prompt as written (None = the buffer's default)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class BlockConditioning:
     switched: bool  # a `switch` starts at this block: the shot continues under a new prompt
     seed: int | None
     new_shot: bool = False  # a `cut` starts at this block: a new shot, nothing of the previous one carries over
+    negative: str = ""  # resolved negative prompt: the unconditional row of classifier-free guidance
 
 
 class PromptStreamBuffer:
@@ -75,8 +77,11 @@ class PromptStreamBuffer:
         *,
         block_latents: int,
         fps: int,
+        negative: str = "",
     ) -> None:
+        """negative: the default negative prompt (the storyboard's `negative_prompt`; "" = the empty prompt)."""
         self._encode = encode
+        self.negative = negative
         self.identities = identities or IdentityCache()
         self.block_latents = block_latents
         self.fps = fps
@@ -96,17 +101,18 @@ class PromptStreamBuffer:
         return event
 
     def add_shot(self, at_seconds: float, prompt: str, transition: str = STORYBOARD_DEFAULT,
-                 blend_seconds: float = 0.0, shot: int | None = None, seed: int | None = None) -> PromptEvent:
+                 blend_seconds: float = 0.0, shot: int | None = None, seed: int | None = None,
+                 negative: str | None = None) -> PromptEvent:
         blocks = 0
         if check_transition(transition) == BLEND:
             blocks = max(1, round(blend_seconds * self.fps / (4 * self.block_latents)))
         return self.add(PromptEvent(self.seconds_to_block(at_seconds), prompt, self.identities.resolve(prompt),
-                                    transition, blocks, "storyboard", shot, seed))
+                                    transition, blocks, "storyboard", shot, seed, negative))
 
     def push(self, prompt: str, at: int | None = None, transition: str = LIVE_DEFAULT, blend_blocks: int = 2,
-             seed: int | None = None) -> PromptEvent:
+             seed: int | None = None, negative: str | None = None) -> PromptEvent:
         """Live prompt: applies from block `at`, default the next block not yet generated; a `switch` unless
-        `transition` says otherwise. Thread-safe."""
+        `transition` says otherwise. Thread-safe. negative: its negative prompt (None = the buffer's default)."""
         if not prompt.strip():
             raise ValueError("a live prompt must not be empty")
         check_transition(transition)
@@ -114,7 +120,8 @@ class PromptStreamBuffer:
         with self._lock:
             block = self._next_block if at is None else max(at, self._next_block)
         blocks = blend_blocks if transition == BLEND else 0
-        return self.add(PromptEvent(block, prompt, resolved, transition, blocks, "live", seed=seed))
+        return self.add(PromptEvent(block, prompt, resolved, transition, blocks, "live", seed=seed,
+                                    negative=negative))
 
     @property
     def events(self) -> list[PromptEvent]:
@@ -156,9 +163,12 @@ class PromptStreamBuffer:
             ctx = (1 - weight) * self.embedding(prev.resolved) + weight * ctx
             key = f"{prev.resolved} -> {ev.resolved} @ {weight:.4f}"
         starts = ev.block == block and block > 0 and prev is not None
+        negative = self.identities.resolve(self.negative if ev.negative is None else ev.negative)
+        if negative:
+            key = f"{key} || negative: {negative}"
         return BlockConditioning(block, i, ev.resolved, ctx, key, weight, prev_prompt,
                                  switched=starts and ev.transition == SWITCH, seed=ev.seed,
-                                 new_shot=starts and ev.transition == CUT)
+                                 new_shot=starts and ev.transition == CUT, negative=negative)
 
     def first_cut(self, start: int, stop: int) -> int | None:
         """The first block in [start, stop) where a `cut` starts a new shot (None if none), as far as the events

@@ -50,6 +50,7 @@ class RenderRequest:
     device: str | None = None  # None: $LVSTUDIO_DEVICE or cpu
     threads: int = 1  # torch CPU threads (1 avoids OpenMP oversubscription; 0 = torch default)
     contact_every_s: float = 4.0
+    extend: Path | None = None  # a video to continue (SkyReels-V2 DF presets): the output is it + the new frames
 
 
 @dataclass
@@ -103,13 +104,18 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
     # settings unless the command gives others, which are then refused).
     saved = _check_outputs(req, out, job)
     preset, settings = resolve_settings(sb, **_overrides(req, saved))
+    tail = None
+    if req.extend is not None:
+        tail, settings.extend = _previous_video(req.extend, preset.skyreels, settings.fps, settings.width,
+                                                settings.height)
+        resume_cmd = resume_cmd.replace(" --resume", f" --extend {req.extend} --resume")
     if saved is not None:
         job.check_identity(JobIdentity(storyboard_hash(sb), dict(settings.__dict__), preset_fingerprint(preset)))
     with translated_io("creating the output folder", path=out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
     if req.threads > 0:
         torch.set_num_threads(req.threads)
-    session = RenderSession(sb, load_bundle(preset, req.device), settings, job_dir=job.root)
+    session = RenderSession(sb, load_bundle(preset, req.device), settings, job_dir=job.root, extend=tail)
     holder["session"] = session
     sink = VideoSink(out, settings.fps, settings.width, settings.height, force=True)
     thumbs = ContactFrames(settings.fps, req.contact_every_s)
@@ -121,6 +127,11 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
     if not stop.requested and (estimate := session.estimate()) is not None:
         echo(estimate)
     try:
+        if req.extend is not None:  # the output starts with the video it continues (decoded again, frame by frame)
+            from lvstudio.video import iter_video_frames
+
+            for frame in iter_video_frames(req.extend, settings.width, settings.height):
+                sink.write(frame)
         _start_or_resume(req, session, sink, thumbs, resume_cmd, echo)
         # Step 3: run with a progress bar; a stop signal finishes the current chunk and keeps the job folder.
         if req.progress:
@@ -149,6 +160,40 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
     if not req.keep_job:
         job.remove()
     return RenderOutcome(video, manifest, sheet, False, None, data["timings"])
+
+
+def _previous_video(path: Path, skyreels: Any, fps: int, width: int, height: int) -> tuple[Any, str]:
+    """`--extend`: the last `overlap_history` frames of `path` as a tensor [1, 3, F, H, W] in [-1, 1] (resized to the
+    render's size) and the video's identity for the job folder. LvError for a preset without the DF mode, a video at
+    another frame rate or one too short."""
+    import hashlib
+    from collections import deque
+
+    import numpy as np
+    import torch
+
+    from lvstudio.io_errors import translated_io
+    from lvstudio.video import iter_video_frames, probe_video
+
+    if skyreels is None:
+        raise LvError("--extend continues a video with a SkyReels-V2 Diffusion Forcing preset; this preset has none",
+                      hint='use preset = "skyreels-v2-df-1.3b-540p" (or a preset with a [skyreels] table)')
+    frames = iter_video_frames(path, width, height)  # checks the file first
+    info = probe_video(path)
+    if round(info.fps) != fps:
+        raise LvError(f"{path} runs at {info.fps:g} fps, this render at {fps} fps",
+                      hint=f"set fps = {round(info.fps)} in the storyboard so the continuation keeps the video's pace")
+    need = skyreels.overlap_history
+    tail = deque(frames, maxlen=need)  # [H, W, 3] uint8 each
+    if len(tail) < need:
+        raise LvError(f"{path} has {len(tail)} frames; --extend needs at least overlap_history = {need}",
+                      hint="extend a longer video")
+    digest = hashlib.sha256()
+    with translated_io("reading the video to extend", path=path), open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    x = torch.from_numpy(np.stack(tail)).float().div(127.5).sub(1)  # [F, H, W, 3]
+    return x.permute(3, 0, 1, 2)[None], f"{path.name} sha256:{digest.hexdigest()}"
 
 
 def _overrides(req: RenderRequest, saved: dict[str, Any] | None) -> dict[str, Any]:

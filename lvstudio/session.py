@@ -66,6 +66,7 @@ class RenderSettings:
     width: int
     height: int
     num_frames: int  # None of the overrides can make this unbounded; live sessions pass a large number
+    extend: str | None = None  # the video this render continues: "<file name> sha256:<hex>" (part of a job's identity)
 
     @property
     def duration(self) -> float:
@@ -108,6 +109,11 @@ class SessionStats:
         return (self.frames / fps) / wall if wall > 0 else 0.0
 
 
+def _default_negative(sb: Storyboard, preset: Preset) -> str:
+    """CFG's unconditional prompt for shots without their own: the storyboard's, else the preset's (default "")."""
+    return preset.negative_prompt if sb.negative_prompt is None else sb.negative_prompt
+
+
 class RenderSession:
     def __init__(
         self,
@@ -118,10 +124,12 @@ class RenderSession:
         job_dir: Path | None = None,
         snapshot_every: int = 8,
         score_stride: int = SCORE_STRIDE,
+        extend: torch.Tensor | None = None,
     ) -> None:
         """score_stride: world presets have the oracle read every `score_stride`-th frame as it is made, for the
-        manifest's per-shot scores (renders of any length; 0 = never score)."""
-        from lvstudio.backends import make_backend
+        manifest's per-shot scores (renders of any length; 0 = never score). extend: a video [1, 3, F, H, W] in
+        [-1, 1] that this render continues (SkyReels-V2 DF presets; the frames made are the continuation)."""
+        from lvstudio.backends import backend_class, make_backend
 
         self.storyboard = storyboard
         self.bundle = bundle
@@ -141,10 +149,11 @@ class RenderSession:
         for name, ident in storyboard.identities.items():
             self.identities.add(name, ident.prompt, ident.image)
         self.buffer = PromptStreamBuffer(bundle.text.encode, self.identities, block_latents=block_latents,
-                                         fps=settings.fps)
+                                         fps=settings.fps,
+                                         negative=_default_negative(storyboard, bundle.preset))
         for i, shot in enumerate(storyboard.shots):
             self.buffer.add_shot(shot.at, shot.prompt, shot.transition.kind, shot.transition.seconds, shot=i,
-                                 seed=shot.seed)
+                                 seed=shot.seed, negative=shot.negative_prompt)
         for ident in self.identities.identities.values():
             ident.embedding = self.buffer.embedding(ident.prompt)
         # Step 2: anchors (images encoded by the VAE; "first frame of shot N" captured while rendering).
@@ -158,8 +167,13 @@ class RenderSession:
                 capture = self.buffer.seconds_to_block(storyboard.shots[a.shot - 1].at)
                 self.anchors.add(CachedAnchor(block, f"shot:{a.shot}", capture_block=capture))
         # Step 3: the backend.
+        options: dict[str, Any] = {}
+        if "num_frames" in backend_class(settings.backend).options:
+            options["num_frames"] = settings.num_frames  # a backend that plans its segments for the video's length
+        if extend is not None:
+            options["extend"] = extend
         self.backend = make_backend(settings.backend, bundle, self.buffer, seed=settings.seed, width=settings.width,
-                                    height=settings.height, anchors=self.anchors)
+                                    height=settings.height, anchors=self.anchors, **options)
         self.frames_done = 0
         # Step 4: the manifest's evaluator (world presets): reads frames as they stream, keeps only its readings.
         self.evaluator: ShotEvaluator | None = None
@@ -193,6 +207,11 @@ class RenderSession:
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
+
+    def block_frame(self, block: int) -> int:
+        """The first video frame of prompt-stream block `block` (where an event at that block shows; the studios
+        report live prompts with it)."""
+        return self.backend.block_start_frame(block)
 
     def push(self, prompt: str, transition: str = LIVE_DEFAULT, blend_blocks: int = 2) -> PromptEvent:
         """Live prompt from any thread: lands on the next block not yet generated. `transition` (lvstudio.transitions):
@@ -239,6 +258,8 @@ class RenderSession:
                 lines.append(f'transition = "{kind}"')
             if ev.seed is not None:
                 lines.append(f"seed = {ev.seed}")
+            if ev.negative is not None:
+                lines.append(f"negative_prompt = {json.dumps(ev.negative)}")
             prev_at = at
         return parse_storyboard("\n".join(lines) + "\n", source="<rendered session>")
 
@@ -357,7 +378,7 @@ class RenderSession:
             self.buffer.add(PromptEvent(**ev))
         # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before; a chunk
         # that started a new shot restarts the decoder, as it did then).
-        decoder = self.bundle.vae.streaming_decoder()
+        decoder = self.backend.fresh_decoder()
         frames: list[np.ndarray] = []
         done = 0
         for i in range(point.index):
@@ -379,14 +400,13 @@ class RenderSession:
     # -- summaries --------------------------------------------------------------------------------------------------
     def shot_ranges(self) -> list[dict[str, Any]]:
         """Per prompt event: its frame range in the rendered video."""
-        n = self.bundle.preset.attention.block_frames
         events = self.buffer.events
         out = []
         for i, ev in enumerate(events):
-            start = min(block_start_frame(ev.block, n), self.settings.num_frames)
+            start = min(self.block_frame(ev.block), self.settings.num_frames)
             end = self.settings.num_frames
             if i + 1 < len(events):
-                end = min(block_start_frame(events[i + 1].block, n), end)
+                end = min(self.block_frame(events[i + 1].block), end)
             out.append({"event": i, "source": ev.source, "shot": ev.shot, "prompt": ev.prompt, "resolved": ev.resolved,
                         "transition": ev.transition, "block": ev.block, "frame_start": start, "frame_end": end,
                         "time": round(start / self.settings.fps, 3)})
@@ -432,4 +452,5 @@ def build_manifest(session: RenderSession, story: Path, video: Path, *, probe: P
             "recache_stall_ms": [round(x, 2) for x in st.recache_ms],
         },
         "caches": session.cache_summary(),
+        **({"extends": s.extend} if s.extend else {}),  # the video this render continues (it comes first)
     }

@@ -8,7 +8,7 @@ lazily.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -320,6 +320,37 @@ def probe_video(path: str | Path) -> VideoInfo:
     atoms = _top_level_atoms(file)
     faststart = "moov" in atoms and "mdat" in atoms and atoms.index("moov") < atoms.index("mdat")
     return VideoInfo(**{**info.__dict__, "faststart": faststart})
+
+
+def iter_video_frames(path: str | Path, width: int, height: int) -> Iterator[np.ndarray]:
+    """The frames of a video file, decoded one by one as uint8 RGB [height, width, 3] (resized with area averaging
+    when the file has another size). The file is opened now: LvError naming it when it is missing or not a video."""
+    import av  # noqa: PLC0415
+
+    from lvstudio.errors import LvError  # noqa: PLC0415
+
+    file = Path(path)
+    if not file.is_file():
+        raise LvError(f"video not found: {file}", hint="give the path of an mp4 made by lvstudio render (or any video)")
+    try:
+        container = av.open(str(file))
+    except av.error.FFmpegError as err:
+        raise LvError(f"{file} is not a video ({err})", hint="give an mp4 file") from None
+    if not container.streams.video:
+        container.close()
+        raise LvError(f"{file} has no video stream", hint="give an mp4 file")
+    return _decoded(container, width, height)
+
+
+def _decoded(container: Any, width: int, height: int) -> Iterator[np.ndarray]:
+    import cv2  # noqa: PLC0415
+
+    with container:
+        for frame in container.decode(container.streams.video[0]):
+            rgb = frame.to_ndarray(format="rgb24")  # [h, w, 3]
+            if rgb.shape[:2] != (height, width):
+                rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+            yield rgb
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -86,35 +86,52 @@ class ConditioningCache:
     """DiT conditionings by BlockConditioning.key, each with its own cross-attention K/V cache (a small LRU), and
     the classifier-free guidance that goes with them.
 
-    With `cfg_scale != 1` every conditioning gets a second, unconditional row (text features of the empty prompt):
-    model calls and KV caches then carry `rows = 2` rows [cond, uncond], and `guide` combines the two outputs.
+    With `cfg_scale != 1` every conditioning gets a second, unconditional row: the text features of the block's
+    negative prompt (`BlockConditioning.negative`: the shot's or the storyboard's `negative_prompt`, default the empty
+    prompt). Model calls and KV caches then carry `rows = 2` rows [cond, uncond], and `guide` combines the outputs.
+    A DiT that injects SkyReels sample info gets the fps class of `fps`.
     """
 
     def __init__(self, dit: WanDiT, device: torch.device, buffer: PromptStreamBuffer, cfg_scale: float = 1.0,
-                 size: int = 8) -> None:
+                 size: int = 8, fps: float | None = None) -> None:
         self.dit, self.device, self.cfg_scale, self.size = dit, device, cfg_scale, size
-        self.uncond = buffer.embedding("") if cfg_scale != 1.0 else None  # [1, text_len, text_dim]
+        self.buffer = buffer
+        self.fps_index = None
+        if getattr(dit.cfg, "inject_sample_info", False):
+            from lvstudio.models.wan_dit import fps_class
+
+            self.fps_index = fps_class(buffer.fps if fps is None else fps)
         self._items: OrderedDict[str, Conditioning] = OrderedDict()
 
     @property
-    def rows(self) -> int:
-        return 1 if self.uncond is None else 2
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
 
-    def get(self, key: str, context: Tensor) -> Conditioning:
-        """The conditioning of `context` [1, L, D] (rows [cond, uncond] with guidance), cached under `key`."""
+    @property
+    def rows(self) -> int:
+        return 2 if self.guided else 1
+
+    def get(self, key: str, context: Tensor, negative: str = "") -> Conditioning:
+        """The conditioning of `context` [1, L, D] (rows [cond, uncond = `negative`] with guidance), cached under
+        `key` (a BlockConditioning's key names its negative prompt)."""
         if key not in self._items:
             ctx = context.to(self.device)
-            if self.uncond is not None:
-                ctx = torch.cat([ctx, self.uncond.to(self.device)])  # rows: [cond, uncond]
-            self._items[key] = self.dit.new_conditioning(ctx)
+            if self.guided:
+                uncond = self.buffer.embedding(negative)  # [1, text_len, text_dim]
+                ctx = torch.cat([ctx, uncond.to(self.device)])  # rows: [cond, uncond]
+            self._items[key] = self.dit.new_conditioning(ctx, fps_index=self.fps_index)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         self._items.move_to_end(key)
         return self._items[key]
 
+    def of(self, bc: BlockConditioning) -> Conditioning:
+        """The conditioning of a block (its prompt, blend and negative prompt)."""
+        return self.get(bc.key, bc.context, bc.negative)
+
     def guide(self, v: Tensor) -> Tensor:
         """[rows, ...] model outputs -> [1, ...]: uncond + scale * (cond - uncond), or v itself without guidance."""
-        return v if self.uncond is None else v[1:] + self.cfg_scale * (v[:1] - v[1:])
+        return v[1:] + self.cfg_scale * (v[:1] - v[1:]) if self.guided else v
 
 
 class BackendBase(ABC):
@@ -189,6 +206,14 @@ class BackendBase(ABC):
     def _load_state(self, state: dict[str, Tensor]) -> None:
         """Restore `_state()` and the prompt stream's position (`buffer.restore_position`)."""
 
+    def block_start_frame(self, block: int) -> int:
+        """First output pixel frame of prompt-stream block `block` (Wan layout: block 0 is 3 frames shorter)."""
+        return block_start_frame(block, self.block_latents)
+
+    def fresh_decoder(self):  # noqa: ANN201 - the VAE's streaming decoder
+        """A new streaming decoder in the state this backend's decoder started in (`--resume` re-decodes with it)."""
+        return self.bundle.vae.streaming_decoder()
+
     # -- transition hooks ------------------------------------------------------------------------------------------
     def on_prompt_switch(self, bc: BlockConditioning) -> None:  # noqa: B027 - an optional hook, no-op by default
         """A `switch` at block `bc.block`: the shot continues under a new prompt. Default: nothing — the new prompt
@@ -239,7 +264,7 @@ class BackendBase(ABC):
                 if bc.new_shot:
                     self.decoder.new_shot()  # zero history, still 4 frames per latent: no smear of the previous shot
                 frames = to_uint8_frames(self.decoder.decode(out.latents))
-        start = block_start_frame(out.block, self.block_latents) if out.frame_start is None else out.frame_start
+        start = self.block_start_frame(out.block) if out.frame_start is None else out.frame_start
         return Chunk(
             index=out.index, block=out.block, frames=frames, frame_start=start, latents=out.latents.cpu(),
             latent_start=out.block * self.block_latents, event_id=bc.event_id, prompt=bc.prompt,

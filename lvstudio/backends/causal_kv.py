@@ -99,7 +99,7 @@ class CausalKVBackend(BackendBase):
         # Step 1: conditioning; a cut empties the cache (on_new_shot), a switch re-caches it (on_prompt_switch).
         bc = self._read_conditioning(b)
         s = self.start_frame  # shot-local: 0 at the first block of a new shot
-        cond = self.conds.get(bc.key, bc.context)
+        cond = self.conds.of(bc)
         # Step 2: anchors pinned to this block (their first latents are held clean).
         pinned = self._pinned_latents(b)
         # Step 3: sample the block against the cache.
@@ -144,7 +144,7 @@ class CausalKVBackend(BackendBase):
         """LongLive: re-encode the window under the new prompt (if the preset says so and there is history)."""
         if self.attn.recache_on_switch and self.recent is not None:
             with self.timed("recache"):
-                self.recache(self.conds.get(bc.key, bc.context))
+                self.recache(self.conds.of(bc))
 
     def recache(self, cond: Conditioning) -> None:
         """Re-encode the recent clean latents (the window) under `cond` (LongLive `_recache_after_switch`).

@@ -143,7 +143,7 @@ class ERFTCrossClipBackend(BackendBase):
             new = (cut - first_block) * self.n
         for b in range(first_block + 1, first_block + new // self.n):
             self.buffer.conditioning(b)  # mark the clip's blocks as handed out (live pushes land after the clip)
-        cond = self.conds.get(bc.key, bc.context)
+        cond = self.conds.of(bc)
         # Step 1: the clip = [reference] + [carried latents] + [noise]; clean frames are held at t = 0.
         ref = self._reference(first_block)
         prefix = [x for x in (ref, self.carry) if x is not None]

@@ -19,6 +19,12 @@ lands `lead_blocks` (N - 1 once the buffer is full) blocks after the next emitte
     Latency: its first chunk leaves after N shift periods instead of one; the model work between the cut's last old
     chunk and its first new one is N(N+1)/2 · s chunk-evaluations against N · s in the steady state, and the total
     work over the transition is unchanged (the drain saves what the warm-up costs).
+
+A preset with a `[skyreels]` table runs this backend in its SkyReels-V2 Diffusion Forcing mode instead
+(`lvstudio.backends.skyreels_mode.SkyReelsDFMode`, which `StreamingDiTBackend(...)` returns for such a preset): the
+same streaming contract (prompts taken when frames enter, chunks out as they finish), with diffusers' DF sampler.
+Options: `num_frames` (the video's length, so the DF mode plans its last segment as diffusers does; the moving
+buffer is unbounded and ignores it) and `extend` (DF mode only: a video [1, 3, F, H, W] in [-1, 1] to continue).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lvstudio.backends.base import BackendBase, Generated, block_generator
+from lvstudio.errors import LvError
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.presets.schema import StreamingSettings
 from lvstudio.prompt_stream import BlockConditioning
@@ -50,6 +57,15 @@ class _BufferChunk:
 
 class StreamingDiTBackend(BackendBase):
     name = "streaming-dit"
+    options = ("num_frames", "extend")
+
+    def __new__(cls, bundle: ModelBundle, *args: object, **kwargs: object) -> StreamingDiTBackend:  # noqa: ARG004
+        """The SkyReels-V2 DF mode for a preset with [skyreels], the moving buffer otherwise."""
+        if cls is StreamingDiTBackend and bundle.preset.skyreels is not None:
+            from lvstudio.backends.skyreels_mode import SkyReelsDFMode
+
+            cls = SkyReelsDFMode
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -62,8 +78,13 @@ class StreamingDiTBackend(BackendBase):
         anchors: AnchorCache | None = None,
         cfg_scale: float | None = None,
         settings: StreamingSettings | None = None,
+        num_frames: int | None = None,  # noqa: ARG002 - the moving buffer is unbounded
+        extend: Tensor | None = None,
     ) -> None:
         super().__init__(bundle, buffer, seed=seed, width=width, height=height, anchors=anchors)
+        if extend is not None:
+            raise LvError(f"--extend needs a SkyReels-V2 DF preset; preset {bundle.preset.name!r} runs the streaming "
+                          "buffer, which cannot continue a video", hint="use preset = \"skyreels-v2-df-1.3b-540p\"")
         self.st = settings or bundle.preset.streaming
         attn = bundle.preset.attention
         self.c = self.block_latents = self.st.chunk_frames or attn.block_frames
@@ -154,7 +175,7 @@ class StreamingDiTBackend(BackendBase):
         first = self.chunks.pop(0)
         x0 = self.x[:, :, : self.c]
         self.x = self.x[:, :, self.c :]
-        cond = self.conds.get(first.cond.key, first.cond.context)
+        cond = self.conds.of(first.cond)
         self.dit(x0.expand(self.batch, -1, -1, -1, -1), torch.zeros(self.batch, self.c, device=x0.device), cond,
                  attention=AttentionSpec(self.c), kv_cache=self.cache, start_frame=first.block * self.c - self.origin,
                  write_cache=True, rope_mode=self.attn.rope_mode)
@@ -173,7 +194,7 @@ class StreamingDiTBackend(BackendBase):
         keys = list(OrderedDict.fromkeys(ch.cond.key for ch in self.chunks))
         for key in keys:
             ch0 = next(ch for ch in self.chunks if ch.cond.key == key)
-            cond = self.conds.get(ch0.cond.key, ch0.cond.context)
+            cond = self.conds.of(ch0.cond)
             out = self.conds.guide(self.dit(self.x.expand(self.batch, -1, -1, -1, -1), t.expand(self.batch, -1), cond,
                                             attention=self.spec, kv_cache=self.cache, start_frame=start,
                                             rope_mode=self.attn.rope_mode))

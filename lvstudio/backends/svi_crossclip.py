@@ -83,8 +83,7 @@ class SviCrossClipBackend(BackendBase):
             cfg_scale = bundle.preset.sampler.cfg_scale if self.st.cfg_scale is None else self.st.cfg_scale
         self.sampling = I2VSampling(steps=self.st.steps, shift=self.st.shift, guidance=cfg_scale,
                                     sampler=self.st.sampler)
-        negative = bundle.preset.negative_prompt
-        self.negative = buffer.embedding(negative) if cfg_scale != 1.0 else None  # [1, L, D]
+        self.guided = cfg_scale != 1.0  # the unconditional row: each clip's `BlockConditioning.negative`
         self.shot_block = 0  # first block of the current shot
         first = self._reference(0)
         if first is None:
@@ -174,8 +173,11 @@ class SviCrossClipBackend(BackendBase):
                                   salt="clip")
             f = latent_frames(self.num_frames)
             noise = torch.randn(1, self.bundle.latent_channels, f, self.h, self.w, generator=gen).to(dev)
+            # CFG's unconditional text: the block's negative prompt (the shot's, else the storyboard's, else the
+            # preset's `negative_prompt`, as for every backend), [1, L, D]
+            negative = self.buffer.embedding(bc.negative).to(dev) if self.guided else None
             latents = sample_i2v(self.dit, noise, bc.context.to(dev), clip_fea, inputs.y, self.sampling,
-                                 negative_text=self.negative)  # [1, z, f, h, w]
+                                 negative_text=negative)  # [1, z, f, h, w]
         # Step 4: decode the clip on its own, record it in the chain, show its new frames.
         with self.timed("decode"):
             video = self.bundle.vae.decode(latents)  # [1, 3, F, H, W]
@@ -207,7 +209,7 @@ class SviCrossClipBackend(BackendBase):
                             device=dev)
         context = self.buffer.embedding("").to(dev)
         sample_i2v(self.dit, noise, context, clip_fea, inputs.y, replace(self.sampling, steps=1),
-                   negative_text=None if self.negative is None else context)
+                   negative_text=context if self.guided else None)
         t2 = now()
         from lvstudio.models.offload import estimate_clip_time
 

@@ -196,7 +196,9 @@ def _load_hub_bundle(preset: Preset, dev: torch.device) -> ModelBundle:
     vae_dtype = resolve_dtype(preset.vae_dtype, dev)
     cfg = WanDiTConfig.from_dict(preset.dit_config)
     # Step 2: the DiT in float32 on the CPU, LoRA merged there (exact), then cast and moved.
-    dit = load_dit_weights(resolved.files("dit") if resolved.paths["dit"].is_dir() else [resolved.paths["dit"]], cfg)
+    dit_files = resolved.files("dit") if resolved.paths["dit"].is_dir() else [resolved.paths["dit"]]
+    # A diffusers folder (transformer/) lists its config.json too: the weights are its *.safetensors shards.
+    dit = load_dit_weights([f for f in dit_files if f.suffix == ".safetensors"], cfg)
     if preset.lora is not None:
         from safetensors.torch import load_file
 

@@ -105,6 +105,49 @@ class StreamingSettings(_Strict):
     dit: str | None = None  # role in [files] of DiT weights fine-tuned for this backend (`lvstudio train streaming`)
 
 
+def _wan_latents(pixel_frames: int) -> int:
+    return (pixel_frames - 1) // 4 + 1
+
+
+class SkyReelsSettings(_Strict):
+    """The streaming-DiT backend's SkyReels-V2 Diffusion Forcing mode (`lvstudio.backends.skyreels_mode`): the
+    `DFSettings` of `lvstudio.sampling.df_sampler` plus guidance. A preset with this table runs streaming-dit in this
+    mode; counts of frames are pixel frames, as in diffusers' pipelines."""
+
+    num_steps: int = Field(30, ge=1, le=120)  # UniPC steps per frame
+    shift: float = Field(8.0, gt=0)  # set explicitly: the Hub repo's scheduler config says 1.0
+    base_num_frames: int = Field(97, ge=5)  # pixel frames per segment (the model's window): 97 at 540P, 121 at 720P
+    ar_step: int = Field(5, ge=0)  # 0 = synchronous; 5 = block k trails block k - 1 by 5 steps (upstream async)
+    causal_block_size: int = Field(5, ge=1)  # latent frames per block (= attention.block_frames)
+    causal_attention: bool | None = None  # None = diffusers: block-causal iff causal_block_size > 1
+    overlap_history: int = Field(17, ge=1)  # pixel frames carried between segments (17 or 37 upstream)
+    addnoise_condition: float = Field(20.0, ge=0, le=60)  # noise put back on carried frames (diffusers warns > 60)
+    guidance_scale: float = Field(6.0, ge=0)  # CFG with the negative prompt (5.0 upstream for image-to-video)
+
+    @property
+    def base_latents(self) -> int:
+        return _wan_latents(self.base_num_frames)
+
+    @property
+    def overlap_latents(self) -> int:
+        return _wan_latents(self.overlap_history)
+
+    def check(self, block_frames: int) -> None:
+        """Segments must divide into blocks of `causal_block_size` (ValueError naming the fix otherwise)."""
+        cbs = self.causal_block_size
+        if block_frames != cbs:
+            raise ValueError(f"attention.block_frames ({block_frames}) must equal skyreels.causal_block_size ({cbs}):"
+                             " the prompt stream's blocks are the sampler's blocks")
+        if self.base_latents % cbs or self.overlap_latents % cbs:
+            raise ValueError(
+                f"skyreels: base_num_frames {self.base_num_frames} ({self.base_latents} latents) and overlap_history "
+                f"{self.overlap_history} ({self.overlap_latents} latents) must be whole blocks of causal_block_size "
+                f"{cbs} latents (e.g. 97 and 17 with 5)")
+        if self.overlap_latents >= self.base_latents:
+            raise ValueError(f"skyreels: overlap_history {self.overlap_history} must be shorter than base_num_frames "
+                             f"{self.base_num_frames}")
+
+
 class FileEntry(_Strict):
     """One file (or, with format = "diffusers", one diffusers component folder) a preset needs.
 
@@ -183,6 +226,8 @@ class Preset(_Strict):
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     crossclip: CrossClipSettings = Field(default_factory=CrossClipSettings)
+    skyreels: SkyReelsSettings | None = None  # streaming-dit runs SkyReels-V2 Diffusion Forcing with these settings
+    negative_prompt: str = ""  # CFG's unconditional prompt when the storyboard sets none ("" = the empty prompt)
     repo_id: str | None = None  # Hugging Face Hub presets
     # 40-hex commit of repo_id; left out = unpinned: the first `presets pull` resolves the branch once and locks it.
     revision: str | None = None
@@ -194,7 +239,6 @@ class Preset(_Strict):
     text_offload: Literal["auto", "never", "cpu", "swap"] = "auto"  # where the text encoder lives on a GPU run
     training: dict = Field(default_factory=dict)  # how the weights were made, and their figures (informational)
     realtime: bool = True  # False: minutes per clip (14B); `presets list` says so and render prints an estimate
-    negative_prompt: str = ""  # CFG's unconditional prompt when the storyboard sets none ("" = the empty prompt)
     folder: Path | None = Field(None, exclude=True)  # where the preset's local files live (set by load_preset)
     sources: list[Path] = Field(default_factory=list, exclude=True)  # its preset files, the `base` chain, top first
 
@@ -231,6 +275,8 @@ class Preset(_Strict):
                     raise ValueError(f"files.{role} has no repo_id and the preset has none")
         if self.lora is not None and self.lora.file not in self.files:
             raise ValueError(f"lora.file = {self.lora.file!r} is not a role in [files]")
+        if self.skyreels is not None:
+            self.skyreels.check(self.attention.block_frames)
         return self
 
     @property

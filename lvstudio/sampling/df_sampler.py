@@ -299,6 +299,7 @@ class DFStep:
     window: range  # timeline frames fed to the model
     entering: range  # timeline frames that start denoising at this call
     timesteps: Tensor  # [window] int64
+    updating: tuple[int, ...] = ()  # timeline frames that take a solver step at this call (their output counts)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -395,8 +396,10 @@ class SkyReelsDFSampler:
         s, e = sched.intervals[self.iteration]
         ent = sched.entering(self.iteration)
         entering = range(seg.start + ent.start, seg.start + ent.stop) if ent else range(0)
+        mask = sched.update_mask[self.iteration]
+        updating = tuple(seg.start + f for f in range(s, e) if bool(mask[f]))
         return DFStep(seg.index, self.iteration, sched.num_iterations, range(seg.start + s, seg.start + e),
-                      entering, sched.step_matrix[self.iteration, s:e])
+                      entering, sched.step_matrix[self.iteration, s:e], updating)
 
     # -- stepping ---------------------------------------------------------------------------------------------------
     def _start_segment(self, seg: DFSegment) -> None:

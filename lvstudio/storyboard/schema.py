@@ -74,6 +74,19 @@ def text_field(value: Any, what: str, *, limit: int, multiline: bool, example: s
     return text
 
 
+def negative_field(value: Any) -> str:
+    """A negative prompt: like a prompt, but it may be empty ("" = the unconditional row is the empty prompt)."""
+    example = 'negative_prompt = "blurry, static, low quality"'
+    if not isinstance(value, str):
+        fail(f"negative_prompt must be text, got {type_name(value)}", f"put it in double quotes: {example}")
+    text = value.strip()
+    if not text:
+        return ""
+    text = text_field(text, "negative_prompt", limit=MAX_PROMPT_CHARS, multiline=True, example=example)
+    _check_prompt_refs(text)
+    return text
+
+
 def int_field(value: Any, what: str, low: int, high: int, example: str) -> int:
     """Validate a whole number in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -258,6 +271,7 @@ class Shot(BaseModel):
     prompt: str
     transition: Transition = Field(default_factory=Transition)
     seed: int | None = None
+    negative_prompt: str | None = None  # None = the storyboard's (CFG's unconditional row)
 
     @field_validator("at", mode="before")
     @classmethod
@@ -282,6 +296,11 @@ class Shot(BaseModel):
     @classmethod
     def _seed(cls, value: Any) -> int | None:
         return None if value is None else int_field(value, "seed", 0, MAX_SEED, "seed = 7")
+
+    @field_validator("negative_prompt", mode="before")
+    @classmethod
+    def _negative(cls, value: Any) -> str | None:
+        return None if value is None else negative_field(value)
 
 
 class Identity(BaseModel):
@@ -380,6 +399,7 @@ class Storyboard(BaseModel):
     resolution: tuple[int, int] | None = None
     duration: float
     seed: int = 0
+    negative_prompt: str | None = None  # CFG's unconditional row for shots without their own; None = the preset's
     identities: dict[str, Identity] = Field(default_factory=dict)
     anchors: list[Anchor] = Field(default_factory=list)
     shots: list[Shot]
@@ -444,6 +464,11 @@ class Storyboard(BaseModel):
     @classmethod
     def _seed(cls, value: Any) -> int:
         return int_field(value, "seed", 0, MAX_SEED, "seed = 7")
+
+    @field_validator("negative_prompt", mode="before")
+    @classmethod
+    def _negative(cls, value: Any) -> str | None:
+        return None if value is None else negative_field(value)
 
     @field_validator("identities", mode="before")
     @classmethod
@@ -530,16 +555,21 @@ class Storyboard(BaseModel):
                       ("shots", i, "transition"))
 
     def _check_references(self) -> None:
-        """Every `{name}` in a shot prompt names a defined identity."""
-        known = sorted(self.identities)
+        """Every `{name}` in a prompt or a negative prompt names a defined identity."""
+        texts: list[tuple[str, tuple[str | int, ...]]] = [(self.negative_prompt or "", ("negative_prompt",))]
         for i, shot in enumerate(self.shots):
-            for name in _REF_RE.findall(shot.prompt):
+            texts.append((shot.prompt, ("shots", i, "prompt")))
+            if shot.negative_prompt:
+                texts.append((shot.negative_prompt, ("shots", i, "negative_prompt")))
+        known = sorted(self.identities)
+        for text, path in texts:
+            for name in _REF_RE.findall(text):
                 if name in self.identities:
                     continue
                 close = suggest(name, known)
                 listed = ", ".join(f"{{{k}}}" for k in known) if known else "none are defined"
                 fix = (f"did you mean {{{close}}}? " if close else "") + f"define it with [identities.{name}]"
-                fail(f"unknown identity {{{name}}} (known identities: {listed})", fix, ("shots", i, "prompt"))
+                fail(f"unknown identity {{{name}}} (known identities: {listed})", fix, path)
 
     def _check_anchors(self) -> None:
         """Anchors lie inside the video; `shot = N` names an existing shot that starts no later than the anchor."""
@@ -585,3 +615,12 @@ class Storyboard(BaseModel):
         """The shot's prompt with every `{name}` replaced by that identity's prompt."""
         prompt = self.shots[shot_index].prompt
         return _REF_RE.sub(lambda m: self.identities[m.group(1)].prompt, prompt)
+
+    def negative_for(self, shot_index: int, default: str = "") -> str:
+        """The negative prompt (as written) of a shot: its own, else the storyboard's, else `default` (the preset's;
+        "" = the empty prompt)."""
+        own = self.shots[shot_index].negative_prompt
+        for text in (own, self.negative_prompt):
+            if text is not None:
+                return text
+        return default

@@ -35,6 +35,8 @@ def dump_storyboard(sb: Storyboard) -> str:
     if sb.resolution is not None:
         lines.append(f'resolution = "{sb.resolution[0]}x{sb.resolution[1]}"')
     lines += [f'duration = "{format_time(sb.duration)}"', f"seed = {sb.seed}"]
+    if sb.negative_prompt is not None:
+        lines.append(f"negative_prompt = {toml_string(sb.negative_prompt)}")
     for name, identity in sb.identities.items():
         lines += ["", f"[identities.{name}]", f"prompt = {toml_string(identity.prompt)}"]
         if identity.image is not None:
@@ -51,4 +53,6 @@ def dump_storyboard(sb: Storyboard) -> str:
             lines.append(f'transition = "{shot.transition}"')
         if shot.seed is not None:
             lines.append(f"seed = {shot.seed}")
+        if shot.negative_prompt is not None:
+            lines.append(f"negative_prompt = {toml_string(shot.negative_prompt)}")
     return "\n".join(lines) + "\n"

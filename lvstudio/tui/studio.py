@@ -268,9 +268,7 @@ class Studio:
 
     def _log(self, event: PromptEvent, typed_at: int, kind: str) -> LivePrompt:
         """Record a live event with the frame it lands on."""
-        from lvstudio.prompt_stream import block_start_frame
-
-        frame = block_start_frame(event.block, self.session.bundle.preset.attention.block_frames)
+        frame = self.session.block_frame(event.block)
         rec = LivePrompt(event, frame, frame / self.session.settings.fps, typed_at, kind)
         with self._lock:
             self.live.append(rec)

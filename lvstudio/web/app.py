@@ -348,7 +348,6 @@ class WebStudio:
 
     def push(self, prompt: str, transition: str, tab: TabState) -> str:
         """Live prompt into this tab's running render; it lands on the next block not yet generated."""
-        from lvstudio.prompt_stream import block_start_frame
         from lvstudio.storyboard import format_time
 
         job = tab.job
@@ -368,8 +367,7 @@ class WebStudio:
             event = session.push(prompt, transition=transition)
         except (ValueError, LvError) as err:
             return f"Live prompt refused: {err}"
-        n = session.bundle.preset.attention.block_frames
-        frame = block_start_frame(event.block, n)
+        frame = session.block_frame(event.block)
         fps = session.settings.fps
         if frame >= session.settings.num_frames:
             return f"Live prompt queued for block {event.block}, but the render ends before it (frame {frame})."

@@ -29,3 +29,23 @@ def random_bundle(
         attention=attention or AttentionSettings(block_frames=2, window_frames=6, sink_frames=2),
     )
     return ModelBundle(preset, dit, TinyTextAdapter(text), vae, torch.device("cpu"), latent_channels=4)
+
+
+def random_skyreels_bundle(*, ar_step: int = 1, guidance: float = 3.0, sample_info: bool = True,
+                           seed: int = 0) -> ModelBundle:
+    """The random bundle as a SkyReels-V2 DF preset: streaming-dit runs its DF mode (blocks of 2 latents, windows of
+    6, 2 carried, 3 UniPC steps), and the DiT injects the fps sample info."""
+    from lvstudio.presets.schema import SkyReelsSettings
+
+    bundle = random_bundle(seed=seed)
+    torch.manual_seed(seed + 1)
+    dit = WanDiT(WanDiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, freq_dim=32,
+                              text_dim=16, text_len=8, inject_sample_info=sample_info)).eval()
+    with torch.no_grad():
+        dit.head.head.weight.normal_(0, 0.05)
+    sk = SkyReelsSettings(num_steps=3, shift=3.0, base_num_frames=21, ar_step=ar_step, causal_block_size=2,
+                          overlap_history=5, addnoise_condition=20.0, guidance_scale=guidance)
+    bundle.dit = dit
+    bundle.preset = bundle.preset.model_copy(update={"name": "random-skyreels", "backend": "streaming-dit",
+                                                     "skyreels": sk})
+    return bundle

@@ -130,6 +130,13 @@ def train_device(name: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def require_cpu(cfg: TrainConfigBase, recipe: str) -> None:
+    """The recipes that do not move their models to a GPU (Self-Forcing, causal distillation, ERFT) refuse
+    device = "cuda" instead of ignoring it; "auto" trains them on the CPU."""
+    if cfg.device == "cuda":
+        raise ConfigError(f"device = \"cuda\": the {recipe} recipe trains on the CPU only — use \"auto\" or \"cpu\"")
+
+
 def shutdown_distributed(info: DistInfo) -> None:
     """Wait for every rank, then end the process group if `init_distributed` started it."""
     if info.enabled:

@@ -2,4 +2,5 @@
 
 from lvstudio.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

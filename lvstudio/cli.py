@@ -483,6 +483,30 @@ def eval_transitions_cmd(
         typer.echo(f"wrote {save_reports(reports, json_out)}")
 
 
+@eval_app.command("vae")
+def eval_vae_cmd(
+    vae: Annotated[Path, typer.Argument(metavar="VAE.safetensors", help="A tiny VAE file.")],
+    clips: Annotated[int, typer.Option(help="Held-out world clips (seeds 20000 on).")] = 60,
+    frames: Annotated[int, typer.Option(help="Frames per clip (1 + 4k).")] = 17,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+) -> None:
+    """What the VAE keeps: world clips through encode -> decode, read back by the oracle; PSNR; decode time."""
+    import torch
+
+    from lvstudio.eval.vae_readback import vae_readback
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not vae.is_file():
+        raise LvError(f"{vae}: no such file", hint="pass a tiny VAE file, e.g. presets/tiny/vae.safetensors")
+    try:
+        result = vae_readback(vae, clips=clips, frames=frames)
+    except ValueError as err:
+        raise LvError(f"{vae}: {err}") from None
+    for line in result.lines():
+        typer.echo(line)
+
+
 @eval_app.command("drift")
 def eval_drift_cmd(
     minutes: Annotated[float, typer.Option(help="Minutes of video per variant.")] = 5.0,

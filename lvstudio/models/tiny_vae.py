@@ -464,7 +464,7 @@ class TinyVAE(nn.Module):
         mu, logvar = self.encode_raw(video)
         z = mu
         if sample:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)  # a CPU generator on any device
             z = mu + torch.exp(0.5 * logvar) * eps
         return VAEOutput(self.decode_raw(z), mu, logvar)
 

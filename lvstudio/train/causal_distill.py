@@ -28,6 +28,7 @@ from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.wan_dit import WanDiT
 from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, x0_from_velocity
 from lvstudio.sampling.samplers import euler_sample
+from lvstudio.train.common import require_cpu
 from lvstudio.train.data import LatentDataset
 from lvstudio.train.loop import (
     EMA,
@@ -222,6 +223,7 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
     del vocabulary
     refuse_fsdp(cfg.fsdp, "causal-distill", "it runs in one process (its DMD stage is the self-forcing recipe, "
                 "which takes --fsdp)")
+    require_cpu(cfg, "causal-distill")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("causal-distill runs in one process (launch it without torchrun)")
     if cfg.threads:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -48,6 +48,7 @@ class TrainConfigBase(BaseModel):
     ckpt_every: int = 100
     threads: int = 0  # 0 = torch default
     fsdp: bool = False  # shard the models across torchrun's processes (`--fsdp`; lvstudio.train.sharding)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" (CUDA when there is one, else CPU), "cpu" or "cuda"
 
 
 def load_config(path: str | Path, model: type[C]) -> C:
@@ -112,6 +113,28 @@ def init_distributed() -> DistInfo:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(hours=4))
     return DistInfo(dist.get_rank(), dist.get_world_size(), owns)
+
+
+def train_device(name: str) -> torch.device:
+    """The device a run trains on: `name` is "auto" (CUDA when available, else CPU), "cpu" or "cuda"; under
+    torchrun each rank takes the GPU of its LOCAL_RANK. On CUDA, TF32 matrix products are allowed (the tiny
+    models train in fp32)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device = {name!r} is not a device: use \"auto\", \"cpu\" or \"cuda\"")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = \"cuda\" but this machine has no CUDA GPU: use \"auto\" or \"cpu\"")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def require_cpu(cfg: TrainConfigBase, recipe: str) -> None:
+    """The recipes that do not move their models to a GPU (Self-Forcing, causal distillation, ERFT) refuse
+    device = "cuda" instead of ignoring it; "auto" trains them on the CPU."""
+    if cfg.device == "cuda":
+        raise ConfigError(f"device = \"cuda\": the {recipe} recipe trains on the CPU only — use \"auto\" or \"cpu\"")
 
 
 def shutdown_distributed(info: DistInfo) -> None:

@@ -92,25 +92,51 @@ def trim_heap() -> None:
         pass
 
 
-@torch.no_grad()
-def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int, size: int, switch_prob: float,
-                         seed: int, batch: int = 16) -> LatentDataset:
-    """Render `num_clips` world clips and encode them with the VAE."""
+def render_world_clips(clip_seeds: list[int], clip_latents: int, size: int, switch_prob: float
+                       ) -> tuple[np.ndarray, list[list[str]], Tensor]:
+    """World clips of these seeds: frames uint8 [b, F, H, W, 3] (F = 1 + 4*(clip_latents-1)), per-latent captions,
+    object masks [b, L, h, w]. A top-level function so that worker processes can run it."""
     from lvstudio.world import sample_clip
 
     num_frames = 1 + 4 * (clip_latents - 1)
+    clips = [sample_clip(s, num_frames, size=size, switch_prob=switch_prob) for s in clip_seeds]
+    captions = [latent_captions(c.captions, clip_latents) for c in clips]
+    masks = torch.stack([object_masks(c.truth, clip_latents, size) for c in clips])
+    return np.stack([c.frames for c in clips]), captions, masks
+
+
+def _render_job(job: tuple[list[int], int, int, float]) -> tuple[np.ndarray, list[list[str]], Tensor]:
+    return render_world_clips(*job)
+
+
+@torch.no_grad()
+def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int, size: int, switch_prob: float,
+                         seed: int, batch: int = 16, workers: int = 0) -> LatentDataset:
+    """Render `num_clips` world clips and encode them with the VAE (on the VAE's device).
+
+    With `workers` > 0, that many processes render the clips while this one encodes; the dataset is the same
+    (clip i has seed `seed * 1_000_003 + i`, batches stay in order)."""
+    import multiprocessing
+
+    device = next(vae.parameters()).device
+    jobs = [([seed * 1_000_003 + i for i in range(start, min(num_clips, start + batch))], clip_latents, size,
+             switch_prob) for start in range(0, num_clips, batch)]
     latents, captions, objects, seeds = [], [], [], []
-    for start in range(0, num_clips, batch):
-        clip_seeds = [seed * 1_000_003 + i for i in range(start, min(num_clips, start + batch))]
-        clips = [sample_clip(s, num_frames, size=size, switch_prob=switch_prob) for s in clip_seeds]
-        video = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        latents.append(vae.encode(video))  # [b, C, L, h, w]
-        captions += [latent_captions(c.captions, clip_latents) for c in clips]
-        objects += [object_masks(c.truth, clip_latents, size) for c in clips]
-        seeds += clip_seeds
-        del clips, video
-        trim_heap()
-    return LatentDataset(torch.cat(latents), captions, torch.stack(objects), seeds)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+    try:
+        rendered = pool.imap(_render_job, jobs) if pool is not None else map(_render_job, jobs)
+        for (clip_seeds, *_), (frames, caps, masks) in zip(jobs, rendered, strict=True):
+            video = torch.from_numpy(frames).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [b,3,F,H,W]
+            latents.append(vae.encode(video).cpu())  # [b, C, L, h, w]
+            captions += caps
+            objects.append(masks)
+            seeds += clip_seeds
+            del frames, video
+            trim_heap()
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return LatentDataset(torch.cat(latents), captions, torch.cat(objects), seeds)
 
 
 def add_object_masks(data: LatentDataset, cfg: DFConfig) -> LatentDataset:
@@ -131,6 +157,11 @@ class Batch:
     prompts: list[str]
     loss_mask: Tensor  # [B, F] 1 where the frame is trained
     objects: Tensor | None = None  # [B, F, h, w] object coverage
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on `device`."""
+        objects = None if self.objects is None else self.objects.to(device)
+        return Batch(self.x0.to(device), self.prompts, self.loss_mask.to(device), objects)
 
 
 def sample_batch(data: LatentDataset, cfg: DFConfig, rng: np.random.Generator) -> Batch:
@@ -160,10 +191,12 @@ def latent_dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
     path = out / "latents.safetensors"
     if dist.is_main and not path.exists():
         from lvstudio.models.tiny_vae import load_vae
+        from lvstudio.train.common import train_device
 
-        vae = load_vae(cfg.vae).train(False)
+        device = train_device(cfg.device)
+        vae = load_vae(cfg.vae).train(False).to(device)
         data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob, cfg.seed,
-                                    batch=4)
+                                    batch=4 if device.type == "cpu" else 64, workers=cfg.data_workers)
         data.save(path)
     elif dist.is_main and cfg.object_weight > 0 and LatentDataset.load(path).objects is None:
         add_object_masks(LatentDataset.load(path), cfg).save(path)  # datasets built before masks existed

@@ -25,7 +25,13 @@ from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.tiny_text import TinyTextConfig, TinyTextEncoder
 from lvstudio.models.wan_dit import CONFIGS, WanDiT, WanDiTConfig
 from lvstudio.sampling.flow_matching import add_noise, shift_sigma, velocity_target
-from lvstudio.train.common import DistInfo, TrainConfigBase, init_distributed, shutdown_distributed
+from lvstudio.train.common import (
+    DistInfo,
+    TrainConfigBase,
+    init_distributed,
+    shutdown_distributed,
+    train_device,
+)
 from lvstudio.train.data import Batch, LatentDataset, latent_dataset, sample_batch
 from lvstudio.train.loop import (
     EMA,
@@ -63,6 +69,7 @@ class DFConfig(TrainConfigBase):
     latent_frames: int = 6  # training window
     block_frames: int = 2  # causal block size in latent frames
     dataset_clips: int = 2000
+    data_workers: int = 0  # processes that render the world clips while the dataset is encoded (0 = this one)
     switch_prob: float = 0.3
     cfg_dropout: float = 0.1
     shift: float = 1.0  # timestep shift of the training noise distribution
@@ -118,6 +125,7 @@ def df_loss(model: TinyDF, batch: Batch, cfg: DFConfig, gen: torch.Generator) ->
     x0 = batch.x0
     b, _, f = x0.shape[:3]
     nb = f // cfg.block_frames
+    # The noise is drawn on the CPU generator (the same numbers on every device), then moved to x0's device.
     u = shift_sigma(torch.rand(b, nb, generator=gen), cfg.shift)  # [B, nb] independent level per block
     # A share of the samples mimics autoregressive inference: history blocks before block k are (nearly) clean.
     ar = torch.rand(b, 1, generator=gen) < cfg.ar_prob
@@ -125,10 +133,10 @@ def df_loss(model: TinyDF, batch: Batch, cfg: DFConfig, gen: torch.Generator) ->
     history = torch.arange(nb)[None, :] < k
     clean = torch.rand(b, nb, generator=gen) * cfg.context_sigma_max
     u = torch.where(ar & history, clean, u)
-    sigma = u.repeat_interleave(cfg.block_frames, dim=1)  # [B, F]
-    eps = torch.randn(x0.shape, generator=gen)
+    sigma = u.repeat_interleave(cfg.block_frames, dim=1).to(x0.device)  # [B, F]
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     x_t = add_noise(x0, eps, sigma)
-    ids, _ = unwrap(model).text.tokenize(batch.prompts)
+    ids = unwrap(model).text.tokenize(batch.prompts)[0].to(x0.device)
     v = model(x_t, sigma * 1000, ids, AttentionSpec(block_frames=cfg.block_frames))
     return flow_error(v, velocity_target(x0, eps), batch.loss_mask, batch.objects, cfg.object_weight)
 
@@ -186,19 +194,22 @@ def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool 
     check_fsdp(cfg.fsdp, recipe)
     dist, out, data, vocabulary = start_run(cfg, dataset, vocabulary)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, vocabulary, data.latents.shape[1])
+    device = train_device(cfg.device)
+    model = build_model(cfg, vocabulary, data.latents.shape[1]).to(device)
     if cfg.fsdp:
         shard_model(model)  # parameters, gradients, AdamW states and the EMA are sharded from here on
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
     start = resume_run_checkpoint(out, model, {"": opt}, ema, cfg.fsdp)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled and not cfg.fsdp else model
+    ddp_devices = [device.index] if device.type == "cuda" else None
+    train_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices)
+                   if dist.enabled and not cfg.fsdp else model)
 
     def one_step(step: int) -> dict[str, float]:
         # A deterministic batch and noise for (seed, step, rank); loss, backward, clip, AdamW; EMA (a plain copy
         # until ema_start).
         rng, gen = step_generator(cfg.seed, step, dist.rank)
-        batch = sample_batch(data, cfg, rng)
+        batch = sample_batch(data, cfg, rng).to(device)
         lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
         loss = loss_fn(train_model, batch, cfg, gen)
         grad_norm = optimizer_step(opt, loss, model.parameters(), cfg.grad_clip)
@@ -268,8 +279,8 @@ def export_weights(model: TinyDF, shadow: dict[str, Tensor], out: Path) -> None:
 
     from lvstudio.models.tiny_text import config_to_json
 
-    dit = {k[4:]: v.contiguous() for k, v in shadow.items() if k.startswith("dit.")}
-    text = {k[5:]: v.contiguous() for k, v in shadow.items() if k.startswith("text.")}
+    dit = {k[4:]: v.cpu().contiguous() for k, v in shadow.items() if k.startswith("dit.")}
+    text = {k[5:]: v.cpu().contiguous() for k, v in shadow.items() if k.startswith("text.")}
     save_file(dit, str(out / "dit.safetensors"),
               metadata={"config": json.dumps(model.dit.cfg.to_dict()), "format": "pt"})
     save_file(text, str(out / "text.safetensors"), metadata={"config": config_to_json(model.text.cfg), "format": "pt"})

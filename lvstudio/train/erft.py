@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.lora import LORA_TARGETS, add_lora, lora_state_dict, save_lora
 from lvstudio.sampling.flow_matching import FlowMatchTable
-from lvstudio.train.common import DistInfo, barrier, shutdown_distributed
+from lvstudio.train.common import DistInfo, barrier, require_cpu, shutdown_distributed
 from lvstudio.train.data import LatentDataset, latent_dataset
 from lvstudio.train.diffusion_forcing import DFConfig, build_model, start_run
 from lvstudio.train.loop import (
@@ -522,6 +522,7 @@ def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset
     """Train (or resume) an ERFT LoRA in cfg.out_dir; writes out_dir/erft_lora.safetensors. Works under torchrun."""
     refuse_fsdp(cfg.fsdp, "erft", "it trains a LoRA on a frozen base; its checkpoints hold the adapters of one "
                 "process (not yet written for sharded adapters)")
+    require_cpu(cfg, "erft")
     dist, out, data, vocabulary = start_run(cfg, dataset, vocabulary, _erft_dataset)
     # Step 1: frozen base (DiT + text), LoRA adapters (same init on every rank), AdamW on the adapters only.
     torch.manual_seed(cfg.seed)

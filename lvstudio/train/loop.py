@@ -133,7 +133,7 @@ def weights_digest(model: nn.Module) -> str:
     FSDP, so every rank must call it)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(whole(p.detach()).float().contiguous().numpy().tobytes())
+        h.update(whole(p.detach()).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -338,14 +338,15 @@ def checkpoint_state(model: nn.Module, optimizers: dict[str, torch.optim.Optimiz
     """What a checkpoint holds: tensors `model.*`, `ema.*`, `optim[_<name>].<param>.<state>`, `rng.torch`, and the
     string metadata (step, extra, optimizer param groups). copy=False keeps the live tensors themselves (sharded
     DTensors under FSDP), so a sharded load can fill them in place."""
-    tensors = {f"model.{k}": v.detach().contiguous().clone() if copy else v for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() if copy else v
+               for k, v in model.state_dict().items()}
     meta = {"step": str(step), "extra": json.dumps(extra or {}), "format": "pt"}
     if ema is not None:
-        tensors.update({f"ema.{k}": v.contiguous().clone() if copy else v for k, v in ema.shadow.items()})
+        tensors.update({f"ema.{k}": v.cpu().contiguous().clone() if copy else v for k, v in ema.shadow.items()})
     for name, opt in optimizers.items():
         prefix, key = _optimizer_keys(name)
         opt_tensors, meta[key] = flatten_optimizer(opt, prefix=prefix)
-        tensors.update(opt_tensors)
+        tensors.update({k: v.cpu() for k, v in opt_tensors.items()} if copy else opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors, meta
 
@@ -357,6 +358,9 @@ def restore_checkpoint_state(tensors: dict[str, torch.Tensor], meta: dict[str, s
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None:
         ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        device = next(model.parameters()).device
+        if device.type != "cpu":  # the EMA lives beside the model: a GPU run resumes on the GPU
+            ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
     for name, opt in optimizers.items():
         prefix, key = _optimizer_keys(name)
         if key in meta:

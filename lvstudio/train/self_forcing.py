@@ -47,7 +47,7 @@ from lvstudio.sampling.flow_matching import (
     x0_from_velocity,
 )
 from lvstudio.sampling.samplers import few_step_sample
-from lvstudio.train.common import DistInfo, TrainConfigBase, init_distributed, shutdown_distributed
+from lvstudio.train.common import DistInfo, TrainConfigBase, init_distributed, require_cpu, shutdown_distributed
 from lvstudio.train.data import LatentDataset
 from lvstudio.train.loop import (
     EMA,
@@ -483,6 +483,7 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
     dmd = cfg.mode == "dmd"
     recipe = "mixed-history" if not dmd else ("self-forcing" if cfg.backward_simulation else "causvid-dmd")
     check_fsdp(cfg.fsdp, "self-forcing")
+    require_cpu(cfg, "self-forcing")
     dist = init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

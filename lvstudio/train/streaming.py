@@ -48,11 +48,12 @@ def stream_sigmas(cfg: StreamConfig, batch: int, gen: torch.Generator) -> tuple[
 
 def stream_loss(model: nn.Module, batch: Batch, cfg: StreamConfig, gen: torch.Generator) -> Tensor:
     """Flow matching on a staggered buffer + boundary consistency of the leaving chunk."""
-    sig_now, sig_prev, length = stream_sigmas(cfg, batch.x0.shape[0], gen)
+    sig_now, sig_prev, length = stream_sigmas(cfg, batch.x0.shape[0], gen)  # drawn on the CPU generator
     x0 = batch.x0[:, :, :length]
+    sig_now, sig_prev = sig_now.to(x0.device), sig_prev.to(x0.device)
     mask = batch.loss_mask[:, :length]
-    eps = torch.randn(x0.shape, generator=gen)
-    ids, _ = unwrap(model).text.tokenize(batch.prompts)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    ids = unwrap(model).text.tokenize(batch.prompts)[0].to(x0.device)
     spec = AttentionSpec(block_frames=cfg.block_frames)
     # Step 1: the current buffer state, every frame at its own level.
     x_now = add_noise(x0, eps, sig_now)

@@ -29,6 +29,7 @@ class VAEFileConfig(TrainConfigBase):
     eval_batches: int = 4
     stats_batches: int = 16
     switch_prob: float = 0.3
+    data_workers: int = 0  # processes that render training batches ahead of the model (0 = this one)
     cut_prob: float = 0.0  # share of training clips with a hard cut between two latents
     export: str | None = None  # copy the trained VAE here (e.g. presets/tiny/vae.safetensors)
     model: dict = Field(default_factory=dict)  # TinyVAEConfig overrides
@@ -41,6 +42,7 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
     import torch
 
     from lvstudio.models.tiny_vae import TinyVAEConfig
+    from lvstudio.train.common import train_device
     from lvstudio.train.vae_recipe import VAETrainConfig, train_vae, world_batch_fn
 
     cfg = load_config(path, VAEFileConfig)
@@ -49,6 +51,7 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
     refuse_fsdp(cfg.fsdp, "vae", "the tiny VAE trains in one process")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = train_device(cfg.device)
     model = TinyVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()})
     recipe = VAETrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, clip_frames=cfg.clip_frames, size=cfg.size, crop=cfg.crop,
@@ -56,7 +59,7 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         grad_clip=cfg.grad_clip, l1_weight=cfg.l1_weight, mse_weight=cfg.mse_weight, edge_weight=cfg.edge_weight,
         kl_weight=cfg.kl_weight, object_weight=cfg.object_weight, freeze_encoder_at=cfg.freeze_encoder_at,
         latent_noise=cfg.latent_noise, restart_prob=cfg.restart_prob, seed=cfg.seed, log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every,
+        ckpt_every=cfg.ckpt_every, device=str(device), data_workers=cfg.data_workers,
         eval_batches=cfg.eval_batches, stats_batches=cfg.stats_batches, out_dir=cfg.out_dir, model=model,
     )
     log = Path(cfg.out_dir) / "train_log.jsonl"

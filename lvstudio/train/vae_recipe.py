@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,8 @@ class VAETrainConfig:
     eval_batches: int = 2  # held-out batches for the final PSNR
     stats_batches: int = 8  # batches for the latent mean/std
     out_dir: str = "runs/tiny_vae"
+    data_workers: int = 0  # processes that render training batches ahead of the model (0 = this one)
+    device: str = "cpu"  # where the model trains ("cpu", "cuda", "cuda:1"); batches are rendered on the CPU
     model: TinyVAEConfig = field(default_factory=TinyVAEConfig)
 
     def __post_init__(self) -> None:
@@ -90,15 +92,22 @@ def lr_at(cfg: VAETrainConfig, step: int) -> float:
     return schedule(step, cfg.lr, cfg.warmup_steps, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.min_lr_ratio)
 
 
-def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3, cut_prob: float = 0.0) -> MakeBatch:
-    """`make_batch` over the procedural world (`lvstudio.world.sample_clip`, imported lazily).
+@dataclass(frozen=True)
+class WorldBatches:
+    """`make_batch` over the procedural world (`lvstudio.world.sample_clip`, imported lazily); a picklable callable,
+    so that data worker processes can run it.
 
     With probability `cut_prob` a clip is a hard cut: a second, unrelated clip takes over at the first pixel frame of
     a random latent (frame 4k - 3), so the VAE learns to keep a cut between two latents clean (a storyboard cut starts
     a new shot while the streaming decoder keeps running).
     """
 
-    def make_batch(rng: np.random.Generator, batch_size: int) -> Tensor:
+    num_frames: int
+    size: int = 128
+    switch_prob: float = 0.3
+    cut_prob: float = 0.0
+
+    def __call__(self, rng: np.random.Generator, batch_size: int) -> Tensor:
         import torch
 
         from lvstudio.world import sample_clip
@@ -106,18 +115,43 @@ def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3, c
         seeds = rng.integers(0, 2**31 - 1, size=batch_size)
         clips = []
         for s in seeds:
-            frames = sample_clip(int(s), num_frames, size=size, switch_prob=switch_prob).frames  # [F, H, W, 3]
-            latents = 1 + (num_frames - 1) // 4
-            if cut_prob > 0 and latents > 1 and rng.random() < cut_prob:
+            frames = sample_clip(int(s), self.num_frames, size=self.size, switch_prob=self.switch_prob).frames
+            latents = 1 + (self.num_frames - 1) // 4  # frames [F, H, W, 3]
+            if self.cut_prob > 0 and latents > 1 and rng.random() < self.cut_prob:
                 at = 4 * int(rng.integers(1, latents)) - 3  # first pixel frame of latent k
-                other = sample_clip(int(rng.integers(0, 2**31 - 1)), num_frames - at, size=size,
-                                    switch_prob=switch_prob).frames
+                other = sample_clip(int(rng.integers(0, 2**31 - 1)), self.num_frames - at, size=self.size,
+                                    switch_prob=self.switch_prob).frames
                 frames = np.concatenate([frames[:at], other])
             clips.append(frames)
         frames = torch.from_numpy(np.stack(clips))  # [B, F, H, W, 3] uint8
         return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # [B, 3, F, H, W] in [-1, 1]
 
-    return make_batch
+
+def world_batch_fn(num_frames: int, size: int = 128, switch_prob: float = 0.3, cut_prob: float = 0.0) -> MakeBatch:
+    """`make_batch` over the procedural world (see `WorldBatches`)."""
+    return WorldBatches(num_frames, size, switch_prob, cut_prob)
+
+
+def step_batch(cfg: VAETrainConfig, make_batch: MakeBatch, step: int) -> tuple[Tensor, int]:
+    """Step `step`'s training batch (cropped) and noise seed, from `np.random.default_rng([seed, 0, step])` alone:
+    the same in this process or a data worker, and after a resume."""
+    rng = np.random.default_rng([cfg.seed, 0, step])
+    x = _get_batch(cfg, make_batch, rng, cfg.crop)
+    return x, int(rng.integers(0, 2**62))
+
+
+def step_batches(cfg: VAETrainConfig, make_batch: MakeBatch, start: int) -> Iterator[tuple[Tensor, int]]:
+    """`step_batch` of steps start, start+1, ...: made here, or ahead by `cfg.data_workers` spawned processes (a GPU
+    trains faster than one CPU core renders the world); the batches are the same either way."""
+    import functools
+    import multiprocessing
+
+    make = functools.partial(step_batch, cfg, make_batch)
+    if cfg.data_workers <= 0:
+        yield from map(make, range(start, cfg.steps))
+        return
+    with multiprocessing.get_context("spawn").Pool(cfg.data_workers) as pool:
+        yield from pool.imap(make, range(start, cfg.steps), chunksize=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,8 +171,9 @@ def _decoder_phase_forward(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generat
         z = mu
         if cfg.latent_noise > 0:
             std = mu.transpose(0, 1).flatten(1).std(dim=1).view(1, -1, 1, 1, 1)  # [1, z, 1, 1, 1]
-            level = torch.rand(mu.shape[0], 1, 1, 1, 1, generator=generator) * cfg.latent_noise
-            z = mu + level * std * torch.randn(mu.shape, generator=generator)
+            # Noise from the CPU generator (the same numbers on every device), moved to mu's device.
+            level = torch.rand(mu.shape[0], 1, 1, 1, 1, generator=generator).to(mu.device) * cfg.latent_noise
+            z = mu + level * std * torch.randn(mu.shape, generator=generator).to(mu.device)
     if cfg.restart_prob > 0 and z.shape[2] > 1 and float(torch.rand((), generator=generator)) < cfg.restart_prob:
         k = int(torch.randint(1, z.shape[2], (), generator=generator))  # decode latents k.. from zero history
         return vae.decode_raw(z[:, :, k:], {CONTINUE_KEY: torch.ones(())}), x[:, :, 4 * k - 3 :], mu, logvar
@@ -276,18 +311,20 @@ def train_vae(
     ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
-        vae = TinyVAE(cfg.model)
+        vae = TinyVAE(cfg.model).to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume and os.path.exists(ckpt_path):
         start = _load_checkpoint(ckpt_path, cfg, vae, opt)
 
+    batches = step_batches(cfg, make_batch, start)
+
     def one_step(step: int) -> dict[str, float]:
         # This step's data and noise, derived from (seed, step) only; forward, backward, clip, AdamW update at the
         # scheduled learning rate.
-        rng = np.random.default_rng([cfg.seed, 0, step])
-        x = _get_batch(cfg, make_batch, rng, cfg.crop)
-        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        x, noise_seed = next(batches)
+        x = x.to(cfg.device)
+        gen = torch.Generator().manual_seed(noise_seed)
         lr = set_lr(opt, lr_at(cfg, step))
         if cfg.freeze_encoder_at is not None and step >= cfg.freeze_encoder_at:
             vae.encoder.requires_grad_(False)  # decoder-only phase: the latents stay fixed
@@ -305,7 +342,10 @@ def train_vae(
     loop = TrainLoop(total=cfg.steps, start=start, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                      report=progress, checkpoint=lambda done: _save_checkpoint(ckpt_path, cfg, vae, opt, done),
                      reduce=reduce)
-    _, last = loop.run(one_step)
+    try:
+        _, last = loop.run(one_step)
+    finally:
+        batches.close()  # stops the data workers
     steps_run, final_loss = loop.steps_run, last.get("loss", float("nan"))
 
     vae.train(False)
@@ -334,7 +374,7 @@ def evaluate_psnr(vae: TinyVAE, cfg: VAETrainConfig, make_batch: MakeBatch) -> f
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(cfg.eval_batches):
-            x = _get_batch(cfg, make_batch, np.random.default_rng([cfg.seed, 1, i]), crop=0)
+            x = _get_batch(cfg, make_batch, np.random.default_rng([cfg.seed, 1, i]), crop=0).to(cfg.device)
             total += float(torch.mean((vae.decode(vae.encode(x)) - x) ** 2)) * x.shape[0]
             count += x.shape[0]
     return _psnr_from_mse(total / max(count, 1))
@@ -350,9 +390,9 @@ def latent_stats(vae: TinyVAE, cfg: VAETrainConfig, make_batch: MakeBatch) -> tu
     n = 0
     with torch.no_grad():
         for i in range(cfg.stats_batches):
-            x = _get_batch(cfg, make_batch, np.random.default_rng([cfg.seed, 2, i]), crop=0)
+            x = _get_batch(cfg, make_batch, np.random.default_rng([cfg.seed, 2, i]), crop=0).to(cfg.device)
             mu, _ = vae.encode_raw(x)  # [B, z, f, h, w]
-            flat = mu.transpose(0, 1).reshape(z_dim, -1).double()
+            flat = mu.transpose(0, 1).reshape(z_dim, -1).double().cpu()
             s1 += flat.sum(1)
             s2 += flat.pow(2).sum(1)
             n += flat.shape[1]

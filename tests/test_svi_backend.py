@@ -87,6 +87,24 @@ def test_shot_clips_chain_frames_prompts_and_conditioning(monkeypatch) -> None:
     assert be.cache_summary()["latent_frames"] == 1.0  # one carried frame
 
 
+def test_each_clip_guides_with_its_blocks_negative_prompt(monkeypatch) -> None:
+    """CFG's unconditional text is the block's negative prompt (the shot's, else the buffer's default, which the
+    session sets to the storyboard's or the preset's), as for every other backend."""
+    import lvstudio.backends.svi_crossclip as mod
+
+    bundle = tiny_svi_bundle("shot")  # guided (cfg 5)
+    be, buf = _setup(bundle, shots=((0.0, "a red ball over the sea"),))
+    buf.negative = "static grass"  # the storyboard's (or the preset's) default
+    buf.add_shot(0.25, "a blue cube over the grass", "switch", negative="blurry")  # clip 1: the shot's own
+    seen: list[torch.Tensor] = []
+    real = mod.sample_i2v
+    monkeypatch.setattr(mod, "sample_i2v", lambda *a, negative_text=None, **kw: (seen.append(negative_text),
+                                                                                 real(*a, negative_text=negative_text,
+                                                                                      **kw))[1])
+    be.step(), be.step()
+    assert torch.equal(seen[0], buf.embedding("static grass")) and torch.equal(seen[1], buf.embedding("blurry"))
+
+
 def test_a_cut_ends_the_clip_and_starts_a_new_shot_from_an_image(monkeypatch) -> None:
     """A cut at 0.5 s (block 3, frame 9): clip 0 shows frames 0-8 (its held-back frame 8 too: nothing continues it),
     clip 1 starts exactly at frame 9 with nothing carried, image-to-video from the shot's own anchor image; a cut

@@ -59,7 +59,8 @@ class Server:
 
     def client(self) -> Client:
         """A new client = a new browser tab (its own session and gr.State)."""
-        return Client(self.url, verbose=False, download_files=str(self.downloads))
+        # A generous HTTP timeout: under load (8 clients on 2 shared cores) an upload can take longer than httpx's 5 s.
+        return Client(self.url, verbose=False, download_files=str(self.downloads), httpx_kwargs={"timeout": 120})
 
     def render(self, client: Client, text: str):  # noqa: ANN201 - gradio_client Job
         return client.submit(text, str(self.preset), FROM_STORYBOARD, None, api_name="/render")

@@ -35,6 +35,7 @@ from lvstudio.train.common import (
 from lvstudio.train.data import Batch, LatentDataset, latent_dataset, sample_batch
 from lvstudio.train.loop import (
     EMA,
+    TrainingStopped,
     TrainLog,
     TrainLoop,
     load_checkpoint,
@@ -221,7 +222,13 @@ def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool 
 
     loop = TrainLoop.for_config(cfg, start=start, report=TrainLog(out, dist.is_main).report, checkpoint=save,
                                 progress=progress and dist.is_main, description=recipe)
-    step, last = loop.run(one_step)
+    try:
+        step, last = loop.run(one_step)
+    except TrainingStopped:
+        # Every rank stops at the same step (the loop makes them agree): end the process group before the
+        # process exits, or gloo's threads can abort it at exit ("terminate called without an active exception").
+        shutdown_distributed(dist)
+        raise
     shadow = whole_tensors(ema.shadow) if cfg.fsdp else ema.shadow
     if dist.is_main:
         export_weights(model, shadow, out)

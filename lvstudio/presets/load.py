@@ -153,6 +153,7 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
         return _load_hub_bundle(preset, dev)
     from lvstudio.models.tiny_text import load_text_encoder
     from lvstudio.models.tiny_vae import load_vae
+    from lvstudio.models.wan_components import resolve_dtype
     from lvstudio.presets.integrity import verify_local
 
     # Step 1: every file present, of the recorded sha256 and size, with a readable header — before any is opened.
@@ -160,9 +161,10 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
              for role, what in (("dit", "DiT"), ("text_encoder", "text encoder"), ("vae", "VAE"))}
     verify_local(preset, [r for r in preset.files if r in paths or preset.file_path(r).exists()])  # LoRAs too
     dit_cfg = WanDiTConfig.from_dict(preset.dit_config) if preset.dit_config else None
-    dit = load_dit(paths["dit"], dit_cfg).to(dev)
+    # Step 2: the preset's precision ("auto": float32 on the CPU, bfloat16 on a GPU); the text encoder stays float32.
+    dit = load_dit(paths["dit"], dit_cfg).to(dev, resolve_dtype(preset.dtype, dev))
     text = load_text_encoder(paths["text_encoder"]).to(dev)
-    vae = load_vae(paths["vae"], device=dev).train(False)
+    vae = load_vae(paths["vae"], device=dev).to(dtype=resolve_dtype(preset.vae_dtype, dev)).train(False)
     return ModelBundle(preset, dit, TinyTextAdapter(text), vae, dev, latent_channels=dit.cfg.out_dim)
 
 

@@ -38,6 +38,7 @@ Fields = dict[str, Any]  # what a step reports: numbers (or None), written to th
 StepFn = Callable[[int], Fields]
 Reduce = Callable[[list[Fields]], Fields]
 CHECKPOINT = "checkpoint.safetensors"
+CONSOLIDATED = "consolidated.safetensors"  # a sharded (FSDP) checkpoint gathered into one file
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,16 +395,24 @@ def load_checkpoint(
 ) -> tuple[int, dict[str, Any]]:
     """Restore what save_checkpoint wrote; returns (step, extra). A damaged file raises DamagedFileError (what is
     wrong and what to do) before anything is restored."""
-    from lvstudio.checked_files import load_checked
-    from lvstudio.errors import DamagedFileError
-
-    try:
-        tensors, meta = load_checked(path, require_digest=False)
-    except DamagedFileError as err:
-        err.hint = ("checkpoints are written atomically, so a crash does not do this (a disk or a copy did): restore "
-                    "it from a backup, or move it away to start the run from step 0")
-        raise
+    tensors, meta = read_checkpoint(path)
     return restore_checkpoint_state(tensors, meta, model, _optimizers(optimizer), ema)
+
+
+CHECKPOINT_HINT = ("checkpoints are written atomically, so a crash does not do this (a disk or a copy did): restore it "
+                   "from a backup, or move it away to start the run from step 0")
+CONSOLIDATED_HINT = ("it is gathered from the run's sharded checkpoint: delete it, and `lvstudio train export` "
+                     "gathers it again")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of any recipe's checkpoint, verified against its checksum (`lvstudio.checked_files`;
+    checkpoints of versions that wrote none are only parsed). A damaged one raises DamagedFileError naming the file
+    and what to do: a training checkpoint cannot be rebuilt, so it is never replaced silently."""
+    from lvstudio.checked_files import load_checked
+
+    hint = CONSOLIDATED_HINT if Path(path).name == CONSOLIDATED else CHECKPOINT_HINT
+    return load_checked(path, require_digest=False, hint=hint)
 
 
 def _optimizers(optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None,

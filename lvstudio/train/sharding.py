@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lvstudio.errors import LvError
-from lvstudio.train.loop import CHECKPOINT, EMA, checkpoint_state, restore_checkpoint_state
+from lvstudio.train.loop import CHECKPOINT, CONSOLIDATED, EMA, checkpoint_state, restore_checkpoint_state
 
 if TYPE_CHECKING:
     from lvstudio.train.common import DistInfo
@@ -255,7 +255,7 @@ def consolidated_checkpoint(out: Path) -> Path | None:
     if sharded is None:
         single = out / CHECKPOINT
         return single if single.exists() else None
-    dest = out / "consolidated.safetensors"
+    dest = out / CONSOLIDATED
     if not dest.exists() or dest.stat().st_mtime < (sharded / META).stat().st_mtime:
         consolidate(sharded, dest)
     return dest

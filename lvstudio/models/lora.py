@@ -96,15 +96,16 @@ def lora_rank(state: Mapping[str, Tensor]) -> int:
 
 def save_lora(path: str | Path, state: Mapping[str, Tensor], rank: int, alpha: float, targets: str = LORA_TARGETS,
               base: Mapping[str, Any] | None = None) -> Path:
-    """Write adapters (plain keys, float32) atomically with metadata rank/alpha/targets/base (e.g. dit sha, config)."""
-    from lvstudio.atomic import save_safetensors_atomic
+    """Write adapters (plain keys, float32) atomically with metadata rank/alpha/targets/base (e.g. dit sha, config)
+    and a checksum (`lvstudio.checked_files`)."""
+    from lvstudio.checked_files import save_checked
 
     if lora_rank(state) != rank:
         raise ValueError(f"adapters have rank {lora_rank(state)}, not {rank}")
     meta = {"format": LORA_FORMAT, "rank": str(int(rank)), "alpha": repr(float(alpha)), "targets": targets,
             "base": json.dumps(dict(base or {}))}
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
-    return save_safetensors_atomic(tensors, path, meta)
+    return save_checked(tensors, path, meta)
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -83,20 +83,20 @@ def config_from_json(text: str) -> TinyTextConfig:
 
 
 def save_text_encoder(model: TinyTextEncoder, path: str | Path) -> None:
-    from safetensors.torch import save_file
+    """Weights and config (metadata), atomically, with a checksum (`lvstudio.checked_files`)."""
+    from lvstudio.checked_files import save_checked
 
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"config": config_to_json(model.cfg), "format": "pt"})
+    save_checked(sd, path, {"config": config_to_json(model.cfg), "format": "pt"})
 
 
 def load_text_encoder(path: str | Path) -> TinyTextEncoder:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """A `save_text_encoder` file (or an export's text.safetensors), its checksum verified when it has one."""
+    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = load_checked(path, require_digest=False, hint=WEIGHTS_HINT)
     if "config" not in meta:
         raise ValueError(f"{path}: no text-encoder config in the safetensors metadata")
     model = TinyTextEncoder(config_from_json(meta["config"]))
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(tensors)
     return model.train(False)

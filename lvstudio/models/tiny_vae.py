@@ -564,25 +564,25 @@ class StreamingEncoder(_Streaming):
 
 
 def save_vae(vae: TinyVAE, path: str | os.PathLike[str]) -> None:
-    """Write the weights and config to `path` (safetensors, atomic replace)."""
-    from lvstudio.atomic import save_safetensors_atomic
+    """Write the weights and config to `path` (safetensors, atomic replace, with a checksum:
+    `lvstudio.checked_files`)."""
+    from lvstudio.checked_files import save_checked
 
     tensors = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
-    save_safetensors_atomic(tensors, path, {"format": FORMAT, "config": vae.config.to_json()})
+    save_checked(tensors, path, {"format": FORMAT, "config": vae.config.to_json()})
 
 
 def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> TinyVAE:
-    """Load a `save_vae` file (strict key match) into a new TinyVAE in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Load a `save_vae` file (strict key match) into a new TinyVAE in eval mode; its checksum is verified when it
+    has one (DamagedFileError otherwise)."""
+    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
 
     path = os.fspath(path)
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    tensors, metadata = load_checked(path, require_digest=False, hint=WEIGHTS_HINT)
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise ValueError(f"{path} is not a tiny VAE file (format {metadata.get('format')!r}, expected {FORMAT!r})")
     vae = TinyVAE(TinyVAEConfig.from_json(metadata["config"]))
-    vae.load_state_dict(load_file(path, device="cpu"), strict=True)
+    vae.load_state_dict(tensors, strict=True)
     return vae.to(device).train(False)
 
 

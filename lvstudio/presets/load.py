@@ -105,13 +105,6 @@ class ModelBundle:
         return self.variants[role]
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
-
-
 def _require(path: Path, preset: Preset, role: str) -> Path:
     if not path.exists():
         raise PresetError(
@@ -122,15 +115,16 @@ def _require(path: Path, preset: Preset, role: str) -> Path:
 
 
 def load_dit(path: Path, config: WanDiTConfig | None = None) -> WanDiT:
-    from safetensors.torch import load_file
-
+    """A DiT from one safetensors file (its config from the metadata unless given); the file's own checksum is
+    verified when it has one (exports of the training recipes do)."""
+    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
     from lvstudio.models.key_maps import load_dit_state_dict
 
+    tensors, meta = load_checked(path, require_digest=False, hint=WEIGHTS_HINT)
     if config is None:
-        meta = _metadata(path)
         config = WanDiTConfig.from_dict(json.loads(meta["config"])) if "config" in meta else CONFIGS["tiny"]
     dit = WanDiT(config)
-    sd = {k: v.float() for k, v in load_file(str(path)).items()}
+    sd = {k: v.float() for k, v in tensors.items()}
     load_dit_state_dict(dit, sd, source=str(path))
     return dit.train(False)
 

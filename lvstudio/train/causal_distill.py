@@ -148,10 +148,14 @@ def teacher_trajectories(teacher: WanDiT, context: Tensor, uncond: Tensor, noise
 
 
 def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Path, progress: bool = False) -> Path:
-    """Write (or finish writing) the ODE-pair parts in out/ode_pairs; returns that folder."""
+    """Write (or finish writing) the ODE-pair parts in out/ode_pairs; returns that folder.
+
+    The parts are a cache: each is written atomically with a checksum, and one found damaged is made again (with a
+    warning); a part depends only on (seed, part), so it comes out the same."""
+    from lvstudio.checked_files import load_cache, save_checked
+
     folder = out / "ode_pairs"
     folder.mkdir(parents=True, exist_ok=True)
-    from lvstudio.atomic import save_safetensors_atomic
 
     parts = math.ceil(cfg.num_pairs / cfg.pair_batch)
     h = cfg.size // 8
@@ -159,7 +163,7 @@ def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Pat
     with progress_bar(parts, 0, progress, "ode pairs") as update:
         for p in range(parts):
             path = folder / f"part_{p:05d}.safetensors"
-            if path.exists():
+            if load_cache(path, _read_part) is not None:
                 update(p + 1, math.nan)
                 continue
             b = min(cfg.pair_batch, cfg.num_pairs - p * cfg.pair_batch)
@@ -168,27 +172,31 @@ def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Pat
             prompts = world_prompts(b, rng)
             noise = torch.randn(b, models.real.cfg.out_dim, cfg.num_frames, h, h, generator=gen)
             traj = teacher_trajectories(models.real, models.encode(prompts), models.encode([""] * b), noise, cfg)
-            save_safetensors_atomic({"trajectory": traj.contiguous(), "timesteps": timesteps}, path,
-                                    {"prompts": json.dumps(prompts), "format": "pt"})
+            save_checked({"trajectory": traj.contiguous(), "timesteps": timesteps}, path,
+                         {"prompts": json.dumps(prompts), "format": "pt"})
             update(p + 1, math.nan)
     return folder
 
 
 def load_ode_pairs(folder: Path) -> tuple[Tensor, Tensor, list[str]]:
-    """All parts: trajectories [N, K+1, C, F, h, w], timesteps [K+1] (last 0), prompts."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    """All parts (verified): trajectories [N, K+1, C, F, h, w], timesteps [K+1] (last 0), prompts."""
     trajs, prompts, timesteps = [], [], None
     for path in sorted(folder.glob("part_*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            prompts += json.loads((f.metadata() or {})["prompts"])
-        t = load_file(str(path))
-        trajs.append(t["trajectory"])
-        timesteps = t["timesteps"]
+        traj, timesteps, part_prompts = _read_part(path)
+        trajs.append(traj)
+        prompts += part_prompts
     if not trajs:
         raise FileNotFoundError(f"no ODE pairs in {folder}")
     return torch.cat(trajs), timesteps, prompts
+
+
+def _read_part(path: Path) -> tuple[Tensor, Tensor, list[str]]:
+    """One part: trajectories [b, K+1, C, F, h, w], timesteps [K+1], prompts; DamagedFileError if it is damaged."""
+    from lvstudio.checked_files import load_checked
+
+    hint = "ODE pairs are derived data: delete the part, and `lvstudio train causal-distill CONFIG.toml` makes it again"
+    tensors, meta = load_checked(path, require_digest=False, hint=hint)
+    return tensors["trajectory"], tensors["timesteps"], json.loads(meta["prompts"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from lvstudio.train.diffusion_forcing import DFConfig
 
 
+LATENTS_HINT = ("a latent dataset is derived data: delete it, and the training run that wrote it encodes it again "
+                "(`lvstudio train diffusion-forcing CONFIG.toml` for the out_dir it is in)")
+
+
 @dataclass
 class LatentDataset:
     latents: Tensor  # [N, C, L, h, w] normalised VAE latents
@@ -29,22 +33,22 @@ class LatentDataset:
     seeds: list[int] | None = None  # world seed of each clip
 
     def save(self, path: Path) -> None:
-        from lvstudio.atomic import save_safetensors_atomic
+        """Atomically, with a checksum (`lvstudio.checked_files`)."""
+        from lvstudio.checked_files import save_checked
 
         tensors = {"latents": self.latents}
         if self.objects is not None:
             tensors["objects"] = self.objects
         meta = {"captions": json.dumps(self.captions), "seeds": json.dumps(self.seeds)}
-        save_safetensors_atomic(tensors, path, meta)
+        save_checked(tensors, path, meta)
 
     @classmethod
     def load(cls, path: Path) -> LatentDataset:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """A file written by save(), verified (DamagedFileError; files of versions that wrote no checksum are only
+        parsed)."""
+        from lvstudio.checked_files import load_checked
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        t = load_file(str(path))
+        t, meta = load_checked(path, require_digest=False, hint=LATENTS_HINT)
         return cls(t["latents"], json.loads(meta["captions"]), t.get("objects"), json.loads(meta.get("seeds", "null")))
 
 
@@ -187,18 +191,27 @@ def sample_batch(data: LatentDataset, cfg: DFConfig, rng: np.random.Generator) -
 
 def latent_dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
     """The run's latent dataset in out/latents.safetensors: encoded once by rank 0 (world clips through the VAE of
-    `cfg.vae`), object masks added to a dataset built before they existed, then loaded by every rank."""
-    path = out / "latents.safetensors"
-    if dist.is_main and not path.exists():
-        from lvstudio.models.tiny_vae import load_vae
-        from lvstudio.train.common import train_device
+    `cfg.vae`), object masks added to a dataset built before they existed, then loaded by every rank.
 
-        device = train_device(cfg.device)
-        vae = load_vae(cfg.vae).train(False).to(device)
-        data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob, cfg.seed,
-                                    batch=4 if device.type == "cpu" else 64, workers=cfg.data_workers)
-        data.save(path)
-    elif dist.is_main and cfg.object_weight > 0 and LatentDataset.load(path).objects is None:
-        add_object_masks(LatentDataset.load(path), cfg).save(path)  # datasets built before masks existed
+    It is a cache: one found damaged (checksum) is encoded again, with a warning; the clips are deterministic, so the
+    rebuilt file holds the same latents."""
+    path = out / "latents.safetensors"
+    data = None
+    if dist.is_main:
+        from lvstudio.checked_files import load_cache
+
+        data = load_cache(path, LatentDataset.load)
+        if data is None:
+            from lvstudio.models.tiny_vae import load_vae
+            from lvstudio.train.common import train_device
+
+            device = train_device(cfg.device)
+            vae = load_vae(cfg.vae).train(False).to(device)
+            data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob,
+                                        cfg.seed, batch=4 if device.type == "cpu" else 64, workers=cfg.data_workers)
+            data.save(path)
+        elif cfg.object_weight > 0 and data.objects is None:
+            data = add_object_masks(data, cfg)  # datasets built before masks existed
+            data.save(path)
     barrier(dist)
-    return LatentDataset.load(path)
+    return data if data is not None else LatentDataset.load(path)

@@ -38,9 +38,10 @@ from lvstudio.train.loop import (
     TrainingStopped,
     TrainLog,
     TrainLoop,
-    load_checkpoint,
     lr_at,
     optimizer_step,
+    read_checkpoint,
+    restore_checkpoint_state,
     set_lr,
     step_generator,
     unwrap,
@@ -103,17 +104,22 @@ def build_model(cfg: DFConfig, vocabulary: list[str], latent_channels: int) -> T
     base.update(cfg.dit)
     dit = WanDiT(WanDiTConfig.from_dict(base))
     if cfg.init_dit:
-        from safetensors.torch import load_file
-
         from lvstudio.models.key_maps import load_dit_state_dict
 
-        load_dit_state_dict(dit, {k: v.float() for k, v in load_file(cfg.init_dit).items()}, source=cfg.init_dit)
+        load_dit_state_dict(dit, _init_weights(cfg.init_dit, "init_dit"), source=cfg.init_dit)
     text = TinyTextEncoder(text_cfg)
     if cfg.init_text:
-        from safetensors.torch import load_file
-
-        text.load_state_dict({k: v.float() for k, v in load_file(cfg.init_text).items()})
+        text.load_state_dict(_init_weights(cfg.init_text, "init_text"))
     return TinyDF(dit, text)
+
+
+def _init_weights(path: str, key: str) -> dict[str, Tensor]:
+    """The float32 tensors of the config's init file `key`: verified when it carries a checksum (an export of
+    lvstudio), only parsed when it does not (weights from elsewhere or an older version)."""
+    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
+
+    tensors, _ = load_checked(path, require_digest=False, hint=f"point {key} at an intact file, or {WEIGHTS_HINT}")
+    return {k: v.float() for k, v in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,46 +254,39 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
         from lvstudio.world import vocabulary as world_vocabulary
 
         vocabulary = world_vocabulary()
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt), "pt") as f:
-        channels = f.get_tensor("model.dit.patch_embedding.weight").shape[1]
+    tensors, meta = read_checkpoint(ckpt)  # verified: a damaged checkpoint is named before anything is written
+    channels = tensors["model.dit.patch_embedding.weight"].shape[1]
     model = build_model(cfg.model_copy(update={"init_dit": None, "init_text": None}), vocabulary, channels)
     ema = EMA(model, cfg.ema_decay)
-    step, _ = load_checkpoint(ckpt, model, None, ema)
+    restore_checkpoint_state(tensors, meta, model, {}, ema)
     export_weights(model, ema.shadow, out)
     return out
 
 
 def ship_weights(run_dir: Path, preset_dir: Path, half: bool = True) -> list[Path]:
     """Copy a run's exported dit/text weights into a preset folder (fp16 by default: half the size, same outputs
-    to ~1e-3), keeping the config metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from lvstudio.atomic import save_safetensors_atomic
+    to ~1e-3), keeping the config metadata. The exports are verified first; the copies get their own checksum
+    (record the preset's new sha256 with `lvstudio presets hash PRESET_DIR --write`)."""
+    from lvstudio.checked_files import load_checked, save_checked
 
     written = []
     for name in ("dit.safetensors", "text.safetensors"):
         src = Path(run_dir) / name
-        with safe_open(str(src), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(src))
+        tensors, meta = load_checked(src, require_digest=False,
+                                     hint="export it again: `lvstudio train export CONFIG.toml` (from the checkpoint)")
         if half:
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        written.append(save_safetensors_atomic(tensors, Path(preset_dir) / name, meta))
+        written.append(save_checked(tensors, Path(preset_dir) / name, meta))
     return written
 
 
 def export_weights(model: TinyDF, shadow: dict[str, Tensor], out: Path) -> None:
     """Write the EMA weights (`EMA.shadow`, whole tensors) as dit.safetensors / text.safetensors (with configs in
-    metadata) into out."""
-    from safetensors.torch import save_file
-
+    metadata) into out: atomically, each with its checksum (`lvstudio.checked_files`)."""
+    from lvstudio.checked_files import save_checked
     from lvstudio.models.tiny_text import config_to_json
 
     dit = {k[4:]: v.cpu().contiguous() for k, v in shadow.items() if k.startswith("dit.")}
     text = {k[5:]: v.cpu().contiguous() for k, v in shadow.items() if k.startswith("text.")}
-    save_file(dit, str(out / "dit.safetensors"),
-              metadata={"config": json.dumps(model.dit.cfg.to_dict()), "format": "pt"})
-    save_file(text, str(out / "text.safetensors"), metadata={"config": config_to_json(model.text.cfg), "format": "pt"})
+    save_checked(dit, out / "dit.safetensors", {"config": json.dumps(model.dit.cfg.to_dict()), "format": "pt"})
+    save_checked(text, out / "text.safetensors", {"config": config_to_json(model.text.cfg), "format": "pt"})

@@ -43,6 +43,7 @@ from lvstudio.train.loop import (
     flatten_optimizer,
     lr_at,
     optimizer_step,
+    read_checkpoint,
     set_lr,
     step_generator,
     unflatten_optimizer,
@@ -53,6 +54,8 @@ from lvstudio.train.sharding import refuse_fsdp
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHECKPOINT = "checkpoint.safetensors"
 LORA_FILE = "erft_lora.safetensors"
+BANKS_HINT = ("the error banks are written atomically, so a crash does not do this (a disk or a copy did): restore it "
+              "from a backup, or delete it to continue with empty banks (they fill again as the run trains)")
 
 
 class ERFTConfig(DFConfig):
@@ -206,20 +209,19 @@ class ErrorBanks:
                    ErrorBank(cfg.num_grids, cfg.bank_capacity, cfg.bank_replacement, dt))
 
     def save(self, path: Path, step: int) -> Path:
-        from lvstudio.atomic import save_safetensors_atomic
+        """Atomically, with a checksum (`lvstudio.checked_files`)."""
+        from lvstudio.checked_files import save_checked
 
         tensors = {f"noise.{k}": v for k, v in self.noise.state_dict().items()}
         tensors.update({f"latent.{k}": v for k, v in self.latent.state_dict().items()})
-        return save_safetensors_atomic(tensors, path, {"step": str(step), "format": "lvstudio.erft_banks/1"})
+        return save_checked(tensors, path, {"step": str(step), "format": "lvstudio.erft_banks/1"})
 
     def load(self, path: Path) -> int:
-        """Restore from a file written by save(); returns its step."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Restore from a file written by save() (verified first: DamagedFileError); returns its step."""
+        from lvstudio.checked_files import load_checked
 
-        with safe_open(str(path), "pt") as f:
-            step = int((f.metadata() or {}).get("step", -1))
-        tensors = load_file(str(path))
+        tensors, meta = load_checked(path, require_digest=False, hint=BANKS_HINT)
+        step = int(meta.get("step", -1))
         self.noise.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("noise.")})
         self.latent.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("latent.")})
         return step
@@ -448,7 +450,7 @@ def _bank_path(out: Path, rank: int, step: int) -> Path:
 
 def _save_state(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], step: int,
                 base: dict) -> None:
-    from lvstudio.atomic import save_safetensors_atomic
+    from lvstudio.checked_files import save_checked
 
     tensors = {f"lora.{k}": v for k, v in lora_state_dict(model.dit).items()}
     tensors.update({f"ema.{k}": v.clone() for k, v in ema.items()})
@@ -456,17 +458,13 @@ def _save_state(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: di
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": str(step), "recipe": "erft", "optimizer": opt_meta, "base": json.dumps(base), "format": "pt"}
-    save_safetensors_atomic(tensors, out / CHECKPOINT, meta)
+    save_checked(tensors, out / CHECKPOINT, meta)
 
 
 def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], base: dict) -> int:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from lvstudio.train.common import ConfigError
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = read_checkpoint(path)  # verified: DamagedFileError before anything is restored
     if meta.get("recipe") != "erft":
         raise ConfigError(f"{path} is not an ERFT checkpoint (recipe {meta.get('recipe')!r})",
                           hint="use a fresh out_dir for the ERFT run")
@@ -474,7 +472,6 @@ def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: d
     if saved.get("dit_sha256") != base.get("dit_sha256"):
         raise ConfigError(f"{path} was trained on another base DiT (sha256 {saved.get('dit_sha256')}, now "
                           f"{base.get('dit_sha256')})", hint="resume with the same init_dit, or use a fresh out_dir")
-    tensors = load_file(str(path))
     params = dict(_lora_params(model))
     with torch.no_grad():
         for key, p in params.items():
@@ -601,15 +598,13 @@ def _checkpoint(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: di
 
 
 def export_erft_lora(cfg: ERFTConfig, out_dir: Path | None = None) -> Path:
-    """Write out_dir/erft_lora.safetensors from the EMA adapters of the checkpoint (e.g. of an unfinished run)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    """Write out_dir/erft_lora.safetensors from the EMA adapters of the checkpoint (e.g. of an unfinished run),
+    verified first."""
     out = Path(out_dir or cfg.out_dir)
     path = out / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint in {out}")
-    with safe_open(str(path), "pt") as f:
-        base = json.loads((f.metadata() or {}).get("base", "{}"))
-    ema = {k[4:]: v for k, v in load_file(str(path)).items() if k.startswith("ema.")}
+    tensors, meta = read_checkpoint(path)
+    base = json.loads(meta.get("base", "{}"))
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return save_lora(out / LORA_FILE, ema, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base=base)

@@ -434,31 +434,30 @@ def mixed_history_loss(generator: WanDiT, context: Tensor, x0_real: Tensor, cfg:
 
 def export_generator(config: WanDiTConfig, shadow: dict[str, Tensor], out: Path, sampler: dict | None = None) -> Path:
     """Write the generator EMA (`EMA.shadow`, whole tensors) as out/dit.safetensors (config metadata as
-    diffusion_forcing.export_weights)."""
-    from lvstudio.atomic import save_safetensors_atomic
+    diffusion_forcing.export_weights): atomically, with its checksum (`lvstudio.checked_files`)."""
+    from lvstudio.checked_files import save_checked
 
     meta = {"config": json.dumps(config.to_dict()), "format": "pt"}
     if sampler is not None:
         meta["sampler"] = json.dumps(sampler)
-    return save_safetensors_atomic({k: v.contiguous() for k, v in shadow.items()}, out / "dit.safetensors", meta)
+    return save_checked({k: v.contiguous() for k, v in shadow.items()}, out / "dit.safetensors", meta)
 
 
 def export_run(cfg: SelfForcingConfig) -> Path:
     """out_dir/dit.safetensors from the generator EMA of the run's latest checkpoint (an unfinished run's too; a
-    sharded one is gathered into out_dir/consolidated.safetensors first)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    sharded one is gathered into out_dir/consolidated.safetensors first). The checkpoint is verified first."""
+    from lvstudio.checked_files import WEIGHTS_HINT, read_metadata
     from lvstudio.errors import LvError
+    from lvstudio.train.loop import read_checkpoint
     from lvstudio.train.sharding import consolidated_checkpoint
 
     out = Path(cfg.out_dir)
     ckpt = consolidated_checkpoint(out)
     if ckpt is None:
         raise LvError(f"no checkpoint in {out}", hint="train first, or pass the config of the run to export")
-    shadow = {k[4:]: v for k, v in load_file(str(ckpt)).items() if k.startswith("ema.")}
-    with safe_open(str(cfg.init_dit or cfg.real_dit), "pt") as f:
-        config = WanDiTConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    shadow = {k[4:]: v for k, v in read_checkpoint(ckpt)[0].items() if k.startswith("ema.")}
+    meta = read_metadata(cfg.init_dit or cfg.real_dit, hint=WEIGHTS_HINT)
+    config = WanDiTConfig.from_dict(json.loads(meta["config"]))
     return export_generator(config, shadow, out, sampler_settings(cfg))
 
 

@@ -237,14 +237,10 @@ def _get_batch(cfg: VAETrainConfig, make_batch: MakeBatch, rng: np.random.Genera
 # Checkpoints.
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
-    from lvstudio.atomic import save_safetensors_atomic
-
-    save_safetensors_atomic(tensors, path, metadata)
-
-
 def _save_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.optim.Optimizer, step: int) -> None:
-    """Model + AdamW state as tensors, step and configs as JSON metadata."""
+    """Model + AdamW state as tensors, step and configs as JSON metadata; atomic, with a checksum
+    (`lvstudio.checked_files`)."""
+    from lvstudio.checked_files import save_checked
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     opt_sd = opt.state_dict()
     for idx, st in opt_sd["state"].items():
@@ -258,21 +254,19 @@ def _save_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.op
         "train_config": cfg.to_json(),
         "param_groups": json.dumps(opt_sd["param_groups"]),
     }
-    _atomic_save(tensors, path, metadata)
+    save_checked(tensors, path, metadata)
 
 
 def _load_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.optim.Optimizer) -> int:
-    """Restore model and optimizer from `path`; returns the number of completed steps."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Restore model and optimizer from `path` (verified: a damaged file raises DamagedFileError before anything is
+    restored); returns the number of completed steps."""
+    from lvstudio.train.loop import read_checkpoint
 
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = read_checkpoint(path)
     if meta.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a tiny VAE training checkpoint")
     if TinyVAEConfig.from_json(meta["model_config"]) != cfg.model:
         raise ValueError(f"{path} was trained with another model config; use another out_dir or resume=False")
-    tensors = load_file(path)
     vae.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

@@ -3,7 +3,8 @@
 - `FailingWrites`: every way lvstudio writes while it renders (safetensors files, atomic text/bytes files, the mp4
   encoder) counted; from the `at`-th call on, each raises the OSError a full, read-only or forbidden disk raises,
   after part of the bytes reached the temporary file (a full disk stays full until the block ends);
-- `damage`: truncate a file, flip one of its bytes;
+- `damage`: truncate a file, flip one of its bytes; `flip_in_tensor`: flip a bit inside one tensor of a
+  safetensors file (the header still parses: only a checksum finds it);
 - `tree_state` / `lost_bytes`: what the user had in a folder, and how many of those bytes are gone or changed;
 - `LEDGER`: every fault a test injects is counted, and counted again as survived once all its checks passed;
   tests/conftest.py prints the totals at the end of the run.
@@ -96,6 +97,23 @@ def damage(path: Path, how: str, r: random.Random) -> str:
     data[i] ^= 1 << r.randrange(8)
     path.write_bytes(bytes(data))
     return f"{path.name}: one bit of byte {i} of {len(data)} flipped"
+
+
+def flip_in_tensor(path: Path, r: random.Random, name: str | None = None) -> str:
+    """Flip one bit of one byte inside the data of tensor `name` (default: the largest) of a safetensors file, so
+    that the header still parses and only the checksum can tell; returns what was done."""
+    import json
+    import struct
+
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = {k: v for k, v in json.loads(data[8 : 8 + n]).items() if k != "__metadata__"}
+    name = name or max(header, key=lambda k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+    start, end = header[name]["data_offsets"]
+    i = 8 + n + r.randrange(start, end)
+    data[i] ^= 1 << r.randrange(8)
+    path.write_bytes(bytes(data))
+    return f"{path.name}: one bit of byte {i} (tensor {name}) flipped"
 
 
 ERRNO_WORDS = {

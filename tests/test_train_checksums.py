@@ -1,0 +1,302 @@
+"""Every file a training recipe writes carries a checksum (`lvstudio.checked_files`) and is verified when read back.
+
+For each recipe a bit is flipped inside a tensor of what it wrote (the header still parses, so only the checksum can
+tell): a damaged checkpoint, error bank or export is a DamagedFileError naming the file and what to do (exit 2 at
+the CLI, one line, no traceback); a damaged cache (the latent dataset, the ODE pairs) is built again, with a warning,
+to the same contents. A clean round trip still gives back what was written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lvstudio.checked_files import DIGEST_KEY, load_checked, read_metadata
+from lvstudio.errors import DamagedFileError
+from lvstudio.models.tiny_vae import TinyVAE, TinyVAEConfig, load_vae, save_vae
+from lvstudio.train.loop import CHECKPOINT, EMA, save_checkpoint
+from tests.helpers.df_tiny import VOCAB, tiny_cfg
+from tests.helpers.faults import flip_in_tensor, rng
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_VAE = TinyVAEConfig(channels=(8, 8, 16))
+
+
+def _damaged(path: Path, call, *words: str) -> DamagedFileError:  # noqa: ANN001 - any callable reading `path`
+    """Flip a bit inside a tensor of `path`; `call()` must raise DamagedFileError naming it, with `words`."""
+    flip_in_tensor(path, rng(f"{path.parent.name}/{path.name}"))
+    with pytest.raises(DamagedFileError) as caught:
+        call()
+    text = str(caught.value)
+    assert caught.value.path == path and str(path) in text and "do not match their checksum" in text, text
+    for w in words:
+        assert w in text, (w, text)
+    return caught.value
+
+
+def _stepped_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW after one step (so that its state holds tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.float().pow(2).sum() for p in params).backward()
+    opt.step()
+    return opt
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE recipe: checkpoint and export
+
+
+def _vae_checkpoint(path: Path, seed: int = 0) -> tuple[TinyVAE, torch.optim.Optimizer]:
+    from lvstudio.train.vae_recipe import VAETrainConfig, _save_checkpoint
+
+    torch.manual_seed(seed)
+    vae = TinyVAE(SMALL_VAE)
+    opt = _stepped_adamw(vae)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_checkpoint(str(path), VAETrainConfig(out_dir=str(path.parent), model=SMALL_VAE), vae, opt, 7)
+    return vae, opt
+
+
+def test_vae_recipe_checkpoint_and_export_are_checked(tmp_path: Path) -> None:
+    from lvstudio.train.vae_recipe import VAETrainConfig, _load_checkpoint
+
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    vae, opt = _vae_checkpoint(path)
+    assert DIGEST_KEY in read_metadata(path)
+    cfg = VAETrainConfig(out_dir=str(path.parent), model=SMALL_VAE)
+    torch.manual_seed(1)
+    other = TinyVAE(SMALL_VAE)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    assert _load_checkpoint(str(path), cfg, other, other_opt) == 7
+    assert _equal(other.state_dict(), vae.state_dict())
+    assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    _damaged(path, lambda: _load_checkpoint(str(path), cfg, other, other_opt), "move it away to start the run")
+    # The export (vae.safetensors) that presets and the latent datasets read.
+    export = tmp_path / "run" / "vae.safetensors"
+    save_vae(vae, export)
+    assert _equal(load_vae(export).state_dict(), vae.state_dict())
+    _damaged(export, lambda: load_vae(export), "run the export or training that wrote it again")
+
+
+@pytest.mark.slow
+def test_a_damaged_vae_checkpoint_is_one_line_and_exit_2_at_the_cli(tmp_path: Path) -> None:
+    config = tmp_path / "vae.toml"
+    config.write_text('out_dir = "run"\nsteps = 2\nbatch_size = 1\nclip_frames = 5\nsize = 16\ncrop = 0\n'
+                      'eval_batches = 1\nstats_batches = 1\nthreads = 1\ndevice = "cpu"\n\n'
+                      "[model]\nchannels = [8, 8, 16]\n")
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    _vae_checkpoint(ckpt)  # as a run of this config stopped after step 7 wrote it
+    flip_in_tensor(ckpt, rng("cli-vae-checkpoint"))
+    damaged = ckpt.read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "lvstudio", "train", "vae", str(config)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert lines[0].startswith(f"{ckpt} is damaged: its contents do not match their checksum"), lines[0]
+    assert "move it away to start the run from step 0" in lines[0]
+    assert ckpt.read_bytes() == damaged  # nothing was written over it
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ERFT: error banks, checkpoint, LoRA export
+
+
+def test_erft_banks_checkpoint_and_lora_export_are_checked(tmp_path: Path) -> None:
+    from lvstudio.models.lora import add_lora, load_lora
+    from lvstudio.train.diffusion_forcing import build_model
+    from lvstudio.train.erft import ERFTModel, ErrorBanks, _load_state, _lora_params, _save_state, export_erft_lora
+    from tests.test_erft import _cfg
+
+    cfg = _cfg(str(tmp_path))
+    # Banks.
+    banks = ErrorBanks.for_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    for grid in (0, 2, 2, 4):
+        banks.noise.insert(grid, torch.randn(4, 2, 4, 4, generator=g))
+        banks.latent.insert(grid, torch.randn(4, 2, 4, 4, generator=g))
+    bank_file = banks.save(tmp_path / "erft_banks.rank0.step2.safetensors", 2)
+    again = ErrorBanks.for_config(cfg)
+    assert again.load(bank_file) == 2
+    assert _equal(again.noise.state_dict(), banks.noise.state_dict())
+    assert _equal(again.latent.state_dict(), banks.latent.state_dict())
+    _damaged(bank_file, lambda: again.load(bank_file), "delete it to continue with empty banks")
+
+    # Checkpoint (adapters, EMA, optimizer, RNG) and the LoRA exported from it.
+    def model(seed: int) -> ERFTModel:
+        torch.manual_seed(seed)
+        base = build_model(cfg, VOCAB, 4).requires_grad_(False)
+        dit = add_lora(base.dit, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        for _, p in _lora_params(ERFTModel(dit, base.text)):
+            nn.init.normal_(p, std=0.1)
+        return ERFTModel(dit, base.text)
+
+    a = model(0)
+    opt = _stepped_adamw(a)
+    ema = {k: p.detach().clone() * 0.5 for k, p in _lora_params(a)}
+    base = {"dit_sha256": "x"}
+    _save_state(tmp_path, a, opt, ema, 2, base)
+    b = model(0)
+    with torch.no_grad():
+        for _, p in _lora_params(b):
+            p.zero_()
+    b_ema = {k: torch.zeros_like(v) for k, v in ema.items()}
+    assert _load_state(tmp_path / CHECKPOINT, b, torch.optim.AdamW([p for _, p in _lora_params(b)]), b_ema, base) == 2
+    assert _equal(dict(_lora_params(b)), dict(_lora_params(a))) and _equal(b_ema, ema)
+    lora = export_erft_lora(cfg, tmp_path)
+    load_checked(lora)  # carries its checksum
+    state, _ = load_lora(lora)
+    assert _equal(state, ema)
+    _damaged(tmp_path / CHECKPOINT, lambda: export_erft_lora(cfg, tmp_path), "move it away")
+    with pytest.raises(DamagedFileError, match="move it away"):
+        _load_state(tmp_path / CHECKPOINT, b, torch.optim.AdamW([p for _, p in _lora_params(b)]), b_ema, base)
+    _damaged(lora, lambda: load_checked(lora))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Self-Forcing: export from the checkpoint, and the export read back as the next stage's init
+
+
+def test_self_forcing_export_and_its_reads_are_checked(tmp_path: Path) -> None:
+    from lvstudio.presets.load import load_dit
+    from lvstudio.train.self_forcing import export_run, load_models
+    from tests.test_self_forcing import tiny_dit, tiny_files, tiny_sf_cfg
+
+    files = tiny_files(tmp_path / "base")
+    cfg = tiny_sf_cfg(tmp_path / "run", files)
+    generator = tiny_dit(3)
+    ema = EMA(generator, 0.5)
+    ema.shadow = {k: v * 0.5 for k, v in ema.shadow.items()}
+    save_checkpoint(tmp_path / "run" / CHECKPOINT, nn.ModuleDict({"generator": generator}),
+                    {"generator": _stepped_adamw(generator)}, ema, 3, {"recipe": "self-forcing"})
+    export = export_run(cfg)
+    assert export == tmp_path / "run" / "dit.safetensors" and DIGEST_KEY in read_metadata(export)
+    assert _equal(load_dit(export).state_dict(), ema.shadow)
+    # The export is the init_dit of the next stage: read through the recipe's own loader, verified.
+    models = load_models(tiny_sf_cfg(tmp_path / "next", files, init_dit=str(export)), with_critic=False)
+    assert _equal(models.generator.state_dict(), ema.shadow)
+    _damaged(export, lambda: load_models(tiny_sf_cfg(tmp_path / "next", files, init_dit=str(export)), False))
+    _damaged(tmp_path / "run" / CHECKPOINT, lambda: export_run(cfg), "move it away to start the run from step 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusion forcing: export, ship into a preset, init weights
+
+
+def test_diffusion_forcing_export_ship_and_init_weights_are_checked(tmp_path: Path) -> None:
+    from lvstudio.models.tiny_text import load_text_encoder
+    from lvstudio.presets.load import load_dit
+    from lvstudio.train.diffusion_forcing import build_model, export_checkpoint, ship_weights
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(str(run))
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB, 4)
+    ema = EMA(model, 0.5)
+    ema.shadow = {k: v * 0.5 if v.is_floating_point() else v for k, v in ema.shadow.items()}
+    save_checkpoint(run / CHECKPOINT, model, _stepped_adamw(model), ema, 2)
+    export_checkpoint(cfg, vocabulary=VOCAB)
+    dit, text = run / "dit.safetensors", run / "text.safetensors"
+    load_checked(dit), load_checked(text)  # written with their checksums
+    assert _equal(load_dit(dit).state_dict(), {k[4:]: v for k, v in ema.shadow.items() if k.startswith("dit.")})
+    assert _equal(load_text_encoder(text).state_dict(),
+                  {k[5:]: v for k, v in ema.shadow.items() if k.startswith("text.")})
+    # Shipped into a preset folder in fp16: a checksum of the fp16 tensors (not the copied fp32 one).
+    preset = tmp_path / "preset"
+    preset.mkdir()
+    shipped = ship_weights(run, preset)
+    for path in shipped:
+        tensors, meta = load_checked(path)
+        assert meta["format"] == "pt" and "config" in meta
+        assert all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point())
+    assert load_dit(preset / "dit.safetensors").cfg.dim == 32
+    # The exports as init weights of a new run.
+    init = cfg.model_copy(update={"init_dit": str(dit), "init_text": str(text)})
+    again = build_model(init, VOCAB, 4)
+    assert _equal(again.state_dict(), {k: v.float() for k, v in ema.shadow.items()})
+    _damaged(dit, lambda: ship_weights(run, preset), "lvstudio train export")
+    with pytest.raises(DamagedFileError, match="point init_dit at an intact file"):
+        build_model(init, VOCAB, 4)
+    _damaged(text, lambda: build_model(init.model_copy(update={"init_dit": None}), VOCAB, 4), "init_text")
+    _damaged(run / CHECKPOINT, lambda: export_checkpoint(cfg, vocabulary=VOCAB), "move it away")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caches: the latent dataset and the ODE pairs are built again, to the same contents (the same tensors and metadata,
+# so the same checksum; safetensors may order the metadata keys differently in the header)
+
+
+def _contents(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (copies: safetensors may map the file, which the test then changes in place) and metadata."""
+    tensors, meta = load_checked(path)
+    return {k: v.clone() for k, v in tensors.items()}, meta
+
+
+def _same(a: tuple[dict[str, torch.Tensor], dict[str, str]], b: tuple[dict[str, torch.Tensor], dict[str, str]]) -> bool:
+    return _equal(a[0], b[0]) and a[1] == b[1]
+
+
+def _no_warnings(call):  # noqa: ANN001, ANN202 - call() with warnings turned into errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return call()
+
+
+def test_a_damaged_latent_dataset_is_encoded_again_to_the_same_contents(tmp_path: Path) -> None:
+    from lvstudio.train.common import DistInfo
+    from lvstudio.train.data import LatentDataset, latent_dataset
+
+    torch.manual_seed(0)
+    save_vae(TinyVAE(SMALL_VAE), tmp_path / "vae.safetensors")
+    cfg = tiny_cfg(str(tmp_path / "run"), vae=str(tmp_path / "vae.safetensors"), size=32, clip_latents=2,
+                   dataset_clips=2, device="cpu")
+    run = Path(cfg.out_dir)
+    run.mkdir()
+    data = latent_dataset(cfg, run, DistInfo())
+    path = run / "latents.safetensors"
+    good, written = _contents(path), path.stat().st_mtime_ns
+    assert DIGEST_KEY in read_metadata(path) and data.latents.shape[0] == 2 and data.latents.shape[2] == 2
+    loaded = _no_warnings(lambda: latent_dataset(cfg, run, DistInfo()))  # intact: read, not rebuilt
+    assert path.stat().st_mtime_ns == written and torch.equal(loaded.latents, data.latents)
+    _damaged(path, lambda: LatentDataset.load(path), "encodes it again")
+    with pytest.warns(UserWarning, match=r"latents\.safetensors is damaged .*built again"):
+        rebuilt = latent_dataset(cfg, run, DistInfo())
+    assert _same(_contents(path), good) and torch.equal(rebuilt.latents, data.latents)
+    assert rebuilt.captions == data.captions and torch.equal(rebuilt.objects, data.objects)
+
+
+def test_a_damaged_ode_pair_part_is_made_again_to_the_same_contents(tmp_path: Path) -> None:
+    from lvstudio.train.causal_distill import generate_ode_pairs, load_ode_pairs
+    from lvstudio.train.self_forcing import load_models
+    from tests.test_causal_distill import tiny_cd_cfg
+    from tests.test_self_forcing import tiny_files
+
+    cfg = tiny_cd_cfg(tmp_path / "run", tiny_files(tmp_path / "base"))
+    models = load_models(cfg, with_critic=False)
+    folder = generate_ode_pairs(cfg, models, tmp_path / "run")
+    parts = sorted(folder.iterdir())
+    good = [_contents(p) for p in parts]
+    assert all(DIGEST_KEY in read_metadata(p) for p in parts)
+    traj, _, prompts = _no_warnings(lambda: load_ode_pairs(folder))
+    _damaged(parts[1], lambda: load_ode_pairs(folder), "makes it again")
+    untouched = parts[0].stat().st_mtime_ns
+    with pytest.warns(UserWarning, match=r"part_00001\.safetensors is damaged .*built again"):
+        generate_ode_pairs(cfg, models, tmp_path / "run")
+    assert all(_same(_contents(p), g) for p, g in zip(parts, good, strict=True))
+    assert parts[0].stat().st_mtime_ns == untouched
+    again, _, again_prompts = load_ode_pairs(folder)
+    assert torch.equal(again, traj) and again_prompts == prompts

@@ -1,7 +1,7 @@
 """The procedural world: the training data of the embedded `tiny` preset, with exact ground truth, and the oracle
 that reads it back from generated frames. Used by training (data), eval (adherence, drift) and the render manifest.
 
-    grammar    vocabulary, scene specs, captions (write, parse, sample, switch)
+    grammar    vocabulary, scene specs, captions (write, parse, sample, switch, change one thing)
     clips      rendering clips with per-frame ground truth (numpy + opencv)
     oracle     scene, colour, shape and position read back from frames; adherence and flicker
     evaluator  per-shot oracle scores for a render's manifest
@@ -18,8 +18,10 @@ from lvstudio.world.grammar import (
     SCENES,
     SHAPES,
     SIZES,
+    SWITCH_KINDS,
     ObjectSpec,
     SceneSpec,
+    change_spec,
     parse_caption,
     sample_spec,
     switch_spec,
@@ -35,12 +37,14 @@ __all__ = [
     "SCENES",
     "SHAPES",
     "SIZES",
+    "SWITCH_KINDS",
     "Clip",
     "FrameTruth",
     "ObjectSpec",
     "ObjectTruth",
     "SceneSpec",
     "adherence",
+    "change_spec",
     "flicker",
     "object_rgb",
     "parse_caption",

@@ -9,8 +9,9 @@ described by a caption from a small word-level grammar::
     a red ball resting and a pink star growing on the snow in fog     (two objects; the first is the primary one)
 
 `SceneSpec.caption()` writes a caption, `parse_caption()` reads one back (tolerant of free text and synonyms),
-`sample_spec()` draws one, `switch_spec()` changes one thing of it (a mid-clip prompt switch). Excluded from sampling
-(renderable on request): `night` with `dusk` (contradictory words). Pure Python + numpy's random generator.
+`sample_spec()` draws one, `switch_spec()` changes one thing of it (a mid-clip prompt switch), `change_spec()` a
+given one. Excluded from sampling (renderable on request): `night` with `dusk` (contradictory words). Pure Python +
+numpy's random generator.
 """
 
 from __future__ import annotations
@@ -233,9 +234,18 @@ def sample_spec(rng: np.random.Generator) -> SceneSpec:
     return SceneSpec(scene=scene, objects=tuple(objects), effect=effect)
 
 
+SWITCH_KINDS: tuple[str, ...] = ("scene", "colour", "shape", "motion")  # what a mid-clip switch may change
+
+
 def switch_spec(spec: SceneSpec, rng: np.random.Generator) -> SceneSpec:
     """The spec after one mid-clip switch: the scene, or the primary object's colour, shape or motion."""
-    kind = ("scene", "colour", "shape", "motion")[rng.integers(4)]
+    return change_spec(spec, SWITCH_KINDS[rng.integers(len(SWITCH_KINDS))], rng)
+
+
+def change_spec(spec: SceneSpec, kind: str, rng: np.random.Generator) -> SceneSpec:
+    """The spec with exactly one thing changed (`kind` in SWITCH_KINDS), drawn from `rng`: the scene (one sampling
+    allows with the spec's effect), or the primary object's colour (one no object of the spec has), shape or
+    motion. Everything else stays."""
     first = spec.primary
     if kind == "scene":
         scenes = [s for s in SCENES if s != spec.scene and _allowed(s, spec.effect)]
@@ -247,7 +257,9 @@ def switch_spec(spec: SceneSpec, rng: np.random.Generator) -> SceneSpec:
     elif kind == "shape":
         choices = [s for s in SHAPES if s != first.shape]
         new_first = replace(first, shape=choices[rng.integers(len(choices))])
-    else:
+    elif kind == "motion":
         choices = [m for m in MOTIONS if m != first.motion]
         new_first = replace(first, motion=choices[rng.integers(len(choices))])
+    else:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(SWITCH_KINDS)}")
     return replace(spec, objects=(new_first, *spec.objects[1:]))

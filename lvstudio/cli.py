@@ -507,6 +507,47 @@ def eval_vae_cmd(
         typer.echo(line)
 
 
+@eval_app.command("denoise")
+def eval_denoise_cmd(
+    preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml (a world preset).")] = "tiny",
+    clips: Annotated[int, typer.Option(help="Held-out world clips (seeds 20000 on, one caption each).")] = 40,
+    sigmas: Annotated[str, typer.Option(help="Noise levels in (0, 1], comma-separated (0, the VAE alone, is always "
+                                             "shown).")] = "0.3,0.5,0.7,0.8,0.9",
+    seed: Annotated[int, typer.Option(help="Seed of the noise and of the swapped words.")] = 0,
+    cfg_scale: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance (default: the preset's sampler's).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+) -> None:
+    """What the DiT knows at each noise level: world clips noised to sigma, denoised in one step under the true
+    caption and under captions with one word swapped (colour, shape, scene), read by the oracle."""
+    from lvstudio.eval.denoise_probe import DenoiseConfig, parse_sigmas
+
+    try:
+        cfg = DenoiseConfig(clips, parse_sigmas(sigmas), seed, cfg_scale)
+    except ValueError as err:
+        raise LvError(str(err)) from None
+    if json_out is not None and json_out.exists() and not force:
+        raise LvError(f"{json_out} already exists", hint="pass --force to overwrite it, or choose another --json path")
+    import torch
+
+    from lvstudio.eval.denoise_probe import check_preset, evaluate_denoise
+    from lvstudio.presets import load_bundle
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    bundle = load_bundle(preset)
+    try:
+        check_preset(bundle.preset)
+    except ValueError as err:
+        raise LvError(str(err)) from None
+    report = evaluate_denoise(bundle, cfg, on_clip=lambda i, c: typer.echo(f"  clip {i + 1}/{clips}: {c}", err=True))
+    typer.echo("\n".join(report.lines()))
+    if json_out is not None:
+        typer.echo(f"wrote {report.save(json_out)}")
+
+
 @eval_app.command("drift")
 def eval_drift_cmd(
     minutes: Annotated[float, typer.Option(help="Minutes of video per variant.")] = 5.0,

@@ -133,9 +133,9 @@ class DenoiseReport:
             steer = "  ".join(f"{100 * r.follows_text[k]:5.1f} / {100 * r.keeps_data[k]:5.1f}"
                               if k in r.follows_text else f"{'-':>13s}" for k in STEER_KINDS)
             out.append(f"  {sigma:9s} {mse:>7s} {data}   {steer}")
-        out.append("  x0 MSE: the one-step prediction against the clean latents. Steer: the caption with the primary "
-                   "object's colour, its shape or the scene swapped; frames that read as the swapped word / as the "
-                   "clip's own.")
+        out.append("  x0 MSE: one-step prediction vs the clean latents. Swapped: the primary object's colour, its "
+                   "shape, or the scene;")
+        out.append("  frames that read as the swapped word / as the clip's own.")
         return out
 
     def save(self, path: Path) -> Path:

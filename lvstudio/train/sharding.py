@@ -15,12 +15,18 @@ save_distributed=True))`:
     out_dir/checkpoint.dcp/step-00000120/shard-00001-model-00001-of-00001.safetensors   rank 0's pieces
                                          shard-00002-model-00001-of-00001.safetensors   rank 1's pieces, ...
                                          meta.json   format, step, world size, the checkpoint's string metadata
+                                         checksums.json   sha256 and size of each file above (written last)
 
 The tensors have the names of a one-file checkpoint (`model.*`, `ema.*`, `optim[_<name>].<param>.<state>`,
 `rng.torch`, see `lvstudio.train.loop.checkpoint_state`), so `consolidate` gathers them into exactly that file. A
 step folder is written as `.step-N.partial` and renamed once every rank is done, then older steps are deleted: an
 interrupted save leaves the previous checkpoint. Nothing is pickled: DCP reads the shard offsets from the
 safetensors headers. The out_dir must be one folder every rank can reach (a shared file system across machines).
+
+Rank 0 writes checksums.json (`lvstudio.checked_folders`) once every rank's shards and meta.json are in the folder.
+A resume and `consolidate` verify every file against it before DCP reads anything: a missing, extra or changed file
+is a DamagedFileError naming it, raised on every rank alike (rank 0 checks, the others get its verdict). Step folders
+of versions that wrote no checksums.json are read unchecked.
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lvstudio.errors import LvError
-from lvstudio.train.loop import CHECKPOINT, CONSOLIDATED, EMA, checkpoint_state, restore_checkpoint_state
+from lvstudio.errors import DamagedFileError, LvError
+from lvstudio.train.loop import (
+    CHECKPOINT,
+    CONSOLIDATED,
+    EMA,
+    checkpoint_state,
+    restore_checkpoint_state,
+)
 
 if TYPE_CHECKING:
     from lvstudio.train.common import DistInfo
@@ -133,6 +145,7 @@ def save_sharded(out_dir: str | Path, tensors: dict[str, Tensor], metadata: dict
     import torch.distributed.checkpoint as dcp
 
     from lvstudio.atomic import atomic_write_json, fsync_dir
+    from lvstudio.checked_folders import write_manifest
     from lvstudio.train.common import barrier
 
     root = Path(out_dir) / SHARDED_DIR
@@ -146,6 +159,7 @@ def save_sharded(out_dir: str | Path, tensors: dict[str, Tensor], metadata: dict
     if dist.is_main:
         atomic_write_json(tmp / META, {"format": FORMAT, "step": step, "world_size": dist.world_size,
                                        "metadata": metadata})
+        write_manifest(tmp)  # last: a step folder with checksums.json is complete (lvstudio.checked_folders)
         if final.exists():  # the same step saved again (a finished run relaunched)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -157,20 +171,66 @@ def save_sharded(out_dir: str | Path, tensors: dict[str, Tensor], metadata: dict
     return final
 
 
+def sharded_hint(step_dir: Path) -> str:
+    """What to do about a damaged sharded checkpoint (the wording of `lvstudio.train.loop.CHECKPOINT_HINT`)."""
+    return ("checkpoints are written atomically, so a crash does not do this (a disk or a copy did): restore "
+            f"{step_dir} from a backup, or move {step_dir.parent} away to start the run from step 0")
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
-    info = json.loads((Path(step_dir) / META).read_text(encoding="utf-8"))
-    if info.get("format") != FORMAT:
-        raise LvError(f"{step_dir}: not an lvstudio sharded checkpoint (format {info.get('format')!r})",
-                      hint="use a fresh out_dir")
+    path = Path(step_dir) / META
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DamagedFileError(path, f"it cannot be parsed ({_last_line(err)})", hint=sharded_hint(step_dir)) from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise LvError(f"{step_dir}: not an lvstudio sharded checkpoint (format "
+                      f"{info.get('format') if isinstance(info, dict) else None!r})", hint="use a fresh out_dir")
     return info
+
+
+def verify_sharded(step_dir: Path) -> None:
+    """Check a step folder against its checksums.json before DCP reads it (a folder without one, written before
+    manifests existed, is not checked).
+
+    Under torch.distributed, rank 0 hashes the files and sends its verdict to every rank, and every rank raises the
+    same DamagedFileError: no rank is left waiting in a collective (DCP's load) for one that gave up. Any other
+    failure of rank 0's check (a file it may not read) is raised there as it is, and as an LvError on the others."""
+    import torch.distributed as tdist
+
+    from lvstudio.checked_folders import verify_manifest
+
+    group = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    failure: Exception | None = None
+    verdict: list[tuple[str, str, str | None] | None] = [None]  # (damaged path or "", reason, hint)
+    if not group or tdist.get_rank() == 0:
+        try:
+            verify_manifest(step_dir, hint=sharded_hint(step_dir))
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it before anyone raises
+            failure = err
+            verdict[0] = ((str(err.path), err.reason, err.hint) if isinstance(err, DamagedFileError)
+                          else ("", _last_line(err), None))
+    if group:
+        tdist.broadcast_object_list(verdict, src=0)
+    if failure is not None:
+        raise failure
+    if verdict[0] is not None:
+        path, reason, hint = verdict[0]
+        if path:
+            raise DamagedFileError(path, reason, hint=hint)
+        raise LvError(f"{step_dir}: rank 0 could not check the checkpoint's files ({reason})",
+                      hint="see rank 0's message")
 
 
 def load_sharded(step_dir: Path, tensors: dict[str, Tensor]) -> dict[str, str]:
     """Fill `tensors` (this rank's DTensor shards, or whole tensors in one process) in place from a step folder
-    (DCP reads the pieces each one needs, whatever the number of ranks that saved them); returns the metadata."""
+    (DCP reads the pieces each one needs, whatever the number of ranks that saved them); returns the metadata.
+
+    The folder's files are verified first (`verify_sharded`: DamagedFileError on every rank)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    verify_sharded(step_dir)
     info = read_meta(step_dir)
     try:
         dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir)))
@@ -190,11 +250,13 @@ def _last_line(err: BaseException) -> str:
 
 def consolidate(step_dir: Path, dest: Path) -> Path:
     """Gather a sharded checkpoint into one safetensors file, with the names and metadata of a one-file checkpoint
-    (one process, no process group; holds every tensor whole in memory once)."""
+    (one process, no process group; holds every tensor whole in memory once). Its files are verified first."""
     import torch.distributed.checkpoint as dcp
 
     from lvstudio.checked_files import save_checked
+    from lvstudio.checked_folders import verify_manifest
 
+    verify_manifest(step_dir, hint=sharded_hint(step_dir))  # DamagedFileError before anything is gathered
     info = read_meta(step_dir)
     layout = dcp.HuggingFaceStorageReader(str(step_dir)).read_metadata().state_dict_metadata
     tensors = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, md in layout.items()}
@@ -227,7 +289,7 @@ def resume_run_checkpoint(out: Path, model: nn.Module, optimizers: dict[str, tor
     """Load the run's latest checkpoint of the kind this launch writes; returns its step (0: nothing to resume).
 
     A run keeps the kind it was started with: an FSDP checkpoint is refused without --fsdp and a one-file checkpoint
-    with it, each with the way out."""
+    with it, each with the way out. A damaged one is a DamagedFileError (on every rank)."""
     from lvstudio.train.loop import load_checkpoint
 
     sharded, single = latest_sharded(out), out / CHECKPOINT

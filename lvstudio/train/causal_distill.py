@@ -53,6 +53,8 @@ from lvstudio.train.self_forcing import (
 )
 from lvstudio.train.sharding import refuse_fsdp
 
+RECIPE = "causal-distill-ode"  # the kind of its checkpoints (stage 1b; the DMD stage is a self-forcing run)
+
 
 class CausalDistillConfig(SelfForcingConfig):
     """ODE pairs + ODE regression (steps / lr / batch_size / ema_* apply to the regression); optional DMD stage 2
@@ -250,7 +252,7 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
     opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(generator, cfg.ema_decay)
     ckpt = out / "checkpoint.safetensors"
-    start = load_checkpoint(ckpt, generator, opt, ema)[0] if ckpt.exists() else 0
+    start = load_checkpoint(ckpt, generator, opt, ema, RECIPE)[0] if ckpt.exists() else 0
     log = TrainLog(out, True)
 
     def one_step(step: int) -> dict[str, float]:
@@ -265,7 +267,7 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
         return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt, generator, opt, ema, step, {"recipe": "causal-distill-ode"})
+        save_checkpoint(ckpt, generator, opt, ema, step, {"recipe": RECIPE})
 
     loop = TrainLoop.for_config(cfg, start=start, report=lambda step, f: log.report(step, {"stage": "ode", **f}),
                                 checkpoint=save, progress=progress, description="ode regression")

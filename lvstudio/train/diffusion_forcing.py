@@ -56,6 +56,8 @@ from lvstudio.train.sharding import (
     whole_tensors,
 )
 
+EXPORTABLE = ("diffusion-forcing", "streaming")  # the recipes whose checkpoints hold this model (export_checkpoint)
+
 
 class DFConfig(TrainConfigBase):
     """`lvstudio train diffusion-forcing CONFIG.toml`."""
@@ -207,7 +209,7 @@ def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool 
         shard_model(model)  # parameters, gradients, AdamW states and the EMA are sharded from here on
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
-    start = resume_run_checkpoint(out, model, {"": opt}, ema, cfg.fsdp)
+    start = resume_run_checkpoint(out, model, {"": opt}, ema, cfg.fsdp, recipe)
     ddp_devices = [device.index] if device.type == "cuda" else None
     train_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices)
                    if dist.enabled and not cfg.fsdp else model)
@@ -254,7 +256,9 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
         from lvstudio.world import vocabulary as world_vocabulary
 
         vocabulary = world_vocabulary()
-    tensors, meta = read_checkpoint(ckpt)  # verified: a damaged checkpoint is named before anything is written
+    # Verified, and written by a recipe that trains this model: a damaged or foreign checkpoint is named before
+    # anything is written.
+    tensors, meta = read_checkpoint(ckpt, EXPORTABLE)
     channels = tensors["model.dit.patch_embedding.weight"].shape[1]
     model = build_model(cfg.model_copy(update={"init_dit": None, "init_text": None}), vocabulary, channels)
     ema = EMA(model, cfg.ema_decay)

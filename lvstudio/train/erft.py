@@ -464,10 +464,7 @@ def _save_state(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: di
 def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], base: dict) -> int:
     from lvstudio.train.common import ConfigError
 
-    tensors, meta = read_checkpoint(path)  # verified: DamagedFileError before anything is restored
-    if meta.get("recipe") != "erft":
-        raise ConfigError(f"{path} is not an ERFT checkpoint (recipe {meta.get('recipe')!r})",
-                          hint="use a fresh out_dir for the ERFT run")
+    tensors, meta = read_checkpoint(path, "erft")  # verified, an ERFT one: an LvError before anything is restored
     saved = json.loads(meta.get("base", "{}"))
     if saved.get("dit_sha256") != base.get("dit_sha256"):
         raise ConfigError(f"{path} was trained on another base DiT (sha256 {saved.get('dit_sha256')}, now "
@@ -604,7 +601,7 @@ def export_erft_lora(cfg: ERFTConfig, out_dir: Path | None = None) -> Path:
     path = out / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint in {out}")
-    tensors, meta = read_checkpoint(path)
+    tensors, meta = read_checkpoint(path, "erft")
     base = json.loads(meta.get("base", "{}"))
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return save_lora(out / LORA_FILE, ema, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base=base)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lvstudio.errors import Interrupted
+from lvstudio.errors import Interrupted, LvError
 from lvstudio.stop_signals import StopRequest, current_stop, exit_code_for, signal_name
 
 if TYPE_CHECKING:
@@ -392,27 +392,87 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, model: nn.Module,
     optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None, ema: EMA | None = None,
+    expected: str | Collection[str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Restore what save_checkpoint wrote; returns (step, extra). A damaged file raises DamagedFileError (what is
-    wrong and what to do) before anything is restored."""
-    tensors, meta = read_checkpoint(path)
-    return restore_checkpoint_state(tensors, meta, model, _optimizers(optimizer), ema)
+    wrong and what to do), a checkpoint of another recipe than `expected` (`read_checkpoint`) or one that does not fit
+    the models an LvError, before anything is restored."""
+    tensors, meta = read_checkpoint(path, expected)
+    try:
+        return restore_checkpoint_state(tensors, meta, model, _optimizers(optimizer), ema)
+    except (RuntimeError, KeyError, ValueError) as err:  # load_state_dict: missing names, other shapes
+        raise LvError(f"{path}: the checkpoint does not fit this run's models ({_first_line(err)})",
+                      hint="resume with the config the run was started with, or point out_dir at a new folder"
+                      ) from None
 
 
 CHECKPOINT_HINT = ("checkpoints are written atomically, so a crash does not do this (a disk or a copy did): restore it "
                    "from a backup, or move it away to start the run from step 0")
 CONSOLIDATED_HINT = ("it is gathered from the run's sharded checkpoint: delete it, and `lvstudio train export` "
                      "gathers it again")
+# The recipe that wrote a checkpoint: the "recipe" of its metadata (ERFT), of its "extra" (the recipes that save
+# with `save_checkpoint` / `lvstudio.train.sharding`), or its "format" (the VAE recipe's CKPT_FORMAT).
+_KIND_OF_FORMAT = {"lvstudio.vae_train_ckpt/1": "vae"}
+_COMMAND_OF_KIND = {"causvid-dmd": "self-forcing", "mixed-history": "self-forcing",
+                    "causal-distill-ode": "causal-distill"}  # else the kind is the command's name
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(path: str | Path, expected: str | Collection[str] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of any recipe's checkpoint, verified against its checksum (`lvstudio.checked_files`;
     checkpoints of versions that wrote none are only parsed). A damaged one raises DamagedFileError naming the file
-    and what to do: a training checkpoint cannot be rebuilt, so it is never replaced silently."""
+    and what to do: a training checkpoint cannot be rebuilt, so it is never replaced silently. With `expected` (the
+    kinds the caller reads, `checkpoint_kind`), another recipe's checkpoint is an LvError (`check_checkpoint_kind`)."""
     from lvstudio.checked_files import load_checked
 
     hint = CONSOLIDATED_HINT if Path(path).name == CONSOLIDATED else CHECKPOINT_HINT
-    return load_checked(path, require_digest=False, hint=hint)
+    tensors, meta = load_checked(path, require_digest=False, hint=hint)
+    check_checkpoint_kind(path, meta, expected)
+    return tensors, meta
+
+
+def checkpoint_kind(meta: Mapping[str, str]) -> str | None:
+    """The recipe that wrote a checkpoint, from its metadata ("diffusion-forcing", "streaming", "self-forcing",
+    "causvid-dmd", "mixed-history", "causal-distill-ode", "erft", "vae"); None if it names none."""
+    if meta.get("format") in _KIND_OF_FORMAT:
+        return _KIND_OF_FORMAT[meta["format"]]
+    if isinstance(meta.get("recipe"), str):
+        return meta["recipe"]
+    try:
+        extra = json.loads(meta.get("extra", "{}"))
+    except ValueError:
+        return None
+    recipe = extra.get("recipe") if isinstance(extra, dict) else None
+    return recipe if isinstance(recipe, str) else None
+
+
+def check_checkpoint_kind(path: str | Path, meta: Mapping[str, str], expected: str | Collection[str] | None) -> None:
+    """LvError (exit 2) when the checkpoint at `path` was written by another recipe than `expected` (one kind or
+    several; None: any), e.g. a diffusion-forcing checkpoint in the out_dir of a VAE run."""
+    if expected is None:
+        return
+    wanted = (expected,) if isinstance(expected, str) else tuple(expected)
+    kind = checkpoint_kind(meta)
+    if kind in wanted:
+        return
+    name = " or ".join(wanted)
+    article = "an" if name[:1] in "aeiou" else "a"
+    if kind is None:
+        raise LvError(f"{path} is not a checkpoint of an lvstudio training recipe (its metadata names none), so not "
+                      f"{article} {name} one", hint="point out_dir at a new folder, or move the file away")
+    command = _COMMAND_OF_KIND.get(kind, kind)
+    raise LvError(f"{path} is {'an' if kind[:1] in 'aeiou' else 'a'} {kind} checkpoint, not {article} {name} one",
+                  hint=f"point out_dir at a new folder, or use the config of the {kind} run that wrote it "
+                       f"(`lvstudio train {command}`)")
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line that says something ("Error(s) in loading state_dict for X:" announces the next one)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _optimizers(optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None,

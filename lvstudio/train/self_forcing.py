@@ -455,7 +455,8 @@ def export_run(cfg: SelfForcingConfig) -> Path:
     ckpt = consolidated_checkpoint(out)
     if ckpt is None:
         raise LvError(f"no checkpoint in {out}", hint="train first, or pass the config of the run to export")
-    shadow = {k[4:]: v for k, v in read_checkpoint(ckpt)[0].items() if k.startswith("ema.")}
+    tensors = read_checkpoint(ckpt, ("self-forcing", "causvid-dmd", "mixed-history"))[0]
+    shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     meta = read_metadata(cfg.init_dit or cfg.real_dit, hint=WEIGHTS_HINT)
     config = WanDiTConfig.from_dict(json.loads(meta["config"]))
     return export_generator(config, shadow, out, sampler_settings(cfg))
@@ -509,7 +510,7 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
         opts["critic"] = torch.optim.AdamW(models.critic.parameters(), lr=cfg.lr_critic, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
     ema = EMA(models.generator, cfg.ema_decay)
-    start = resume_run_checkpoint(out, trainable, opts, ema, cfg.fsdp)
+    start = resume_run_checkpoint(out, trainable, opts, ema, cfg.fsdp, recipe)
     one_step = _step_fn(cfg, models, opts, ema, data, windows, dist)
 
     def save(step: int) -> None:

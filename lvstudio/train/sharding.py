@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ from lvstudio.train.loop import (
     CHECKPOINT,
     CONSOLIDATED,
     EMA,
+    check_checkpoint_kind,
     checkpoint_state,
     restore_checkpoint_state,
 )
@@ -222,16 +224,19 @@ def verify_sharded(step_dir: Path) -> None:
                       hint="see rank 0's message")
 
 
-def load_sharded(step_dir: Path, tensors: dict[str, Tensor]) -> dict[str, str]:
+def load_sharded(step_dir: Path, tensors: dict[str, Tensor], expected: str | Collection[str] | None = None,
+                 ) -> dict[str, str]:
     """Fill `tensors` (this rank's DTensor shards, or whole tensors in one process) in place from a step folder
     (DCP reads the pieces each one needs, whatever the number of ranks that saved them); returns the metadata.
 
-    The folder's files are verified first (`verify_sharded`: DamagedFileError on every rank)."""
+    The folder's files are verified first (`verify_sharded`: DamagedFileError on every rank), then the recipe that
+    wrote it must be one of `expected` (`lvstudio.train.loop.check_checkpoint_kind`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     verify_sharded(step_dir)
     info = read_meta(step_dir)
+    check_checkpoint_kind(step_dir, info.get("metadata", {}), expected)
     try:
         dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir)))
     except (CheckpointException, ValueError, RuntimeError, KeyError) as err:
@@ -285,11 +290,12 @@ def save_run_checkpoint(out: Path, model: nn.Module, optimizers: dict[str, torch
 
 
 def resume_run_checkpoint(out: Path, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                          ema: EMA | None, fsdp: bool) -> int:
+                          ema: EMA | None, fsdp: bool, recipe: str) -> int:
     """Load the run's latest checkpoint of the kind this launch writes; returns its step (0: nothing to resume).
 
     A run keeps the kind it was started with: an FSDP checkpoint is refused without --fsdp and a one-file checkpoint
-    with it, each with the way out. A damaged one is a DamagedFileError (on every rank)."""
+    with it, each with the way out; so is a checkpoint another recipe than `recipe` wrote. A damaged one is a
+    DamagedFileError (on every rank)."""
     from lvstudio.train.loop import load_checkpoint
 
     sharded, single = latest_sharded(out), out / CHECKPOINT
@@ -303,10 +309,10 @@ def resume_run_checkpoint(out: Path, model: nn.Module, optimizers: dict[str, tor
         for opt in optimizers.values():
             init_optimizer_state(opt)
         tensors, _ = checkpoint_state(model, optimizers, ema, 0, copy=False)
-        meta = load_sharded(sharded, tensors)
+        meta = load_sharded(sharded, tensors, recipe)
         return restore_checkpoint_state(tensors, meta, model, optimizers, ema)[0]
     if single.exists():
-        return load_checkpoint(single, model, optimizers, ema)[0]
+        return load_checkpoint(single, model, optimizers, ema, recipe)[0]
     return 0
 
 

@@ -258,15 +258,16 @@ def _save_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.op
 
 
 def _load_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.optim.Optimizer) -> int:
-    """Restore model and optimizer from `path` (verified: a damaged file raises DamagedFileError before anything is
-    restored); returns the number of completed steps."""
+    """Restore model and optimizer from `path` (verified: a damaged file raises DamagedFileError, another recipe's
+    checkpoint or another model config an LvError, before anything is restored); returns the number of completed
+    steps."""
+    from lvstudio.errors import LvError
     from lvstudio.train.loop import read_checkpoint
 
-    tensors, meta = read_checkpoint(path)
-    if meta.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path} is not a tiny VAE training checkpoint")
+    tensors, meta = read_checkpoint(path, "vae")  # "vae": the kind of CKPT_FORMAT (lvstudio.train.loop)
     if TinyVAEConfig.from_json(meta["model_config"]) != cfg.model:
-        raise ValueError(f"{path} was trained with another model config; use another out_dir or resume=False")
+        raise LvError(f"{path} was trained with another model config than [model] of this run's config",
+                      hint="resume with the config the run was started with, or point out_dir at a new folder")
     vae.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

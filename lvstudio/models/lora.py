@@ -109,21 +109,25 @@ def save_lora(path: str | Path, state: Mapping[str, Tensor], rank: int, alpha: f
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a LoRA file -> (state with plain keys, meta {rank, alpha, targets, base}); clear errors otherwise."""
+    """Read a LoRA file -> (state with plain keys, meta {rank, alpha, targets, base}); clear errors otherwise.
+
+    A file that carries a checksum (`save_lora` writes one) is verified: DamagedFileError naming it and the fix when
+    its tensors changed or are cut short; files without one (from elsewhere, older) are only parsed."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+
+    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
 
     p = Path(path)
     if not p.is_file():
         raise LoraError(f"LoRA file {p} does not exist", hint="train one with `lvstudio train erft CONFIG.toml` or "
                                                              "fix the preset's [files] entry")
     try:
-        with safe_open(str(p), "pt") as f:
-            raw_meta = f.metadata() or {}
-        state = load_file(str(p))
+        with safe_open(str(p), "pt"):
+            pass  # a header that parses: a safetensors file (anything else is no LoRA file, not a damaged one)
     except (SafetensorError, OSError, ValueError) as err:
         raise LoraError(f"{p} is not a safetensors LoRA file ({str(err).splitlines()[0]})",
                         hint="LoRA files are safetensors (pickled .pt/.ckpt files are not read)") from None
+    state, raw_meta = load_checked(p, require_digest=False, hint=WEIGHTS_HINT)
     plain: dict[str, Tensor] = {}
     for k, v in state.items():
         key = plain_key(k)

@@ -193,14 +193,13 @@ def main():
         if vae_out.exists():
             shutil.copyfile(vae_out, OUT / "vae.safetensors")
         else:  # stopped early: the checkpoint's weights with the (frozen) encoder's latent statistics
-            from safetensors.torch import load_file
-
             from lvstudio.models.tiny_vae import TinyVAE, TinyVAEConfig, load_vae, save_vae
+            from lvstudio.train.loop import read_checkpoint
 
             enc = load_vae(G / "encoder_stage.safetensors")
             fc = load_config(G / "vae.toml", VAEFileConfig)
             vae = TinyVAE(TinyVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fc.model.items()}))
-            t = load_file(str(G / "vae_run" / "checkpoint.safetensors"))
+            t, _ = read_checkpoint(G / "vae_run" / "checkpoint.safetensors", "vae")  # verified, a VAE run's
             vae.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
             vae.set_latent_stats(enc.config.latents_mean, enc.config.latents_std)
             save_vae(vae, OUT / "vae.safetensors")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from lvstudio.train.data import LatentDataset
@@ -33,3 +36,25 @@ def tiny_dataset(seed: int = 0) -> LatentDataset:
         captions.append(caps)
         latents[i] += 2.0 if p == prompts[0] else -2.0
     return LatentDataset(latents, captions)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def tiny_config_file(path: Path, out_dir: str, **kw) -> Path:
+    """`tiny_cfg` as a TOML config for `lvstudio train diffusion-forcing` (out_dir relative to the file); the
+    latent dataset is expected in out_dir/latents.safetensors (`tiny_dataset().save(...)`)."""
+    fields = tiny_cfg(out_dir, **kw).model_dump(exclude_unset=True)
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in fields.items()), encoding="utf-8")
+    return path

@@ -1,9 +1,11 @@
 """Every file a training recipe writes carries a checksum (`lvstudio.checked_files`) and is verified when read back.
 
 For each recipe a bit is flipped inside a tensor of what it wrote (the header still parses, so only the checksum can
-tell): a damaged checkpoint, error bank or export is a DamagedFileError naming the file and what to do (exit 2 at
-the CLI, one line, no traceback); a damaged cache (the latent dataset, the ODE pairs) is built again, with a warning,
-to the same contents. A clean round trip still gives back what was written.
+tell): a damaged checkpoint, error bank, export or LoRA is a DamagedFileError naming the file and what to do (exit 2
+at the CLI, one line, no traceback); a damaged cache (the latent dataset, the ODE pairs) is built again, with a
+warning, to the same contents. A clean round trip still gives back what was written. A checkpoint another recipe
+wrote (in the out_dir of a run, or given to an export) is named with its kind and the way out, exit 2 at the CLI.
+(The shards of an FSDP checkpoint and their checksums.json: tests/test_fsdp.py.)
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def test_diffusion_forcing_export_ship_and_init_weights_are_checked(tmp_path: Pa
     model = build_model(cfg, VOCAB, 4)
     ema = EMA(model, 0.5)
     ema.shadow = {k: v * 0.5 if v.is_floating_point() else v for k, v in ema.shadow.items()}
-    save_checkpoint(run / CHECKPOINT, model, _stepped_adamw(model), ema, 2)
+    save_checkpoint(run / CHECKPOINT, model, _stepped_adamw(model), ema, 2, {"recipe": "diffusion-forcing"})
     export_checkpoint(cfg, vocabulary=VOCAB)
     dit, text = run / "dit.safetensors", run / "text.safetensors"
     load_checked(dit), load_checked(text)  # written with their checksums
@@ -300,3 +302,124 @@ def test_a_damaged_ode_pair_part_is_made_again_to_the_same_contents(tmp_path: Pa
     assert parts[0].stat().st_mtime_ns == untouched
     again, _, again_prompts = load_ode_pairs(folder)
     assert torch.equal(again, traj) and again_prompts == prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA files (ERFT's export, a preset's lora): verified when they carry a checksum
+
+
+def test_a_damaged_lora_is_named_with_the_fix_and_one_without_a_checksum_is_still_read(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lvstudio.models.lora import load_lora, save_lora
+
+    g = torch.Generator().manual_seed(0)
+    state = {"blocks.0.self_attn.q.lora_A.weight": torch.randn(2, 32, generator=g),
+             "blocks.0.self_attn.q.lora_B.weight": torch.randn(32, 2, generator=g)}
+    path = save_lora(tmp_path / "lora.safetensors", state, 2, 4.0)
+    loaded, meta = load_lora(path)
+    assert _equal(loaded, state) and meta["rank"] == 2 and meta["alpha"] == 4.0
+    plain = tmp_path / "plain.safetensors"  # from elsewhere: no checksum, only parsed
+    save_file(state, str(plain), metadata={"rank": "2", "alpha": "4.0"})
+    assert _equal(load_lora(plain)[0], state)
+    _damaged(path, lambda: load_lora(path), "run the export or training that wrote it again")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint of another recipe: named, with its kind and the way out, before anything is restored or written
+
+
+def _df_checkpoint(path: Path, recipe: str | None = "diffusion-forcing") -> None:
+    from lvstudio.train.diffusion_forcing import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(str(path.parent)), VOCAB, 4)
+    save_checkpoint(path, model, _stepped_adamw(model), EMA(model, 0.5), 2, {"recipe": recipe} if recipe else None)
+
+
+def _refused(call, match: str) -> None:  # noqa: ANN001 - call() must raise an LvError (exit 2) matching `match`
+    from lvstudio.errors import LvError
+
+    with pytest.raises(LvError, match=match) as caught:
+        call()
+    assert caught.value.exit_code == 2 and not isinstance(caught.value, DamagedFileError)
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_by_every_reader(tmp_path: Path) -> None:
+    from lvstudio.train.causal_distill import RECIPE
+    from lvstudio.train.diffusion_forcing import build_model, export_checkpoint, train_diffusion_forcing
+    from lvstudio.train.erft import _load_state, export_erft_lora
+    from lvstudio.train.loop import load_checkpoint
+    from lvstudio.train.self_forcing import export_run
+    from tests.helpers.df_tiny import tiny_dataset
+    from tests.test_erft import _cfg
+    from tests.test_self_forcing import tiny_dit, tiny_files, tiny_sf_cfg
+
+    vae_ckpt, df_ckpt, sf_ckpt = (tmp_path / name / CHECKPOINT for name in ("vae", "df", "sf"))
+    _vae_checkpoint(vae_ckpt)
+    _df_checkpoint(df_ckpt)
+    generator = tiny_dit(3)
+    save_checkpoint(sf_ckpt, nn.ModuleDict({"generator": generator}), {"generator": _stepped_adamw(generator)},
+                    EMA(generator, 0.5), 3, {"recipe": "causvid-dmd"})
+    vae_bytes = vae_ckpt.read_bytes()
+    # Resume: a VAE run's checkpoint in a diffusion-forcing run's out_dir, and the other way round.
+    _refused(lambda: train_diffusion_forcing(tiny_cfg(str(vae_ckpt.parent)), progress=False, dataset=tiny_dataset(),
+                                             vocabulary=VOCAB),
+             rf"^{vae_ckpt} is a vae checkpoint, not a diffusion-forcing one — point out_dir at a new folder, or use "
+             r"the config of the vae run that wrote it \(`lvstudio train vae`\)$")
+    assert vae_ckpt.read_bytes() == vae_bytes and sorted(p.name for p in vae_ckpt.parent.iterdir()) == [CHECKPOINT]
+    from lvstudio.train.vae_recipe import VAETrainConfig, _load_checkpoint
+
+    vae = TinyVAE(SMALL_VAE)
+    _refused(lambda: _load_checkpoint(str(df_ckpt), VAETrainConfig(out_dir=str(tmp_path), model=SMALL_VAE), vae,
+                                      torch.optim.AdamW(vae.parameters())),
+             "is a diffusion-forcing checkpoint, not a vae one")
+    # The other recipes' resume code (ERFT, causal-distill) and the exports.
+    _refused(lambda: _load_state(df_ckpt, None, None, {}, {}), "is a diffusion-forcing checkpoint, not an erft one")
+    _refused(lambda: export_erft_lora(_cfg(str(df_ckpt.parent))), "not an erft one")
+    model = build_model(tiny_cfg(str(tmp_path)), VOCAB, 4)
+    _refused(lambda: load_checkpoint(vae_ckpt, model, None, None, RECIPE), "is a vae checkpoint, not a "
+             r"causal-distill-ode one .*\(`lvstudio train vae`\)")
+    _refused(lambda: export_checkpoint(tiny_cfg(str(sf_ckpt.parent)), vocabulary=VOCAB),
+             r"is a causvid-dmd checkpoint, not a diffusion-forcing or streaming one .*`lvstudio train self-forcing`")
+    _refused(lambda: export_run(tiny_sf_cfg(df_ckpt.parent, tiny_files(tmp_path / "base"))),
+             "is a diffusion-forcing checkpoint, not a self-forcing or causvid-dmd or mixed-history one")
+    assert not (df_ckpt.parent / "dit.safetensors").exists() and not (sf_ckpt.parent / "dit.safetensors").exists()
+    # A checkpoint that names no recipe (not one lvstudio wrote), and one of the right recipe but another model.
+    _df_checkpoint(tmp_path / "none" / CHECKPOINT, recipe=None)
+    _refused(lambda: load_checkpoint(tmp_path / "none" / CHECKPOINT, model, None, None, "diffusion-forcing"),
+             "its metadata names none")
+    bigger = build_model(tiny_cfg(str(tmp_path), dit={"dim": 64, "num_heads": 2, "ffn_dim": 64, "num_layers": 2,
+                                                       "freq_dim": 32}), VOCAB, 4)
+    _refused(lambda: load_checkpoint(df_ckpt, bigger, None, None, "diffusion-forcing"),
+             r"the checkpoint does not fit this run's models \(.*size mismatch")
+
+
+def test_a_checkpoint_of_another_recipe_is_one_line_and_exit_2_at_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lvstudio.cli import app
+    from tests.helpers.df_tiny import tiny_config_file, tiny_dataset
+
+    # A diffusion-forcing checkpoint in the out_dir of a VAE run ...
+    vae_config = tmp_path / "vae.toml"
+    vae_config.write_text('out_dir = "vae_run"\nsteps = 2\nbatch_size = 1\nclip_frames = 5\nsize = 16\ncrop = 0\n'
+                          'threads = 1\ndevice = "cpu"\n\n[model]\nchannels = [8, 8, 16]\n')
+    df_ckpt = tmp_path / "vae_run" / CHECKPOINT
+    _df_checkpoint(df_ckpt)
+    # ... and a VAE run's checkpoint in the out_dir of a diffusion-forcing run (its latent cache in place).
+    df_config = tiny_config_file(tmp_path / "df.toml", "df_run")
+    vae_ckpt = tmp_path / "df_run" / CHECKPOINT
+    _vae_checkpoint(vae_ckpt)
+    tiny_dataset().save(tmp_path / "df_run" / "latents.safetensors")
+    for args, ckpt, words in ((["train", "vae", str(vae_config)], df_ckpt, "diffusion-forcing checkpoint, not a vae"),
+                              (["train", "diffusion-forcing", str(df_config), "--no-progress"], vae_ckpt,
+                               "vae checkpoint, not a diffusion-forcing")):
+        kept = ckpt.read_bytes()
+        result = CliRunner().invoke(app, args)
+        lines = result.output.strip().splitlines()
+        # exit 2 through the CLI's own handling (an escaping exception would be result.exception, exit 1)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, result.output)
+        assert len(lines) == 1 and "Traceback" not in result.output, result.output
+        assert lines[0].startswith(f"{ckpt} is a {words} one — point out_dir at a new folder"), lines[0]
+        assert ckpt.read_bytes() == kept

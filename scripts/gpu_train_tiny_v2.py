@@ -8,7 +8,9 @@ On a machine lent for a few minutes, with this layout in the repository copy it 
 it measures one VAE and one DiT training step on the GPU, sizes both runs to fit BUDGET_S seconds, runs the repo's own
 recipes side by side (`lvstudio train vae` resumed, `lvstudio train diffusion-forcing` from scratch, each in its own
 process), stops them gracefully at the deadline (a checkpoint is written) and exports fp16 DiT/text and the VAE, with
-both training logs, to $OUT.  Usage: python3 .gpu/drive.py BUDGET_S [dry]   (dry: a CPU rehearsal, a few steps)."""
+both training logs, to $OUT.  Usage: python3 .gpu/drive.py BUDGET_S [dry] [df-only]   (dry: a CPU rehearsal, a few
+steps). df-only: no VAE run; the DiT run gets the whole lease and starts from the weights .gpu/df.toml names
+(init_dit/init_text: the latest CPU export, e.g. runs/tiny_df_v2f/dit.safetensors copied into .gpu/), at lr 3e-4."""
 
 import json
 import os
@@ -134,48 +136,55 @@ def stop(p, name, grace=25.0):
 def main():
     global BUDGET, DRY, DEV
     BUDGET = float(sys.argv[1])
-    DRY = len(sys.argv) > 2
+    DRY = "dry" in sys.argv[2:]
+    df_only = "df-only" in sys.argv[2:]
     OUT.mkdir(parents=True, exist_ok=True)
     say("torch", torch.__version__, "cuda", torch.cuda.is_available(),
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
     DEV = "cuda" if torch.cuda.is_available() and not DRY else "cpu"
     if DRY:
-        set_keys(G / "vae.toml", device="cpu", data_workers=2, eval_batches=1, stats_batches=2)
+        if not df_only:
+            set_keys(G / "vae.toml", device="cpu", data_workers=2, eval_batches=1, stats_batches=2)
         set_keys(G / "df.toml", device="cpu", data_workers=2, dataset_clips=24)
     END = BUDGET - 50  # training must stop here; the rest exports and copies
-    t_vae = probe_vae()
-    say(f"VAE step {t_vae * 1000:.1f} ms")
-    start_vae = 12250
-    window = END - (time.time() - T0) - 40  # the DF dataset build comes before the DF run, the VAE runs meanwhile
-    vae_steps = min(24000, start_vae + max(250, int(0.45 * window / t_vae) // 250 * 250))
-    if DRY:
-        vae_steps = start_vae + 2
-    set_keys(G / "vae.toml", steps=vae_steps, ckpt_every=250 if not DRY else 1)
-    vae_p = launch(["vae", str(G / "vae.toml")], "vae")
-    say("VAE run to step", vae_steps)
+    vae_p = None
+    if not df_only:
+        t_vae = probe_vae()
+        say(f"VAE step {t_vae * 1000:.1f} ms")
+        start_vae = 12250
+        window = END - (time.time() - T0) - 40  # the DF dataset build comes first, the VAE runs meanwhile
+        vae_steps = min(24000, start_vae + max(250, int(0.45 * window / t_vae) // 250 * 250))
+        if DRY:
+            vae_steps = start_vae + 2
+        set_keys(G / "vae.toml", steps=vae_steps, ckpt_every=250 if not DRY else 1)
+        vae_p = launch(["vae", str(G / "vae.toml")], "vae")
+        say("VAE run to step", vae_steps)
 
     df_cfg = load_config(G / "df.toml", DFConfig)
     Path(df_cfg.out_dir).mkdir(parents=True, exist_ok=True)
     data = latent_dataset(df_cfg, Path(df_cfg.out_dir), DistInfo())
     say("DF dataset", tuple(data.latents.shape), "objects", None if data.objects is None else tuple(data.objects.shape))
-    t64 = probe_df(df_cfg, data, 64)
-    t128 = probe_df(df_cfg, data, 128)
-    say(f"DF step {t64 * 1000:.1f} ms @64, {t128 * 1000:.1f} ms @128 (while the VAE trains)")
+    small, large = (64, 128) if not DRY else (2, 4)  # a CPU rehearsal only checks that the steps run
+    t64 = probe_df(df_cfg, data, small)
+    t128 = probe_df(df_cfg, data, large)
+    say(f"DF step {t64 * 1000:.1f} ms @{small}, {t128 * 1000:.1f} ms @{large}")
     if DEV == "cuda":
         torch.cuda.empty_cache()
     left = END - (time.time() - T0) - 15
-    batch, t = (128, t128) if t128 < 1.8 * t64 and 0.85 * left / t128 >= 2000 else (64, t64)
+    batch, t = (large, t128) if t128 < 1.8 * t64 and 0.85 * left / t128 >= 2000 else (small, t64)
     steps = max(200, int(0.85 * left / t) // 100 * 100) if not DRY else 4
-    set_keys(G / "df.toml", steps=steps, batch_size=batch, lr=1e-3, warmup_steps=min(300, steps // 10),
-             decay_start=int(steps * 0.6), ema_decay=0.999, ema_start=min(1000, steps // 5), ckpt_every=500)
+    set_keys(G / "df.toml", steps=steps, batch_size=batch, lr=3e-4 if df_only else 1e-3,
+             warmup_steps=min(300, steps // 10), decay_start=int(steps * 0.6), ema_decay=0.999,
+             ema_start=min(1000, steps // 5), ckpt_every=500)
     del data
     df_p = launch(["diffusion-forcing", str(G / "df.toml"), "--no-progress"], "df")
     say("DF run", steps, "steps at batch", batch)
 
-    while time.time() - T0 < END and (df_p.poll() is None or vae_p.poll() is None):
+    while time.time() - T0 < END and (df_p.poll() is None or (vae_p is not None and vae_p.poll() is None)):
         time.sleep(2)
     stop(df_p, "df")
-    stop(vae_p, "vae")
+    if vae_p is not None:
+        stop(vae_p, "vae")
 
     # Step 3: export what was trained (the finished weights, else the latest checkpoint's).
     try:
@@ -190,6 +199,8 @@ def main():
         say("DF export failed:", repr(err))
     try:
         vae_out = G / "vae_run" / "vae_export.safetensors"
+        if df_only:
+            vae_out = G / "vae.safetensors"  # no VAE run: ship the VAE the latents and the weights were made with
         if vae_out.exists():
             shutil.copyfile(vae_out, OUT / "vae.safetensors")
         else:  # stopped early: the checkpoint's weights with the (frozen) encoder's latent statistics

@@ -256,13 +256,13 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
         from lvstudio.world import vocabulary as world_vocabulary
 
         vocabulary = world_vocabulary()
-    # Verified, and written by a recipe that trains this model: a damaged or foreign checkpoint is named before
-    # anything is written.
+    # Verified, written by a recipe that trains this model, and fitting the config's model: a damaged or foreign
+    # checkpoint, or one of another model size, is named before anything is written.
     tensors, meta = read_checkpoint(ckpt, EXPORTABLE)
     channels = tensors["model.dit.patch_embedding.weight"].shape[1]
     model = build_model(cfg.model_copy(update={"init_dit": None, "init_text": None}), vocabulary, channels)
     ema = EMA(model, cfg.ema_decay)
-    restore_checkpoint_state(tensors, meta, model, {}, ema)
+    restore_checkpoint_state(ckpt, tensors, meta, model, {}, ema)
     export_weights(model, ema.shadow, out)
     return out
 

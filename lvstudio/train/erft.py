@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.lora import LORA_TARGETS, add_lora, lora_state_dict, save_lora
+from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
 from lvstudio.sampling.flow_matching import FlowMatchTable
 from lvstudio.train.common import DistInfo, barrier, require_cpu, shutdown_distributed
 from lvstudio.train.data import LatentDataset, latent_dataset
@@ -40,8 +41,11 @@ from lvstudio.train.diffusion_forcing import DFConfig, build_model, start_run
 from lvstudio.train.loop import (
     TrainLog,
     TrainLoop,
+    check_fit,
+    fitting,
     flatten_optimizer,
     lr_at,
+    misfit,
     optimizer_step,
     read_checkpoint,
     set_lr,
@@ -54,6 +58,7 @@ from lvstudio.train.sharding import refuse_fsdp
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHECKPOINT = "checkpoint.safetensors"
 LORA_FILE = "erft_lora.safetensors"
+BANKS_MISFIT = "the error banks do not fit this run's config"  # num_grids, bank_capacity, the clip's shape
 BANKS_HINT = ("the error banks are written atomically, so a crash does not do this (a disk or a copy did): restore it "
               "from a backup, or delete it to continue with empty banks (they fill again as the run trains)")
 
@@ -216,14 +221,20 @@ class ErrorBanks:
         tensors.update({f"latent.{k}": v for k, v in self.latent.state_dict().items()})
         return save_checked(tensors, path, {"step": str(step), "format": "lvstudio.erft_banks/1"})
 
-    def load(self, path: Path) -> int:
-        """Restore from a file written by save() (verified first: DamagedFileError); returns its step."""
+    def load(self, path: Path, shape: tuple[int, ...] | None = None) -> int:
+        """Restore from a file written by save() (verified first: DamagedFileError); returns its step. Banks of
+        another num_grids or bank_capacity, or (given `shape`, [C, N, h, w]) errors of another shape than this run
+        makes, are an LvError (`lvstudio.train.loop.misfit`)."""
         from lvstudio.checked_files import load_checked
 
         tensors, meta = load_checked(path, require_digest=False, hint=BANKS_HINT)
         step = int(meta.get("step", -1))
-        self.noise.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("noise.")})
-        self.latent.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("latent.")})
+        stored = sorted({tuple(v.shape[1:]) for k, v in tensors.items() if k.rsplit(".", 1)[-1].startswith("g")})
+        if shape is not None and any(s != tuple(shape) for s in stored):
+            raise misfit(path, f"errors of shape {list(stored[0])}, this run makes {list(shape)}", BANKS_MISFIT)
+        with fitting(path, BANKS_MISFIT):
+            self.noise.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("noise.")})
+            self.latent.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("latent.")})
         return step
 
 
@@ -469,15 +480,27 @@ def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: d
     if saved.get("dit_sha256") != base.get("dit_sha256"):
         raise ConfigError(f"{path} was trained on another base DiT (sha256 {saved.get('dit_sha256')}, now "
                           f"{base.get('dit_sha256')})", hint="resume with the same init_dit, or use a fresh out_dir")
+    # The adapters (and their EMA) of this config's LoRA, rank and targets, are the checkpoint's, name for name and
+    # shape for shape: else an LvError naming what differs, before anything is restored.
     params = dict(_lora_params(model))
-    with torch.no_grad():
+    wanted = {f"lora.{k}": p for k, p in params.items()} | {f"ema.{k}": v for k, v in ema.items()}
+    check_fit(path, wanted, tensors, ("lora.", "ema."))
+    with fitting(path), torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[f"lora.{key}"])
-    for key in ema:
-        ema[key] = tensors[f"ema.{key}"].clone()
-    unflatten_optimizer(opt, tensors, meta["optimizer"])
+        for key in ema:
+            ema[key] = tensors[f"ema.{key}"].clone()
+        unflatten_optimizer(opt, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"])
+
+
+def _config_adapters(cfg: ERFTConfig, dit_config: dict) -> dict[str, Tensor]:
+    """The adapters the config's LoRA (rank, targets) puts on a DiT of `dit_config`, under plain keys: meta tensors
+    (names and shapes, no memory)."""
+    with torch.device("meta"):
+        dit = WanDiT(WanDiTConfig.from_dict(dit_config))
+    return lora_state_dict(add_lora(dit, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets))
 
 
 def _lora_params(model: ERFTModel) -> list[tuple[str, nn.Parameter]]:
@@ -534,15 +557,15 @@ def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset
     log = TrainLog(out, dist.is_main)
     # Step 2: resume LoRA/EMA/optimizer/RNG and this rank's banks of the same step.
     start = 0
+    err_shape = (data.latents.shape[1], cfg.new_frames, *data.latents.shape[3:])  # [C, N, h, w] of a banked error
     if (out / CHECKPOINT).exists():
         start = _load_state(out / CHECKPOINT, model, opt, ema, base)
         bank_file = _bank_path(out, dist.rank, start)
         if bank_file.exists():
-            banks.load(bank_file)
+            banks.load(bank_file, err_shape)
         else:
             log.write(step=start, event="banks_missing", rank=dist.rank)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-    err_shape = (data.latents.shape[1], cfg.new_frames, *data.latents.shape[3:])
     banked = 0
 
     def one_step(step: int) -> dict[str, float]:
@@ -596,12 +619,16 @@ def _checkpoint(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: di
 
 def export_erft_lora(cfg: ERFTConfig, out_dir: Path | None = None) -> Path:
     """Write out_dir/erft_lora.safetensors from the EMA adapters of the checkpoint (e.g. of an unfinished run),
-    verified first."""
+    verified first; adapters of another LoRA rank or targets than the config's are an LvError (`check_fit`) before
+    anything is written (the file's metadata would not describe its tensors)."""
     out = Path(out_dir or cfg.out_dir)
     path = out / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint in {out}")
     tensors, meta = read_checkpoint(path, "erft")
     base = json.loads(meta.get("base", "{}"))
+    if "dit_config" in base:  # every ERFT checkpoint records its base DiT's config
+        check_fit(path, {f"ema.{k}": v for k, v in _config_adapters(cfg, base["dit_config"]).items()}, tensors,
+                  ("ema.",))
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return save_lora(out / LORA_FILE, ema, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base=base)

@@ -352,23 +352,75 @@ def checkpoint_state(model: nn.Module, optimizers: dict[str, torch.optim.Optimiz
     return tensors, meta
 
 
-def restore_checkpoint_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], model: nn.Module,
-                             optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None,
+def restore_checkpoint_state(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                             model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None,
                              ) -> tuple[int, dict[str, Any]]:
-    """Put what `checkpoint_state` described back into the model, optimizers, EMA and RNG; returns (step, extra)."""
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    """Put what `checkpoint_state` described (read from the checkpoint at `path`) back into the model, optimizers, EMA
+    and RNG; returns (step, extra). Tensors that do not fit the model or the EMA (another config's) are an LvError
+    (`check_fit`) before anything is restored; so is anything else that does not fit (`fitting`)."""
+    wanted = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema is not None:
-        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        device = next(model.parameters()).device
-        if device.type != "cpu":  # the EMA lives beside the model: a GPU run resumes on the GPU
-            ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
-    for name, opt in optimizers.items():
-        prefix, key = _optimizer_keys(name)
-        if key in meta:
-            unflatten_optimizer(opt, tensors, meta[key], prefix=prefix)
+        wanted.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+    check_fit(path, wanted, tensors, ("model.", "ema.") if ema is not None else ("model.",))
+    with fitting(path):
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if ema is not None:
+            ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+            device = next(model.parameters()).device
+            if device.type != "cpu":  # the EMA lives beside the model: a GPU run resumes on the GPU
+                ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+        for name, opt in optimizers.items():
+            prefix, key = _optimizer_keys(name)
+            if key in meta:
+                unflatten_optimizer(opt, tensors, meta[key], prefix=prefix)
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     return int(meta.get("step", 0)), json.loads(meta.get("extra", "{}"))
+
+
+# A checkpoint whose tensors do not fit the models a run built from its config (another LoRA rank or targets, another
+# DiT size, ...): one home for the check and the message, which every recipe's resume and export use.
+FIT_HINT = "use the config the run was started with, or point out_dir at a new folder"
+CHECKPOINT_MISFIT = "the checkpoint does not fit this run's models"
+
+
+def misfit(path: str | Path, detail: str, what: str = CHECKPOINT_MISFIT) -> LvError:
+    """The LvError (exit 2) for the file at `path` whose tensors do not fit: `{path}: {what} ({detail}) — fix`."""
+    return LvError(f"{path}: {what} ({detail})", hint=FIT_HINT)
+
+
+def check_fit(path: str | Path, wanted: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+              prefixes: tuple[str, ...]) -> None:
+    """LvError (`misfit`) unless the checkpoint's tensors under `prefixes` are `wanted` (the state they would be
+    restored into), name for name and shape for shape; it names the first few missing, unexpected and mis-shaped
+    tensors, before anything is restored."""
+    def order(name: str) -> tuple[int, str]:  # by prefix first: the model's names before its EMA's
+        return next((i for i, p in enumerate(prefixes) if name.startswith(p)), len(prefixes)), name
+
+    saved = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefixes)}
+    own = {k: tuple(v.shape) for k, v in wanted.items()}
+    missing, unexpected = sorted(own.keys() - saved.keys(), key=order), sorted(saved.keys() - own.keys(), key=order)
+    shapes = [f"{k} {list(saved[k])} (this run {list(own[k])})" for k in sorted(own.keys() & saved.keys(), key=order)
+              if saved[k] != own[k]]
+    problems = [f"{label}: {_first_few(items)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)) if items]
+    if problems:
+        raise misfit(path, "; ".join(problems))
+
+
+@contextmanager
+def fitting(path: str | Path, what: str = CHECKPOINT_MISFIT) -> Iterator[None]:
+    """Restoring a checkpoint's state inside: what `load_state_dict` (of a module or an optimizer) and name look-ups
+    raise on tensors that do not fit (RuntimeError, KeyError, ValueError) becomes the LvError of `misfit`."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise misfit(path, _first_line(err), what) from None
+
+
+def _first_few(items: list[str], shown: int = 3) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def save_checkpoint(
@@ -396,14 +448,9 @@ def load_checkpoint(
 ) -> tuple[int, dict[str, Any]]:
     """Restore what save_checkpoint wrote; returns (step, extra). A damaged file raises DamagedFileError (what is
     wrong and what to do), a checkpoint of another recipe than `expected` (`read_checkpoint`) or one that does not fit
-    the models an LvError, before anything is restored."""
+    the models (`restore_checkpoint_state`) an LvError, before anything is restored."""
     tensors, meta = read_checkpoint(path, expected)
-    try:
-        return restore_checkpoint_state(tensors, meta, model, _optimizers(optimizer), ema)
-    except (RuntimeError, KeyError, ValueError) as err:  # load_state_dict: missing names, other shapes
-        raise LvError(f"{path}: the checkpoint does not fit this run's models ({_first_line(err)})",
-                      hint="resume with the config the run was started with, or point out_dir at a new folder"
-                      ) from None
+    return restore_checkpoint_state(path, tensors, meta, model, _optimizers(optimizer), ema)
 
 
 CHECKPOINT_HINT = ("checkpoints are written atomically, so a crash does not do this (a disk or a copy did): restore it "

@@ -448,7 +448,7 @@ def export_run(cfg: SelfForcingConfig) -> Path:
     sharded one is gathered into out_dir/consolidated.safetensors first). The checkpoint is verified first."""
     from lvstudio.checked_files import WEIGHTS_HINT, read_metadata
     from lvstudio.errors import LvError
-    from lvstudio.train.loop import read_checkpoint
+    from lvstudio.train.loop import check_fit, read_checkpoint
     from lvstudio.train.sharding import consolidated_checkpoint
 
     out = Path(cfg.out_dir)
@@ -456,9 +456,14 @@ def export_run(cfg: SelfForcingConfig) -> Path:
     if ckpt is None:
         raise LvError(f"no checkpoint in {out}", hint="train first, or pass the config of the run to export")
     tensors = read_checkpoint(ckpt, ("self-forcing", "causvid-dmd", "mixed-history"))[0]
-    shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     meta = read_metadata(cfg.init_dit or cfg.real_dit, hint=WEIGHTS_HINT)
     config = WanDiTConfig.from_dict(json.loads(meta["config"]))
+    # The generator EMA must be a DiT of the config's init DiT, whose config the export records: else an LvError
+    # naming what differs, before anything is written.
+    with torch.device("meta"):
+        wanted = WanDiT(config).state_dict()
+    check_fit(ckpt, {f"ema.{k}": v for k, v in wanted.items()}, tensors, ("ema.",))
+    shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return export_generator(config, shadow, out, sampler_settings(cfg))
 
 

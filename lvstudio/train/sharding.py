@@ -49,6 +49,7 @@ from lvstudio.train.loop import (
     EMA,
     check_checkpoint_kind,
     checkpoint_state,
+    misfit,
     restore_checkpoint_state,
 )
 
@@ -243,8 +244,7 @@ def load_sharded(step_dir: Path, tensors: dict[str, Tensor], expected: str | Col
         # DCP gathers every rank's failure (a missing name, another shape) into a CheckpointException.
         failures = getattr(err, "failures", None)
         cause = next(iter(failures.values())) if failures else err
-        raise LvError(f"{step_dir}: the checkpoint does not fit this run's models ({_last_line(cause)})",
-                      hint="resume with the config the run was started with, or use a fresh out_dir") from None
+        raise misfit(step_dir, _last_line(cause)) from None
     return info["metadata"]
 
 
@@ -310,7 +310,7 @@ def resume_run_checkpoint(out: Path, model: nn.Module, optimizers: dict[str, tor
             init_optimizer_state(opt)
         tensors, _ = checkpoint_state(model, optimizers, ema, 0, copy=False)
         meta = load_sharded(sharded, tensors, recipe)
-        return restore_checkpoint_state(tensors, meta, model, optimizers, ema)[0]
+        return restore_checkpoint_state(sharded, tensors, meta, model, optimizers, ema)[0]
     if single.exists():
         return load_checkpoint(single, model, optimizers, ema, recipe)[0]
     return 0

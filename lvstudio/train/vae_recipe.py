@@ -262,12 +262,12 @@ def _load_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.op
     checkpoint or another model config an LvError, before anything is restored); returns the number of completed
     steps."""
     from lvstudio.errors import LvError
-    from lvstudio.train.loop import read_checkpoint
+    from lvstudio.train.loop import FIT_HINT, read_checkpoint
 
     tensors, meta = read_checkpoint(path, "vae")  # "vae": the kind of CKPT_FORMAT (lvstudio.train.loop)
     if TinyVAEConfig.from_json(meta["model_config"]) != cfg.model:
         raise LvError(f"{path} was trained with another model config than [model] of this run's config",
-                      hint="resume with the config the run was started with, or point out_dir at a new folder")
+                      hint=FIT_HINT)
     vae.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

@@ -4,6 +4,8 @@ cross-clip backend with an ERFT LoRA."""
 from __future__ import annotations
 
 import copy
+import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,12 @@ from lvstudio.sampling.flow_matching import FlowMatchTable
 from lvstudio.train.erft import (
     ClipBatch,
     ERFTConfig,
+    ERFTModel,
     ErrorBank,
     ErrorBanks,
     Tables,
+    _digest,
+    _lora_params,
     clip_start_frame,
     erft_loss,
     inject_errors,
@@ -279,6 +284,134 @@ def test_three_step_run_writes_lora_and_resumes_exactly(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="another base DiT"):
         train_erft(_cfg(part, steps=4, **(kw | {"init_dit": None})), progress=False, dataset=data, vocabulary=VOCAB)
+
+
+# -- a resume or an export with other LoRA settings than the run's -----------------------------------------------
+
+
+def _erft_run_state(cfg: ERFTConfig) -> tuple[ERFTModel, torch.optim.Optimizer, dict[str, torch.Tensor], dict]:
+    """What train_erft builds before it resumes (base DiT and its record, the config's adapters, AdamW, EMA), the
+    adapters random and AdamW one step in, so that a restore shows."""
+    from lvstudio.train.diffusion_forcing import build_model
+
+    torch.manual_seed(cfg.seed)
+    base_model = build_model(cfg, VOCAB, 4).requires_grad_(False)
+    base = {"dit_sha256": _digest(base_model.dit), "dit_config": base_model.dit.cfg.to_dict(), "init_dit": None}
+    model = ERFTModel(add_lora(base_model.dit, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets), base_model.text)
+    params = [p for _, p in _lora_params(model)]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.pow(2).sum() for p in params).backward()
+    opt.step()
+    return model, opt, {k: p.detach().clone() for k, p in _lora_params(model)}, base
+
+
+def _misfit(call, path: Path, detail: str) -> None:  # noqa: ANN001 - call() must refuse the file at `path`
+    """call() raises the LvError of a checkpoint that does not fit: exit 2, one line naming `path`, `detail` (a
+    regex) and the way out."""
+    from lvstudio.errors import DamagedFileError, LvError
+
+    with pytest.raises(LvError) as caught:
+        call()
+    text = str(caught.value)
+    assert caught.value.exit_code == 2 and not isinstance(caught.value, DamagedFileError), text
+    assert text.startswith(f"{path}: the checkpoint does not fit this run's models ("), text
+    assert re.search(detail, text), (detail, text)
+    assert text.endswith(" — use the config the run was started with, or point out_dir at a new folder"), text
+    assert "\n" not in text
+
+
+def test_resume_and_export_with_another_lora_rank_or_targets_are_refused(tmp_path: Path) -> None:
+    from lvstudio.models.lora import load_lora
+    from lvstudio.train.erft import CHECKPOINT, LORA_FILE, _load_state, _save_state, export_erft_lora
+
+    runs = {}
+    for name, kw in (("all", {}), ("qv", {"lora_targets": "q,v"})):  # rank 4 on q,k,v,o,ffn.0,ffn.2 / on q,v only
+        out = tmp_path / name
+        out.mkdir()
+        model, opt, ema, base = _erft_run_state(_cfg(str(out), **kw))
+        _save_state(out, model, opt, ema, 2, base)
+        runs[name] = out / CHECKPOINT
+    # (the run, what the new config changes, what the message says; 2 blocks x 10 adapted linears x A, B = 40
+    # adapters, 16 of them on q and v; the resume compares the adapters and their EMA, the export the EMA)
+    cases = (
+        ("all", {"lora_rank": 8}, r"\(shape mismatches: ema\.blocks\.0\.cross_attn\.k\.lora_A\.weight \[4, 32\] "
+                                  r"\(this run \[8, 32\]\), [^;]*, \.\.\. \((80|40) in all\)\)"),
+        ("all", {"lora_targets": "q,v"}, r"\(unexpected: ema\.blocks\.0\.cross_attn\.k\.lora_A\.weight, [^;]* "
+                                        r"\((48|24) in all\)\)"),
+        ("qv", {}, r"\(missing: ema\.blocks\.0\.cross_attn\.k\.lora_A\.weight, [^;]* \((48|24) in all\)\)"),
+    )
+    for run, changed, detail in cases:
+        path = runs[run]
+        kept = path.read_bytes()
+        cfg = _cfg(str(path.parent), **changed)
+        # Resume: refused before anything is restored (the new run's adapters, EMA and AdamW are as they were).
+        model, opt, ema, base = _erft_run_state(cfg)
+        before = {k: p.detach().clone() for k, p in _lora_params(model)}
+        opt_before = copy.deepcopy(opt.state_dict())
+        _misfit(partial(_load_state, path, model, opt, ema, base), path, detail.replace("ema", "lora", 1))
+        assert all(torch.equal(p, before[k]) for k, p in _lora_params(model))
+        assert all(torch.equal(ema[k], before[k]) for k in ema)
+        assert str(opt.state_dict()) == str(opt_before)
+        # Export: refused before anything is written.
+        _misfit(partial(export_erft_lora, cfg), path, detail)
+        assert not (path.parent / LORA_FILE).exists() and path.read_bytes() == kept
+    # With the run's own settings both go through.
+    model, opt, ema, base = _erft_run_state(_cfg(str(runs["qv"].parent), lora_targets="q,v"))
+    assert _load_state(runs["qv"], model, opt, ema, base) == 2
+    state, meta = load_lora(export_erft_lora(_cfg(str(runs["qv"].parent), lora_targets="q,v")))
+    assert meta["targets"] == "q,v" and all(torch.equal(state[k], ema[k]) for k in ema) and state.keys() == ema.keys()
+
+
+def test_error_banks_of_another_config_are_refused(tmp_path: Path) -> None:
+    from lvstudio.errors import LvError
+
+    cfg = _cfg()  # 5 grids of 3 errors
+    banks = ErrorBanks.for_config(cfg)
+    for grid in (0, 4):
+        banks.noise.insert(grid, torch.ones(4, 2, 4, 4))  # [C, N, h, w]
+        banks.latent.insert(grid, -torch.ones(4, 2, 4, 4))
+    path = banks.save(tmp_path / "erft_banks.rank0.step2.safetensors", 2)
+    assert ErrorBanks.for_config(cfg).load(path, (4, 2, 4, 4)) == 2
+    cases = ((cfg, (4, 4, 4, 4), "errors of shape [4, 2, 4, 4], this run makes [4, 4, 4, 4]"),  # another clip
+             (_cfg(num_grids=3), (4, 2, 4, 4), "bank state g4 (1 errors) does not fit 3 grids x 3"))
+    for other, shape, detail in cases:
+        with pytest.raises(LvError) as caught:
+            ErrorBanks.for_config(other).load(path, shape)
+        assert str(caught.value) == (f"{path}: the error banks do not fit this run's config ({detail}) — use the "
+                                     "config the run was started with, or point out_dir at a new folder")
+
+
+def test_cli_resume_with_another_lora_rank_is_exit_2_one_line(tmp_path: Path) -> None:
+    """`lvstudio train erft` in the out_dir of a run of another lora_rank: exit 2, one line, nothing written."""
+    from typer.testing import CliRunner
+
+    from lvstudio.cli import app
+    from tests.helpers.df_tiny import config_file
+
+    out = tmp_path / "run"
+    out.mkdir()
+    tiny_dataset().save(out / "latents.safetensors")  # the run's latent cache (no VAE here)
+    config = tmp_path / "erft.toml"
+    args = ["train", "erft", str(config), "--no-progress"]
+    config_file(config, _cfg("run", steps=1, ckpt_every=1))
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, (first.exception, first.output)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"checkpoint.safetensors", "erft_lora.safetensors"} <= files.keys()
+    config_file(config, _cfg("run", steps=2, ckpt_every=1, lora_rank=8))
+    again = CliRunner().invoke(app, args)
+    lines = again.output.strip().splitlines()
+    # exit 2 through the CLI's own handling (an escaping exception would be again.exception, exit 1)
+    assert again.exit_code == 2 and isinstance(again.exception, SystemExit), (again.exception, again.output)
+    assert len(lines) == 1 and "Traceback" not in again.output, again.output
+    assert lines[0].startswith(f"{out / 'checkpoint.safetensors'}: the checkpoint does not fit this run's models "
+                               "(shape mismatches: lora.blocks.0.cross_attn.k.lora_A.weight [4, 32] (this run [8, 32])"
+                               ), lines[0]
+    assert lines[0].endswith("— use the config the run was started with, or point out_dir at a new folder")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # nothing written, nothing changed
 
 
 # -- the cross-clip backend with an ERFT LoRA ---------------------------------------------------------------------

@@ -351,7 +351,7 @@ def test_resume_rejects_other_model(tmp_path) -> None:
     make = rect_batch(5, 16)
     cfg = _train_cfg(tmp_path, steps=1)
     train_vae(cfg, make)
-    with pytest.raises(LvError, match=r"trained with another model config .* — resume with the config the run"):
+    with pytest.raises(LvError, match=r"trained with another model config .* — use the config the run"):
         train_vae(dataclasses.replace(cfg, model=TinyVAEConfig(channels=(8, 16, 16))), make)
 
 

@@ -5,7 +5,8 @@ tell): a damaged checkpoint, error bank, export or LoRA is a DamagedFileError na
 at the CLI, one line, no traceback); a damaged cache (the latent dataset, the ODE pairs) is built again, with a
 warning, to the same contents. A clean round trip still gives back what was written. A checkpoint another recipe
 wrote (in the out_dir of a run, or given to an export) is named with its kind and the way out, exit 2 at the CLI.
-(The shards of an FSDP checkpoint and their checksums.json: tests/test_fsdp.py.)
+A checkpoint that does not fit the config's model is refused by the exports too. (The shards of an FSDP checkpoint
+and their checksums.json: tests/test_fsdp.py; a LoRA rank or targets that changed: tests/test_erft.py.)
 """
 
 from __future__ import annotations
@@ -392,7 +393,39 @@ def test_a_checkpoint_of_another_recipe_is_refused_by_every_reader(tmp_path: Pat
     bigger = build_model(tiny_cfg(str(tmp_path), dit={"dim": 64, "num_heads": 2, "ffn_dim": 64, "num_layers": 2,
                                                        "freq_dim": 32}), VOCAB, 4)
     _refused(lambda: load_checkpoint(df_ckpt, bigger, None, None, "diffusion-forcing"),
-             r"the checkpoint does not fit this run's models \(.*size mismatch")
+             rf"^{df_ckpt}: the checkpoint does not fit this run's models \(shape mismatches: model\.dit\.")
+
+
+def test_a_checkpoint_of_another_model_size_is_refused_by_the_exports(tmp_path: Path) -> None:
+    """The diffusion-forcing and Self-Forcing exports of a checkpoint whose model is not the config's (another DiT
+    size): the LvError naming the file and the mis-shaped tensors, before anything is written (the Self-Forcing
+    export used to write a dit.safetensors whose config did not describe its tensors)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lvstudio.models.wan_dit import WanDiT
+    from lvstudio.train.diffusion_forcing import export_checkpoint
+    from lvstudio.train.self_forcing import export_run
+    from tests.test_self_forcing import tiny_dit, tiny_files, tiny_sf_cfg
+
+    wider = {"dim": 64, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "freq_dim": 32}
+    df_ckpt, sf_ckpt = tmp_path / "df" / CHECKPOINT, tmp_path / "sf" / CHECKPOINT
+    _df_checkpoint(df_ckpt)  # dim 32
+    generator = tiny_dit(3)  # dim 32
+    save_checkpoint(sf_ckpt, nn.ModuleDict({"generator": generator}), {"generator": _stepped_adamw(generator)},
+                    EMA(generator, 0.5), 3, {"recipe": "self-forcing"})
+    wide_dit = WanDiT(generator.cfg.__class__.from_dict(generator.cfg.to_dict() | {"dim": 64}))
+    init = tmp_path / "wide.safetensors"
+    save_file({k: v.contiguous() for k, v in wide_dit.state_dict().items()}, str(init),
+              metadata={"config": json.dumps(wide_dit.cfg.to_dict()), "format": "pt"})
+    detail = r"\(shape mismatches: {}\S+ \[\d+(, \d+)*\] \(this run \[\d+(, \d+)*\]\), .* in all\)\) — use the config"
+    _refused(lambda: export_checkpoint(tiny_cfg(str(df_ckpt.parent), dit=wider), vocabulary=VOCAB),
+             rf"^{df_ckpt}: the checkpoint does not fit this run's models " + detail.format(r"model\.dit\."))
+    _refused(lambda: export_run(tiny_sf_cfg(sf_ckpt.parent, tiny_files(tmp_path / "base"), init_dit=str(init))),
+             rf"^{sf_ckpt}: the checkpoint does not fit this run's models " + detail.format(r"ema\."))
+    assert sorted(p.name for p in df_ckpt.parent.iterdir()) == [CHECKPOINT]
+    assert sorted(p.name for p in sf_ckpt.parent.iterdir()) == [CHECKPOINT]
 
 
 def test_a_checkpoint_of_another_recipe_is_one_line_and_exit_2_at_the_cli(tmp_path: Path) -> None:

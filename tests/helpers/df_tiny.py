@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
 from lvstudio.train.data import LatentDataset
 from lvstudio.train.diffusion_forcing import DFConfig
@@ -52,9 +53,15 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"no TOML for {value!r}")
 
 
+def config_file(path: Path, cfg: BaseModel) -> Path:
+    """A training config (the fields it was given) as a TOML file for `lvstudio train ...`; relative paths in it are
+    relative to the file."""
+    fields = cfg.model_dump(exclude_unset=True)
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in fields.items()), encoding="utf-8")
+    return path
+
+
 def tiny_config_file(path: Path, out_dir: str, **kw) -> Path:
     """`tiny_cfg` as a TOML config for `lvstudio train diffusion-forcing` (out_dir relative to the file); the
     latent dataset is expected in out_dir/latents.safetensors (`tiny_dataset().save(...)`)."""
-    fields = tiny_cfg(out_dir, **kw).model_dump(exclude_unset=True)
-    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in fields.items()), encoding="utf-8")
-    return path
+    return config_file(path, tiny_cfg(out_dir, **kw))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -39,25 +38,12 @@ def tiny_dataset(seed: int = 0) -> LatentDataset:
     return LatentDataset(latents, captions)
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def config_file(path: Path, cfg: BaseModel) -> Path:
     """A training config (the fields it was given) as a TOML file for `lvstudio train ...`; relative paths in it are
     relative to the file."""
-    fields = cfg.model_dump(exclude_unset=True)
-    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in fields.items()), encoding="utf-8")
+    from tests.helpers.hub_cache import to_toml
+
+    path.write_text(to_toml(cfg.model_dump(exclude_unset=True)), encoding="utf-8")
     return path
 
 

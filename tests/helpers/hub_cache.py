@@ -206,13 +206,13 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return json.dumps(v)
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for preset dicts (scalars, lists, nested tables)."""
+    """A small TOML writer for preset and training-config dicts (scalars, lists, nested tables)."""
     lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in data.items()
              if not isinstance(v, dict) and v is not None]
     out = "\n".join(lines) + ("\n" if lines else "")

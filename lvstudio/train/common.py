@@ -8,6 +8,7 @@ or `torchrun` (DDP, gloo on CPU / nccl on GPU), rank 0 writes checkpoints and th
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,22 @@ def init_distributed() -> DistInfo:
         # keep their tensors on the CPU: gloo for those, nccl for CUDA tensors when there is a GPU.
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(hours=4))
+        atexit.register(_end_group_at_exit)
     return DistInfo(dist.get_rank(), dist.get_world_size(), owns)
+
+
+def _end_group_at_exit() -> None:
+    """However a rank leaves (finished, stopped by a signal, or an error every rank raised, such as a damaged
+    checkpoint), end the group and free what still holds it (DDP reducers) while the interpreter is alive: a gloo
+    group torn down during interpreter shutdown can abort the process ("terminate called without an active
+    exception", exit -6) after it did everything right."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def train_device(name: str) -> torch.device:

@@ -282,6 +282,26 @@ def test_a_damaged_latent_dataset_is_encoded_again_to_the_same_contents(tmp_path
     assert rebuilt.captions == data.captions and torch.equal(rebuilt.objects, data.objects)
 
 
+def test_a_latent_dataset_of_the_other_object_pose_is_encoded_again(tmp_path: Path) -> None:
+    from lvstudio.train.common import DistInfo
+    from lvstudio.train.data import LatentDataset, latent_dataset
+
+    torch.manual_seed(0)
+    save_vae(TinyVAE(SMALL_VAE), tmp_path / "vae.safetensors")
+    cfg = tiny_cfg(str(tmp_path / "run"), vae=str(tmp_path / "vae.safetensors"), size=64, clip_latents=2,
+                   dataset_clips=2, device="cpu")
+    run = Path(cfg.out_dir)
+    run.mkdir()
+    free = latent_dataset(cfg, run, DistInfo())
+    assert not free.upright and not LatentDataset.load(run / "latents.safetensors").upright
+    upright_cfg = cfg.model_copy(update={"upright_objects": True})
+    with pytest.warns(UserWarning, match=r"upright_objects = false, the config asks for true.*built again"):
+        upright = latent_dataset(upright_cfg, run, DistInfo())
+    again = _no_warnings(lambda: latent_dataset(upright_cfg, run, DistInfo()))  # now it matches: read, not rebuilt
+    assert upright.upright and again.upright and torch.equal(again.latents, upright.latents)
+    assert upright.captions == free.captions and not torch.equal(upright.latents, free.latents)
+
+
 def test_a_damaged_ode_pair_part_is_made_again_to_the_same_contents(tmp_path: Path) -> None:
     from lvstudio.train.causal_distill import generate_ode_pairs, load_ode_pairs
     from lvstudio.train.self_forcing import load_models

@@ -231,3 +231,21 @@ def test_world_does_not_import_torch() -> None:
     code = "import sys, lvstudio.world as w; w.sample_clip(0, 2, 64); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_upright_objects_start_at_angle_0_and_change_nothing_else() -> None:
+    from lvstudio.world.oracle import adherence
+
+    for seed in range(6):
+        free, upright = sample_clip(seed, 9, size=128), sample_clip(seed, 9, size=128, upright=True)
+        assert upright.captions == free.captions and upright.switch_frames == free.switch_frames
+        for a, b in zip(free.truth, upright.truth, strict=True):
+            assert [(o.colour, o.shape, o.x, o.y, o.size) for o in a.objects] == [
+                (o.colour, o.shape, o.x, o.y, o.size) for o in b.objects]
+        assert all(o.angle == 0.0 for o in upright.truth[0].objects)
+        assert upright.frames.tobytes() != free.frames.tobytes()  # the polygons are drawn at another angle
+        scores = adherence(upright.frames, upright.specs)
+        assert scores["shape"] == 1.0 and scores["colour"] == 1.0
+    spin = [f.objects[0].angle for f in render_spec(
+        SceneSpec("sky", (ObjectSpec("red", "star", "spinning"),)), 4, 64, upright=True).truth]
+    assert spin[0] == 0.0 and len(set(spin)) == 4  # spinning objects still turn

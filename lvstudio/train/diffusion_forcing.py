@@ -75,6 +75,7 @@ class DFConfig(TrainConfigBase):
     dataset_clips: int = 2000
     data_workers: int = 0  # processes that render the world clips while the dataset is encoded (0 = this one)
     switch_prob: float = 0.3
+    upright_objects: bool = False  # world objects start at angle 0 (no random rotation; `spinning` ones still turn)
     cfg_dropout: float = 0.1
     shift: float = 1.0  # timestep shift of the training noise distribution
     first_window_prob: float = 0.4  # how often a window starts at latent 0 (the 1-frame latent)

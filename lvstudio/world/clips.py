@@ -206,10 +206,13 @@ class _ObjectState:
         self.clamp(obj, size)
 
 
-def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator) -> _ObjectState:
-    """A starting state; moving objects start on their trailing side so they cross the frame before wrapping."""
+def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, upright: bool = False) -> _ObjectState:
+    """A starting state; moving objects start on their trailing side so they cross the frame before wrapping.
+    upright: angle 0 (a square cube, a triangle and a star pointing up) instead of a random one; the random angle
+    is still drawn, so every other draw of the clip is the same."""
     scale = float(rng.uniform(_GROW_MIN, 1.0)) if obj.motion == "growing" else 1.0
-    state = _ObjectState(x=0.0, y=0.0, angle=float(rng.uniform(0, 360)), scale=scale)
+    angle = float(rng.uniform(0, 360))
+    state = _ObjectState(x=0.0, y=0.0, angle=0.0 if upright else angle, scale=scale)
     lo, hi = state.bounds(obj, size)
     u, w = rng.uniform(size=2)
     state.x, state.y = lo + u * (hi - lo), lo + w * (hi - lo)
@@ -225,13 +228,14 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator) -> _Obj
     return state
 
 
-def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator) -> list[_ObjectState]:
+def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, upright: bool = False
+                    ) -> list[_ObjectState]:
     """Starting states for all objects, placed apart when possible (8 tries each)."""
     states: list[_ObjectState] = []
     for obj in spec.objects:
         best, best_gap = None, -math.inf
         for _ in range(8):
-            cand = _initial_state(obj, size, rng)
+            cand = _initial_state(obj, size, rng, upright)
             gap = min((math.hypot(cand.x - s.x, cand.y - s.y) - cand.extent(obj, size) - s.extent(o, size)
                        for s, o in zip(states, spec.objects, strict=False)), default=math.inf)
             if gap > best_gap:
@@ -578,10 +582,10 @@ def render_background(scene: str, effect: str | None = None, num_frames: int = 1
 
 
 def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: int,
-            rng: np.random.Generator) -> Clip:
+            rng: np.random.Generator, upright: bool = False) -> Clip:
     """Render a clip whose spec changes at the given start frames; object states carry over every switch."""
     frames = np.empty((num_frames, size, size, 3), np.uint8)  # [F, S, S, 3]
-    states = _initial_states(schedule[0][1], size, rng)
+    states = _initial_states(schedule[0][1], size, rng, upright)
     backdrop_seed = int(rng.integers(2 ** 62))
     backdrops: dict[tuple[str, str | None], _Backdrop] = {}
     captions: list[str] = []
@@ -614,18 +618,22 @@ def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: in
     return Clip(frames=frames, captions=captions, specs=specs, truth=truth, switch_frames=switch_frames)
 
 
-def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0) -> Clip:
-    """A clip of one given spec (no switch). Deterministic by seed."""
+def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0, upright: bool = False) -> Clip:
+    """A clip of one given spec (no switch). Deterministic by seed. upright: objects start at angle 0 (see
+    `sample_clip`)."""
     if not isinstance(spec, SceneSpec):
         raise ValueError(f"spec must be a SceneSpec, got {type(spec).__name__}")
     size, num_frames = _check_size(size), _check_frames(num_frames)
-    return _render([(0, spec)], num_frames, size, np.random.default_rng(seed))
+    return _render([(0, spec)], num_frames, size, np.random.default_rng(seed), upright)
 
 
-def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float = 0.3) -> Clip:
+def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float = 0.3, upright: bool = False
+                ) -> Clip:
     """A random clip; with probability switch_prob the caption changes once, between 1/4 and 3/4 of the clip.
 
     A switch changes the scene, or the primary object's colour, shape or motion; objects move on smoothly.
+    upright: every object starts at angle 0 — a square cube, a triangle and a star with a point up — instead of at a
+    random angle (`spinning` objects still turn); everything else about the clip is the same as without it.
     Deterministic by seed (same seed → identical bytes).
     """
     size, num_frames = _check_size(size), _check_frames(num_frames)
@@ -637,4 +645,4 @@ def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float 
     if rng.random() < switch_prob and num_frames >= 2:
         at = int(rng.integers(max(1, num_frames // 4), max(2, (3 * num_frames) // 4 + 1)))
         schedule.append((at, switch_spec(spec, rng)))
-    return _render(schedule, num_frames, size, rng)
+    return _render(schedule, num_frames, size, rng, upright)

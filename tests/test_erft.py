@@ -332,7 +332,7 @@ def test_resume_and_export_with_another_lora_rank_or_targets_are_refused(tmp_pat
         out = tmp_path / name
         out.mkdir()
         model, opt, ema, base = _erft_run_state(_cfg(str(out), **kw))
-        _save_state(out, model, opt, ema, 2, base)
+        _save_state(out, model, opt, ema, 2, base, 4.0)
         runs[name] = out / CHECKPOINT
     # (the run, what the new config changes, what the message says; 2 blocks x 10 adapted linears x A, B = 40
     # adapters, 16 of them on q and v; the resume compares the adapters and their EMA, the export the EMA)
@@ -342,6 +342,7 @@ def test_resume_and_export_with_another_lora_rank_or_targets_are_refused(tmp_pat
         ("all", {"lora_targets": "q,v"}, r"\(unexpected: ema\.blocks\.0\.cross_attn\.k\.lora_A\.weight, [^;]* "
                                         r"\((48|24) in all\)\)"),
         ("qv", {}, r"\(missing: ema\.blocks\.0\.cross_attn\.k\.lora_A\.weight, [^;]* \((48|24) in all\)\)"),
+        ("all", {"lora_alpha": 8.0}, r"\(its adapters were trained with lora_alpha = 4, this config has 8\)"),
     )
     for run, changed, detail in cases:
         path = runs[run]
@@ -351,7 +352,8 @@ def test_resume_and_export_with_another_lora_rank_or_targets_are_refused(tmp_pat
         model, opt, ema, base = _erft_run_state(cfg)
         before = {k: p.detach().clone() for k, p in _lora_params(model)}
         opt_before = copy.deepcopy(opt.state_dict())
-        _misfit(partial(_load_state, path, model, opt, ema, base), path, detail.replace("ema", "lora", 1))
+        _misfit(partial(_load_state, path, model, opt, ema, base, cfg.lora_alpha), path,
+                detail.replace("ema", "lora", 1))
         assert all(torch.equal(p, before[k]) for k, p in _lora_params(model))
         assert all(torch.equal(ema[k], before[k]) for k in ema)
         assert str(opt.state_dict()) == str(opt_before)
@@ -360,7 +362,7 @@ def test_resume_and_export_with_another_lora_rank_or_targets_are_refused(tmp_pat
         assert not (path.parent / LORA_FILE).exists() and path.read_bytes() == kept
     # With the run's own settings both go through.
     model, opt, ema, base = _erft_run_state(_cfg(str(runs["qv"].parent), lora_targets="q,v"))
-    assert _load_state(runs["qv"], model, opt, ema, base) == 2
+    assert _load_state(runs["qv"], model, opt, ema, base, 4.0) == 2
     state, meta = load_lora(export_erft_lora(_cfg(str(runs["qv"].parent), lora_targets="q,v")))
     assert meta["targets"] == "q,v" and all(torch.equal(state[k], ema[k]) for k in ema) and state.keys() == ema.keys()
 

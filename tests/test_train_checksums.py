@@ -152,13 +152,14 @@ def test_erft_banks_checkpoint_and_lora_export_are_checked(tmp_path: Path) -> No
     opt = _stepped_adamw(a)
     ema = {k: p.detach().clone() * 0.5 for k, p in _lora_params(a)}
     base = {"dit_sha256": "x"}
-    _save_state(tmp_path, a, opt, ema, 2, base)
+    _save_state(tmp_path, a, opt, ema, 2, base, cfg.lora_alpha)
     b = model(0)
     with torch.no_grad():
         for _, p in _lora_params(b):
             p.zero_()
     b_ema = {k: torch.zeros_like(v) for k, v in ema.items()}
-    assert _load_state(tmp_path / CHECKPOINT, b, torch.optim.AdamW([p for _, p in _lora_params(b)]), b_ema, base) == 2
+    assert _load_state(tmp_path / CHECKPOINT, b, torch.optim.AdamW([p for _, p in _lora_params(b)]), b_ema, base,
+                       cfg.lora_alpha) == 2
     assert _equal(dict(_lora_params(b)), dict(_lora_params(a))) and _equal(b_ema, ema)
     lora = export_erft_lora(cfg, tmp_path)
     load_checked(lora)  # carries its checksum
@@ -166,7 +167,8 @@ def test_erft_banks_checkpoint_and_lora_export_are_checked(tmp_path: Path) -> No
     assert _equal(state, ema)
     _damaged(tmp_path / CHECKPOINT, lambda: export_erft_lora(cfg, tmp_path), "move it away")
     with pytest.raises(DamagedFileError, match="move it away"):
-        _load_state(tmp_path / CHECKPOINT, b, torch.optim.AdamW([p for _, p in _lora_params(b)]), b_ema, base)
+        _load_state(tmp_path / CHECKPOINT, b, torch.optim.AdamW([p for _, p in _lora_params(b)]), b_ema, base,
+                    cfg.lora_alpha)
     _damaged(lora, lambda: load_checked(lora))
 
 
@@ -396,7 +398,7 @@ def test_a_checkpoint_of_another_recipe_is_refused_by_every_reader(tmp_path: Pat
                                       torch.optim.AdamW(vae.parameters())),
              "is a diffusion-forcing checkpoint, not a vae one")
     # The other recipes' resume code (ERFT, causal-distill) and the exports.
-    _refused(lambda: _load_state(df_ckpt, None, None, {}, {}), "is a diffusion-forcing checkpoint, not an erft one")
+    _refused(lambda: _load_state(df_ckpt, None, None, {}, {}, 16.0), "is a diffusion-forcing checkpoint, not an erft one")
     _refused(lambda: export_erft_lora(_cfg(str(df_ckpt.parent))), "not an erft one")
     model = build_model(tiny_cfg(str(tmp_path)), VOCAB, 4)
     _refused(lambda: load_checkpoint(vae_ckpt, model, None, None, RECIPE), "is a vae checkpoint, not a "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -460,7 +461,7 @@ def _bank_path(out: Path, rank: int, step: int) -> Path:
 
 
 def _save_state(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], step: int,
-                base: dict) -> None:
+                base: dict, lora_alpha: float) -> None:
     from lvstudio.checked_files import save_checked
 
     tensors = {f"lora.{k}": v for k, v in lora_state_dict(model.dit).items()}
@@ -468,11 +469,22 @@ def _save_state(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: di
     opt_tensors, opt_meta = flatten_optimizer(opt)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": str(step), "recipe": "erft", "optimizer": opt_meta, "base": json.dumps(base), "format": "pt"}
+    meta = {"step": str(step), "recipe": "erft", "optimizer": opt_meta, "base": json.dumps(base), "format": "pt",
+            "lora_alpha": repr(float(lora_alpha))}
     save_checked(tensors, out / CHECKPOINT, meta)
 
 
-def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], base: dict) -> int:
+def _check_alpha(path: Path, meta: Mapping[str, str], lora_alpha: float) -> None:
+    """The adapters were trained at this lora_alpha (the scale of their output): else the misfit LvError. Checkpoints
+    of versions that did not record it pass."""
+    saved = meta.get("lora_alpha")
+    if saved is not None and float(saved) != float(lora_alpha):
+        raise misfit(path, f"its adapters were trained with lora_alpha = {float(saved):g}, this config has "
+                           f"{float(lora_alpha):g}")
+
+
+def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], base: dict,
+                lora_alpha: float) -> int:
     from lvstudio.train.common import ConfigError
 
     tensors, meta = read_checkpoint(path, "erft")  # verified, an ERFT one: an LvError before anything is restored
@@ -480,6 +492,7 @@ def _load_state(path: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: d
     if saved.get("dit_sha256") != base.get("dit_sha256"):
         raise ConfigError(f"{path} was trained on another base DiT (sha256 {saved.get('dit_sha256')}, now "
                           f"{base.get('dit_sha256')})", hint="resume with the same init_dit, or use a fresh out_dir")
+    _check_alpha(path, meta, lora_alpha)
     # The adapters (and their EMA) of this config's LoRA, rank and targets, are the checkpoint's, name for name and
     # shape for shape: else an LvError naming what differs, before anything is restored.
     params = dict(_lora_params(model))
@@ -559,7 +572,7 @@ def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset
     start = 0
     err_shape = (data.latents.shape[1], cfg.new_frames, *data.latents.shape[3:])  # [C, N, h, w] of a banked error
     if (out / CHECKPOINT).exists():
-        start = _load_state(out / CHECKPOINT, model, opt, ema, base)
+        start = _load_state(out / CHECKPOINT, model, opt, ema, base, cfg.lora_alpha)
         bank_file = _bank_path(out, dist.rank, start)
         if bank_file.exists():
             banks.load(bank_file, err_shape)
@@ -590,7 +603,7 @@ def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset
                 "bank_noise": len(banks.noise), "bank_latent": len(banks.latent)}
 
     def save(step: int) -> None:
-        _checkpoint(out, model, opt, ema, step, base, banks, dist)
+        _checkpoint(out, model, opt, ema, step, base, banks, dist, cfg.lora_alpha)
 
     loop = TrainLoop.for_config(cfg, start=start, report=log.report, checkpoint=save,
                                 progress=progress and dist.is_main, description="erft")
@@ -604,13 +617,13 @@ def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset
 
 
 def _checkpoint(out: Path, model: ERFTModel, opt: torch.optim.Optimizer, ema: dict[str, Tensor], step: int,
-                base: dict, banks: ErrorBanks, dist: DistInfo) -> None:
+                base: dict, banks: ErrorBanks, dist: DistInfo, lora_alpha: float) -> None:
     """Banks of every rank first, then the checkpoint; older bank files go only once the checkpoint is written, so
     a crash at any point leaves banks matching the checkpoint's step."""
     banks.save(_bank_path(out, dist.rank, step), step)
     barrier(dist)
     if dist.is_main:
-        _save_state(out, model, opt, ema, step, base)
+        _save_state(out, model, opt, ema, step, base, lora_alpha)
     barrier(dist)
     for old in out.glob(f"erft_banks.rank{dist.rank}.step*.safetensors"):
         if old.name != _bank_path(out, dist.rank, step).name:
@@ -627,6 +640,7 @@ def export_erft_lora(cfg: ERFTConfig, out_dir: Path | None = None) -> Path:
         raise FileNotFoundError(f"no checkpoint in {out}")
     tensors, meta = read_checkpoint(path, "erft")
     base = json.loads(meta.get("base", "{}"))
+    _check_alpha(path, meta, cfg.lora_alpha)
     if "dit_config" in base:  # every ERFT checkpoint records its base DiT's config
         check_fit(path, {f"ema.{k}": v for k, v in _config_adapters(cfg, base["dit_config"]).items()}, tensors,
                   ("ema.",))

@@ -516,8 +516,10 @@ def eval_denoise_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the noise and of the swapped words.")] = 0,
     cfg_scale: Annotated[float | None, typer.Option(
         help="Classifier-free guidance (default: the preset's sampler's).")] = None,
-    upright: Annotated[bool, typer.Option("--upright", help="Held-out clips with upright objects (as a DiT trained "
-                                                            "with upright_objects = true saw them).")] = False,
+    upright: Annotated[bool, typer.Option("--upright", help="Held-out clips' objects start upright (as a DiT "
+                                                            "trained with upright_objects = true saw them).")] = False,
+    centred: Annotated[bool, typer.Option("--centred", help="... and near the centre (centred_objects = true).")
+                       ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
@@ -527,7 +529,9 @@ def eval_denoise_cmd(
     from lvstudio.eval.denoise_probe import DenoiseConfig, parse_sigmas
 
     try:
-        cfg = DenoiseConfig(clips, parse_sigmas(sigmas), seed, cfg_scale, upright)
+        from lvstudio.world import Pose
+
+        cfg = DenoiseConfig(clips, parse_sigmas(sigmas), seed, cfg_scale, Pose(upright=upright, centred=centred))
     except ValueError as err:
         raise LvError(str(err)) from None
     if json_out is not None and json_out.exists() and not force:

@@ -95,15 +95,18 @@ def test_sigma_zero_row_is_the_vae_read_back() -> None:
     assert report.rows[1].latent_mse > 0.01 and report.rows[1].data != report.rows[0].data
 
 
-def test_upright_probe_reads_upright_clips() -> None:
+def test_a_probe_in_another_pose_reads_those_clips() -> None:
     from lvstudio.eval.denoise_probe import DenoiseConfig, evaluate_denoise
+
+    from lvstudio.world import Pose
 
     bundle = _tiny_vae_bundle()
     free = evaluate_denoise(bundle, DenoiseConfig(clips=3, sigmas=(0.5,)))
-    upright = evaluate_denoise(bundle, DenoiseConfig(clips=3, sigmas=(0.5,), upright=True))
+    upright = evaluate_denoise(bundle, DenoiseConfig(clips=3, sigmas=(0.5,), pose=Pose(upright=True)))
     assert [c["caption"] for c in upright.per_clip] == [c["caption"] for c in free.per_clip]  # the same clips
     assert upright.rows[1].latent_mse != free.rows[1].latent_mse  # drawn at another angle
-    assert upright.upright and "upright objects" in upright.lines()[0] and "upright" not in free.lines()[0]
+    assert upright.pose == {"upright": True} and free.pose == {}
+    assert "upright objects" in upright.lines()[0] and "upright" not in free.lines()[0]
 
 
 def test_probe_is_deterministic_for_a_seed_and_conditions_on_the_swapped_captions() -> None:

@@ -295,12 +295,14 @@ def test_a_latent_dataset_of_the_other_object_pose_is_encoded_again(tmp_path: Pa
     run = Path(cfg.out_dir)
     run.mkdir()
     free = latent_dataset(cfg, run, DistInfo())
-    assert not free.upright and not LatentDataset.load(run / "latents.safetensors").upright
-    upright_cfg = cfg.model_copy(update={"upright_objects": True})
-    with pytest.warns(UserWarning, match=r"upright_objects = false, the config asks for true.*built again"):
+    assert free.pose == {} and LatentDataset.load(run / "latents.safetensors").pose == {}
+    upright_cfg = cfg.model_copy(update={"upright_objects": True, "centred_objects": True})
+    with pytest.warns(UserWarning, match=r"objects start as the world draws them \(any angle, anywhere\), the "
+                                         r"config asks for upright, centred; .*built again"):
         upright = latent_dataset(upright_cfg, run, DistInfo())
     again = _no_warnings(lambda: latent_dataset(upright_cfg, run, DistInfo()))  # now it matches: read, not rebuilt
-    assert upright.upright and again.upright and torch.equal(again.latents, upright.latents)
+    assert upright.pose == again.pose == {"upright": True, "centred": True}
+    assert torch.equal(again.latents, upright.latents)
     assert upright.captions == free.captions and not torch.equal(upright.latents, free.latents)
 
 

@@ -233,19 +233,32 @@ def test_world_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_upright_objects_start_at_angle_0_and_change_nothing_else() -> None:
+def test_poses_start_objects_upright_or_centred_and_change_nothing_else() -> None:
+    from lvstudio.world import Pose
     from lvstudio.world.oracle import adherence
 
-    for seed in range(6):
-        free, upright = sample_clip(seed, 9, size=128), sample_clip(seed, 9, size=128, upright=True)
-        assert upright.captions == free.captions and upright.switch_frames == free.switch_frames
-        for a, b in zip(free.truth, upright.truth, strict=True):
-            assert [(o.colour, o.shape, o.x, o.y, o.size) for o in a.objects] == [
-                (o.colour, o.shape, o.x, o.y, o.size) for o in b.objects]
-        assert all(o.angle == 0.0 for o in upright.truth[0].objects)
-        assert upright.frames.tobytes() != free.frames.tobytes()  # the polygons are drawn at another angle
-        scores = adherence(upright.frames, upright.specs)
-        assert scores["shape"] == 1.0 and scores["colour"] == 1.0
+    centred_x = []
+    for seed in range(8):
+        free = sample_clip(seed, 9, size=128)
+        for pose in (Pose(upright=True), Pose(centred=True), Pose(upright=True, centred=True)):
+            clip = sample_clip(seed, 9, size=128, pose=pose)
+            assert clip.captions == free.captions and clip.switch_frames == free.switch_frames
+            for a, b in zip(free.truth, clip.truth, strict=True):
+                assert [(o.colour, o.shape, o.size) for o in a.objects] == [(o.colour, o.shape, o.size)
+                                                                            for o in b.objects]
+            first, own = clip.truth[0].objects, free.truth[0].objects
+            assert [o.angle for o in first] == ([0.0] * len(first) if pose.upright else [o.angle for o in own])
+            if not pose.centred:
+                assert [(o.x, o.y) for o in first] == [(o.x, o.y) for o in own]
+            else:
+                centred_x += [o.x for o, spec in zip(first, clip.specs[0].objects, strict=True)
+                              if spec.motion in ("resting", "spinning", "growing", "bouncing")]
+            assert clip.frames.tobytes() != free.frames.tobytes()
+            scores = adherence(clip.frames, clip.specs)
+            assert scores["shape"] == 1.0 and scores["colour"] == 1.0 and scores["objects"] == 1.0
+    # Objects that do not move sideways start in the middle half of the frame's free positions: [0.25, 0.75] S
+    # give or take their radius and margin.
+    assert centred_x and all(0.25 * 128 <= x <= 0.75 * 128 for x in centred_x)
     spin = [f.objects[0].angle for f in render_spec(
-        SceneSpec("sky", (ObjectSpec("red", "star", "spinning"),)), 4, 64, upright=True).truth]
+        SceneSpec("sky", (ObjectSpec("red", "star", "spinning"),)), 4, 64, pose=Pose(upright=True)).truth]
     assert spin[0] == 0.0 and len(set(spin)) == 4  # spinning objects still turn

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from lvstudio.presets import Preset
     from lvstudio.presets.load import ModelBundle
-    from lvstudio.world import SceneSpec
+    from lvstudio.world import Pose, SceneSpec
 
 DEFAULT_SIGMAS = (0.3, 0.5, 0.7, 0.8, 0.9)
 STEER_KINDS = ("colour", "shape", "scene")  # what a steer row swaps in the caption
@@ -56,17 +56,24 @@ def parse_sigmas(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def _world_pose() -> Pose:
+    from lvstudio.world import Pose
+
+    return Pose()
+
+
 @dataclass(frozen=True)
 class DenoiseConfig:
     """What to probe: `clips` held-out clips, noise levels `sigmas` (each in (0, 1]; σ = 0, the VAE alone, is always
     reported; sorted and made unique), `seed` (the noise and the swapped words; the clips are fixed), `cfg_scale`
-    (None = the preset's sampler's), `upright` (held-out clips with upright objects, `lvstudio.world.sample_clip`)."""
+    (None = the preset's sampler's), `pose` (how the held-out clips' objects start, `lvstudio.world.Pose`: as the
+    training set of the DiT had them)."""
 
     clips: int = 40
     sigmas: tuple[float, ...] = DEFAULT_SIGMAS
     seed: int = 0
     cfg_scale: float | None = None
-    upright: bool = False
+    pose: Pose = field(default_factory=_world_pose)
 
     def __post_init__(self) -> None:
         if not isinstance(self.clips, int) or self.clips < 1:
@@ -119,12 +126,12 @@ class DenoiseReport:
     seed: int
     rows: list[DenoiseRow]
     per_clip: list[dict] = field(default_factory=list)  # captions and swaps, per σ scores
-    upright: bool = False  # the held-out clips' objects were upright
+    pose: dict[str, bool] = field(default_factory=dict)  # how the held-out clips' objects started (non-default)
 
     def lines(self) -> list[str]:
         out = [f"one-step denoising over {self.clips} held-out world clips x {self.frames} frames "
                f"({self.preset}, cfg {self.cfg_scale:g}, seed {self.seed}"
-               f"{', upright objects' if self.upright else ''}); % of frames",
+               f"{''.join(f', {k} objects' for k, on in self.pose.items() if on)}); % of frames",
                f"  {'':17s} {'true caption (data row)':^28s}   {'one word swapped: follows text / keeps data':^43s}",
                f"  {'sigma':9s} {'x0 MSE':>7s} {'scene':>6s} {'colour':>6s} {'shape':>6s} {'objects':>7s}   "
                + "  ".join(f"{k:>13s}" for k in STEER_KINDS)]
@@ -203,9 +210,9 @@ class _OneStep:
         return x0_from_velocity(x_t, v.float(), sigma)
 
 
-def _world_clip_latents(bundle: ModelBundle, index: int, frames: int, upright: bool
+def _world_clip_latents(bundle: ModelBundle, index: int, frames: int, pose: Pose
                         ) -> tuple[SceneSpec, torch.Tensor, np.ndarray]:
-    """Held-out clip `index` (one caption, no switch; objects upright or at random angles): its spec, latents
+    """Held-out clip `index` (one caption, no switch; its objects start in `pose`): its spec, latents
     [1, C, n, h, w] and the VAE's read-back
     frames [F, H, W, 3] uint8 (x0 decoded)."""
     import torch
@@ -213,7 +220,7 @@ def _world_clip_latents(bundle: ModelBundle, index: int, frames: int, upright: b
     from lvstudio.backends.base import to_uint8_frames
     from lvstudio.world import sample_clip
 
-    clip = sample_clip(HELD_OUT_SEED + index, frames, size=bundle.preset.width, switch_prob=0.0, upright=upright)
+    clip = sample_clip(HELD_OUT_SEED + index, frames, size=bundle.preset.width, switch_prob=0.0, pose=pose)
     video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, F, H, W]
     x0 = bundle.vae.encode(video.to(bundle.device)).float()  # [1, C, n, h, w]
     return clip.specs[0], x0, to_uint8_frames(bundle.vae.decode(x0))
@@ -261,7 +268,7 @@ def evaluate_denoise(bundle: ModelBundle, cfg: DenoiseConfig,
     with torch.no_grad():
         for i in range(cfg.clips):
             # Step 1: a held-out clip of one caption, its first block of latents, the VAE's read-back (σ = 0).
-            spec, x0, vae_frames = _world_clip_latents(bundle, i, frames, cfg.upright)
+            spec, x0, vae_frames = _world_clip_latents(bundle, i, frames, cfg.pose)
             swaps = swapped_specs(spec, np.random.default_rng([seed, i]))
             record = {"caption": spec.caption(), **{f"{k}_swapped": s.caption() for k, s in swaps.items()},
                       "sigma": {"0": _score(tallies[0.0], read_clip(vae_frames), spec)}}
@@ -279,7 +286,7 @@ def evaluate_denoise(bundle: ModelBundle, cfg: DenoiseConfig,
             if on_clip is not None:
                 on_clip(i, spec.caption())
     return DenoiseReport(p.name, cfg.clips, frames, scale, seed, [_row(s, t) for s, t in tallies.items()], per_clip,
-                         cfg.upright)
+                         {k: v for k, v in asdict(cfg.pose).items() if v})
 
 
 def _row(sigma: float, tally: _Tally) -> DenoiseRow:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from lvstudio.train.common import DistInfo, barrier
 
 if TYPE_CHECKING:
     from lvstudio.train.diffusion_forcing import DFConfig
+    from lvstudio.world import Pose
 
 
 LATENTS_HINT = ("a latent dataset is derived data: delete it, and the training run that wrote it encodes it again "
@@ -32,7 +33,7 @@ class LatentDataset:
     captions: list[list[str]]  # per clip, per latent frame ("" where the frames of a latent disagree)
     objects: Tensor | None = None  # [N, L, h, w] 1 where an object covers the latent pixel (world ground truth)
     seeds: list[int] | None = None  # world seed of each clip
-    upright: bool = False  # objects drawn at angle 0 (`lvstudio.world.sample_clip`)
+    pose: dict[str, bool] = field(default_factory=dict)  # how the objects started (`lvstudio.world.Pose` fields)
 
     def save(self, path: Path) -> None:
         """Atomically, with a checksum (`lvstudio.checked_files`)."""
@@ -42,7 +43,7 @@ class LatentDataset:
         if self.objects is not None:
             tensors["objects"] = self.objects
         meta = {"captions": json.dumps(self.captions), "seeds": json.dumps(self.seeds),
-                "upright": json.dumps(self.upright)}
+                "pose": json.dumps(self.pose)}
         save_checked(tensors, path, meta)
 
     @classmethod
@@ -53,7 +54,21 @@ class LatentDataset:
 
         t, meta = load_checked(path, require_digest=False, hint=LATENTS_HINT)
         return cls(t["latents"], json.loads(meta["captions"]), t.get("objects"), json.loads(meta.get("seeds", "null")),
-                   bool(json.loads(meta.get("upright", "false"))))
+                   json.loads(meta.get("pose", "{}")))
+
+
+def pose_dict(pose: Pose | None) -> dict[str, bool]:
+    """A pose as recorded in a dataset: the fields that differ from the world's own (empty: the world's own)."""
+    from lvstudio.world import Pose
+
+    default, pose = Pose(), pose or Pose()
+    return {k: v for k, v in asdict(pose).items() if v != getattr(default, k)}
+
+
+def _pose_words(pose: dict[str, bool]) -> str:
+    """"upright, centred" / "as the world draws them" for a recorded pose."""
+    on = [k for k, v in pose.items() if v]
+    return ", ".join(on) if on else "as the world draws them (any angle, anywhere)"
 
 
 def object_masks(truth: list, num_latents: int, size: int) -> Tensor:
@@ -101,27 +116,27 @@ def trim_heap() -> None:
 
 
 def render_world_clips(clip_seeds: list[int], clip_latents: int, size: int, switch_prob: float,
-                       upright: bool = False) -> tuple[np.ndarray, list[list[str]], Tensor]:
+                       pose: Pose | None = None) -> tuple[np.ndarray, list[list[str]], Tensor]:
     """World clips of these seeds: frames uint8 [b, F, H, W, 3] (F = 1 + 4*(clip_latents-1)), per-latent captions,
     object masks [b, L, h, w]. A top-level function so that worker processes can run it."""
-    from lvstudio.world import sample_clip
+    from lvstudio.world import Pose, sample_clip
 
     num_frames = 1 + 4 * (clip_latents - 1)
-    clips = [sample_clip(s, num_frames, size=size, switch_prob=switch_prob, upright=upright) for s in clip_seeds]
+    clips = [sample_clip(s, num_frames, size=size, switch_prob=switch_prob, pose=pose or Pose()) for s in clip_seeds]
     captions = [latent_captions(c.captions, clip_latents) for c in clips]
     masks = torch.stack([object_masks(c.truth, clip_latents, size) for c in clips])
     return np.stack([c.frames for c in clips]), captions, masks
 
 
-def _render_job(job: tuple[list[int], int, int, float, bool]) -> tuple[np.ndarray, list[list[str]], Tensor]:
+def _render_job(job: tuple[list[int], int, int, float, Pose | None]) -> tuple[np.ndarray, list[list[str]], Tensor]:
     return render_world_clips(*job)
 
 
 @torch.no_grad()
 def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int, size: int, switch_prob: float,
-                         seed: int, batch: int = 16, workers: int = 0, upright: bool = False) -> LatentDataset:
-    """Render `num_clips` world clips and encode them with the VAE (on the VAE's device); `upright`: objects
-    start at angle 0 (`lvstudio.world.sample_clip`).
+                         seed: int, batch: int = 16, workers: int = 0, pose: Pose | None = None) -> LatentDataset:
+    """Render `num_clips` world clips and encode them with the VAE (on the VAE's device); `pose`: how their objects
+    start (`lvstudio.world.Pose`; None: the world's own).
 
     With `workers` > 0, that many processes render the clips while this one encodes; the dataset is the same
     (clip i has seed `seed * 1_000_003 + i`, batches stay in order)."""
@@ -129,7 +144,7 @@ def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int
 
     device = next(vae.parameters()).device
     jobs = [([seed * 1_000_003 + i for i in range(start, min(num_clips, start + batch))], clip_latents, size,
-             switch_prob, upright) for start in range(0, num_clips, batch)]
+             switch_prob, pose) for start in range(0, num_clips, batch)]
     latents, captions, objects, seeds = [], [], [], []
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
     try:
@@ -145,20 +160,20 @@ def encode_world_dataset(vae: torch.nn.Module, num_clips: int, clip_latents: int
     finally:
         if pool is not None:
             pool.terminate()
-    return LatentDataset(torch.cat(latents), captions, torch.cat(objects), seeds, upright)
+    return LatentDataset(torch.cat(latents), captions, torch.cat(objects), seeds, pose_dict(pose))
 
 
 def add_object_masks(data: LatentDataset, cfg: DFConfig) -> LatentDataset:
     """Re-render the (deterministic) world clips of a dataset built without masks, to add them."""
-    from lvstudio.world import sample_clip
+    from lvstudio.world import Pose, sample_clip
 
     n, length = data.latents.shape[0], data.latents.shape[2]
     num_frames = 1 + 4 * (length - 1)
     masks = [object_masks(sample_clip(cfg.seed * 1_000_003 + i, num_frames, size=cfg.size,
-                                      switch_prob=cfg.switch_prob, upright=data.upright).truth, length, cfg.size)
+                                      switch_prob=cfg.switch_prob, pose=Pose(**data.pose)).truth, length, cfg.size)
              for i in range(n)]
     seeds = [cfg.seed * 1_000_003 + i for i in range(n)]
-    return LatentDataset(data.latents, data.captions, torch.stack(masks), seeds, data.upright)
+    return LatentDataset(data.latents, data.captions, torch.stack(masks), seeds, data.pose)
 
 
 @dataclass
@@ -207,9 +222,9 @@ def latent_dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
         from lvstudio.checked_files import load_cache
 
         data = load_cache(path, LatentDataset.load)
-        if data is not None and data.upright != cfg.upright_objects:
-            warnings.warn(f"{path} holds clips with upright_objects = {str(data.upright).lower()}, the config asks "
-                          f"for {str(cfg.upright_objects).lower()}; it is a cache, so it is built again", stacklevel=2)
+        if data is not None and data.pose != pose_dict(cfg.pose()):
+            warnings.warn(f"{path} holds clips whose objects start {_pose_words(data.pose)}, the config asks for "
+                          f"{_pose_words(pose_dict(cfg.pose()))}; it is a cache, so it is built again", stacklevel=2)
             data = None
         if data is None:
             from lvstudio.models.tiny_vae import load_vae
@@ -219,7 +234,7 @@ def latent_dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
             vae = load_vae(cfg.vae).train(False).to(device)
             data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob,
                                         cfg.seed, batch=4 if device.type == "cpu" else 64, workers=cfg.data_workers,
-                                        upright=cfg.upright_objects)
+                                        pose=cfg.pose())
             data.save(path)
         elif cfg.object_weight > 0 and data.objects is None:
             data = add_object_masks(data, cfg)  # datasets built before masks existed

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import Field
@@ -47,6 +47,9 @@ from lvstudio.train.loop import (
     unwrap,
     weights_digest,
 )
+
+if TYPE_CHECKING:
+    from lvstudio.world import Pose
 from lvstudio.train.sharding import (
     check_fsdp,
     consolidated_checkpoint,
@@ -75,7 +78,8 @@ class DFConfig(TrainConfigBase):
     dataset_clips: int = 2000
     data_workers: int = 0  # processes that render the world clips while the dataset is encoded (0 = this one)
     switch_prob: float = 0.3
-    upright_objects: bool = False  # world objects start at angle 0 (no random rotation; `spinning` ones still turn)
+    upright_objects: bool = False  # world objects start at angle 0 (`lvstudio.world.Pose`; `spinning` ones turn)
+    centred_objects: bool = False  # world objects start in the middle half of their positions (`Pose`)
     cfg_dropout: float = 0.1
     shift: float = 1.0  # timestep shift of the training noise distribution
     first_window_prob: float = 0.4  # how often a window starts at latent 0 (the 1-frame latent)
@@ -84,6 +88,12 @@ class DFConfig(TrainConfigBase):
     context_sigma_max: float = 0.05  # noise level range of that near-clean history (noise augmentation)
     init_dit: str | None = None  # start from these DiT weights (safetensors) instead of random
     init_text: str | None = None  # start from these text-encoder weights (safetensors)
+
+    def pose(self) -> Pose:
+        """How the training clips' objects start (`lvstudio.world.Pose`)."""
+        from lvstudio.world import Pose
+
+        return Pose(upright=self.upright_objects, centred=self.centred_objects)
 
 
 class TinyDF(nn.Module):

@@ -9,7 +9,16 @@ that reads it back from generated frames. Used by training (data), eval (adheren
 No torch anywhere in this package.
 """
 
-from lvstudio.world.clips import Clip, FrameTruth, ObjectTruth, object_rgb, render_background, render_spec, sample_clip
+from lvstudio.world.clips import (
+    Clip,
+    FrameTruth,
+    ObjectTruth,
+    Pose,
+    object_rgb,
+    render_background,
+    render_spec,
+    sample_clip,
+)
 from lvstudio.world.grammar import (
     COLOURS,
     EFFECTS,
@@ -51,6 +60,7 @@ __all__ = [
     "read_clip",
     "read_frame",
     "render_background",
+    "Pose",
     "render_spec",
     "sample_clip",
     "sample_spec",

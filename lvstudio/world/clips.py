@@ -106,6 +106,22 @@ _GROW_RATE, _GROW_MIN, _GROW_MAX = 0.015, 0.75, 1.45  # scale per frame; growing
 _RELAX_RATE = 0.02  # scale per frame back towards 1 when not growing
 
 
+_CENTRED_SPAN = 0.5  # a centred object starts in the middle half of the positions it could take, on each axis
+
+
+@dataclass(frozen=True)
+class Pose:
+    """How objects start a clip. The default is the world's own: any angle, anywhere in the frame. A training set may
+    narrow it so that a prompt has fewer equally good pictures (the model then learns one, not their blurred mean):
+    `upright` starts every object at angle 0 — a square cube, a triangle and a star with a point up (`spinning` ones
+    still turn); `centred` starts it in the middle half of the positions it could take on each axis (moving ones
+    still start on their trailing side, and leave the centre as they move). Either way the same random numbers are
+    drawn, so captions, motions, sizes and backgrounds are those of the default pose."""
+
+    upright: bool = False
+    centred: bool = False
+
+
 def _unit_polygon(shape: str, angle_deg: float) -> np.ndarray:
     """Vertices of a shape of circumradius 1, rotated by angle_deg. [N, 2] float64."""
     a = math.radians(angle_deg)
@@ -206,15 +222,14 @@ class _ObjectState:
         self.clamp(obj, size)
 
 
-def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, upright: bool = False) -> _ObjectState:
+def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = Pose()) -> _ObjectState:
     """A starting state; moving objects start on their trailing side so they cross the frame before wrapping.
-    upright: angle 0 (a square cube, a triangle and a star pointing up) instead of a random one; the random angle
-    is still drawn, so every other draw of the clip is the same."""
+    `pose` may start objects upright and near the centre (`Pose`); the same random numbers are drawn either way."""
     scale = float(rng.uniform(_GROW_MIN, 1.0)) if obj.motion == "growing" else 1.0
     angle = float(rng.uniform(0, 360))
-    state = _ObjectState(x=0.0, y=0.0, angle=0.0 if upright else angle, scale=scale)
+    state = _ObjectState(x=0.0, y=0.0, angle=0.0 if pose.upright else angle, scale=scale)
     lo, hi = state.bounds(obj, size)
-    u, w = rng.uniform(size=2)
+    u, w = (0.5 + _CENTRED_SPAN * (rng.uniform(size=2) - 0.5)) if pose.centred else rng.uniform(size=2)
     state.x, state.y = lo + u * (hi - lo), lo + w * (hi - lo)
     lead = lo + 0.25 * u * (hi - lo)
     if obj.motion == "moving right":
@@ -228,14 +243,14 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, upright
     return state
 
 
-def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, upright: bool = False
+def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, pose: Pose = Pose()
                     ) -> list[_ObjectState]:
     """Starting states for all objects, placed apart when possible (8 tries each)."""
     states: list[_ObjectState] = []
     for obj in spec.objects:
         best, best_gap = None, -math.inf
         for _ in range(8):
-            cand = _initial_state(obj, size, rng, upright)
+            cand = _initial_state(obj, size, rng, pose)
             gap = min((math.hypot(cand.x - s.x, cand.y - s.y) - cand.extent(obj, size) - s.extent(o, size)
                        for s, o in zip(states, spec.objects, strict=False)), default=math.inf)
             if gap > best_gap:
@@ -582,10 +597,10 @@ def render_background(scene: str, effect: str | None = None, num_frames: int = 1
 
 
 def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: int,
-            rng: np.random.Generator, upright: bool = False) -> Clip:
+            rng: np.random.Generator, pose: Pose = Pose()) -> Clip:
     """Render a clip whose spec changes at the given start frames; object states carry over every switch."""
     frames = np.empty((num_frames, size, size, 3), np.uint8)  # [F, S, S, 3]
-    states = _initial_states(schedule[0][1], size, rng, upright)
+    states = _initial_states(schedule[0][1], size, rng, pose)
     backdrop_seed = int(rng.integers(2 ** 62))
     backdrops: dict[tuple[str, str | None], _Backdrop] = {}
     captions: list[str] = []
@@ -618,22 +633,20 @@ def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: in
     return Clip(frames=frames, captions=captions, specs=specs, truth=truth, switch_frames=switch_frames)
 
 
-def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0, upright: bool = False) -> Clip:
-    """A clip of one given spec (no switch). Deterministic by seed. upright: objects start at angle 0 (see
-    `sample_clip`)."""
+def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0, pose: Pose = Pose()) -> Clip:
+    """A clip of one given spec (no switch). Deterministic by seed; `pose`: how objects start (`Pose`)."""
     if not isinstance(spec, SceneSpec):
         raise ValueError(f"spec must be a SceneSpec, got {type(spec).__name__}")
     size, num_frames = _check_size(size), _check_frames(num_frames)
-    return _render([(0, spec)], num_frames, size, np.random.default_rng(seed), upright)
+    return _render([(0, spec)], num_frames, size, np.random.default_rng(seed), pose)
 
 
-def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float = 0.3, upright: bool = False
+def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float = 0.3, pose: Pose = Pose()
                 ) -> Clip:
     """A random clip; with probability switch_prob the caption changes once, between 1/4 and 3/4 of the clip.
 
     A switch changes the scene, or the primary object's colour, shape or motion; objects move on smoothly.
-    upright: every object starts at angle 0 — a square cube, a triangle and a star with a point up — instead of at a
-    random angle (`spinning` objects still turn); everything else about the clip is the same as without it.
+    `pose`: how objects start (`Pose`: upright, near the centre); the captions and every other draw are the same.
     Deterministic by seed (same seed → identical bytes).
     """
     size, num_frames = _check_size(size), _check_frames(num_frames)
@@ -645,4 +658,4 @@ def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float 
     if rng.random() < switch_prob and num_frames >= 2:
         at = int(rng.integers(max(1, num_frames // 4), max(2, (3 * num_frames) // 4 + 1)))
         schedule.append((at, switch_spec(spec, rng)))
-    return _render(schedule, num_frames, size, rng, upright)
+    return _render(schedule, num_frames, size, rng, pose)

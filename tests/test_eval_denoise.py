@@ -97,7 +97,6 @@ def test_sigma_zero_row_is_the_vae_read_back() -> None:
 
 def test_a_probe_in_another_pose_reads_those_clips() -> None:
     from lvstudio.eval.denoise_probe import DenoiseConfig, evaluate_denoise
-
     from lvstudio.world import Pose
 
     bundle = _tiny_vae_bundle()

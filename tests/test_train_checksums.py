@@ -400,7 +400,8 @@ def test_a_checkpoint_of_another_recipe_is_refused_by_every_reader(tmp_path: Pat
                                       torch.optim.AdamW(vae.parameters())),
              "is a diffusion-forcing checkpoint, not a vae one")
     # The other recipes' resume code (ERFT, causal-distill) and the exports.
-    _refused(lambda: _load_state(df_ckpt, None, None, {}, {}, 16.0), "is a diffusion-forcing checkpoint, not an erft one")
+    _refused(lambda: _load_state(df_ckpt, None, None, {}, {}, 16.0),
+             "is a diffusion-forcing checkpoint, not an erft one")
     _refused(lambda: export_erft_lora(_cfg(str(df_ckpt.parent))), "not an erft one")
     model = build_model(tiny_cfg(str(tmp_path)), VOCAB, 4)
     _refused(lambda: load_checkpoint(vae_ckpt, model, None, None, RECIPE), "is a vae checkpoint, not a "

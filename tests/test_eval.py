@@ -18,6 +18,17 @@ def test_adherence_report_on_random_weights() -> None:
     for key in ("scene", "colour", "shape"):
         assert 0.0 <= report.mean[key] <= 1.0 and 0.0 <= report.majority[key] <= 1.0
     assert any("weakest" in line for line in report.lines())
+    # The confusion of prompted and read shapes covers every frame once; objects per frame as the prompts name them.
+    import numpy as np
+
+    from lvstudio.world import parse_caption
+
+    frames = 2 * round(0.5 * 16)
+    prompted = [parse_caption(r["prompt"]) for r in report.per_prompt]
+    assert sum(sum(reads.values()) for reads in report.shape_reads.values()) == frames
+    assert set(report.shape_reads) == {spec.objects[0].shape for spec in prompted}
+    assert report.objects_prompted == pytest.approx(np.mean([len(spec.objects) for spec in prompted]))
+    assert report.objects_read >= 0 and sum(" read as " in line for line in report.lines()) == len(report.shape_reads)
 
 
 @pytest.mark.filterwarnings("ignore:the tiny preset does not know")

@@ -26,6 +26,10 @@ class AdherenceReport:
     per_prompt: list[dict] = field(default_factory=list)
     flicker: float = 0.0
     frames_per_second: float = 0.0  # generation speed (frames / wall second)
+    # prompted shape of the primary object -> {shape read for it (`primary_shape`; "none": no object): frames}
+    shape_reads: dict[str, dict[str, int]] = field(default_factory=dict)
+    objects_read: float = 0.0  # mean objects the oracle reads per frame
+    objects_prompted: float = 0.0  # mean objects the prompts name
 
     def lines(self) -> list[str]:
         out = [f"oracle adherence over {self.num_prompts} prompts x {self.seconds:g} s ({self.backend}):"]
@@ -33,6 +37,11 @@ class AdherenceReport:
             out.append(f"  {k:7s} mean {100 * self.mean[k]:5.1f}%   "
                        f"prompts with majority {100 * self.majority[k]:5.1f}%")
         out.append(f"  flicker {self.flicker:.4f}   generation {self.frames_per_second:.1f} frames/s")
+        out.append(f"  objects per frame: {self.objects_read:.2f} read, {self.objects_prompted:.2f} prompted")
+        for shape, reads in self.shape_reads.items():
+            total = sum(reads.values())
+            out.append(f"  {shape:8s} read as " + ", ".join(
+                f"{k} {100 * v / total:.0f}%" for k, v in sorted(reads.items(), key=lambda kv: -kv[1])))
         worst = sorted(self.per_prompt, key=lambda r: r["scene"] + r["colour"])[:3]
         for r in worst:
             out.append(f"  weakest: {r['prompt']!r} scene {r['scene']:.2f} colour {r['colour']:.2f} "
@@ -65,19 +74,27 @@ def evaluate_adherence(
     on_prompt: Callable[[int, str, dict], None] | None = None,
 ) -> AdherenceReport:
     import time
+    from collections import Counter
 
-    from lvstudio.world import sample_spec
-    from lvstudio.world.oracle import adherence, flicker
+    from lvstudio.world import SHAPES, sample_spec
+    from lvstudio.world.oracle import adherence_of_readings, flicker, primary_shape, read_clip
 
     rng = np.random.default_rng(seed)
     rows, flick = [], []
+    shape_reads: dict[str, Counter] = {s: Counter() for s in SHAPES}
+    counts = {"read": 0, "prompted": 0}
     t0, total_frames = time.perf_counter(), 0
     for i in range(num_prompts):
         spec = sample_spec(rng)
         prompt = spec.caption()
         frames = render_prompt(bundle, prompt, seconds, seed=seed * 100_003 + i, backend=backend)
         total_frames += frames.shape[0]
-        score = adherence(frames, spec)
+        readings = read_clip(frames)
+        score = adherence_of_readings(readings, [spec] * len(readings))
+        p = spec.objects[0]
+        shape_reads[p.shape].update(primary_shape(r, p.colour) or "none" for r in readings)
+        counts["read"] += sum(len(r.objects) for r in readings)
+        counts["prompted"] += len(spec.objects) * len(readings)
         rows.append({"prompt": prompt, **{k: float(score[k]) for k in KEYS}})
         flick.append(flicker(frames))
         if on_prompt is not None:
@@ -86,4 +103,5 @@ def evaluate_adherence(
     mean = {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
     majority = {k: float(np.mean([r[k] > 0.5 for r in rows])) for k in KEYS}
     return AdherenceReport(num_prompts, seconds, backend, mean, majority, rows, float(np.mean(flick)),
-                           total_frames / max(wall, 1e-9))
+                           total_frames / max(wall, 1e-9), {k: dict(v) for k, v in shape_reads.items() if v},
+                           counts["read"] / max(total_frames, 1), counts["prompted"] / max(total_frames, 1))

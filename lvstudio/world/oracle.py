@@ -221,11 +221,12 @@ def read_clip(frames: np.ndarray) -> list[FrameReading]:
     return [read_frame(f) for f in _as_clip(frames)]
 
 
-def _primary_shape_matches(reading: FrameReading, colour: str, shape: str) -> bool:
-    """The largest object of the primary colour has the primary shape (no such object: the largest object)."""
+def primary_shape(reading: FrameReading, colour: str) -> str | None:
+    """The shape read for the primary object: the largest object of the primary colour (no such object: the largest
+    object; no object at all: None)."""
     same = [o for o in reading.objects if o.colour == colour]
     pool = same or list(reading.objects)
-    return bool(pool) and pool[0].shape == shape
+    return pool[0].shape if pool else None
 
 
 ADHERENCE_KEYS = ("scene", "colour", "shape", "objects")
@@ -245,7 +246,7 @@ def frame_scores(reading: FrameReading, spec: SceneSpec) -> dict[str, bool]:
     return {
         "scene": reading.scene == spec.scene,
         "colour": any(o.colour == p.colour for o in reading.objects),
-        "shape": _primary_shape_matches(reading, p.colour, p.shape),
+        "shape": primary_shape(reading, p.colour) == p.shape,
         "objects": exact_objects(reading, spec),
     }
 

@@ -57,6 +57,7 @@ def parse_sigmas(text: str) -> tuple[float, ...]:
 
 
 def _world_pose() -> Pose:
+    """The world's own pose (any angle, anywhere): the default of `DenoiseConfig.pose`."""
     from lvstudio.world import Pose
 
     return Pose()
@@ -213,8 +214,7 @@ class _OneStep:
 def _world_clip_latents(bundle: ModelBundle, index: int, frames: int, pose: Pose
                         ) -> tuple[SceneSpec, torch.Tensor, np.ndarray]:
     """Held-out clip `index` (one caption, no switch; its objects start in `pose`): its spec, latents
-    [1, C, n, h, w] and the VAE's read-back
-    frames [F, H, W, 3] uint8 (x0 decoded)."""
+    [1, C, n, h, w] and the VAE's read-back frames [F, H, W, 3] uint8 (x0 decoded)."""
     import torch
 
     from lvstudio.backends.base import to_uint8_frames

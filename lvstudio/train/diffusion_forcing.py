@@ -47,9 +47,6 @@ from lvstudio.train.loop import (
     unwrap,
     weights_digest,
 )
-
-if TYPE_CHECKING:
-    from lvstudio.world import Pose
 from lvstudio.train.sharding import (
     check_fsdp,
     consolidated_checkpoint,
@@ -58,6 +55,10 @@ from lvstudio.train.sharding import (
     shard_model,
     whole_tensors,
 )
+
+if TYPE_CHECKING:
+    from lvstudio.world import Pose
+
 
 EXPORTABLE = ("diffusion-forcing", "streaming")  # the recipes whose checkpoints hold this model (export_checkpoint)
 

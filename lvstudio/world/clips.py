@@ -122,6 +122,9 @@ class Pose:
     centred: bool = False
 
 
+WORLD_POSE = Pose()  # the world's own: any angle, anywhere
+
+
 def _unit_polygon(shape: str, angle_deg: float) -> np.ndarray:
     """Vertices of a shape of circumradius 1, rotated by angle_deg. [N, 2] float64."""
     a = math.radians(angle_deg)
@@ -222,7 +225,7 @@ class _ObjectState:
         self.clamp(obj, size)
 
 
-def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = Pose()) -> _ObjectState:
+def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE) -> _ObjectState:
     """A starting state; moving objects start on their trailing side so they cross the frame before wrapping.
     `pose` may start objects upright and near the centre (`Pose`); the same random numbers are drawn either way."""
     scale = float(rng.uniform(_GROW_MIN, 1.0)) if obj.motion == "growing" else 1.0
@@ -243,7 +246,7 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: P
     return state
 
 
-def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, pose: Pose = Pose()
+def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE
                     ) -> list[_ObjectState]:
     """Starting states for all objects, placed apart when possible (8 tries each)."""
     states: list[_ObjectState] = []
@@ -597,7 +600,7 @@ def render_background(scene: str, effect: str | None = None, num_frames: int = 1
 
 
 def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: int,
-            rng: np.random.Generator, pose: Pose = Pose()) -> Clip:
+            rng: np.random.Generator, pose: Pose = WORLD_POSE) -> Clip:
     """Render a clip whose spec changes at the given start frames; object states carry over every switch."""
     frames = np.empty((num_frames, size, size, 3), np.uint8)  # [F, S, S, 3]
     states = _initial_states(schedule[0][1], size, rng, pose)
@@ -633,7 +636,7 @@ def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: in
     return Clip(frames=frames, captions=captions, specs=specs, truth=truth, switch_frames=switch_frames)
 
 
-def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0, pose: Pose = Pose()) -> Clip:
+def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0, pose: Pose = WORLD_POSE) -> Clip:
     """A clip of one given spec (no switch). Deterministic by seed; `pose`: how objects start (`Pose`)."""
     if not isinstance(spec, SceneSpec):
         raise ValueError(f"spec must be a SceneSpec, got {type(spec).__name__}")
@@ -641,7 +644,7 @@ def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0
     return _render([(0, spec)], num_frames, size, np.random.default_rng(seed), pose)
 
 
-def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float = 0.3, pose: Pose = Pose()
+def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float = 0.3, pose: Pose = WORLD_POSE
                 ) -> Clip:
     """A random clip; with probability switch_prob the caption changes once, between 1/4 and 3/4 of the clip.
 

@@ -24,6 +24,7 @@ from torch import nn
 from lvstudio.checked_files import DIGEST_KEY, load_checked, read_metadata
 from lvstudio.errors import DamagedFileError
 from lvstudio.models.tiny_vae import TinyVAE, TinyVAEConfig, load_vae, save_vae
+from lvstudio.train.diffusion_forcing import DFConfig
 from lvstudio.train.loop import CHECKPOINT, EMA, save_checkpoint
 from tests.helpers.df_tiny import VOCAB, tiny_cfg
 from tests.helpers.faults import flip_in_tensor, rng
@@ -261,16 +262,22 @@ def _no_warnings(call):  # noqa: ANN001, ANN202 - call() with warnings turned in
         return call()
 
 
+def _latent_run(tmp_path: Path, size: int) -> tuple[DFConfig, Path]:
+    """A config whose run encodes 2 world clips of 2 latents at `size` with a random small VAE, and its out_dir."""
+    torch.manual_seed(0)
+    save_vae(TinyVAE(SMALL_VAE), tmp_path / "vae.safetensors")
+    cfg = tiny_cfg(str(tmp_path / "run"), vae=str(tmp_path / "vae.safetensors"), size=size, clip_latents=2,
+                   dataset_clips=2, device="cpu")
+    run = Path(cfg.out_dir)
+    run.mkdir()
+    return cfg, run
+
+
 def test_a_damaged_latent_dataset_is_encoded_again_to_the_same_contents(tmp_path: Path) -> None:
     from lvstudio.train.common import DistInfo
     from lvstudio.train.data import LatentDataset, latent_dataset
 
-    torch.manual_seed(0)
-    save_vae(TinyVAE(SMALL_VAE), tmp_path / "vae.safetensors")
-    cfg = tiny_cfg(str(tmp_path / "run"), vae=str(tmp_path / "vae.safetensors"), size=32, clip_latents=2,
-                   dataset_clips=2, device="cpu")
-    run = Path(cfg.out_dir)
-    run.mkdir()
+    cfg, run = _latent_run(tmp_path, 32)
     data = latent_dataset(cfg, run, DistInfo())
     path = run / "latents.safetensors"
     good, written = _contents(path), path.stat().st_mtime_ns
@@ -288,12 +295,7 @@ def test_a_latent_dataset_of_the_other_object_pose_is_encoded_again(tmp_path: Pa
     from lvstudio.train.common import DistInfo
     from lvstudio.train.data import LatentDataset, latent_dataset
 
-    torch.manual_seed(0)
-    save_vae(TinyVAE(SMALL_VAE), tmp_path / "vae.safetensors")
-    cfg = tiny_cfg(str(tmp_path / "run"), vae=str(tmp_path / "vae.safetensors"), size=64, clip_latents=2,
-                   dataset_clips=2, device="cpu")
-    run = Path(cfg.out_dir)
-    run.mkdir()
+    cfg, run = _latent_run(tmp_path, 64)
     free = latent_dataset(cfg, run, DistInfo())
     assert free.pose == {} and LatentDataset.load(run / "latents.safetensors").pose == {}
     upright_cfg = cfg.model_copy(update={"upright_objects": True, "centred_objects": True})

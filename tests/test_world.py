@@ -262,3 +262,19 @@ def test_poses_start_objects_upright_or_centred_and_change_nothing_else() -> Non
     spin = [f.objects[0].angle for f in render_spec(
         SceneSpec("sky", (ObjectSpec("red", "star", "spinning"),)), 4, 64, pose=Pose(upright=True)).truth]
     assert spin[0] == 0.0 and len(set(spin)) == 4  # spinning objects still turn
+
+
+def test_grid_pose_starts_objects_on_cell_centres_and_changes_nothing_else() -> None:
+    from lvstudio.world import Pose
+    from lvstudio.world.oracle import adherence
+
+    starts = []
+    for seed in range(12):
+        free = sample_clip(seed, 9, size=128)
+        clip = sample_clip(seed, 9, size=128, pose=Pose(upright=True, centred=True, grid=16))
+        assert clip.captions == free.captions and clip.switch_frames == free.switch_frames
+        starts += [(o.x, o.y) for o in clip.truth[0].objects]
+        scores = adherence(clip.frames, clip.specs)
+        assert scores["shape"] == 1.0 and scores["colour"] == 1.0 and scores["objects"] == 1.0
+    # Pixel i is drawn centred on coordinate i, so the 16-px cells (one DiT token each) are centred on 16k + 7.5.
+    assert len(starts) >= 12 and all((x - 7.5) % 16 == 0 and (y - 7.5) % 16 == 0 for x, y in starts)

@@ -33,7 +33,7 @@ class LatentDataset:
     captions: list[list[str]]  # per clip, per latent frame ("" where the frames of a latent disagree)
     objects: Tensor | None = None  # [N, L, h, w] 1 where an object covers the latent pixel (world ground truth)
     seeds: list[int] | None = None  # world seed of each clip
-    pose: dict[str, bool] = field(default_factory=dict)  # how the objects started (`lvstudio.world.Pose` fields)
+    pose: dict[str, bool | int] = field(default_factory=dict)  # how the objects started (`lvstudio.world.Pose` fields)
 
     def save(self, path: Path) -> None:
         """Atomically, with a checksum (`lvstudio.checked_files`)."""
@@ -57,7 +57,7 @@ class LatentDataset:
                    json.loads(meta.get("pose", "{}")))
 
 
-def pose_dict(pose: Pose | None) -> dict[str, bool]:
+def pose_dict(pose: Pose | None) -> dict[str, bool | int]:
     """A pose as recorded in a dataset: the fields that differ from the world's own (empty: the world's own)."""
     from lvstudio.world import Pose
 
@@ -65,9 +65,9 @@ def pose_dict(pose: Pose | None) -> dict[str, bool]:
     return {k: v for k, v in asdict(pose).items() if v != getattr(default, k)}
 
 
-def _pose_words(pose: dict[str, bool]) -> str:
-    """"upright, centred" / "as the world draws them" for a recorded pose."""
-    on = [k for k, v in pose.items() if v]
+def _pose_words(pose: dict[str, bool | int]) -> str:
+    """"upright, centred, on a 16-px grid" / "as the world draws them" for a recorded pose."""
+    on = [k if v is True else f"on a {v}-px grid" for k, v in pose.items() if v]
     return ", ".join(on) if on else "as the world draws them (any angle, anywhere)"
 
 

@@ -115,11 +115,14 @@ class Pose:
     narrow it so that a prompt has fewer equally good pictures (the model then learns one, not their blurred mean):
     `upright` starts every object at angle 0 — a square cube, a triangle and a star with a point up (`spinning` ones
     still turn); `centred` starts it in the middle half of the positions it could take on each axis (moving ones
-    still start on their trailing side, and leave the centre as they move). Either way the same random numbers are
-    drawn, so captions, motions, sizes and backgrounds are those of the default pose."""
+    still start on their trailing side, and leave the centre as they move); `grid` (px, 0 = off) moves each starting
+    centre to the nearest centre of a `grid`-px cell, e.g. 16 for a DiT whose tokens cover 2 x 2 latents of an 8x VAE,
+    so that a shape starts at the same place inside its token. Either way the same random numbers are drawn, so
+    captions, motions, sizes and backgrounds are those of the default pose."""
 
     upright: bool = False
     centred: bool = False
+    grid: int = 0
 
 
 WORLD_POSE = Pose()  # the world's own: any angle, anywhere
@@ -243,7 +246,19 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: P
         state.y = lo + 0.25 * w * (hi - lo)
     elif obj.motion == "moving up":
         state.y = hi - 0.25 * w * (hi - lo)
+    if pose.grid:
+        state.x, state.y = _snap(state.x, lo, hi, pose.grid), _snap(state.y, lo, hi, pose.grid)
     return state
+
+
+def _snap(v: float, lo: float, hi: float, grid: int) -> float:
+    """The centre of the `grid`-px cell nearest to v that lies in [lo, hi] (v itself when no cell centre does).
+    Pixel i is drawn centred on coordinate i (cv2), so the cell of pixels [k*grid, (k+1)*grid) is centred on
+    k*grid + (grid - 1) / 2."""
+    half = (grid - 1) / 2
+    p = grid * round((v - half) / grid) + half
+    p = p + grid if p < lo else p - grid if p > hi else p
+    return p if lo <= p <= hi else v
 
 
 def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE

@@ -520,6 +520,8 @@ def eval_denoise_cmd(
                                                             "trained with upright_objects = true saw them).")] = False,
     centred: Annotated[bool, typer.Option("--centred", help="... and near the centre (centred_objects = true).")
                        ] = False,
+    grid: Annotated[int, typer.Option(help="... and at the centre of a cell of this many px (object_grid; 0 = off).")
+                    ] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
@@ -531,7 +533,8 @@ def eval_denoise_cmd(
     try:
         from lvstudio.world import Pose
 
-        cfg = DenoiseConfig(clips, parse_sigmas(sigmas), seed, cfg_scale, Pose(upright=upright, centred=centred))
+        pose = Pose(upright=upright, centred=centred, grid=grid)
+        cfg = DenoiseConfig(clips, parse_sigmas(sigmas), seed, cfg_scale, pose)
     except ValueError as err:
         raise LvError(str(err)) from None
     if json_out is not None and json_out.exists() and not force:

@@ -101,11 +101,11 @@ def test_a_probe_in_another_pose_reads_those_clips() -> None:
 
     bundle = _tiny_vae_bundle()
     free = evaluate_denoise(bundle, DenoiseConfig(clips=3, sigmas=(0.5,)))
-    upright = evaluate_denoise(bundle, DenoiseConfig(clips=3, sigmas=(0.5,), pose=Pose(upright=True)))
+    upright = evaluate_denoise(bundle, DenoiseConfig(clips=3, sigmas=(0.5,), pose=Pose(upright=True, grid=16)))
     assert [c["caption"] for c in upright.per_clip] == [c["caption"] for c in free.per_clip]  # the same clips
     assert upright.rows[1].latent_mse != free.rows[1].latent_mse  # drawn at another angle
-    assert upright.pose == {"upright": True} and free.pose == {}
-    assert "upright objects" in upright.lines()[0] and "upright" not in free.lines()[0]
+    assert upright.pose == {"upright": True, "grid": 16} and free.pose == {}
+    assert "objects upright, on a 16-px grid" in upright.lines()[0] and "upright" not in free.lines()[0]
 
 
 def test_probe_is_deterministic_for_a_seed_and_conditions_on_the_swapped_captions() -> None:

@@ -306,6 +306,11 @@ def test_a_latent_dataset_of_the_other_object_pose_is_encoded_again(tmp_path: Pa
     assert upright.pose == again.pose == {"upright": True, "centred": True}
     assert torch.equal(again.latents, upright.latents)
     assert upright.captions == free.captions and not torch.equal(upright.latents, free.latents)
+    grid_cfg = upright_cfg.model_copy(update={"object_grid": 16})
+    with pytest.warns(UserWarning, match=r"objects start upright, centred, the config asks for upright, centred, on a "
+                                         r"16-px grid; .*built again"):
+        on_grid = latent_dataset(grid_cfg, run, DistInfo())
+    assert on_grid.pose == {"upright": True, "centred": True, "grid": 16}
 
 
 def test_a_damaged_ode_pair_part_is_made_again_to_the_same_contents(tmp_path: Path) -> None:

@@ -127,12 +127,14 @@ class DenoiseReport:
     seed: int
     rows: list[DenoiseRow]
     per_clip: list[dict] = field(default_factory=list)  # captions and swaps, per σ scores
-    pose: dict[str, bool] = field(default_factory=dict)  # how the held-out clips' objects started (non-default)
+    pose: dict[str, bool | int] = field(default_factory=dict)  # how the held-out clips' objects started (non-default)
 
     def lines(self) -> list[str]:
+        from lvstudio.world import Pose
+
         out = [f"one-step denoising over {self.clips} held-out world clips x {self.frames} frames "
                f"({self.preset}, cfg {self.cfg_scale:g}, seed {self.seed}"
-               f"{''.join(f', {k} objects' for k, on in self.pose.items() if on)}); % of frames",
+               f"{f', objects {Pose(**self.pose).words()}' if self.pose else ''}); % of frames",
                f"  {'':17s} {'true caption (data row)':^28s}   {'one word swapped: follows text / keeps data':^43s}",
                f"  {'sigma':9s} {'x0 MSE':>7s} {'scene':>6s} {'colour':>6s} {'shape':>6s} {'objects':>7s}   "
                + "  ".join(f"{k:>13s}" for k in STEER_KINDS)]

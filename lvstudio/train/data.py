@@ -67,8 +67,9 @@ def pose_dict(pose: Pose | None) -> dict[str, bool | int]:
 
 def _pose_words(pose: dict[str, bool | int]) -> str:
     """"upright, centred, on a 16-px grid" / "as the world draws them" for a recorded pose."""
-    on = [k if v is True else f"on a {v}-px grid" for k, v in pose.items() if v]
-    return ", ".join(on) if on else "as the world draws them (any angle, anywhere)"
+    from lvstudio.world import Pose
+
+    return Pose(**pose).words() or "as the world draws them (any angle, anywhere)"
 
 
 def object_masks(truth: list, num_latents: int, size: int) -> Tensor:

@@ -124,6 +124,11 @@ class Pose:
     centred: bool = False
     grid: int = 0
 
+    def words(self) -> str:
+        """"upright, centred, on a 16-px grid"; "" for the world's own pose."""
+        return ", ".join([w for w, on in (("upright", self.upright), ("centred", self.centred)) if on]
+                         + ([f"on a {self.grid}-px grid"] if self.grid else []))
+
 
 WORLD_POSE = Pose()  # the world's own: any angle, anywhere
 

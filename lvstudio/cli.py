@@ -522,6 +522,7 @@ def eval_denoise_cmd(
                        ] = False,
     grid: Annotated[int, typer.Option(help="... and at the centre of a cell of this many px (object_grid; 0 = off).")
                     ] = 0,
+    slots: Annotated[bool, typer.Option("--slots", help="... and at fixed places (object_slots = true).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
@@ -533,7 +534,7 @@ def eval_denoise_cmd(
     try:
         from lvstudio.world import Pose
 
-        pose = Pose(upright=upright, centred=centred, grid=grid)
+        pose = Pose(upright=upright, centred=centred, grid=grid, slots=slots)
         cfg = DenoiseConfig(clips, parse_sigmas(sigmas), seed, cfg_scale, pose)
     except ValueError as err:
         raise LvError(str(err)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -278,3 +279,31 @@ def test_grid_pose_starts_objects_on_cell_centres_and_changes_nothing_else() -> 
         assert scores["shape"] == 1.0 and scores["colour"] == 1.0 and scores["objects"] == 1.0
     # Pixel i is drawn centred on coordinate i, so the 16-px cells (one DiT token each) are centred on 16k + 7.5.
     assert len(starts) >= 12 and all((x - 7.5) % 16 == 0 and (y - 7.5) % 16 == 0 for x, y in starts)
+
+
+def test_slot_pose_gives_each_caption_one_starting_layout() -> None:
+    from lvstudio.world import Pose
+    from lvstudio.world.oracle import adherence
+
+    pose = Pose(upright=True, slots=True, grid=16)
+    layouts: dict[str, set] = {}
+    for seed in range(40):
+        free = sample_clip(seed, 5, size=128, switch_prob=0.0)
+        clip = sample_clip(seed, 5, size=128, switch_prob=0.0, pose=pose)
+        assert clip.captions == free.captions
+        scores = adherence(clip.frames, clip.specs)
+        assert scores["shape"] == 1.0 and scores["colour"] == 1.0 and scores["objects"] == 1.0
+        # Shapes, sizes and motions are in the caption; with them, where the objects start is fixed (a growing
+        # object starts at a random scale, so its free positions vary).
+        key = "|".join(f"{o.size} {o.shape} {o.motion}" for o in clip.specs[0].objects)
+        if "growing" not in key:
+            layouts.setdefault(key, set()).add(tuple((o.x, o.y) for o in clip.truth[0].objects))
+        if len(clip.specs[0].objects) == 2:
+            a, b = clip.truth[0].objects
+            assert math.hypot(a.x - b.x, a.y - b.y) > (a.size + b.size) / 2  # they start apart
+    assert all(len(v) == 1 for v in layouts.values()) and len(layouts) > 5
+    one = [c for c in (sample_clip(s, 5, 128, 0.0, pose) for s in range(40)) if len(c.specs[0].objects) == 1
+           and c.specs[0].objects[0].motion == "resting"]
+    # The middle (64) is a corner of four 16-px cells: the object starts at the centre of the lower right one.
+    assert one and all(o.x == o.y == 71.5 for c in one for o in c.truth[0].objects)
+    assert pose.words() == "upright, in fixed slots, on a 16-px grid"

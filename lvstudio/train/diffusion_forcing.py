@@ -82,6 +82,7 @@ class DFConfig(TrainConfigBase):
     upright_objects: bool = False  # world objects start at angle 0 (`lvstudio.world.Pose`; `spinning` ones turn)
     centred_objects: bool = False  # world objects start in the middle half of their positions (`Pose`)
     object_grid: int = 0  # px: world objects start at the centre of a cell of this grid (`Pose.grid`; 0 = anywhere)
+    object_slots: bool = False  # world objects start at fixed places: one in the middle, two on a diagonal (`Pose`)
     cfg_dropout: float = 0.1
     shift: float = 1.0  # timestep shift of the training noise distribution
     first_window_prob: float = 0.4  # how often a window starts at latent 0 (the 1-frame latent)
@@ -95,7 +96,8 @@ class DFConfig(TrainConfigBase):
         """How the training clips' objects start (`lvstudio.world.Pose`)."""
         from lvstudio.world import Pose
 
-        return Pose(upright=self.upright_objects, centred=self.centred_objects, grid=self.object_grid)
+        return Pose(upright=self.upright_objects, centred=self.centred_objects, grid=self.object_grid,
+                    slots=self.object_slots)
 
 
 class TinyDF(nn.Module):

@@ -117,17 +117,21 @@ class Pose:
     still turn); `centred` starts it in the middle half of the positions it could take on each axis (moving ones
     still start on their trailing side, and leave the centre as they move); `grid` (px, 0 = off) moves each starting
     centre to the nearest centre of a `grid`-px cell, e.g. 16 for a DiT whose tokens cover 2 x 2 latents of an 8x VAE,
-    so that a shape starts at the same place inside its token. Either way the same random numbers are drawn, so
+    so that a shape starts at the same place inside its token; `slots` starts object j of n at a fixed place
+    (`_slot`: one object in the middle, two on a diagonal of the middle; moving ones on their trailing side as
+    ever), so that a caption's first frame has one layout. Either way the same random numbers are drawn, so
     captions, motions, sizes and backgrounds are those of the default pose."""
 
     upright: bool = False
     centred: bool = False
     grid: int = 0
+    slots: bool = False
 
     def words(self) -> str:
         """"upright, centred, on a 16-px grid"; "" for the world's own pose."""
-        return ", ".join([w for w, on in (("upright", self.upright), ("centred", self.centred)) if on]
-                         + ([f"on a {self.grid}-px grid"] if self.grid else []))
+        words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots))
+                 if on]
+        return ", ".join(words + ([f"on a {self.grid}-px grid"] if self.grid else []))
 
 
 WORLD_POSE = Pose()  # the world's own: any angle, anywhere
@@ -233,14 +237,20 @@ class _ObjectState:
         self.clamp(obj, size)
 
 
-def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE) -> _ObjectState:
+def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE,
+                   slot: tuple[float, float] = (0.5, 0.5)) -> _ObjectState:
     """A starting state; moving objects start on their trailing side so they cross the frame before wrapping.
-    `pose` may start objects upright and near the centre (`Pose`); the same random numbers are drawn either way."""
+    `pose` may start objects upright, near the centre or in their `slot` (`Pose`); the same random numbers are drawn
+    either way."""
     scale = float(rng.uniform(_GROW_MIN, 1.0)) if obj.motion == "growing" else 1.0
     angle = float(rng.uniform(0, 360))
     state = _ObjectState(x=0.0, y=0.0, angle=0.0 if pose.upright else angle, scale=scale)
     lo, hi = state.bounds(obj, size)
-    u, w = (0.5 + _CENTRED_SPAN * (rng.uniform(size=2) - 0.5)) if pose.centred else rng.uniform(size=2)
+    u, w = rng.uniform(size=2)
+    if pose.slots:
+        u, w = slot
+    elif pose.centred:
+        u, w = 0.5 + _CENTRED_SPAN * (u - 0.5), 0.5 + _CENTRED_SPAN * (w - 0.5)
     state.x, state.y = lo + u * (hi - lo), lo + w * (hi - lo)
     lead = lo + 0.25 * u * (hi - lo)
     if obj.motion == "moving right":
@@ -266,14 +276,24 @@ def _snap(v: float, lo: float, hi: float, grid: int) -> float:
     return p if lo <= p <= hi else v
 
 
+def _slot(j: int, n: int) -> tuple[float, float]:
+    """Where object j of n starts under `Pose.slots`, as fractions of its free positions on each axis: one object in
+    the middle; several on the diagonal of the middle half, first upper left (apart on both axes, so that two
+    objects moving the same way do not start on top of each other)."""
+    if n == 1:
+        return 0.5, 0.5
+    t = 0.25 + 0.5 * j / (n - 1)
+    return t, t
+
+
 def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE
                     ) -> list[_ObjectState]:
     """Starting states for all objects, placed apart when possible (8 tries each)."""
     states: list[_ObjectState] = []
-    for obj in spec.objects:
+    for j, obj in enumerate(spec.objects):
         best, best_gap = None, -math.inf
         for _ in range(8):
-            cand = _initial_state(obj, size, rng, pose)
+            cand = _initial_state(obj, size, rng, pose, _slot(j, len(spec.objects)))
             gap = min((math.hypot(cand.x - s.x, cand.y - s.y) - cand.extent(obj, size) - s.extent(o, size)
                        for s, o in zip(states, spec.objects, strict=False)), default=math.inf)
             if gap > best_gap:

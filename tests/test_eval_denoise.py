@@ -183,6 +183,18 @@ def test_cli_on_a_random_preset_writes_json_and_keeps_an_existing_file(tmp_path:
     assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0 and out.read_text() != "mine"
 
 
+def test_cli_pose_flags_reach_the_held_out_clips(tmp_path: Path) -> None:
+    from lvstudio.cli import app
+
+    preset = write_random_preset(tmp_path / "p", size=32)
+    out = tmp_path / "denoise.json"
+    res = CliRunner().invoke(app, ["eval", "denoise", "--preset", str(preset), "--clips", "1", "--sigmas", "0.5",
+                                   "--upright", "--slots", "--grid", "16", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "objects upright, in fixed slots, on a 16-px grid)" in res.output
+    assert json.loads(out.read_text())["pose"] == {"upright": True, "grid": 16, "slots": True}
+
+
 @pytest.mark.slow  # the trained tiny preset, 2 clips x 5 noise levels x 4 captions
 def test_cli_on_the_tiny_preset(tmp_path: Path) -> None:
     from lvstudio.cli import app

@@ -3,6 +3,7 @@ that reads it back from generated frames. Used by training (data), eval (adheren
 
     grammar    vocabulary, scene specs, captions (write, parse, sample, switch, change one thing)
     clips      rendering clips with per-frame ground truth (numpy + opencv)
+    pose       how a clip's objects start (the world's own, or narrowed for a training set)
     oracle     scene, colour, shape and position read back from frames; adherence and flicker
     evaluator  per-shot oracle scores for a render's manifest
 
@@ -13,7 +14,6 @@ from lvstudio.world.clips import (
     Clip,
     FrameTruth,
     ObjectTruth,
-    Pose,
     object_rgb,
     render_background,
     render_spec,
@@ -37,6 +37,7 @@ from lvstudio.world.grammar import (
     vocabulary,
 )
 from lvstudio.world.oracle import adherence, flicker, read_clip, read_frame
+from lvstudio.world.pose import Pose
 
 __all__ = [
     "COLOURS",

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from lvstudio.world.grammar import EFFECTS, SCENES, ObjectSpec, SceneSpec, sample_spec, switch_spec
+from lvstudio.world.pose import WORLD_POSE, Pose
 
 # Nominal object colours (RGB). Hues: red 0, orange 30, yellow 53, green 128, blue 225, purple 273, pink 327 deg.
 OBJECT_RGB: Mapping[str, tuple[int, int, int]] = MappingProxyType({
@@ -104,37 +105,6 @@ _BOUNCE_SPEED, _GRAVITY = 0.07, 0.007  # × S per frame, × S per frame²: 20-fr
 _SPIN_SPEED = 10.0  # degrees per frame
 _GROW_RATE, _GROW_MIN, _GROW_MAX = 0.015, 0.75, 1.45  # scale per frame; growing restarts at _GROW_MIN
 _RELAX_RATE = 0.02  # scale per frame back towards 1 when not growing
-
-
-_CENTRED_SPAN = 0.5  # a centred object starts in the middle half of the positions it could take, on each axis
-
-
-@dataclass(frozen=True)
-class Pose:
-    """How objects start a clip. The default is the world's own: any angle, anywhere in the frame. A training set may
-    narrow it so that a prompt has fewer equally good pictures (the model then learns one, not their blurred mean):
-    `upright` starts every object at angle 0 — a square cube, a triangle and a star with a point up (`spinning` ones
-    still turn); `centred` starts it in the middle half of the positions it could take on each axis (moving ones
-    still start on their trailing side, and leave the centre as they move); `grid` (px, 0 = off) moves each starting
-    centre to the nearest centre of a `grid`-px cell, e.g. 16 for a DiT whose tokens cover 2 x 2 latents of an 8x VAE,
-    so that a shape starts at the same place inside its token; `slots` starts object j of n at a fixed place
-    (`_slot`: one object in the middle, two on a diagonal of the middle; moving ones on their trailing side as
-    ever), so that a caption's first frame has one layout. Either way the same random numbers are drawn, so
-    captions, motions, sizes and backgrounds are those of the default pose."""
-
-    upright: bool = False
-    centred: bool = False
-    grid: int = 0
-    slots: bool = False
-
-    def words(self) -> str:
-        """"upright, centred, on a 16-px grid"; "" for the world's own pose."""
-        words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots))
-                 if on]
-        return ", ".join(words + ([f"on a {self.grid}-px grid"] if self.grid else []))
-
-
-WORLD_POSE = Pose()  # the world's own: any angle, anywhere
 
 
 def _unit_polygon(shape: str, angle_deg: float) -> np.ndarray:
@@ -238,19 +208,15 @@ class _ObjectState:
 
 
 def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE,
-                   slot: tuple[float, float] = (0.5, 0.5)) -> _ObjectState:
-    """A starting state; moving objects start on their trailing side so they cross the frame before wrapping.
-    `pose` may start objects upright, near the centre or in their `slot` (`Pose`); the same random numbers are drawn
-    either way."""
+                   j: int = 0, n: int = 1) -> _ObjectState:
+    """A starting state for object j of n; moving objects start on their trailing side so they cross the frame before
+    wrapping. `pose` may start objects upright, near the centre, in fixed slots or on a grid (`Pose`); the same random
+    numbers are drawn either way."""
     scale = float(rng.uniform(_GROW_MIN, 1.0)) if obj.motion == "growing" else 1.0
     angle = float(rng.uniform(0, 360))
     state = _ObjectState(x=0.0, y=0.0, angle=0.0 if pose.upright else angle, scale=scale)
     lo, hi = state.bounds(obj, size)
-    u, w = rng.uniform(size=2)
-    if pose.slots:
-        u, w = slot
-    elif pose.centred:
-        u, w = 0.5 + _CENTRED_SPAN * (u - 0.5), 0.5 + _CENTRED_SPAN * (w - 0.5)
+    u, w = pose.fractions(*rng.uniform(size=2), j, n)
     state.x, state.y = lo + u * (hi - lo), lo + w * (hi - lo)
     lead = lo + 0.25 * u * (hi - lo)
     if obj.motion == "moving right":
@@ -261,29 +227,8 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: P
         state.y = lo + 0.25 * w * (hi - lo)
     elif obj.motion == "moving up":
         state.y = hi - 0.25 * w * (hi - lo)
-    if pose.grid:
-        state.x, state.y = _snap(state.x, lo, hi, pose.grid), _snap(state.y, lo, hi, pose.grid)
+    state.x, state.y = pose.snap(state.x, lo, hi), pose.snap(state.y, lo, hi)
     return state
-
-
-def _snap(v: float, lo: float, hi: float, grid: int) -> float:
-    """The centre of the `grid`-px cell nearest to v that lies in [lo, hi] (v itself when no cell centre does).
-    Pixel i is drawn centred on coordinate i (cv2), so the cell of pixels [k*grid, (k+1)*grid) is centred on
-    k*grid + (grid - 1) / 2."""
-    half = (grid - 1) / 2
-    p = grid * round((v - half) / grid) + half
-    p = p + grid if p < lo else p - grid if p > hi else p
-    return p if lo <= p <= hi else v
-
-
-def _slot(j: int, n: int) -> tuple[float, float]:
-    """Where object j of n starts under `Pose.slots`, as fractions of its free positions on each axis: one object in
-    the middle; several on the diagonal of the middle half, first upper left (apart on both axes, so that two
-    objects moving the same way do not start on top of each other)."""
-    if n == 1:
-        return 0.5, 0.5
-    t = 0.25 + 0.5 * j / (n - 1)
-    return t, t
 
 
 def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE
@@ -293,7 +238,7 @@ def _initial_states(spec: SceneSpec, size: int, rng: np.random.Generator, pose: 
     for j, obj in enumerate(spec.objects):
         best, best_gap = None, -math.inf
         for _ in range(8):
-            cand = _initial_state(obj, size, rng, pose, _slot(j, len(spec.objects)))
+            cand = _initial_state(obj, size, rng, pose, j, len(spec.objects))
             gap = min((math.hypot(cand.x - s.x, cand.y - s.y) - cand.extent(obj, size) - s.extent(o, size)
                        for s, o in zip(states, spec.objects, strict=False)), default=math.inf)
             if gap > best_gap:

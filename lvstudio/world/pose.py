@@ -1,0 +1,67 @@
+"""How a world clip's objects start (`Pose`): the world's own (any angle, anywhere) or narrowed for a training set.
+
+A pose acts only on where and at what angle each object *starts*; the random numbers drawn are the same whatever the
+pose, so captions, motions and sizes do not change with it. numpy-free, torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_CENTRED_SPAN = 0.5  # a centred object starts in the middle half of the positions it could take, on each axis
+
+
+@dataclass(frozen=True)
+class Pose:
+    """How objects start a clip. The default is the world's own: any angle, anywhere in the frame. A training set may
+    narrow it so that a prompt has fewer equally good pictures (the model then learns one, not their blurred mean):
+    `upright` starts every object at angle 0 — a square cube, a triangle and a star with a point up (`spinning` ones
+    still turn); `centred` starts it in the middle half of the positions it could take on each axis (moving ones
+    still start on their trailing side, and leave the centre as they move); `slots` starts object j of n at a fixed
+    place (`slot`: one object in the middle, two on a diagonal of the middle; moving ones on their trailing side as
+    ever), so that a caption's first frame has one layout; `grid` (px, 0 = off) then moves each starting centre to
+    the nearest centre of a `grid`-px cell, e.g. 16 for a DiT whose tokens cover 2 x 2 latents of an 8x VAE, so that
+    a shape starts at the same place inside its token."""
+
+    upright: bool = False
+    centred: bool = False
+    grid: int = 0
+    slots: bool = False
+
+    def words(self) -> str:
+        """"upright, centred, on a 16-px grid"; "" for the world's own pose."""
+        words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots))
+                 if on]
+        return ", ".join(words + ([f"on a {self.grid}-px grid"] if self.grid else []))
+
+    def fractions(self, u: float, w: float, j: int, n: int) -> tuple[float, float]:
+        """Where object j of n starts, as fractions of its free positions on each axis, from the drawn (u, w)."""
+        if self.slots:
+            return slot(j, n)
+        if self.centred:
+            return 0.5 + _CENTRED_SPAN * (u - 0.5), 0.5 + _CENTRED_SPAN * (w - 0.5)
+        return u, w
+
+    def snap(self, v: float, lo: float, hi: float) -> float:
+        """v (px) on the grid: the centre of the `grid`-px cell nearest to v that lies in [lo, hi] (v itself with no
+        grid, or when no cell centre lies there). Pixel i is drawn centred on coordinate i (cv2), so the cell of
+        pixels [k*grid, (k+1)*grid) is centred on k*grid + (grid - 1) / 2."""
+        if not self.grid:
+            return v
+        half = (self.grid - 1) / 2
+        p = self.grid * round((v - half) / self.grid) + half
+        p = p + self.grid if p < lo else p - self.grid if p > hi else p
+        return p if lo <= p <= hi else v
+
+
+WORLD_POSE = Pose()  # the world's own: any angle, anywhere
+
+
+def slot(j: int, n: int) -> tuple[float, float]:
+    """Where object j of n starts under `Pose.slots`, as fractions of its free positions on each axis: one object in
+    the middle; several on the diagonal of the middle half, first upper left (apart on both axes, so that two
+    objects moving the same way do not start on top of each other)."""
+    if n == 1:
+        return 0.5, 0.5
+    t = 0.25 + 0.5 * j / (n - 1)
+    return t, t

@@ -164,6 +164,8 @@ def test_cli_bad_sigmas_exit_2_with_one_line() -> None:
     assert res.output.strip() == "--sigmas: 1.5 is not a noise level in (0, 1] (0, the VAE alone, is always shown)"
     res = CliRunner().invoke(app, ["eval", "denoise", "--clips", "0"])
     assert res.exit_code == 2 and res.output.strip() == "--clips must be at least 1, got 0"
+    res = CliRunner().invoke(app, ["eval", "denoise", "--grid", "-16"])
+    assert res.exit_code == 2 and res.output.strip() == "grid must be a whole number of px >= 0 (0 = off), got -16"
 
 
 def test_cli_on_a_random_preset_writes_json_and_keeps_an_existing_file(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ class DFConfig(TrainConfigBase):
     switch_prob: float = 0.3
     upright_objects: bool = False  # world objects start at angle 0 (`lvstudio.world.Pose`; `spinning` ones turn)
     centred_objects: bool = False  # world objects start in the middle half of their positions (`Pose`)
-    object_grid: int = 0  # px: world objects start at the centre of a cell of this grid (`Pose.grid`; 0 = anywhere)
+    object_grid: int = Field(0, ge=0)  # px: objects start at the centre of a cell of this grid (`Pose.grid`; 0: off)
     object_slots: bool = False  # world objects start at fixed places: one in the middle, two on a diagonal (`Pose`)
     cfg_dropout: float = 0.1
     shift: float = 1.0  # timestep shift of the training noise distribution

@@ -28,6 +28,10 @@ class Pose:
     grid: int = 0
     slots: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 0:
+            raise ValueError(f"grid must be a whole number of px >= 0 (0 = off), got {self.grid!r}")
+
     def words(self) -> str:
         """"upright, centred, on a 16-px grid"; "" for the world's own pose."""
         words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots))

@@ -634,7 +634,7 @@ def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float 
     """A random clip; with probability switch_prob the caption changes once, between 1/4 and 3/4 of the clip.
 
     A switch changes the scene, or the primary object's colour, shape or motion; objects move on smoothly.
-    `pose`: how objects start (`Pose`: upright, near the centre); the captions and every other draw are the same.
+    `pose`: how objects start (`Pose`: upright, centred, in slots, on a grid); the captions are the same.
     Deterministic by seed (same seed → identical bytes).
     """
     size, num_frames = _check_size(size), _check_frames(num_frames)

@@ -17,11 +17,11 @@ class Pose:
     narrow it so that a prompt has fewer equally good pictures (the model then learns one, not their blurred mean):
     `upright` starts every object at angle 0 — a square cube, a triangle and a star with a point up (`spinning` ones
     still turn); `centred` starts it in the middle half of the positions it could take on each axis (moving ones
-    still start on their trailing side, and leave the centre as they move); `slots` starts object j of n at a fixed
-    place (`slot`: one object in the middle, two on a diagonal of the middle; moving ones on their trailing side as
-    ever), so that a caption's first frame has one layout; `grid` (px, 0 = off) then moves each starting centre to
-    the nearest centre of a `grid`-px cell, e.g. 16 for a DiT whose tokens cover 2 x 2 latents of an 8x VAE, so that
-    a shape starts at the same place inside its token."""
+    still start on their trailing side, and leave the centre as they move); `slots` (it takes over from `centred`)
+    starts object j of n at a fixed place (`slot`: one object in the middle, two on a diagonal of the middle; moving
+    ones on their trailing side as ever), so that a caption's first frame has one layout; `grid` (px, 0 = off) then
+    moves each starting centre to the nearest centre of a `grid`-px cell, e.g. 16 for a DiT whose tokens cover 2 x 2
+    latents of an 8x VAE, so that a shape starts at the same place inside its token."""
 
     upright: bool = False
     centred: bool = False

@@ -251,13 +251,14 @@ def _init_weights(tmp_path: Path) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_three_step_run_writes_lora_and_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_three_step_run_writes_lora_and_resumes_exactly(tmp_path: Path, precision: str) -> None:
     from lvstudio.models.lora import load_lora
 
     dit, text = _init_weights(tmp_path)
     data = tiny_dataset()
     kw = {"init_dit": dit, "init_text": text, "first_clip_prob": 0.3, "clean_prob": 0.3, "ema_start": 1,
-          "ema_decay": 0.5}
+          "ema_decay": 0.5, "precision": precision}
     full = train_erft(_cfg(str(tmp_path / "full"), **kw), progress=False, dataset=data, vocabulary=VOCAB)
     assert full["step"] == 3 and np.isfinite(full["loss"]) and full["banked"] > 0
     state, meta = load_lora(full["lora"])

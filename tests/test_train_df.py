@@ -14,7 +14,7 @@ import torch
 
 from lvstudio.train.data import latent_captions, sample_batch
 from lvstudio.train.diffusion_forcing import build_model, df_loss, train_diffusion_forcing
-from lvstudio.train.loop import step_generator
+from lvstudio.train.loop import forward_precision, step_generator
 from tests.helpers.df_tiny import VOCAB, tiny_cfg, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +52,40 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch() -> None:
     assert after.item() < before.item()
 
 
+def test_bfloat16_forward_is_mixed_precision_and_still_learns() -> None:
+    # Under precision = "bfloat16" the forward's matmuls run in bfloat16 (the loss moves a little, and stays
+    # float32), the weights and their gradients stay float32, and a step still lowers the loss.
+    cfg = tiny_cfg("unused", cfg_dropout=0.0, precision="bfloat16")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB, 4)
+    rng, _ = step_generator(0, 0, 0)
+    batch = sample_batch(tiny_dataset(), cfg, rng)
+    torch.nn.init.normal_(model.dit.head.head.weight, std=0.1)  # Wan zero-inits the head: v would be 0 either way
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        full = df_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+    with forward_precision(cfg.precision, torch.device("cpu")):
+        before = df_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+    assert before.dtype == torch.float32
+    assert before.item() != full.item() and abs(before.item() - full.item()) < 0.02 * full.item()
+    before.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    opt.step()
+    with torch.no_grad(), forward_precision(cfg.precision, torch.device("cpu")):
+        after = df_loss(model, batch, cfg, torch.Generator().manual_seed(1))
+    assert after.item() < before.item()
+
+
 @pytest.mark.slow
-def test_resume_gives_the_same_next_losses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_resume_gives_the_same_next_losses(tmp_path: Path, precision: str) -> None:
     data = tiny_dataset()
-    full = train_diffusion_forcing(tiny_cfg(str(tmp_path / "a"), steps=4), progress=False, dataset=data,
-                                   vocabulary=VOCAB)
-    train_diffusion_forcing(tiny_cfg(str(tmp_path / "b"), steps=2), progress=False, dataset=data, vocabulary=VOCAB)
-    resumed = train_diffusion_forcing(tiny_cfg(str(tmp_path / "b"), steps=4), progress=False, dataset=data,
-                                      vocabulary=VOCAB)
+    full = train_diffusion_forcing(tiny_cfg(str(tmp_path / "a"), steps=4, precision=precision), progress=False,
+                                   dataset=data, vocabulary=VOCAB)
+    train_diffusion_forcing(tiny_cfg(str(tmp_path / "b"), steps=2, precision=precision), progress=False,
+                            dataset=data, vocabulary=VOCAB)
+    resumed = train_diffusion_forcing(tiny_cfg(str(tmp_path / "b"), steps=4, precision=precision), progress=False,
+                                      dataset=data, vocabulary=VOCAB)
     log_a = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]

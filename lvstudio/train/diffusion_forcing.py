@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -38,6 +38,7 @@ from lvstudio.train.loop import (
     TrainingStopped,
     TrainLog,
     TrainLoop,
+    forward_precision,
     lr_at,
     optimizer_step,
     read_checkpoint,
@@ -91,6 +92,7 @@ class DFConfig(TrainConfigBase):
     context_sigma_max: float = 0.05  # noise level range of that near-clean history (noise augmentation)
     init_dit: str | None = None  # start from these DiT weights (safetensors) instead of random
     init_text: str | None = None  # start from these text-encoder weights (safetensors)
+    precision: Literal["float32", "bfloat16"] = "float32"  # "bfloat16": mixed precision (`forward_precision`)
 
     def pose(self) -> Pose:
         """How the training clips' objects start (`lvstudio.world.Pose`)."""
@@ -235,7 +237,8 @@ def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool 
         rng, gen = step_generator(cfg.seed, step, dist.rank)
         batch = sample_batch(data, cfg, rng).to(device)
         lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
-        loss = loss_fn(train_model, batch, cfg, gen)
+        with forward_precision(cfg.precision, device):
+            loss = loss_fn(train_model, batch, cfg, gen)
         grad_norm = optimizer_step(opt, loss, model.parameters(), cfg.grad_clip)
         ema.update(model, decay=0.0 if step + 1 <= cfg.ema_start else None)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}

@@ -45,6 +45,7 @@ from lvstudio.train.loop import (
     check_fit,
     fitting,
     flatten_optimizer,
+    forward_precision,
     lr_at,
     misfit,
     optimizer_step,
@@ -588,7 +589,8 @@ def train_erft(cfg: ERFTConfig, *, progress: bool = True, dataset: LatentDataset
         rng, gen = step_generator(cfg.seed, step, dist.rank)
         batch = sample_clip_batch(data, cfg, rng)
         lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
-        loss, errors = erft_loss(train_model, batch, cfg, tables, banks, gen)
+        with forward_precision(cfg.precision, torch.device("cpu")):
+            loss, errors = erft_loss(train_model, batch, cfg, tables, banks, gen)
         grad_norm = optimizer_step(opt, loss, params, cfg.grad_clip)
         # Bank this step's errors (from every rank during the warm-up), then the EMA of the adapters.
         if dist.enabled and step + 1 <= cfg.buffer_warmup_steps:

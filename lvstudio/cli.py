@@ -382,7 +382,10 @@ def train_causal_distill_cmd(
 def train_export_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The config of the run.")],
     to: Annotated[Path | None, typer.Option(
-        "--to", help="Also copy the weights (fp16) into this preset folder (diffusion-forcing, streaming).")] = None,
+        "--to", help="Also copy the weights into this preset folder (diffusion-forcing, streaming).")] = None,
+    storage: Annotated[str, typer.Option(
+        help="How --to stores them: float16, int8 (a scale per output channel: a quarter of float32) or "
+             "float32.")] = "float16",
     recipe: Annotated[str, typer.Option(
         help="The run's recipe: diffusion-forcing, streaming or self-forcing.")] = "diffusion-forcing",
 ) -> None:
@@ -398,13 +401,17 @@ def train_export_cmd(
         return
     if recipe not in ("diffusion-forcing", "streaming"):
         raise LvError(f"--recipe {recipe!r} has no export", hint="choose diffusion-forcing, streaming or self-forcing")
+    from lvstudio.models.weight_storage import STORAGES
+
+    if storage not in STORAGES:
+        raise LvError(f"--storage {storage!r} is not a weight storage", hint=f"choose {', '.join(STORAGES)}")
     from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint, ship_weights
     from lvstudio.train.streaming import StreamConfig
 
     run = export_checkpoint(load_config(config, StreamConfig if recipe == "streaming" else DFConfig))
     typer.echo(f"exported EMA weights into {run}")
     if to is not None:
-        for path in ship_weights(run, to):
+        for path in ship_weights(run, to, storage):  # type: ignore[arg-type]  # checked against STORAGES
             typer.echo(f"  -> {path}")
 
 

@@ -92,9 +92,9 @@ def save_text_encoder(model: TinyTextEncoder, path: str | Path) -> None:
 
 def load_text_encoder(path: str | Path) -> TinyTextEncoder:
     """A `save_text_encoder` file (or an export's text.safetensors), its checksum verified when it has one."""
-    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
+    from lvstudio.models.weight_storage import read_weights
 
-    tensors, meta = load_checked(path, require_digest=False, hint=WEIGHTS_HINT)
+    tensors, meta = read_weights(path)
     if "config" not in meta:
         raise ValueError(f"{path}: no text-encoder config in the safetensors metadata")
     model = TinyTextEncoder(config_from_json(meta["config"]))

@@ -575,10 +575,10 @@ def save_vae(vae: TinyVAE, path: str | os.PathLike[str]) -> None:
 def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> TinyVAE:
     """Load a `save_vae` file (strict key match) into a new TinyVAE in eval mode; its checksum is verified when it
     has one (DamagedFileError otherwise)."""
-    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
+    from lvstudio.models.weight_storage import read_weights
 
     path = os.fspath(path)
-    tensors, metadata = load_checked(path, require_digest=False, hint=WEIGHTS_HINT)
+    tensors, metadata = read_weights(path)
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise ValueError(f"{path} is not a tiny VAE file (format {metadata.get('format')!r}, expected {FORMAT!r})")
     vae = TinyVAE(TinyVAEConfig.from_json(metadata["config"]))

@@ -117,10 +117,10 @@ def _require(path: Path, preset: Preset, role: str) -> Path:
 def load_dit(path: Path, config: WanDiTConfig | None = None) -> WanDiT:
     """A DiT from one safetensors file (its config from the metadata unless given); the file's own checksum is
     verified when it has one (exports of the training recipes do)."""
-    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
     from lvstudio.models.key_maps import load_dit_state_dict
+    from lvstudio.models.weight_storage import read_weights
 
-    tensors, meta = load_checked(path, require_digest=False, hint=WEIGHTS_HINT)
+    tensors, meta = read_weights(path)
     if config is None:
         config = WanDiTConfig.from_dict(json.loads(meta["config"])) if "config" in meta else CONFIGS["tiny"]
     dit = WanDiT(config)

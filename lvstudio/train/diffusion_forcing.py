@@ -58,6 +58,7 @@ from lvstudio.train.sharding import (
 )
 
 if TYPE_CHECKING:
+    from lvstudio.models.weight_storage import Storage
     from lvstudio.world import Pose
 
 
@@ -135,9 +136,10 @@ def build_model(cfg: DFConfig, vocabulary: list[str], latent_channels: int) -> T
 def _init_weights(path: str, key: str) -> dict[str, Tensor]:
     """The float32 tensors of the config's init file `key`: verified when it carries a checksum (an export of
     lvstudio), only parsed when it does not (weights from elsewhere or an older version)."""
-    from lvstudio.checked_files import WEIGHTS_HINT, load_checked
+    from lvstudio.checked_files import WEIGHTS_HINT
+    from lvstudio.models.weight_storage import read_weights
 
-    tensors, _ = load_checked(path, require_digest=False, hint=f"point {key} at an intact file, or {WEIGHTS_HINT}")
+    tensors, _ = read_weights(path, hint=f"point {key} at an intact file, or {WEIGHTS_HINT}")
     return {k: v.float() for k, v in tensors.items()}
 
 
@@ -285,21 +287,16 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
     return out
 
 
-def ship_weights(run_dir: Path, preset_dir: Path, half: bool = True) -> list[Path]:
-    """Copy a run's exported dit/text weights into a preset folder (fp16 by default: half the size, same outputs
-    to ~1e-3), keeping the config metadata. The exports are verified first; the copies get their own checksum
-    (record the preset's new sha256 with `lvstudio presets hash PRESET_DIR --write`)."""
-    from lvstudio.checked_files import load_checked, save_checked
+def ship_weights(run_dir: Path, preset_dir: Path, storage: Storage = "float16") -> list[Path]:
+    """Copy a run's exported dit/text weights into a preset folder in `storage` (`lvstudio.models.weight_storage`:
+    float16 by default, half the size, same outputs to ~1e-3; int8 a quarter), keeping the config metadata. The
+    exports are verified first; the copies get their own checksum (record the preset's new sha256 with
+    `lvstudio presets hash PRESET_DIR --write`)."""
+    from lvstudio.models.weight_storage import store_weights
 
-    written = []
-    for name in ("dit.safetensors", "text.safetensors"):
-        src = Path(run_dir) / name
-        tensors, meta = load_checked(src, require_digest=False,
-                                     hint="export it again: `lvstudio train export CONFIG.toml` (from the checkpoint)")
-        if half:
-            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        written.append(save_checked(tensors, Path(preset_dir) / name, meta))
-    return written
+    hint = "export it again: `lvstudio train export CONFIG.toml` (from the checkpoint)"
+    return [store_weights(Path(run_dir) / name, Path(preset_dir) / name, storage, hint)
+            for name in ("dit.safetensors", "text.safetensors")]
 
 
 def export_weights(model: TinyDF, shadow: dict[str, Tensor], out: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -32,13 +32,12 @@ class VAEFileConfig(TrainConfigBase):
     data_workers: int = 0  # processes that render training batches ahead of the model (0 = this one)
     cut_prob: float = 0.0  # share of training clips with a hard cut between two latents
     export: str | None = None  # copy the trained VAE here (e.g. presets/tiny/vae.safetensors)
+    export_storage: Literal["float32", "float16", "int8"] = "float32"  # how the copy stores it (`weight_storage`)
     model: dict = Field(default_factory=dict)  # TinyVAEConfig overrides
 
 
 def run_vae_config(path: str | Path, progress: bool = True) -> str:
     """Train (or resume) the VAE a config file describes; returns a one-line summary with the held-out PSNR."""
-    import shutil
-
     import torch
 
     from lvstudio.models.tiny_vae import TinyVAEConfig
@@ -76,6 +75,8 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
                        eval_batch=world_batch_fn(cfg.clip_frames, cfg.size, cfg.switch_prob))
     (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if cfg.export:
-        shutil.copyfile(result["model_path"], cfg.export)
+        from lvstudio.models.weight_storage import store_weights
+
+        store_weights(result["model_path"], cfg.export, cfg.export_storage)
     return (f"VAE trained: {result['steps']} steps, held-out PSNR {result['psnr']:.2f} dB -> "
             f"{cfg.export or result['model_path']}")

@@ -643,6 +643,22 @@ def bench_model_cmd(
     typer.echo("\n".join(run_model_bench(threads=threads).lines()))
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="A diffusion-forcing config (its model, batch "
+                                           "and VAE's latent shape).")],
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per precision.")] = 6,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+) -> None:
+    """A diffusion-forcing step (forward, backward, AdamW) in float32 vs bfloat16 (`precision`), side by side."""
+    from lvstudio.eval.bench_train import run_train_bench
+    from lvstudio.train.common import load_config
+    from lvstudio.train.diffusion_forcing import DFConfig
+
+    cfg = load_config(config, DFConfig)
+    typer.echo("\n".join(run_train_bench(cfg, str(config), steps=steps, threads=threads).lines()))
+
+
 @bench_app.command("render")
 def bench_render_cmd(
     preset: Annotated[list[str] | None, typer.Option(

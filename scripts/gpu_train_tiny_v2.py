@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from lvstudio.train.common import DistInfo, load_config  # noqa: E402
 from lvstudio.train.data import latent_dataset, sample_batch  # noqa: E402
 from lvstudio.train.diffusion_forcing import DFConfig, build_model, df_loss, ship_weights  # noqa: E402
-from lvstudio.train.loop import EMA, optimizer_step, step_generator  # noqa: E402
+from lvstudio.train.loop import EMA, forward_precision, optimizer_step, step_generator  # noqa: E402
 from lvstudio.train.vae_config import VAEFileConfig  # noqa: E402
 
 BUDGET, DRY, DEV = 0.0, False, "cpu"
@@ -105,7 +105,8 @@ def probe_df(cfg: DFConfig, data, batch: int) -> float:
             t = time.time()
         rng, gen = step_generator(0, i, 0)
         b = sample_batch(data, cfg, rng).to(DEV)
-        loss = df_loss(model, b, cfg, gen)
+        with forward_precision(cfg.precision, torch.device(DEV)):  # the run's own precision
+            loss = df_loss(model, b, cfg, gen)
         optimizer_step(opt, loss, model.parameters(), 1.0)
         ema.update(model)
     sync()
@@ -193,7 +194,7 @@ def main():
             from lvstudio.train.diffusion_forcing import export_checkpoint
 
             export_checkpoint(load_config(G / "df.toml", DFConfig))
-        for p in ship_weights(run, OUT, half=True):
+        for p in ship_weights(run, OUT, "float16"):
             say("wrote", p, p.stat().st_size)
     except Exception as err:  # noqa: BLE001
         say("DF export failed:", repr(err))

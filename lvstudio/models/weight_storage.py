@@ -10,8 +10,8 @@ of a weight file (`read_weights`) gives back float tensors whatever the storage,
   kept in float32 under `<name>.int8_scale` ([out, 1, ...]); read back as q * s (each weight within s / 2 of the
   original). Biases, norms and small tensors are stored in float16. About a quarter of float32's bytes.
 
-A file of another storage than it says, or an int8 tensor without its scale, is a `DamagedFileError`: a file whose
-checksum passed but whose contents do not make sense can only have been written by something else.
+An int8 tensor without a scale of fitting shape is a `DamagedFileError` naming the file: lvstudio never writes one,
+so the file was changed or written by something else.
 """
 
 from __future__ import annotations

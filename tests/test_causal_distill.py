@@ -99,12 +99,13 @@ def test_regression_loss_skips_clean_frames_and_learns() -> None:
 
 
 @pytest.mark.slow
-def test_three_step_ode_init_exports_resumes_and_feeds_dmd(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_three_step_ode_init_exports_resumes_and_feeds_dmd(tmp_path: Path, precision: str) -> None:
     files = tiny_files(tmp_path / "base")
-    full = train_causal_distill(tiny_cd_cfg(tmp_path / "a", files), progress=False)
-    train_causal_distill(tiny_cd_cfg(tmp_path / "b", files, steps=2), progress=False)
-    resumed = train_causal_distill(tiny_cd_cfg(tmp_path / "b", files, dmd_steps=2), progress=False,
-                                   dataset=tiny_latents())
+    full = train_causal_distill(tiny_cd_cfg(tmp_path / "a", files, precision=precision), progress=False)
+    train_causal_distill(tiny_cd_cfg(tmp_path / "b", files, steps=2, precision=precision), progress=False)
+    resumed = train_causal_distill(tiny_cd_cfg(tmp_path / "b", files, dmd_steps=2, precision=precision),
+                                   progress=False, dataset=tiny_latents())
     assert full["step"] == resumed["step"] == 3 and full["pairs"] == 3
     log_a = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]

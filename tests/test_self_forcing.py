@@ -191,11 +191,13 @@ def test_mixed_history_batches_mix_real_and_generated_history(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["self-forcing", "causvid", "mixed-history"])
+@pytest.mark.parametrize("recipe", ["self-forcing", "causvid", "mixed-history", "self-forcing-bfloat16",
+                                    "mixed-history-bfloat16"])
 def test_three_step_runs_export_and_resume(tmp_path: Path, recipe: str) -> None:
     files = tiny_files(tmp_path / "base")
     kw = {"self-forcing": {}, "causvid": {"backward_simulation": False},
-          "mixed-history": {"mode": "mixed-history"}}[recipe]
+          "mixed-history": {"mode": "mixed-history"}, "self-forcing-bfloat16": {"precision": "bfloat16"},
+          "mixed-history-bfloat16": {"mode": "mixed-history", "precision": "bfloat16"}}[recipe]
     data = tiny_latents()
     full = train_self_forcing(tiny_sf_cfg(tmp_path / "a", files, **kw), progress=False, dataset=data)
     train_self_forcing(tiny_sf_cfg(tmp_path / "b", files, steps=2, **kw), progress=False, dataset=data)

@@ -34,6 +34,7 @@ from lvstudio.train.loop import (
     EMA,
     TrainLog,
     TrainLoop,
+    forward_precision,
     load_checkpoint,
     lr_at,
     optimizer_step,
@@ -249,6 +250,7 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
     trajs, timesteps, prompts = load_ode_pairs(folder)
     # Stage 1b: regression.
     generator = models.generator
+    device = next(generator.parameters()).device
     opt = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(generator, cfg.ema_decay)
     ckpt = out / "checkpoint.safetensors"
@@ -261,7 +263,8 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
         rows = rng.integers(len(prompts), size=cfg.batch_size)
         context = models.encode([prompts[int(i)] for i in rows])
         lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
-        loss = ode_regression_loss(generator, context, trajs[torch.as_tensor(rows)], timesteps, cfg, gen)
+        with forward_precision(cfg.precision, device):
+            loss = ode_regression_loss(generator, context, trajs[torch.as_tensor(rows)], timesteps, cfg, gen)
         grad_norm = optimizer_step(opt, loss, generator.parameters(), cfg.grad_clip)
         ema.update(generator, decay=0.0 if step + 1 <= cfg.ema_start else None)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}

@@ -23,6 +23,7 @@ generator EMA) are one safetensors file in out_dir, or a sharded one under FSDP;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ from lvstudio.train.loop import (
     EMA,
     TrainLog,
     TrainLoop,
+    forward_precision,
     lr_at,
     optimizer_step,
     set_lr,
@@ -97,6 +99,7 @@ class SelfForcingConfig(TrainConfigBase):
     sink_frames: int = 2
     rope_mode: Literal["absolute", "rebase"] = "rebase"
     context_noise: float = 0.0
+    precision: Literal["float32", "bfloat16"] = "float32"  # "bfloat16": the steps' forward passes under autocast
     # DMD.
     guidance_scale: float = 2.0  # real score r = cond + g·(cond − uncond)  (= preset cfg_scale 1 + g)
     dmd_shift: float = 2.0  # shift of the DMD / critic timestep distribution
@@ -544,6 +547,10 @@ def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torc
     spec = cfg.spec
     last = {"loss_g": math.nan, "loss_c": math.nan}
     average = None if cfg.fsdp else dist  # FSDP's reduce-scatter already averages the gradients
+    device = next(models.generator.parameters()).device
+
+    def forward() -> contextlib.AbstractContextManager:  # the precision of every forward pass (not the backward)
+        return forward_precision(cfg.precision, device)
 
     def one_step(step: int) -> dict[str, float | None]:
         # Step 1: deterministic prompts (and real windows) and noise for (seed, step, rank).
@@ -560,20 +567,23 @@ def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torc
         ema_decay = 0.0 if step < cfg.ema_start else None
         if cfg.mode != "dmd":
             # Step 2 (baseline): flow matching on the next block after mixed history.
-            loss = mixed_history_loss(models.generator, context, x0_real, cfg, table, gen)
+            with forward():
+                loss = mixed_history_loss(models.generator, context, x0_real, cfg, table, gen)
             optimizer_step(opts["generator"], loss, models.generator.parameters(), cfg.grad_clip, average_over=average)
             ema.update(models.generator, decay=ema_decay)
             last["loss_g"] = float(loss.detach())
             return {"loss_g": _finite(last["loss_g"]), "loss_c": _finite(last["loss_c"]), "lr": lr_g}
         gen_update = step % cfg.dfake_gen_update_ratio == 0
         # Step 2: generator samples (graph only through each block's exit step when updating G).
-        x = generator_samples(models, cfg, context, x0_real, table, gen, step, grad=gen_update)
+        with forward():
+            x = generator_samples(models, cfg, context, x0_real, table, gen, step, grad=gen_update)
         # Step 3: generator DMD update.
         if gen_update:
             sigma = sample_dmd_sigma(x.shape[0], cfg.num_frames, cfg.dmd_shift, gen, clamp=cfg.dmd_clamp)
             eps = torch.randn(x.shape, generator=gen)
-            loss_g = dmd_loss(x, _real_fn(models.real, context, uncond, spec), _x0_fn(models.critic, context, spec),
-                              sigma, eps, cfg.guidance_scale)
+            with forward():
+                loss_g = dmd_loss(x, _real_fn(models.real, context, uncond, spec),
+                                  _x0_fn(models.critic, context, spec), sigma, eps, cfg.guidance_scale)
             optimizer_step(opts["generator"], loss_g, models.generator.parameters(), cfg.grad_clip,
                            average_over=average)
             ema.update(models.generator, decay=ema_decay)
@@ -583,7 +593,8 @@ def _step_fn(cfg: SelfForcingConfig, models: DistillModels, opts: dict[str, torc
         set_lr(opts["critic"], lr_at(step, cfg.lr_critic, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
         sigma = sample_dmd_sigma(x.shape[0], cfg.num_frames, cfg.dmd_shift, gen, clamp=cfg.dmd_clamp)
         eps = torch.randn(x.shape, generator=gen)
-        loss_c = critic_loss(_velocity_fn(models.critic, context, spec), x.detach(), sigma, eps)
+        with forward():
+            loss_c = critic_loss(_velocity_fn(models.critic, context, spec), x.detach(), sigma, eps)
         optimizer_step(opts["critic"], loss_c, models.critic.parameters(), cfg.grad_clip, average_over=average)
         last["loss_c"] = float(loss_c.detach())
         return {"loss_g": _finite(last["loss_g"]), "loss_c": _finite(last["loss_c"]), "lr": lr_g}

@@ -4,8 +4,8 @@ Each command is a small function that imports its implementation lazily, so `lvs
 (no torch, gradio or textual at import time). User errors (`LvError`) print one short message to stderr and exit
 2; a disk that refuses a read or a write exits 74 with what failed and what to do (`lvstudio.io_errors`); a stop
 signal exits 128 + its number (Ctrl-C 130, SIGTERM 143, SIGHUP 129). Sub-command groups: `presets` lives with the
-presets (`lvstudio.presets.cli.presets_app`); `train`, `eval` and `bench` are here. Keep the heavy imports inside
-the command functions.
+presets (`lvstudio.presets.cli.presets_app`), `bench` with the benchmarks (`lvstudio.eval.bench_cli.bench_app`);
+`train` and `eval` are here. Keep the heavy imports inside the command functions.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 from lvstudio import __version__
 from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
 from lvstudio.errors import Interrupted, LvError
+from lvstudio.eval.bench_cli import bench_app
 from lvstudio.presets.cli import presets_app
 
 if TYPE_CHECKING:
@@ -80,7 +81,6 @@ app = typer.Typer(
 train_app = typer.Typer(help="Training recipes (diffusion forcing, self forcing, error recycling, streaming).",
                         no_args_is_help=True)
 eval_app = typer.Typer(help="Long-horizon quality metrics on the procedural world.", no_args_is_help=True)
-bench_app = typer.Typer(help="Speed and memory benchmarks.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
@@ -631,75 +631,6 @@ def eval_drift_cmd(
             reports.append(report)
     typer.echo("\n".join(summary_lines(reports)))
     typer.echo(f"wrote {plot_drift(reports, out)} (+ {out.with_suffix('.json')})")
-
-
-@bench_app.command("model")
-def bench_model_cmd(
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
-) -> None:
-    """KV cache vs recompute, and per-block cost at block 10 vs 200 with a rolling window."""
-    from lvstudio.eval.bench_model import run_model_bench
-
-    typer.echo("\n".join(run_model_bench(threads=threads).lines()))
-
-
-@bench_app.command("train")
-def bench_train_cmd(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="A diffusion-forcing config (its model, batch "
-                                           "and VAE's latent shape).")],
-    steps: Annotated[int, typer.Option(min=1, help="Timed steps per precision.")] = 6,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
-) -> None:
-    """A diffusion-forcing step (forward, backward, AdamW) in float32 vs bfloat16 (`precision`), side by side."""
-    from lvstudio.eval.bench_train import run_train_bench
-    from lvstudio.train.common import load_config
-    from lvstudio.train.diffusion_forcing import DFConfig
-
-    cfg = load_config(config, DFConfig)
-    typer.echo("\n".join(run_train_bench(cfg, str(config), steps=steps, threads=threads).lines()))
-
-
-@bench_app.command("render")
-def bench_render_cmd(
-    preset: Annotated[list[str] | None, typer.Option(
-        help="Preset name or path to a preset.toml (repeat to compare presets, e.g. tiny and tiny-fast).")] = None,
-    minutes: Annotated[float, typer.Option(help="Minutes of video to render.")] = 10.0,
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
-    backend: Annotated[list[str] | None, typer.Option(
-        help="Backend(s) to measure (repeat the option); default: the preset's.")] = None,
-    batch: Annotated[int, typer.Option(
-        help="Instead: a batch of this many storyboards (the longest --minutes long), aggregate video-s per wall-s "
-             "under each --procs.")] = 0,
-    procs: Annotated[list[int] | None, typer.Option(
-        help="Process counts for --batch (repeat the option; default 1 and 2; more than 1 runs under torchrun).")
-    ] = None,
-) -> None:
-    """Real-time factor with decode + H.264, first frame, chunk time and memory at minute 1 vs the end, re-cache stall.
-
-    Every preset x backend combination runs one after the other in this process; with several, the ratios against
-    the first are printed. With --batch: the same batch rendered by 1 and 2 (--procs) processes, side by side."""
-    if batch > 0:
-        from lvstudio.eval.bench_batch import batch_bench_lines, run_batch_bench
-
-        name = (preset or ["tiny"])[0]
-        counts = tuple(procs or [1, 2])
-        if min(counts) < 1:
-            raise LvError("--procs must be at least 1")
-        results = run_batch_bench(name, batch, minutes, counts, threads)
-        typer.echo("\n".join(batch_bench_lines(results, batch, minutes, name, threads)))
-        return
-    from lvstudio.eval.bench_render import comparison_lines, run_render_bench
-
-    for name in backend or []:
-        if name not in BACKENDS:
-            raise LvError(f"--backend {name!r} is not a backend", hint=f"choose one of: {', '.join(BACKENDS)}")
-    results = []
-    for p in preset or ["tiny"]:
-        for name in backend or [None]:
-            results.append(run_render_bench(p, minutes, threads, backend=name))
-            typer.echo("\n".join(results[-1].lines()))
-    if len(results) > 1:
-        typer.echo("\n".join(comparison_lines(results)))
 
 
 def main() -> None:

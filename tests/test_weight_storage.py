@@ -117,3 +117,24 @@ def test_train_export_refuses_an_unknown_storage_in_one_line(tmp_path: Path) -> 
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--storage 'int4' is not a weight storage — choose float32, float16, int8" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_vae_run_exports_in_its_export_storage(tmp_path: Path) -> None:
+    from lvstudio.models.tiny_vae import load_vae
+    from lvstudio.train.vae_config import run_vae_config
+
+    config = tmp_path / "vae.toml"
+    config.write_text('out_dir = "run"\nsteps = 1\nbatch_size = 1\nclip_frames = 5\nsize = 32\ncrop = 0\n'
+                      'eval_batches = 1\nstats_batches = 1\nthreads = 1\ndevice = "cpu"\n'
+                      'export = "preset/vae.safetensors"\nexport_storage = "int8"\n\n[model]\nchannels = [8, 8, 16]\n')
+    (tmp_path / "preset").mkdir()
+    run_vae_config(config, progress=False)
+    tensors, meta = load_checked(tmp_path / "preset" / "vae.safetensors")
+    assert meta["storage"] == "int8-per-channel" and any(t.dtype == torch.int8 for t in tensors.values())
+    import json
+
+    full = load_vae(json.loads((tmp_path / "run" / "result.json").read_text())["model_path"]).state_dict()
+    small = load_vae(tmp_path / "preset" / "vae.safetensors").state_dict()
+    assert full.keys() == small.keys()
+    assert all((full[k] - small[k]).norm() <= 0.02 * full[k].norm() + 1e-3 for k in full)

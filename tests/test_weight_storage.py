@@ -3,6 +3,7 @@ float32 ones; a broken int8 file is a clear error."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvstudio.checked_files import load_checked
+from lvstudio.checked_files import load_checked, read_metadata
 from lvstudio.errors import DamagedFileError
 from lvstudio.models.weight_storage import (
     INT8_MIN_ELEMENTS,
@@ -68,7 +69,7 @@ def test_an_int8_preset_loads_and_runs_close_to_the_float32_one(tmp_path: Path) 
         store_weights(preset.parent / name, small / name, "int8")
         tensors, meta = load_checked(small / name)  # written with their own checksum, the metadata kept
         assert meta["storage"] == "int8-per-channel"
-        assert set(load_file_metadata(preset.parent / name)) <= meta.keys()
+        assert set(read_metadata(preset.parent / name)) <= meta.keys()
     dit_bytes = (small / "dit.safetensors").stat().st_size / (preset.parent / "dit.safetensors").stat().st_size
     assert dit_bytes < 0.45  # int8 weights + float16 biases/norms + headers, of a float32 file
     a, b = load_bundle(str(preset)), load_bundle(str(small / "preset.toml"))
@@ -88,13 +89,6 @@ def test_an_int8_preset_loads_and_runs_close_to_the_float32_one(tmp_path: Path) 
         da, db = a.vae.decode(z), b.vae.decode(z)
     assert (va - vb).norm() <= 0.03 * va.norm()
     assert (da - db).norm() <= 0.03 * da.norm()
-
-
-def load_file_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def test_an_int8_tensor_without_its_scale_is_a_damaged_file(tmp_path: Path) -> None:
@@ -132,8 +126,6 @@ def test_a_vae_run_exports_in_its_export_storage(tmp_path: Path) -> None:
     run_vae_config(config, progress=False)
     tensors, meta = load_checked(tmp_path / "preset" / "vae.safetensors")
     assert meta["storage"] == "int8-per-channel" and any(t.dtype == torch.int8 for t in tensors.values())
-    import json
-
     full = load_vae(json.loads((tmp_path / "run" / "result.json").read_text())["model_path"]).state_dict()
     small = load_vae(tmp_path / "preset" / "vae.safetensors").state_dict()
     assert full.keys() == small.keys()

@@ -488,3 +488,29 @@ def test_a_checkpoint_of_another_recipe_is_one_line_and_exit_2_at_the_cli(tmp_pa
         assert len(lines) == 1 and "Traceback" not in result.output, result.output
         assert lines[0].startswith(f"{ckpt} is a {words} one — point out_dir at a new folder"), lines[0]
         assert ckpt.read_bytes() == kept
+
+
+def test_rank_0_encodes_the_dataset_on_every_rank_s_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other ranks only wait at the barrier while rank 0 encodes, so it encodes on threads x world_size
+    threads, then gives the setting back."""
+    from lvstudio.train import data as data_module
+    from lvstudio.train.common import DistInfo
+
+    cfg, run = _latent_run(tmp_path, 32)
+    cfg = cfg.model_copy(update={"threads": 1})
+    seen: list[int] = []
+    encode = data_module.encode_world_dataset
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(torch.get_num_threads())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "encode_world_dataset", counting)
+    monkeypatch.setattr(data_module, "barrier", lambda info: None)  # no process group in this test
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data_module.latent_dataset(cfg, run, DistInfo(rank=0, world_size=3))
+        assert seen == [3] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,6 +213,20 @@ def sample_batch(data: LatentDataset, cfg: DFConfig, rng: np.random.Generator) -
     return Batch(torch.stack(xs).float(), prompts, torch.stack(masks), objects)
 
 
+@contextmanager
+def _encoding_threads(threads: int) -> Iterator[None]:
+    """torch CPU threads while rank 0 encodes the dataset: the other ranks only wait at the barrier, so their cores
+    encode too (0: leave the setting alone). The thread count is fixed by the config and the world size, so a
+    rebuilt cache holds the same latents."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def latent_dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
     """The run's latent dataset in out/latents.safetensors: encoded once by rank 0 (world clips through the VAE of
     `cfg.vae`), object masks added to a dataset built before they existed, then loaded by every rank.
@@ -233,9 +249,10 @@ def latent_dataset(cfg: DFConfig, out: Path, dist: DistInfo) -> LatentDataset:
 
             device = train_device(cfg.device)
             vae = load_vae(cfg.vae).train(False).to(device)
-            data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob,
-                                        cfg.seed, batch=4 if device.type == "cpu" else 64, workers=cfg.data_workers,
-                                        pose=cfg.pose())
+            with _encoding_threads(cfg.threads * dist.world_size if cfg.threads and device.type == "cpu" else 0):
+                data = encode_world_dataset(vae, cfg.dataset_clips, cfg.clip_latents, cfg.size, cfg.switch_prob,
+                                            cfg.seed, batch=4 if device.type == "cpu" else 64,
+                                            workers=cfg.data_workers, pose=cfg.pose())
             data.save(path)
         elif cfg.object_weight > 0 and data.objects is None:
             data = add_object_masks(data, cfg)  # datasets built before masks existed

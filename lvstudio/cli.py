@@ -575,6 +575,8 @@ def eval_drift_cmd(
     prompts: Annotated[int, typer.Option(help="Distinct prompts in the cycle.")] = 8,
     seconds_per_prompt: Annotated[float, typer.Option(help="Seconds each prompt is held.")] = 15.0,
     seed: Annotated[int, typer.Option(help="Seed of the storyboard and of every render.")] = 0,
+    transition: Annotated[str, typer.Option(
+        help="switch: one long shot whose prompt changes; cut: every prompt a new shot.")] = "switch",
     out: Annotated[Path, typer.Option(
         help="The PNG plot (its data goes next to it as .json).")] = Path("docs/drift.png"),
     json_dir: Annotated[Path, typer.Option(help="Folder for one JSON report per variant.")] = Path("runs/drift"),
@@ -600,7 +602,7 @@ def eval_drift_cmd(
         reports = [r for path in replot for r in load_reports(path)]
     else:
         try:
-            cfg = DriftConfig(minutes, window, prompts, seconds_per_prompt, seed, threads)
+            cfg = DriftConfig(minutes, window, prompts, seconds_per_prompt, seed, threads, transition)
         except ValueError as err:
             raise LvError(str(err)) from None
         chosen = []

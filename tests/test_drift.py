@@ -222,6 +222,8 @@ def test_cli_drift(tmp_path: Path) -> None:
     assert (tmp_path / "again.png").exists()
     bad = CliRunner().invoke(app, ["eval", "drift", "--variant", "sf=tiny-slow:causal-kv", "--out", str(out)])
     assert bad.exit_code == 2 and "tiny-slow" in bad.stderr
+    blend = CliRunner().invoke(app, ["eval", "drift", "--transition", "blend", "--out", str(out)])
+    assert blend.exit_code == 2 and "transition must be 'switch' or 'cut'" in blend.stderr
 
 
 def test_grid_stats_see_latent_tiles_and_checkerboards() -> None:
@@ -236,3 +238,27 @@ def test_grid_stats_see_latent_tiles_and_checkerboards() -> None:
     assert grid_stats(tiles)["blockiness"][0] > 10 and abs(grid_stats(smooth)["blockiness"][0] - 1.0) < 1e-3
     checker = (np.indices((128, 128)).sum(axis=0) % 2).astype(np.float64)[None]
     assert grid_stats(checker)["checker"][0] == 1.0 and grid_stats(smooth)["checker"][0] < 1e-6
+
+
+@pytest.mark.slow
+def test_the_prompts_are_joined_by_cuts_or_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--transition cut: every prompt starts a new shot (the history is not carried); switch (default): one shot."""
+    from lvstudio.prompt_stream import PromptStreamBuffer
+
+    with pytest.raises(ValueError, match="transition must be 'switch' or 'cut'"):
+        DriftConfig(transition="blend")
+    seen: list[str] = []
+    add_shot = PromptStreamBuffer.add_shot
+
+    def recording(self, at, prompt, transition, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(transition)
+        return add_shot(self, at, prompt, transition, **kw)
+
+    monkeypatch.setattr(PromptStreamBuffer, "add_shot", recording)
+    for transition in ("cut", "switch"):
+        seen.clear()
+        cfg = DriftConfig(minutes=0.05, window_seconds=1.0, prompts=2, seconds_per_prompt=1.0, transition=transition)
+        report = evaluate_drift("base=tiny:causal-kv", cfg)
+        assert seen == ["cut"] + [transition] * 2 and report.config.transition == transition
+        assert DriftReport.from_json(report.to_json()).config == cfg
+        assert f"each prompt a {transition}" in summary_lines([report])[0]

@@ -66,7 +66,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 @dataclass(frozen=True)
 class DriftConfig:
     """What to render and how to slice it: `minutes` of video, windows of `window_seconds`, a cycle of `prompts`
-    prompts held `seconds_per_prompt` each, `seed` (storyboard and renders), torch `threads` (0 = torch default)."""
+    prompts held `seconds_per_prompt` each, `seed` (storyboard and renders), torch `threads` (0 = torch default),
+    `transition` between the prompts: "switch" (one long shot whose prompt changes: the history is carried through the
+    whole video) or "cut" (every prompt starts a new shot: what can drift is only inside a shot)."""
 
     minutes: float = 5.0
     window_seconds: float = 10.0
@@ -74,6 +76,7 @@ class DriftConfig:
     seconds_per_prompt: float = 15.0
     seed: int = 0
     threads: int = 1
+    transition: str = "switch"
 
     def __post_init__(self) -> None:
         for name in ("minutes", "window_seconds", "seconds_per_prompt"):
@@ -84,6 +87,8 @@ class DriftConfig:
             raise ValueError(f"prompts must be a positive integer, got {self.prompts!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = torch default), got {self.threads!r}")
+        if self.transition not in ("switch", "cut"):
+            raise ValueError(f"transition must be 'switch' or 'cut', got {self.transition!r}")
 
 
 @dataclass(frozen=True)
@@ -422,13 +427,13 @@ def evaluate_drift(
 
         bundle = load_bundle(variant.preset)
     p = bundle.preset
-    # Step 1: the storyboard as switches in a prompt stream (one long shot whose prompt changes: what drifts is the
-    # history carried across the whole video); the backend renders it with the run seed.
+    # Step 1: the storyboard in a prompt stream, its prompts joined by switches (one long shot whose prompt changes:
+    # what drifts is the history carried across the whole video) or by cuts; the backend renders it with the run seed.
     shots = drift_storyboard(cfg)
     prompts = list(dict.fromkeys(prompt for _, prompt, _ in shots))
     buffer = PromptStreamBuffer(bundle.text.encode, block_latents=p.attention.block_frames, fps=p.fps)
     for i, (at, prompt, _) in enumerate(shots):
-        buffer.add_shot(at, prompt, transition="switch" if i else "cut", shot=i)
+        buffer.add_shot(at, prompt, transition=cfg.transition if i else "cut", shot=i)
     backend = _make_variant_backend(variant, bundle, buffer, cfg.seed)
     total = round(cfg.minutes * 60.0 * p.fps)
     report = DriftReport(variant.text, variant.name, p.name, variant.backend, cfg, p.fps, p.width, p.height, prompts,
@@ -529,7 +534,7 @@ def summary_lines(reports: Sequence[DriftReport]) -> list[str]:
         return ["drift: no reports"]
     c = reports[0].config
     out = [(f"drift: {c.minutes:g} min, windows of {c.window_seconds:g} s, {c.prompts} prompts x "
-            f"{c.seconds_per_prompt:g} s cycled, seed {c.seed}"),
+            f"{c.seconds_per_prompt:g} s cycled, each prompt a {c.transition}, seed {c.seed}"),
            f"  {'variant':<12} {'metric':<37} {'first min':>10} {'last min':>10} {'change':>9} {'slope/min':>10}"]
     for r in reports:
         out.append(f"  {r.name:<12} {r.variant}  ({r.preset}, {r.width}x{r.height}@{r.fps}, "

@@ -600,7 +600,7 @@ def plot_drift(reports: Sequence[DriftReport], out_png: str | Path, smooth: int 
     axes[0][0].legend(fontsize=8)
     c = reports[0].config
     fig.suptitle(title or f"drift over {c.minutes:g} min ({c.prompts} prompts x {c.seconds_per_prompt:g} s cycled, "
-                          f"windows {c.window_seconds:g} s, seed {c.seed})", fontsize=10)
+                          f"each a {c.transition}, windows {c.window_seconds:g} s, seed {c.seed})", fontsize=10)
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,8 @@ def _wait_for_chunks(chunks: Path, n: int, proc: subprocess.Popen) -> None:
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGKILL"])
 def test_a_signal_from_outside_keeps_a_job_that_resumes_to_the_same_video(env: Env, ref8: Output, tmp_path: Path,
                                                                           name: str) -> None:
+    if name == "SIGHUP" and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        pytest.skip("SIGHUP is ignored in this process (nohup?), so the render inherits that and lvstudio leaves it")
     r = rng(f"process-{name}")
     k = r.randint(2, 14)
     out = tmp_path / "cut.mp4"

@@ -222,8 +222,7 @@ def test_diffusion_forcing_export_ship_and_init_weights_are_checked(tmp_path: Pa
     assert _equal(load_text_encoder(text).state_dict(),
                   {k[5:]: v for k, v in ema.shadow.items() if k.startswith("text.")})
     # Shipped into a preset folder in fp16: a checksum of the fp16 tensors (not the copied fp32 one).
-    preset = tmp_path / "preset"
-    preset.mkdir()
+    preset = tmp_path / "presets" / "new"  # made by ship_weights
     shipped = ship_weights(run, preset)
     for path in shipped:
         tensors, meta = load_checked(path)

@@ -291,10 +291,11 @@ def ship_weights(run_dir: Path, preset_dir: Path, storage: Storage = "float16") 
     """Copy a run's exported dit/text weights into a preset folder in `storage` (`lvstudio.models.weight_storage`:
     float16 by default, half the size, same outputs to ~1e-3; int8 a quarter), keeping the config metadata. The
     exports are verified first; the copies get their own checksum (record the preset's new sha256 with
-    `lvstudio presets hash PRESET_DIR --write`)."""
+    `lvstudio presets hash PRESET_DIR --write`). A preset folder that does not exist yet is made."""
     from lvstudio.models.weight_storage import store_weights
 
     hint = "export it again: `lvstudio train export CONFIG.toml` (from the checkpoint)"
+    Path(preset_dir).mkdir(parents=True, exist_ok=True)
     return [store_weights(Path(run_dir) / name, Path(preset_dir) / name, storage, hint)
             for name in ("dit.safetensors", "text.safetensors")]
 

@@ -28,6 +28,7 @@ from lvstudio.train.diffusion_forcing import DFConfig
 from lvstudio.train.loop import CHECKPOINT, EMA, save_checkpoint
 from tests.helpers.df_tiny import VOCAB, tiny_cfg
 from tests.helpers.faults import flip_in_tensor, rng
+from tests.helpers.vae_tiny import small_vae_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_VAE = TinyVAEConfig(channels=(8, 8, 16))
@@ -96,10 +97,7 @@ def test_vae_recipe_checkpoint_and_export_are_checked(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_damaged_vae_checkpoint_is_one_line_and_exit_2_at_the_cli(tmp_path: Path) -> None:
-    config = tmp_path / "vae.toml"
-    config.write_text('out_dir = "run"\nsteps = 2\nbatch_size = 1\nclip_frames = 5\nsize = 16\ncrop = 0\n'
-                      'eval_batches = 1\nstats_batches = 1\nthreads = 1\ndevice = "cpu"\n\n'
-                      "[model]\nchannels = [8, 8, 16]\n")
+    config = small_vae_config_file(tmp_path / "vae.toml", "run")
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
     _vae_checkpoint(ckpt)  # as a run of this config stopped after step 7 wrote it
     flip_in_tensor(ckpt, rng("cli-vae-checkpoint"))
@@ -466,9 +464,7 @@ def test_a_checkpoint_of_another_recipe_is_one_line_and_exit_2_at_the_cli(tmp_pa
     from tests.helpers.df_tiny import tiny_config_file, tiny_dataset
 
     # A diffusion-forcing checkpoint in the out_dir of a VAE run ...
-    vae_config = tmp_path / "vae.toml"
-    vae_config.write_text('out_dir = "vae_run"\nsteps = 2\nbatch_size = 1\nclip_frames = 5\nsize = 16\ncrop = 0\n'
-                          'threads = 1\ndevice = "cpu"\n\n[model]\nchannels = [8, 8, 16]\n')
+    vae_config = small_vae_config_file(tmp_path / "vae.toml", "vae_run")
     df_ckpt = tmp_path / "vae_run" / CHECKPOINT
     _df_checkpoint(df_ckpt)
     # ... and a VAE run's checkpoint in the out_dir of a diffusion-forcing run (its latent cache in place).

@@ -24,6 +24,7 @@ from lvstudio.models.weight_storage import (
     store_weights,
 )
 from tests.helpers.random_preset import write_random_preset
+from tests.helpers.vae_tiny import small_vae_config_file
 
 
 def test_int8_keeps_each_weight_within_half_a_step_of_its_channel_scale() -> None:
@@ -118,10 +119,8 @@ def test_a_vae_run_exports_in_its_export_storage(tmp_path: Path) -> None:
     from lvstudio.models.tiny_vae import load_vae
     from lvstudio.train.vae_config import run_vae_config
 
-    config = tmp_path / "vae.toml"
-    config.write_text('out_dir = "run"\nsteps = 1\nbatch_size = 1\nclip_frames = 5\nsize = 32\ncrop = 0\n'
-                      'eval_batches = 1\nstats_batches = 1\nthreads = 1\ndevice = "cpu"\n'
-                      'export = "preset/vae.safetensors"\nexport_storage = "int8"\n\n[model]\nchannels = [8, 8, 16]\n')
+    config = small_vae_config_file(tmp_path / "vae.toml", "run", steps=1, size=32, export="preset/vae.safetensors",
+                                   export_storage="int8")
     (tmp_path / "preset").mkdir()
     run_vae_config(config, progress=False)
     tensors, meta = load_checked(tmp_path / "preset" / "vae.safetensors")

@@ -26,6 +26,7 @@ from lvstudio.eval.drift import (
     variant_problem,
 )
 from lvstudio.eval.image_stats import colour_histograms, frame_flicker, grid_stats, histogram_distance, image_stats
+from tests.helpers.random_preset import write_random_preset
 
 TINY_CFG = DriftConfig(minutes=0.1, window_seconds=2.0, prompts=2, seconds_per_prompt=1.5, seed=0, threads=1)
 
@@ -134,14 +135,15 @@ def test_parse_variant_errors(text: str, match: str) -> None:
         parse_variant(text)
 
 
-def test_variant_availability() -> None:
+def test_variant_availability(tmp_path: Path) -> None:
     problem = variant_problem(parse_variant("sf=tiny-slow:causal-kv"))
     assert problem is not None and "tiny-slow" in problem and "tiny" in problem.split("choose one of", 1)[1]
     with pytest.raises(LvError, match="tiny-slow"):
         check_variant(parse_variant("sf=tiny-slow:causal-kv"))
     assert variant_problem(parse_variant("base=tiny:causal-kv")) is None
     assert variant_problem(parse_variant("sf=tiny-fast:causal-kv")) is None
-    assert variant_problem(parse_variant("erft=tiny-erft:erft-crossclip:lora=on")) is None
+    with_lora = write_random_preset(tmp_path / "with-lora", lora=True)
+    assert variant_problem(parse_variant(f"erft={with_lora}:erft-crossclip:lora=on")) is None
     assert variant_problem(parse_variant("cc=tiny:erft-crossclip:lora=off")) is None  # tiny names no LoRA: fine
     assert "LoRA" in (variant_problem(parse_variant("erft=tiny:erft-crossclip:lora=on")) or "")
     assert "not found" in (variant_problem(parse_variant("erft=tiny:erft-crossclip:lora=/nonexistent.st")) or "")

@@ -1,5 +1,5 @@
 """A tiny preset's `dtype` / `vae_dtype` are honoured on the CPU (bfloat16 halves the DiT's matmul time on CPUs with
-AVX-512 BF16 or AMX), and the default stays float32."""
+AVX-512 BF16 or AMX): the shipped tiny sets both to bfloat16; without them a CPU runs float32."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # the trained tiny weights
 
 
-def _preset_copy(tmp_path: Path, extra: str) -> Path:
-    folder = tmp_path / "tiny-bf16"
+def _preset_copy(tmp_path: Path) -> Path:
+    """presets/tiny without its dtype choices."""
+    folder = tmp_path / "tiny-copy"
     folder.mkdir()
     for name in ("dit.safetensors", "text.safetensors", "vae.safetensors"):
         shutil.copy(ROOT / "presets" / "tiny" / name, folder / name)
-    text = (ROOT / "presets" / "tiny" / "preset.toml").read_text()
-    (folder / "preset.toml").write_text(text.replace('name = "tiny"', f'name = "tiny-bf16"\n{extra}', 1))
+    lines = (ROOT / "presets" / "tiny" / "preset.toml").read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.startswith(("dtype =", "vae_dtype =")))  # the shipped choice
+    (folder / "preset.toml").write_text(text.replace('name = "tiny"', 'name = "tiny-copy"', 1))
     return folder / "preset.toml"
 
 
@@ -37,14 +39,14 @@ def _first_chunk(bundle) -> np.ndarray:  # noqa: ANN001 - a ModelBundle
 def test_tiny_preset_precision_follows_dtype_and_vae_dtype(tmp_path: Path) -> None:
     from lvstudio.presets import load_bundle
 
-    default = load_bundle("tiny")
+    shipped = load_bundle("tiny")  # v2 ships in bfloat16 (preset.toml: dtype, vae_dtype)
+    assert next(shipped.dit.parameters()).dtype == torch.bfloat16
+    assert next(shipped.vae.parameters()).dtype == torch.bfloat16
+    default = load_bundle(str(_preset_copy(tmp_path)))  # without them: float32 on a CPU ("auto")
     assert next(default.dit.parameters()).dtype == torch.float32
     assert next(default.vae.parameters()).dtype == torch.float32
-    half = load_bundle(str(_preset_copy(tmp_path, 'dtype = "bfloat16"\nvae_dtype = "bfloat16"')))
-    assert next(half.dit.parameters()).dtype == torch.bfloat16
-    assert next(half.vae.parameters()).dtype == torch.bfloat16
-    assert next(half.text.model.parameters()).dtype == torch.float32  # word embeddings: nothing to gain
+    assert next(shipped.text.model.parameters()).dtype == torch.float32  # word embeddings: nothing to gain
     # The same video up to bfloat16 rounding: under one level (of 255) of difference per pixel on average.
-    a, b = _first_chunk(default).astype(np.float32), _first_chunk(half).astype(np.float32)
+    a, b = _first_chunk(default).astype(np.float32), _first_chunk(shipped).astype(np.float32)
     assert a.shape == b.shape
     assert 0.0 < np.abs(a - b).mean() < 2.0

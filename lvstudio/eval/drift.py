@@ -57,7 +57,6 @@ DEFAULT_VARIANTS = (
     "base=tiny:causal-kv",
     "sf=tiny-fast:causal-kv",
     "crossclip=tiny:erft-crossclip:lora=off",
-    "erft=tiny-erft:erft-crossclip:lora=on",  # lora=on: skipped (not silently run LoRA-less) when the preset has none
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 

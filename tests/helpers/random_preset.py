@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
 
 
 def write_random_preset(folder: Path, *, block_frames: int = 2, window: int = 6, sink: int = 2, size: int = 64,
-                        steps: tuple[float, ...] = (1000.0, 500.0)) -> Path:
+                        steps: tuple[float, ...] = (1000.0, 500.0), lora: bool = False) -> Path:
+    """`lora`: also an ERFT LoRA (rank 4, random up-projections) that the cross-clip backend merges."""
     from lvstudio.world import vocabulary
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -29,6 +31,8 @@ def write_random_preset(folder: Path, *, block_frames: int = 2, window: int = 6,
     text = TinyTextEncoder(TinyTextConfig.for_words(vocabulary(), dim=16, num_layers=1, num_heads=2, text_len=12))
     save_text_encoder(text, folder / "text.safetensors")
     save_vae(TinyVAE(TinyVAEConfig(z_dim=4, channels=(8, 8, 8))), folder / "vae.safetensors")
+    if lora:
+        _write_random_lora(dit, folder / "erft_lora.safetensors")
     step_list = ", ".join(str(s) for s in steps)
     (folder / "preset.toml").write_text(f"""
 name = "random-test"
@@ -54,5 +58,29 @@ shift = 3.0
 block_frames = {block_frames}
 window_frames = {window}
 sink_frames = {sink}
-""")
+""" + (LORA_TABLES if lora else ""))
     return folder / "preset.toml"
+
+
+LORA_TABLES = """
+[crossclip]
+clip_frames = 6
+carry_frames = 2
+steps = 2
+lora = "erft_lora"
+
+[files.erft_lora]
+path = "erft_lora.safetensors"
+"""
+
+
+def _write_random_lora(dit: WanDiT, path: Path) -> None:
+    from lvstudio.models.lora import add_lora, lora_state_dict, save_lora
+
+    adapted = add_lora(copy.deepcopy(dit), rank=4, alpha=4.0)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_B." in name:  # B starts at zero (no change): random, so the LoRA changes the output
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    save_lora(path, lora_state_dict(adapted), 4, 4.0)

@@ -66,10 +66,9 @@ def test_a_switch_keeps_the_carried_latents() -> None:
 
 @pytest.mark.slow
 def test_clip_boundaries_are_continuous_on_the_tiny_preset() -> None:
-    """The first frames of clip k+1 continue clip k: without the carried latents and the reference the frame
-    difference across a boundary jumps (about 10x the one with them). With them the seam is still visible on v2: 2-3x
-    the (small) differences inside a clip, where v1, which flickered as much inside a clip, showed none (README
-    "Long-horizon drift"); the bound below catches a carry that stopped working, not that seam."""
+    """The first frames of clip k+1 continue clip k: the frame difference across a clip boundary is of the size of
+    the differences across latent boundaries inside a clip (each latent decodes to 4 frames, and v2's decoder changes
+    the picture mostly between latents); without the carried latents and the reference it jumps (about 10x)."""
     import numpy as np
 
     from lvstudio.presets.load import load_bundle
@@ -77,15 +76,21 @@ def test_clip_boundaries_are_continuous_on_the_tiny_preset() -> None:
     torch.set_num_threads(1)
     bundle = load_bundle("tiny")
 
+    def latent_steps(clip: np.ndarray) -> list[float]:
+        """Frame differences where a new latent starts inside the clip (a first latent of 1 frame when 4k + 1)."""
+        diffs = np.abs(np.diff(clip, axis=0)).mean(axis=(1, 2, 3))
+        starts = range(1, len(clip), 4) if len(clip) % 4 == 1 else range(4, len(clip), 4)
+        return [float(diffs[s - 1]) for s in starts]
+
     def boundaries(settings: CrossClipSettings) -> tuple[list[float], float]:
         buf = PromptStreamBuffer(bundle.text.encode, block_latents=2, fps=16)
         buf.add_shot(0.0, "a red ball bouncing over the sea")
         be = ERFTCrossClipBackend(bundle, buf, seed=0, width=128, height=128, settings=settings)
         clips = [be.step().frames.astype(np.float32) / 255 for _ in range(3)]
-        inside = float(np.median([np.abs(np.diff(c, axis=0)).mean() for c in clips]))
+        inside = float(np.median([d for c in clips for d in latent_steps(c)]))
         return [float(np.abs(clips[k + 1][0] - clips[k][-1]).mean()) for k in range(2)], inside
 
     carried, inside = boundaries(bundle.preset.crossclip)
     cut, _ = boundaries(bundle.preset.crossclip.model_copy(update={"carry_frames": 0, "use_anchor": False}))
-    assert max(carried) < 4.0 * inside, (carried, inside)
+    assert max(carried) < 1.5 * inside, (carried, inside)
     assert max(carried) < 0.3 * min(cut), (carried, cut)

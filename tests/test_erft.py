@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from lvstudio.models.lora import add_lora, lora_state_dict, save_lora
+from lvstudio.models.lora import add_lora
 from lvstudio.sampling.flow_matching import FlowMatchTable
 from lvstudio.train.erft import (
     ClipBatch,
@@ -33,6 +33,7 @@ from lvstudio.train.erft import (
     train_erft,
 )
 from tests.helpers.df_tiny import VOCAB, tiny_dataset
+from tests.helpers.random_preset import write_random_lora
 
 TINY_DIT = {"dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "freq_dim": 32}
 
@@ -421,13 +422,7 @@ def test_cli_resume_with_another_lora_rank_is_exit_2_one_line(tmp_path: Path) ->
 
 
 def _lora_file(bundle, path: Path) -> Path:
-    dit = add_lora(copy.deepcopy(bundle.dit), rank=4, alpha=4.0)
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return save_lora(path, lora_state_dict(dit), 4, 4.0)
+    return write_random_lora(bundle.dit, path)
 
 
 def _backend(bundle, seed: int = 1, **kw):

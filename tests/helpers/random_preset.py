@@ -32,7 +32,7 @@ def write_random_preset(folder: Path, *, block_frames: int = 2, window: int = 6,
     save_text_encoder(text, folder / "text.safetensors")
     save_vae(TinyVAE(TinyVAEConfig(z_dim=4, channels=(8, 8, 8))), folder / "vae.safetensors")
     if lora:
-        _write_random_lora(dit, folder / "erft_lora.safetensors")
+        write_random_lora(dit, folder / "erft_lora.safetensors")
     step_list = ", ".join(str(s) for s in steps)
     (folder / "preset.toml").write_text(f"""
 name = "random-test"
@@ -74,7 +74,8 @@ path = "erft_lora.safetensors"
 """
 
 
-def _write_random_lora(dit: WanDiT, path: Path) -> None:
+def write_random_lora(dit: WanDiT, path: Path) -> Path:
+    """An ERFT LoRA file (rank 4, alpha 4) for `dit` whose up-projections are random, so merging it changes outputs."""
     from lvstudio.models.lora import add_lora, lora_state_dict, save_lora
 
     adapted = add_lora(copy.deepcopy(dit), rank=4, alpha=4.0)
@@ -83,4 +84,4 @@ def _write_random_lora(dit: WanDiT, path: Path) -> None:
         for name, p in adapted.named_parameters():
             if ".lora_B." in name:  # B starts at zero (no change): random, so the LoRA changes the output
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    save_lora(path, lora_state_dict(adapted), 4, 4.0)
+    return save_lora(path, lora_state_dict(adapted), 4, 4.0)

@@ -308,6 +308,12 @@ def test_a_latent_dataset_of_the_other_object_pose_is_encoded_again(tmp_path: Pa
                                          r"16-px grid; .*built again"):
         on_grid = latent_dataset(grid_cfg, run, DistInfo())
     assert on_grid.pose == {"upright": True, "centred": True, "grid": 16}
+    late_cfg = grid_cfg.model_copy(update={"late_start_prob": 0.5, "late_start_frames": 40})
+    with pytest.warns(UserWarning, match=r"the config asks for upright, centred, on a 16-px grid, 50% of clips up to "
+                                         r"40 frames late; .*built again"):
+        late = latent_dataset(late_cfg, run, DistInfo())
+    assert late.pose == {"upright": True, "centred": True, "grid": 16, "late_prob": 0.5, "late_frames": 40}
+    assert _no_warnings(lambda: latent_dataset(late_cfg, run, DistInfo())).pose == late.pose
 
 
 def test_a_damaged_ode_pair_part_is_made_again_to_the_same_contents(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -307,3 +308,48 @@ def test_slot_pose_gives_each_caption_one_starting_layout() -> None:
     # The middle (64) is a corner of four 16-px cells: the object starts at the centre of the lower right one.
     assert one and all(o.x == o.y == 71.5 for c in one for o in c.truth[0].objects)
     assert pose.words() == "upright, in fixed slots, on a 16-px grid"
+
+
+def test_late_pose_records_a_later_stretch_of_the_same_world() -> None:
+    from lvstudio.world import Pose
+    from lvstudio.world.oracle import adherence
+
+    pose = Pose(upright=True, slots=True, grid=16, late_prob=0.5, late_frames=60)
+    base = Pose(upright=True, slots=True, grid=16)
+    leads = [pose.lead_in(seed) for seed in range(40)]
+    assert leads == [pose.lead_in(seed) for seed in range(40)]  # by seed
+    assert 8 <= sum(1 for k in leads if k) <= 32 and all(0 <= k <= 60 for k in leads)
+    for seed in [s for s, k in enumerate(leads) if k][:8]:
+        k = leads[seed]
+        late = sample_clip(seed, 9, size=128, switch_prob=0.0, pose=pose)
+        long = sample_clip(seed, k + 9, size=128, switch_prob=0.0, pose=base)
+        # The late clip is frames k.. of the clip that starts at once: same world, same captions, same truth.
+        assert late.frames.tobytes() == long.frames[k:].tobytes() and late.captions == long.captions[k:]
+        assert late.truth == long.truth[k:]
+        assert adherence(late.frames, late.specs)["objects"] == 1.0
+    # Clips of seeds without a lead-in are unchanged; a switch keeps its place in the recorded frames.
+    seed = leads.index(0)
+    assert sample_clip(seed, 9, pose=pose).frames.tobytes() == sample_clip(seed, 9, pose=base).frames.tobytes()
+    seed = next(s for s, k in enumerate(leads) if k and sample_clip(s, 17, pose=base).switch_frames)
+    assert sample_clip(seed, 17, pose=pose).switch_frames == sample_clip(seed, 17, pose=base).switch_frames
+    assert pose.words().endswith("50% of clips up to 60 frames late")
+    for bad in ({"late_prob": 1.5}, {"late_frames": -1}, {"late_frames": True}):
+        with pytest.raises(ValueError, match="late_"):
+            Pose(**bad)
+
+
+def test_a_long_run_wraps_moving_objects_that_a_late_clip_shows() -> None:
+    """What late clips are for: a `moving` object reaches the far edge only after ~50 frames (3 s), so a 25-frame
+    training clip that starts at once never shows it re-entering at the opposite edge; one that starts late does."""
+    from lvstudio.world import Pose
+
+    spec = SceneSpec("sky", (ObjectSpec("red", "ball", "moving left"),))
+    base, late = Pose(slots=True), Pose(slots=True, late_prob=1.0, late_frames=80)
+
+    def jumps(clip: Clip) -> int:
+        xs = [f.objects[0].x for f in clip.truth]
+        return sum(abs(b - a) > 10 for a, b in itertools.pairwise(xs))
+
+    assert jumps(render_spec(spec, 25, 128, seed=0, pose=base)) == 0
+    seeds = [s for s in range(20) if late.lead_in(s) > 40]
+    assert seeds and any(jumps(render_spec(spec, 25, 128, seed=s, pose=late)) == 1 for s in seeds)

@@ -585,8 +585,10 @@ def render_background(scene: str, effect: str | None = None, num_frames: int = 1
 
 
 def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: int,
-            rng: np.random.Generator, pose: Pose = WORLD_POSE) -> Clip:
-    """Render a clip whose spec changes at the given start frames; object states carry over every switch."""
+            rng: np.random.Generator, pose: Pose = WORLD_POSE, lead_in: int = 0) -> Clip:
+    """Render a clip whose spec changes at the given start frames; object states carry over every switch. With
+    `lead_in`, the world runs that many frames under the first spec before the first recorded frame (frame numbers,
+    switch frames included, count from the recorded start)."""
     frames = np.empty((num_frames, size, size, 3), np.uint8)  # [F, S, S, 3]
     states = _initial_states(schedule[0][1], size, rng, pose)
     backdrop_seed = int(rng.integers(2 ** 62))
@@ -594,39 +596,42 @@ def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: in
     captions: list[str] = []
     specs: list[SceneSpec] = []
     truth: list[FrameTruth] = []
-    starts = [s for s, _ in schedule]
-    for t in range(num_frames):
-        # Step 1: the spec in force and its background
-        spec = schedule[int(np.searchsorted(starts, t, side="right")) - 1][1]
-        key = (spec.scene, spec.effect)
-        if key not in backdrops:
-            backdrops[key] = _Backdrop(spec.scene, spec.effect, size,
-                                       np.random.default_rng([backdrop_seed, SCENES.index(spec.scene)]))
-        frames[t] = backdrops[key].frame(t)
-        # Step 2: advance and draw the objects (primary last, so it is never hidden)
+    starts = [s + lead_in for s, _ in schedule]
+    for t in range(lead_in + num_frames):
+        # Step 1: the spec in force; advance the objects
+        spec = schedule[max(0, int(np.searchsorted(starts, t, side="right")) - 1)][1]
         for obj, state in zip(spec.objects, states, strict=True):
             if t > 0:
                 state.step(obj, size)
             else:
                 state.clamp(obj, size)
+        if t < lead_in:
+            continue
+        # Step 2: the background, then the objects (primary last, so it is never hidden)
+        key = (spec.scene, spec.effect)
+        if key not in backdrops:
+            backdrops[key] = _Backdrop(spec.scene, spec.effect, size,
+                                       np.random.default_rng([backdrop_seed, SCENES.index(spec.scene)]))
+        frames[t - lead_in] = backdrops[key].frame(t)
         for obj, state in reversed(list(zip(spec.objects, states, strict=True))):
-            _draw_object(frames[t], obj, state, size, spec.effect)
+            _draw_object(frames[t - lead_in], obj, state, size, spec.effect)
         # Step 3: record text and ground truth
         captions.append(spec.caption())
         specs.append(spec)
         truth.append(FrameTruth(scene=spec.scene, effect=spec.effect,
                                 objects=tuple(_object_truth(o, s, size)
                                               for o, s in zip(spec.objects, states, strict=True))))
-    switch_frames = [s for s in starts[1:] if 0 < s < num_frames]
+    switch_frames = [s - lead_in for s in starts[1:] if 0 < s - lead_in < num_frames]
     return Clip(frames=frames, captions=captions, specs=specs, truth=truth, switch_frames=switch_frames)
 
 
 def render_spec(spec: SceneSpec, num_frames: int, size: int = 128, seed: int = 0, pose: Pose = WORLD_POSE) -> Clip:
-    """A clip of one given spec (no switch). Deterministic by seed; `pose`: how objects start (`Pose`)."""
+    """A clip of one given spec (no switch). Deterministic by seed; `pose`: how objects start (`Pose`; a late start
+    is drawn from `seed`)."""
     if not isinstance(spec, SceneSpec):
         raise ValueError(f"spec must be a SceneSpec, got {type(spec).__name__}")
     size, num_frames = _check_size(size), _check_frames(num_frames)
-    return _render([(0, spec)], num_frames, size, np.random.default_rng(seed), pose)
+    return _render([(0, spec)], num_frames, size, np.random.default_rng(seed), pose, pose.lead_in(seed))
 
 
 def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float = 0.3, pose: Pose = WORLD_POSE
@@ -634,7 +639,7 @@ def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float 
     """A random clip; with probability switch_prob the caption changes once, between 1/4 and 3/4 of the clip.
 
     A switch changes the scene, or the primary object's colour, shape or motion; objects move on smoothly.
-    `pose`: how objects start (`Pose`: upright, centred, in slots, on a grid); the captions are the same.
+    `pose`: how objects start (`Pose`: upright, centred, in slots, on a grid, late); the captions are the same.
     Deterministic by seed (same seed → identical bytes).
     """
     size, num_frames = _check_size(size), _check_frames(num_frames)
@@ -646,4 +651,4 @@ def sample_clip(seed: int, num_frames: int, size: int = 128, switch_prob: float 
     if rng.random() < switch_prob and num_frames >= 2:
         at = int(rng.integers(max(1, num_frames // 4), max(2, (3 * num_frames) // 4 + 1)))
         schedule.append((at, switch_spec(spec, rng)))
-    return _render(schedule, num_frames, size, rng, pose)
+    return _render(schedule, num_frames, size, rng, pose, pose.lead_in(seed))

@@ -1,11 +1,13 @@
 """How a world clip's objects start (`Pose`): the world's own (any angle, anywhere) or narrowed for a training set.
 
-A pose acts only on where and at what angle each object *starts*; the random numbers drawn are the same whatever the
-pose, so captions, motions and sizes do not change with it. numpy-free, torch-free.
+A pose acts only on where and at what angle each object *starts*, and on how long the world runs before the first
+recorded frame; the random numbers drawn are the same whatever the pose, so captions, motions and sizes do not change
+with it. numpy-free, torch-free.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 _CENTRED_SPAN = 0.5  # a centred object starts in the middle half of the positions it could take, on each axis
@@ -21,22 +23,43 @@ class Pose:
     starts object j of n at a fixed place (`slot`: one object in the middle, two on a diagonal of the middle; moving
     ones on their trailing side as ever), so that a caption's first frame has one layout; `grid` (px, 0 = off) then
     moves each starting centre to the nearest centre of a `grid`-px cell, e.g. 16 for a DiT whose tokens cover 2 x 2
-    latents of an 8x VAE, so that a shape starts at the same place inside its token."""
+    latents of an 8x VAE, so that a shape starts at the same place inside its token.
+
+    `late_prob` / `late_frames`: a share of clips starts late, the world having run 1..`late_frames` frames (uniform)
+    from that start before the first recorded frame, so that a short clip shows what only a long shot reaches:
+    `moving` objects wrapping to the opposite edge, `growing` ones restarting small, any phase of a bounce or a turn.
+    Which clips and how late is drawn from the clip's seed by its own generator (`lead_in`)."""
 
     upright: bool = False
     centred: bool = False
     grid: int = 0
     slots: bool = False
+    late_prob: float = 0.0
+    late_frames: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 0:
             raise ValueError(f"grid must be a whole number of px >= 0 (0 = off), got {self.grid!r}")
+        if isinstance(self.late_frames, bool) or not isinstance(self.late_frames, int) or self.late_frames < 0:
+            raise ValueError(f"late_frames must be a whole number of frames >= 0, got {self.late_frames!r}")
+        if not 0.0 <= self.late_prob <= 1.0:
+            raise ValueError(f"late_prob must be in [0, 1], got {self.late_prob!r}")
+
+    def lead_in(self, seed: int) -> int:
+        """Frames the world runs before the first recorded frame of the clip of this seed (0: it starts at once)."""
+        if not self.late_frames or not self.late_prob:
+            return 0
+        rng = random.Random(seed)  # its own stream: the clip's numpy draws are the same late or not
+        return rng.randint(1, self.late_frames) if rng.random() < self.late_prob else 0
 
     def words(self) -> str:
-        """"upright, centred, on a 16-px grid"; "" for the world's own pose."""
+        """"upright, centred, on a 16-px grid, 30% of clips up to 96 frames late"; "" for the world's own pose."""
         words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots))
                  if on]
-        return ", ".join(words + ([f"on a {self.grid}-px grid"] if self.grid else []))
+        words += [f"on a {self.grid}-px grid"] if self.grid else []
+        if self.late_frames and self.late_prob:
+            words.append(f"{self.late_prob:.0%} of clips up to {self.late_frames} frames late")
+        return ", ".join(words)
 
     def fractions(self, u: float, w: float, j: int, n: int) -> tuple[float, float]:
         """Where object j of n starts, as fractions of its free positions on each axis, from the drawn (u, w)."""

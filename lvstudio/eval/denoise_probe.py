@@ -127,7 +127,7 @@ class DenoiseReport:
     seed: int
     rows: list[DenoiseRow]
     per_clip: list[dict] = field(default_factory=list)  # captions and swaps, per σ scores
-    pose: dict[str, bool | int] = field(default_factory=dict)  # how the held-out clips' objects started (non-default)
+    pose: dict[str, bool | int | float] = field(default_factory=dict)  # how the held-out clips started (non-default)
 
     def lines(self) -> list[str]:
         from lvstudio.world import Pose

@@ -35,7 +35,7 @@ class LatentDataset:
     captions: list[list[str]]  # per clip, per latent frame ("" where the frames of a latent disagree)
     objects: Tensor | None = None  # [N, L, h, w] 1 where an object covers the latent pixel (world ground truth)
     seeds: list[int] | None = None  # world seed of each clip
-    pose: dict[str, bool | int] = field(default_factory=dict)  # how the objects started (`lvstudio.world.Pose` fields)
+    pose: dict[str, bool | int | float] = field(default_factory=dict)  # how clips started (`lvstudio.world.Pose`)
 
     def save(self, path: Path) -> None:
         """Atomically, with a checksum (`lvstudio.checked_files`)."""
@@ -59,7 +59,7 @@ class LatentDataset:
                    json.loads(meta.get("pose", "{}")))
 
 
-def pose_dict(pose: Pose | None) -> dict[str, bool | int]:
+def pose_dict(pose: Pose | None) -> dict[str, bool | int | float]:
     """A pose as recorded in a dataset: the fields that differ from the world's own (empty: the world's own)."""
     from lvstudio.world import Pose
 
@@ -67,7 +67,7 @@ def pose_dict(pose: Pose | None) -> dict[str, bool | int]:
     return {k: v for k, v in asdict(pose).items() if v != getattr(default, k)}
 
 
-def _pose_words(pose: dict[str, bool | int]) -> str:
+def _pose_words(pose: dict[str, bool | int | float]) -> str:
     """"upright, centred, on a 16-px grid" / "as the world draws them" for a recorded pose."""
     from lvstudio.world import Pose
 

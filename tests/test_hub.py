@@ -572,3 +572,21 @@ def test_speed_benchmark_says_when_no_gpu(capsys: pytest.CaptureFixture[str], mo
     assert bench.main(["--allow-cpu", "--tiny", "--blocks", "2", "--warmup", "0", "--no-vae"]) == 0
     out = capsys.readouterr().out
     assert "window21" in out and "window12+sink3" in out
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(False, False, torch.float32),
+                                                              (True, False, torch.bfloat16),
+                                                              (False, True, torch.bfloat16)])
+def test_bfloat16_if_native_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool,
+                                            expected: torch.dtype) -> None:
+    """`bfloat16-if-native` (the tiny presets): bfloat16 only where the CPU has bfloat16 arithmetic, since torch
+    emulates it elsewhere, several times slower than float32; `auto` stays float32 on every CPU."""
+    from lvstudio.models.wan_components import resolve_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_dtype("bfloat16-if-native", torch.device("cpu")) == expected
+    assert resolve_dtype("bfloat16-if-native", torch.device("mps")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(PresetError, match="bfloat16-if-native"):
+        resolve_dtype("bf16", torch.device("cpu"))

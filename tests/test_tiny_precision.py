@@ -1,5 +1,6 @@
 """A tiny preset's `dtype` / `vae_dtype` are honoured on the CPU (bfloat16 halves the DiT's matmul time on CPUs with
-AVX-512 BF16 or AMX): the shipped tiny sets both to bfloat16; without them a CPU runs float32."""
+AVX-512 BF16 or AMX, and is emulated several times slower than float32 on the others): the shipped tiny sets both to
+`bfloat16-if-native`, so it runs bfloat16 where the CPU computes it and float32 elsewhere."""
 
 from __future__ import annotations
 
@@ -36,10 +37,16 @@ def _first_chunk(bundle) -> np.ndarray:  # noqa: ANN001 - a ModelBundle
     return make_backend("causal-kv", bundle, buf, seed=3, width=64, height=64).step().frames
 
 
-def test_tiny_preset_precision_follows_dtype_and_vae_dtype(tmp_path: Path) -> None:
+def test_tiny_preset_precision_follows_dtype_and_vae_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lvstudio.presets import load_bundle
 
-    shipped = load_bundle("tiny")  # v2 ships in bfloat16 (preset.toml: dtype, vae_dtype)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    plain_cpu = load_bundle("tiny")  # bfloat16-if-native on a CPU without bfloat16 arithmetic: float32
+    assert next(plain_cpu.dit.parameters()).dtype == torch.float32
+    assert next(plain_cpu.vae.parameters()).dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    shipped = load_bundle("tiny")  # ... and on one with AVX512-BF16: bfloat16 (preset.toml: dtype, vae_dtype)
     assert next(shipped.dit.parameters()).dtype == torch.bfloat16
     assert next(shipped.vae.parameters()).dtype == torch.bfloat16
     default = load_bundle(str(_preset_copy(tmp_path)))  # without them: float32 on a CPU ("auto")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
 from lvstudio.errors import PresetError
 
-DType = Literal["auto", "bfloat16", "float16", "float32"]
+DType = Literal["auto", "bfloat16-if-native", "bfloat16", "float16", "float32"]
 
 # The old spelling of "not pinned" (today: leave `revision` out). Still read, as unpinned.
 REVISION_PLACEHOLDER = "FILL-ME"
@@ -234,7 +234,8 @@ class Preset(_Strict):
     revisions: dict[str, str] = Field(default_factory=dict)  # other repos: repo_id -> 40-hex commit
     licence: str = ""
     lora: LoraSettings | None = None
-    dtype: DType = "auto"  # DiT and text encoder: auto = bfloat16 on GPU, float32 on CPU
+    dtype: DType = "auto"  # DiT and text encoder: auto = bfloat16 on GPU, float32 on CPU; bfloat16-if-native: also
+    # bfloat16 on a CPU with bfloat16 arithmetic (AVX512-BF16 / AMX)
     vae_dtype: DType = "auto"
     text_offload: Literal["auto", "never", "cpu", "swap"] = "auto"  # where the text encoder lives on a GPU run
     training: dict = Field(default_factory=dict)  # how the weights were made, and their figures (informational)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,12 +120,19 @@ def test_usage_error_exits_2() -> None:
 
 
 @pytest.mark.slow
-def test_bench_render_compares_backends_and_presets_side_by_side() -> None:
+def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "render", "--minutes", "0.02", "--preset", "tiny", "--preset", "tiny-fast",
                                  "--backend", "causal-kv"])
     assert result.exit_code == 0, result.output
     assert "side by side (ratios vs tiny/causal-kv)" in result.output
     assert "tiny-fast/causal-kv / tiny/causal-kv: speed x" in result.output
+    # Two presets of one name (tiny and a copy of it): labelled by what was asked for, the copy by its folder.
+    copy = tmp_path / "old-tiny"
+    shutil.copytree(ROOT / "presets" / "tiny", copy)
+    same = runner.invoke(app, ["bench", "render", "--minutes", "0.02", "--preset", "tiny", "--preset",
+                               str(copy / "preset.toml")])
+    assert same.exit_code == 0, same.output
+    assert "old-tiny/causal-kv / tiny/causal-kv: speed x" in same.output
     bad = _run("-m", "lvstudio", "bench", "render", "--minutes", "0.02", "--backend", "nope")
     assert bad.returncode == 2 and "is not a backend" in bad.stderr

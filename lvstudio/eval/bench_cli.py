@@ -76,10 +76,23 @@ def bench_render_cmd(
     for name in backend or []:
         if name not in BACKENDS:
             raise LvError(f"--backend {name!r} is not a backend", hint=f"choose one of: {', '.join(BACKENDS)}")
-    results = []
+    import dataclasses
+
+    results, sources = [], []
     for p in preset or ["tiny"]:
         for name in backend or [None]:
             results.append(run_render_bench(p, minutes, threads, backend=name))
+            sources.append(p)
             typer.echo("\n".join(results[-1].lines()))
     if len(results) > 1:
+        # Two presets of one name (tiny and an older tiny's preset.toml): label each by what was asked for.
+        if len({r.preset for r in results}) < len(set(sources)):
+            results = [dataclasses.replace(r, preset=_source_label(src))
+                       for r, src in zip(results, sources, strict=True)]
         typer.echo("\n".join(comparison_lines(results)))
+
+
+def _source_label(source: str) -> str:
+    """A --preset as given: a name as it is, a preset.toml by its folder's name."""
+    path = Path(source)
+    return path.parent.name if path.suffix == ".toml" else source

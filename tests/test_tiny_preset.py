@@ -58,8 +58,8 @@ def test_backend_storyboards_render_playable_mp4(tmp_path: Path, story: str, lor
 
 
 def test_tiny_fast_preset_is_a_four_step_causal_generator_without_guidance() -> None:
-    """The Self-Forcing distilled preset (of v1): 4 warped steps, CFG distilled in, and its own copies of the v1 text
-    encoder and VAE it was distilled with (tiny itself moved on to v2's)."""
+    """The distilled preset of v2: 4 warped steps, CFG distilled in, its own DiT and its own copies of the v2 text
+    encoder and VAE it was distilled with (byte-identical to tiny's, so the two presets read the same words)."""
     import numpy as np
 
     from lvstudio.eval.adherence import render_prompt
@@ -73,9 +73,11 @@ def test_tiny_fast_preset_is_a_four_step_causal_generator_without_guidance() -> 
     tiny = load_preset("tiny")
     for role in ("text_encoder", "vae"):
         assert p.file_path(role).parent == p.file_path("dit").parent
-        assert p.files[role].sha256 != tiny.files[role].sha256
+        assert p.files[role].sha256 == tiny.files[role].sha256
+    assert p.files["dit"].sha256 != tiny.files["dit"].sha256
     bundle = load_bundle(p)
     frames = render_prompt(bundle, "a red ball bouncing over the sea", 1.5, seed=1)
     assert frames.shape == (24, 128, 128, 3) and frames.dtype == np.uint8
     score = adherence(frames, SceneSpec("sea", (ObjectSpec("red", "ball", "bouncing"),)))
-    assert score["scene"] > 0.8 and score["colour"] > 0.8, score
+    assert score["scene"] > 0.8 and score["colour"] > 0.9, score
+    assert score["objects"] > 0.5, score  # one ball, as v2 draws it (v1's distillation drew a grid of blobs)

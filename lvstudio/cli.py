@@ -382,7 +382,8 @@ def train_causal_distill_cmd(
 def train_export_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The config of the run.")],
     to: Annotated[Path | None, typer.Option(
-        "--to", help="Also copy the weights into this preset folder (diffusion-forcing, streaming).")] = None,
+        "--to", help="Also copy the weights into this preset folder (DiT and text encoder; a self-forcing run: its "
+                     "generator's DiT).")] = None,
     storage: Annotated[str, typer.Option(
         help="How --to stores them: float16, int8 (a scale per output channel: a quarter of float32) or "
              "float32.")] = "float16",
@@ -392,26 +393,29 @@ def train_export_cmd(
     """Export the EMA weights of a run's latest checkpoint (an unfinished run's too): dit/text safetensors.
 
     A sharded (--fsdp) checkpoint is first gathered into one file, out_dir/consolidated.safetensors."""
+    from lvstudio.models.weight_storage import STORAGES
     from lvstudio.train.common import load_config
+    from lvstudio.train.diffusion_forcing import ship_weights
 
+    if recipe not in ("diffusion-forcing", "streaming", "self-forcing"):
+        raise LvError(f"--recipe {recipe!r} has no export", hint="choose diffusion-forcing, streaming or self-forcing")
+    if storage not in STORAGES:
+        raise LvError(f"--storage {storage!r} is not a weight storage", hint=f"choose {', '.join(STORAGES)}")
     if recipe == "self-forcing":
         from lvstudio.train.self_forcing import SelfForcingConfig, export_run
 
-        typer.echo(f"exported the generator's EMA weights to {export_run(load_config(config, SelfForcingConfig))}")
-        return
-    if recipe not in ("diffusion-forcing", "streaming"):
-        raise LvError(f"--recipe {recipe!r} has no export", hint="choose diffusion-forcing, streaming or self-forcing")
-    from lvstudio.models.weight_storage import STORAGES
+        dit = export_run(load_config(config, SelfForcingConfig))
+        typer.echo(f"exported the generator's EMA weights to {dit}")
+        run, names = dit.parent, (dit.name,)
+    else:
+        from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint
+        from lvstudio.train.streaming import StreamConfig
 
-    if storage not in STORAGES:
-        raise LvError(f"--storage {storage!r} is not a weight storage", hint=f"choose {', '.join(STORAGES)}")
-    from lvstudio.train.diffusion_forcing import DFConfig, export_checkpoint, ship_weights
-    from lvstudio.train.streaming import StreamConfig
-
-    run = export_checkpoint(load_config(config, StreamConfig if recipe == "streaming" else DFConfig))
-    typer.echo(f"exported EMA weights into {run}")
+        run = export_checkpoint(load_config(config, StreamConfig if recipe == "streaming" else DFConfig))
+        typer.echo(f"exported EMA weights into {run}")
+        names = ("dit.safetensors", "text.safetensors")
     if to is not None:
-        for path in ship_weights(run, to, storage):  # type: ignore[arg-type]  # checked against STORAGES
+        for path in ship_weights(run, to, storage, names):  # type: ignore[arg-type]  # checked against STORAGES
             typer.echo(f"  -> {path}")
 
 

@@ -219,3 +219,30 @@ def test_config_rejects_bad_values() -> None:
         SelfForcingConfig(history_start_index=4)
     assert np.allclose(SelfForcingConfig(shift=2.0).timesteps()[0], 1000.0)
 
+
+
+@pytest.mark.slow
+def test_train_export_ships_the_generator_into_a_preset_folder(tmp_path: Path) -> None:
+    """`lvstudio train export CONFIG --recipe self-forcing --to DIR --storage int8`: the generator's DiT, stored int8,
+    the same weights within an int8 step (how tiny-fast's dit.safetensors is made)."""
+    from typer.testing import CliRunner
+
+    from lvstudio.cli import app
+    from lvstudio.models.weight_storage import read_weights
+
+    files = tiny_files(tmp_path / "base")
+    cfg = tiny_sf_cfg(tmp_path / "run", files, steps=2)
+    train_self_forcing(cfg, progress=False, dataset=tiny_latents())
+    fields = cfg.model_dump(exclude_none=True, exclude={"fsdp"})
+    config = tmp_path / "sf.toml"
+    config.write_text("".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}\n"
+                              for k, v in fields.items()))
+    result = CliRunner().invoke(app, ["train", "export", str(config), "--recipe", "self-forcing",
+                                      "--to", str(tmp_path / "preset"), "--storage", "int8"])
+    assert result.exit_code == 0, result.output
+    shipped, meta = read_weights(tmp_path / "preset" / "dit.safetensors")
+    assert meta["storage"] == "int8-per-channel" and not (tmp_path / "preset" / "text.safetensors").exists()
+    run = load_file(str(tmp_path / "run" / "dit.safetensors"))
+    assert shipped.keys() == run.keys()
+    for k, w in run.items():  # int8: within a step of the tensor's largest channel; small tensors float16
+        assert torch.allclose(shipped[k].float(), w, rtol=0, atol=float(w.abs().max()) / 127 + 1e-3), k

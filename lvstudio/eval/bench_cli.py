@@ -5,6 +5,7 @@ Each command imports its benchmark lazily, so `lvstudio --help` stays instant.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -76,8 +77,6 @@ def bench_render_cmd(
     for name in backend or []:
         if name not in BACKENDS:
             raise LvError(f"--backend {name!r} is not a backend", hint=f"choose one of: {', '.join(BACKENDS)}")
-    import dataclasses
-
     results, sources = [], []
     for p in preset or ["tiny"]:
         for name in backend or [None]:
@@ -87,7 +86,7 @@ def bench_render_cmd(
     if len(results) > 1:
         # Two presets of one name (tiny and an older tiny's preset.toml): label each by what was asked for.
         if len({r.preset for r in results}) < len(set(sources)):
-            results = [dataclasses.replace(r, preset=_source_label(src))
+            results = [replace(r, preset=_source_label(src))
                        for r, src in zip(results, sources, strict=True)]
         typer.echo("\n".join(comparison_lines(results)))
 

@@ -289,8 +289,10 @@ def export_checkpoint(cfg: DFConfig, out_dir: Path | None = None, vocabulary: li
     return out
 
 
-def ship_weights(run_dir: Path, preset_dir: Path, storage: Storage = "float16") -> list[Path]:
-    """Copy a run's exported dit/text weights into a preset folder in `storage` (`lvstudio.models.weight_storage`:
+def ship_weights(run_dir: Path, preset_dir: Path, storage: Storage = "float16",
+                 names: tuple[str, ...] = ("dit.safetensors", "text.safetensors")) -> list[Path]:
+    """Copy a run's exported weights `names` (a DF run's dit and text; a Self-Forcing run has only its generator's
+    dit) into a preset folder in `storage` (`lvstudio.models.weight_storage`:
     float16 by default, half the size, same outputs to ~1e-3; int8 a quarter), keeping the config metadata. The
     exports are verified first; the copies get their own checksum (record the preset's new sha256 with
     `lvstudio presets hash PRESET_DIR --write`). A preset folder that does not exist yet is made."""
@@ -299,7 +301,7 @@ def ship_weights(run_dir: Path, preset_dir: Path, storage: Storage = "float16") 
     hint = "export it again: `lvstudio train export CONFIG.toml` (from the checkpoint)"
     Path(preset_dir).mkdir(parents=True, exist_ok=True)
     return [store_weights(Path(run_dir) / name, Path(preset_dir) / name, storage, hint)
-            for name in ("dit.safetensors", "text.safetensors")]
+            for name in names]
 
 
 def export_weights(model: TinyDF, shadow: dict[str, Tensor], out: Path) -> None:

@@ -382,13 +382,13 @@ def train_causal_distill_cmd(
 def train_export_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The config of the run.")],
     to: Annotated[Path | None, typer.Option(
-        "--to", help="Also copy the weights into this preset folder (DiT and text encoder; a self-forcing run: its "
-                     "generator's DiT).")] = None,
+        "--to", help="Also copy the weights into this preset folder (DiT and text encoder; a self-forcing or "
+                     "causal-distill run: its generator's DiT).")] = None,
     storage: Annotated[str, typer.Option(
         help="How --to stores them: float16, int8 (a scale per output channel: a quarter of float32) or "
              "float32.")] = "float16",
     recipe: Annotated[str, typer.Option(
-        help="The run's recipe: diffusion-forcing, streaming or self-forcing.")] = "diffusion-forcing",
+        help="The run's recipe: diffusion-forcing, streaming, self-forcing or causal-distill.")] = "diffusion-forcing",
 ) -> None:
     """Export the EMA weights of a run's latest checkpoint (an unfinished run's too): dit/text safetensors.
 
@@ -397,14 +397,16 @@ def train_export_cmd(
     from lvstudio.train.common import load_config
     from lvstudio.train.diffusion_forcing import ship_weights
 
-    if recipe not in ("diffusion-forcing", "streaming", "self-forcing"):
-        raise LvError(f"--recipe {recipe!r} has no export", hint="choose diffusion-forcing, streaming or self-forcing")
+    if recipe not in ("diffusion-forcing", "streaming", "self-forcing", "causal-distill"):
+        raise LvError(f"--recipe {recipe!r} has no export",
+                      hint="choose diffusion-forcing, streaming, self-forcing or causal-distill")
     if storage not in STORAGES:
         raise LvError(f"--storage {storage!r} is not a weight storage", hint=f"choose {', '.join(STORAGES)}")
-    if recipe == "self-forcing":
+    if recipe in ("self-forcing", "causal-distill"):
+        from lvstudio.train.causal_distill import CausalDistillConfig
         from lvstudio.train.self_forcing import SelfForcingConfig, export_run
 
-        dit = export_run(load_config(config, SelfForcingConfig))
+        dit = export_run(load_config(config, SelfForcingConfig if recipe == "self-forcing" else CausalDistillConfig))
         typer.echo(f"exported the generator's EMA weights to {dit}")
         run, names = dit.parent, (dit.name,)
     else:

@@ -1,5 +1,5 @@
 """CausVid causal distillation: ODE pairs (shapes, timesteps, both teacher attentions), the regression loss, tiny
-runs of the ODE init (+ DMD stage 2) that export and resume."""
+runs of the ODE init (+ DMD stage 2) that export and resume; guidance distillation (target "teacher-step")."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from lvstudio.train.causal_distill import (
     load_ode_pairs,
     ode_regression_loss,
     teacher_grid,
+    teacher_step_loss,
     teacher_trajectories,
     train_causal_distill,
 )
@@ -116,3 +117,64 @@ def test_three_step_ode_init_exports_resumes_and_feeds_dmd(tmp_path: Path, preci
     assert resumed["dmd"]["step"] == 2 and (tmp_path / "b" / "dmd" / "dit.safetensors").exists()
     dmd_log = [json.loads(x) for x in (tmp_path / "b" / "dmd" / "train_log.jsonl").read_text().splitlines()]
     assert len(dmd_log) == 2 and all("loss_c" in r for r in dmd_log)
+
+
+def _teacher_step_cfg(**kw) -> CausalDistillConfig:
+    base = dict(size=32, shift=3.0, teacher_shift=3.0, teacher_steps=4, num_blocks=3, block_frames=2, window_frames=6,
+                sink_frames=2, target="teacher-step")
+    return CausalDistillConfig(**{**base, **kw})
+
+
+def test_teacher_step_targets_are_the_teachers_own_steps() -> None:
+    """Without CFG the teacher is its own perfect student (loss ~0 on every block and state: the velocity read off
+    the trajectory, the clean past and the timesteps are the sampler's); with CFG 2 it is not."""
+    teacher = tiny_dit()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 4, 6, 4, 4, generator=g)
+    context, uncond = torch.randn(3, 8, 16, generator=g), torch.zeros(3, 8, 16)
+    losses = {}
+    for teacher_cfg in (1.0, 2.0):
+        cfg = _teacher_step_cfg(teacher_cfg=teacher_cfg)
+        traj = teacher_trajectories(teacher, context, uncond, noise, cfg)
+        with torch.no_grad():
+            losses[teacher_cfg] = [float(teacher_step_loss(teacher, context, traj, cfg, g.manual_seed(s)))
+                                   for s in range(12)]
+    assert max(losses[1.0]) < 1e-10 and min(losses[2.0]) > 1e-7
+    assert min(losses[2.0]) > 1000 * max(losses[1.0])
+
+
+def test_teacher_step_needs_the_teachers_grid_on_the_step_list() -> None:
+    with pytest.raises(ValueError, match="set teacher_steps = 4"):
+        _teacher_step_cfg(teacher_steps=12)
+    with pytest.raises(ValueError, match="dmd_steps = 0"):
+        _teacher_step_cfg(dmd_steps=5)
+    assert _teacher_step_cfg().sampler_table() == {"kind": "euler", "steps": 4, "shift": 3.0, "cfg_scale": 1.0,
+                                                    "context_noise": 0.0}
+    assert CausalDistillConfig().sampler_table()["kind"] == "few-step"
+
+
+@pytest.mark.slow
+def test_guidance_distillation_run_exports_an_euler_generator(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lvstudio.cli import app
+    from lvstudio.train.self_forcing import export_run
+
+    files = tiny_files(tmp_path / "base")
+    cfg = tiny_cd_cfg(tmp_path / "run", files, target="teacher-step", teacher_steps=4, teacher_cfg=2.0)
+    train_causal_distill(cfg, progress=False)
+    exported = tmp_path / "run" / "dit.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(exported), "pt") as f:
+        assert json.loads(f.metadata()["sampler"])["kind"] == "euler"
+    first = load_file(exported)
+    export_run(cfg)  # the checkpoint's EMA again: the same weights
+    again = load_file(exported)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    (tmp_path / "run.toml").write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in cfg.model_dump().items()
+                                                 if v is not None and not isinstance(v, dict)))
+    result = CliRunner().invoke(app, ["train", "export", str(tmp_path / "run.toml"), "--recipe", "causal-distill",
+                                      "--to", str(tmp_path / "preset"), "--storage", "int8"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "preset" / "dit.safetensors").exists()

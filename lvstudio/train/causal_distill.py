@@ -5,9 +5,14 @@ from world prompts; the trajectory is stored at the student's step list (the Eul
 exactly) plus the clean end. Teacher attention "causal" samples block by block over the KV cache like the backend
 (what the tiny base was trained for), "bidirectional" denoises the whole window jointly. Pairs are written in parts
 (out_dir/ode_pairs/part_NNNNN.safetensors), so an interrupted run resumes.
-Stage 1b, ODE regression: per block a random index of the list (or the clean end), one block-causal forward,
-MSE(x0 prediction, clean end) over the noisy frames. The output out_dir/dit.safetensors (EMA) is the `init_dit` of
-the Self-Forcing config.
+Stage 1b, ODE regression (`target = "clean-end"`, CausVid): per block a random index of the list (or the clean end),
+one block-causal forward, MSE(x0 prediction, clean end) over the noisy frames. The output out_dir/dit.safetensors
+(EMA) is the `init_dit` of the Self-Forcing config.
+Stage 1b, guidance distillation (`target = "teacher-step"`, Meng et al. 2023): the teacher's Euler grid is the
+student's step list, so each step of a stored trajectory is one teacher step with CFG, whose velocity is
+(x_{j+1} − x_j)/(σ_{j+1} − σ_j). The student (initialised from the teacher) learns that velocity in one forward
+without the unconditional row, with the block's past clean as the causal-KV backend holds it; it then samples with
+the teacher's own Euler sampler at cfg_scale 1 (half the DiT calls) instead of the few-step sampler.
 Stage 2 (optional, dmd_steps > 0): DMD with backward_simulation = false, run by `self_forcing.train_self_forcing`
 in out_dir/dmd.
 """
@@ -22,6 +27,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import model_validator
 from torch import Tensor
 
 from lvstudio.models.kv_cache import AttentionSpec
@@ -48,7 +54,6 @@ from lvstudio.train.self_forcing import (
     SelfForcingConfig,
     export_generator,
     load_models,
-    sampler_settings,
     train_self_forcing,
     world_prompts,
 )
@@ -70,6 +75,7 @@ class CausalDistillConfig(SelfForcingConfig):
     num_pairs: int = 256
     pair_batch: int = 16  # pairs per saved part
     clean_index: bool = True  # the regression may also draw the clean end for a block (clean history, no loss)
+    target: Literal["clean-end", "teacher-step"] = "clean-end"  # ODE regression or guidance distillation
     betas: tuple[float, float] = (0.9, 0.999)
     lr: float = 2e-4
     batch_size: int = 8
@@ -79,6 +85,27 @@ class CausalDistillConfig(SelfForcingConfig):
     dmd_lr: float = 1e-4
     dmd_batch_size: int = 2
     dmd_betas: tuple[float, float] = (0.0, 0.999)
+
+    @model_validator(mode="after")
+    def _check_teacher_step(self) -> CausalDistillConfig:
+        if self.target == "teacher-step":
+            grid, marks = teacher_grid(self), list_sigmas(self)
+            if len(grid) != len(marks) + 1 or any(abs(g - m) > 1e-4 for g, m in zip(grid, marks, strict=False)):
+                raise ValueError(
+                    f'target = "teacher-step" needs the teacher\'s Euler grid to be the student\'s steps (grid '
+                    f"{[round(g, 4) for g in grid]}, steps {[round(m, 4) for m in marks]}): set teacher_steps = "
+                    f"{len(marks)}, teacher_shift = shift and warp = true")
+            if self.dmd_steps:
+                raise ValueError('target = "teacher-step" has no DMD stage: set dmd_steps = 0')
+        return self
+
+    def sampler_table(self) -> dict:
+        """The [sampler] table a preset needs to run the exported generator: guidance distillation keeps the
+        teacher's Euler sampler (without CFG), the ODE regression the few-step one."""
+        if self.target == "teacher-step":
+            return {"kind": "euler", "steps": self.teacher_steps, "shift": self.teacher_shift, "cfg_scale": 1.0,
+                    "context_noise": self.context_noise}
+        return super().sampler_table()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,6 +253,27 @@ def ode_regression_loss(generator: WanDiT, context: Tensor, traj: Tensor, timest
     return (err * noisy).sum() / noisy.sum().clamp_min(1.0)
 
 
+def teacher_step_loss(generator: WanDiT, context: Tensor, traj: Tensor, cfg: CausalDistillConfig,
+                      gen: torch.Generator) -> Tensor:
+    """Guidance distillation. traj [B, K+1, C, F, h, w] of a teacher whose Euler grid is the list's σ (checked by
+    the config). One block k for the batch (random), its past clean (as the backend's KV cache holds it), a random
+    state j per sample; MSE(student velocity, teacher's CFG velocity at x_j) over block k."""
+    b, kk = traj.shape[:2]
+    n = cfg.block_frames
+    k = int(torch.randint(0, cfg.num_blocks, (1,), generator=gen))
+    j = torch.randint(0, kk - 1, (b,), generator=gen)  # [B]
+    sigma = torch.tensor([*list_sigmas(cfg), 0.0])
+    t_list = torch.tensor(cfg.timesteps())
+    s, e = k * n, (k + 1) * n
+    rows = torch.arange(b)
+    x_j, x_next = traj[rows, j, :, s:e], traj[rows, j + 1, :, s:e]  # [B, C, n, h, w]
+    v_teacher = (x_next - x_j) / (sigma[j + 1] - sigma[j]).view(b, 1, 1, 1, 1)
+    x = torch.cat([traj[:, -1, :, :s], x_j], dim=2)  # [B, C, e, h, w]: clean past, block k at state j
+    t = torch.cat([torch.full((b, s), float(cfg.context_noise)), t_list[j][:, None].expand(b, n)], dim=1)  # [B, e]
+    v = generator(x, t, generator.new_conditioning(context), attention=cfg.spec)
+    return (v[:, :, s:].float() - v_teacher).pow(2).mean()
+
+
 def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dataset: LatentDataset | None = None,
                          vocabulary: list[str] | None = None) -> dict:
     """ODE pairs → ODE regression (→ out_dir/dit.safetensors) → optional DMD stage 2 (out_dir/dmd). Resumable."""
@@ -264,7 +312,9 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
         context = models.encode([prompts[int(i)] for i in rows])
         lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
         with forward_precision(cfg.precision, device):
-            loss = ode_regression_loss(generator, context, trajs[torch.as_tensor(rows)], timesteps, cfg, gen)
+            batch = trajs[torch.as_tensor(rows)]
+            loss = (teacher_step_loss(generator, context, batch, cfg, gen) if cfg.target == "teacher-step"
+                    else ode_regression_loss(generator, context, batch, timesteps, cfg, gen))
         grad_norm = optimizer_step(opt, loss, generator.parameters(), cfg.grad_clip)
         ema.update(generator, decay=0.0 if step + 1 <= cfg.ema_start else None)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr}
@@ -276,7 +326,7 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
                                 checkpoint=save, progress=progress, description="ode regression")
     step, last = loop.run(one_step)
     loss_value = last.get("loss", math.nan)
-    export_generator(generator.cfg, ema.shadow, out, sampler_settings(cfg))
+    export_generator(generator.cfg, ema.shadow, out, cfg.sampler_table())
     result = {"step": step, "loss": loss_value, "pairs": len(prompts), "pair_seconds": pair_seconds,
               "out_dir": str(out)}
     # Stage 2: DMD on noised real latents (CausVid), the Self-Forcing loop with backward_simulation = false.

@@ -86,7 +86,7 @@ class SelfForcingConfig(TrainConfigBase):
     mode: Literal["dmd", "mixed-history"] = "dmd"
     backward_simulation: bool = True  # True: Self-Forcing rollout; False: CausVid (noised real latents)
     prompt_source: Literal["world", "dataset"] = "world"
-    # Few-step sampler of the generator (what the tiny-fast preset's [sampler] will say).
+    # Few-step sampler of the generator (what the [sampler] of a preset made from it says).
     step_list: list[float] = Field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     warp: bool = True
     shift: float = 2.0
@@ -137,6 +137,11 @@ class SelfForcingConfig(TrainConfigBase):
     @property
     def spec(self) -> AttentionSpec:
         return AttentionSpec(self.block_frames, self.window_frames, self.sink_frames)
+
+    def sampler_table(self) -> dict:
+        """The [sampler] table a preset needs to run the exported generator."""
+        return {"kind": "few-step", "step_list": list(self.step_list), "warp": self.warp, "shift": self.shift,
+                "cfg_scale": 1.0, "context_noise": self.context_noise}
 
     def timesteps(self) -> list[float]:
         """The sampler's model timesteps (warped onto the shifted table if `warp`)."""
@@ -458,7 +463,7 @@ def export_run(cfg: SelfForcingConfig) -> Path:
     ckpt = consolidated_checkpoint(out)
     if ckpt is None:
         raise LvError(f"no checkpoint in {out}", hint="train first, or pass the config of the run to export")
-    tensors = read_checkpoint(ckpt, ("self-forcing", "causvid-dmd", "mixed-history"))[0]
+    tensors = read_checkpoint(ckpt, ("self-forcing", "causvid-dmd", "mixed-history", "causal-distill-ode"))[0]
     meta = read_metadata(cfg.init_dit or cfg.real_dit, hint=WEIGHTS_HINT)
     config = WanDiTConfig.from_dict(json.loads(meta["config"]))
     # The generator EMA must be a DiT of the config's init DiT, whose config the export records: else an LvError
@@ -467,13 +472,7 @@ def export_run(cfg: SelfForcingConfig) -> Path:
         wanted = WanDiT(config).state_dict()
     check_fit(ckpt, {f"ema.{k}": v for k, v in wanted.items()}, tensors, ("ema.",))
     shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    return export_generator(config, shadow, out, sampler_settings(cfg))
-
-
-def sampler_settings(cfg: SelfForcingConfig) -> dict:
-    """The [sampler] table a preset needs to run the exported generator."""
-    return {"kind": "few-step", "step_list": list(cfg.step_list), "warp": cfg.warp, "shift": cfg.shift,
-            "cfg_scale": 1.0, "context_noise": cfg.context_noise}
+    return export_generator(config, shadow, out, cfg.sampler_table())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,7 +529,7 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
     step, last = loop.run(one_step)
     shadow = whole_tensors(ema.shadow) if cfg.fsdp else ema.shadow
     if dist.is_main:
-        export_generator(models.generator.cfg, shadow, out, sampler_settings(cfg))
+        export_generator(models.generator.cfg, shadow, out, cfg.sampler_table())
     digest = weights_digest(models.generator)
     shutdown_distributed(dist)
     return {"step": step, "loss_g": _nan(last.get("loss_g")), "loss_c": _nan(last.get("loss_c")),

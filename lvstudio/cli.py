@@ -576,7 +576,7 @@ def eval_drift_cmd(
     minutes: Annotated[float, typer.Option(help="Minutes of video per variant.")] = 5.0,
     window: Annotated[float, typer.Option(help="Seconds of video per measured window.")] = 10.0,
     variant: Annotated[list[str] | None, typer.Option(
-        "--variant", help="NAME=PRESET:BACKEND[:lora=off|on|PATH], repeatable (default: base, sf, crossclip)."
+        "--variant", help="NAME=PRESET:BACKEND[:lora=off|on|PATH], repeatable (default: base, crossclip)."
     )] = None,
     prompts: Annotated[int, typer.Option(help="Distinct prompts in the cycle.")] = 8,
     seconds_per_prompt: Annotated[float, typer.Option(help="Seconds each prompt is held.")] = 15.0,

@@ -122,11 +122,11 @@ def test_usage_error_exits_2() -> None:
 @pytest.mark.slow
 def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["bench", "render", "--minutes", "0.02", "--preset", "tiny", "--preset", "tiny-fast",
-                                 "--backend", "causal-kv"])
+    result = runner.invoke(app, ["bench", "render", "--minutes", "0.02", "--preset", "tiny", "--backend", "causal-kv",
+                                 "--backend", "erft-crossclip"])
     assert result.exit_code == 0, result.output
     assert "side by side (ratios vs tiny/causal-kv)" in result.output
-    assert "tiny-fast/causal-kv / tiny/causal-kv: speed x" in result.output
+    assert "tiny/erft-crossclip / tiny/causal-kv: speed x" in result.output
     # Two presets of one name (tiny and a copy of it): labelled by what was asked for, the copy by its folder.
     copy = tmp_path / "old-tiny"
     shutil.copytree(ROOT / "presets" / "tiny", copy)

@@ -141,7 +141,6 @@ def test_variant_availability(tmp_path: Path) -> None:
     with pytest.raises(LvError, match="tiny-slow"):
         check_variant(parse_variant("sf=tiny-slow:causal-kv"))
     assert variant_problem(parse_variant("base=tiny:causal-kv")) is None
-    assert variant_problem(parse_variant("sf=tiny-fast:causal-kv")) is None
     with_lora = write_random_preset(tmp_path / "with-lora", lora=True)
     assert variant_problem(parse_variant(f"erft={with_lora}:erft-crossclip:lora=on")) is None
     assert variant_problem(parse_variant("cc=tiny:erft-crossclip:lora=off")) is None  # tiny names no LoRA: fine

@@ -46,7 +46,8 @@ def bench_train_cmd(
 @bench_app.command("render")
 def bench_render_cmd(
     preset: Annotated[list[str] | None, typer.Option(
-        help="Preset name or path to a preset.toml (repeat to compare presets, e.g. tiny and tiny-fast).")] = None,
+        help="Preset name or path to a preset.toml (repeat to compare presets, e.g. tiny and an older tiny's "
+             "preset.toml).")] = None,
     minutes: Annotated[float, typer.Option(help="Minutes of video to render.")] = 10.0,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     backend: Annotated[list[str] | None, typer.Option(

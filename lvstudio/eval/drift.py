@@ -55,7 +55,6 @@ RECURRENCE_KEYS = ("scene", "colour", "shape", "objects", "contrast", "chroma", 
                    "blockiness", "checker")
 DEFAULT_VARIANTS = (
     "base=tiny:causal-kv",
-    "sf=tiny-fast:causal-kv",
     "crossclip=tiny:erft-crossclip:lora=off",
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

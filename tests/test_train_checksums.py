@@ -419,7 +419,8 @@ def test_a_checkpoint_of_another_recipe_is_refused_by_every_reader(tmp_path: Pat
     _refused(lambda: export_checkpoint(tiny_cfg(str(sf_ckpt.parent)), vocabulary=VOCAB),
              r"is a causvid-dmd checkpoint, not a diffusion-forcing or streaming one .*`lvstudio train self-forcing`")
     _refused(lambda: export_run(tiny_sf_cfg(df_ckpt.parent, tiny_files(tmp_path / "base"))),
-             "is a diffusion-forcing checkpoint, not a self-forcing or causvid-dmd or mixed-history or causal-distill-ode one")
+             "is a diffusion-forcing checkpoint, not a self-forcing or causvid-dmd or mixed-history or "
+             "causal-distill-ode one")
     assert not (df_ckpt.parent / "dit.safetensors").exists() and not (sf_ckpt.parent / "dit.safetensors").exists()
     # A checkpoint that names no recipe (not one lvstudio wrote), and one of the right recipe but another model.
     _df_checkpoint(tmp_path / "none" / CHECKPOINT, recipe=None)

@@ -433,6 +433,17 @@ def train_vae_cmd(
     typer.echo(summary)
 
 
+@train_app.command("vae-decoder")
+def train_vae_decoder_cmd(
+    config: Annotated[Path, typer.Argument(
+        metavar="CONFIG.toml", help="Decoder-tuning config (see presets/tiny/train_vae_decoder.toml).")],
+    no_progress: Annotated[bool, _NO_PROGRESS] = False,
+) -> None:
+    """Tune a VAE's decoder to draw frames from the DiT's last-step estimates; encoder and latents stay (resumes
+    from out_dir)."""
+    _train(config, "vae_decoder", "VaeDecoderConfig", "train_vae_decoder", not no_progress)
+
+
 @eval_app.command("adherence")
 def eval_adherence_cmd(
     preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml.")] = "tiny",

@@ -189,9 +189,19 @@ def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Gener
         recon, x, mu, logvar = _decoder_phase_forward(cfg, vae, x, generator)
     else:
         recon, mu, logvar = vae(x, sample=True, generator=generator)
+    terms = reconstruction_terms(recon, x, cfg.object_weight)
+    kl = 0.5 * torch.mean(mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    loss = cfg.l1_weight * terms["l1"] + cfg.mse_weight * terms["mse"] + cfg.edge_weight * terms["edge"] \
+        + cfg.kl_weight * kl
+    return {"loss": loss, **terms, "kl": kl}
+
+
+def reconstruction_terms(recon: Tensor, x: Tensor, object_weight: float) -> dict[str, Tensor]:
+    """L1, MSE and edge (L1 on spatial finite differences) of recon − x [B, 3, F, H, W], each weighted per pixel by
+    `object_pixel_weight` when object_weight > 0."""
     diff = recon - x
-    if cfg.object_weight > 0:
-        w = object_pixel_weight(x, cfg.object_weight)  # [B, 1, F, H, W], mean 1 per frame
+    if object_weight > 0:
+        w = object_pixel_weight(x, object_weight)  # [B, 1, F, H, W], mean 1 per frame
         l1 = (diff.abs() * w).mean()
         mse = (diff.pow(2) * w).mean()
         edge = ((diff.diff(dim=-1).abs() * w[..., 1:]).mean() + (diff.diff(dim=-2).abs() * w[..., 1:, :]).mean()) * 0.5
@@ -199,9 +209,7 @@ def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Gener
         l1 = diff.abs().mean()
         mse = diff.pow(2).mean()
         edge = (diff.diff(dim=-1).abs().mean() + diff.diff(dim=-2).abs().mean()) * 0.5
-    kl = 0.5 * torch.mean(mu.pow(2) + logvar.exp() - 1.0 - logvar)
-    loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.kl_weight * kl
-    return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl}
+    return {"l1": l1, "mse": mse, "edge": edge}
 
 
 def object_pixel_weight(x: Tensor, weight: float) -> Tensor:

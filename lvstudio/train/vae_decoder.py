@@ -1,0 +1,222 @@
+"""Decoder tuning of the tiny VAE on a DiT's last-step estimates (`lvstudio train vae-decoder CONFIG.toml`).
+
+The Euler sampler's last step makes the output latents out of the DiT's x0 estimate at the last σ (the shipped
+sampler: Euler 3, shift 2, σ 1 → 0.8 → 0.5 → 0, so σ = 0.5). That estimate is a conditional mean: the layout is
+decided, object edges are soft, and the VAE decoder, trained on clean latents, draws them as irregular blobs that
+read as the wrong shape. As LTX-Video has its decoder do the last denoising step, this recipe teaches the decoder to
+draw the world's frames from the DiT's estimates of their own latents:
+
+  world clip → frozen encoder → z0; per block of latents, z_σ = (1 − σ) z0 + σ ε (σ uniform in sigma_range) with the
+  block's past clean (as the causal-KV backend's cache holds it) and the clip's caption → DiT → x0 estimate;
+  decoder(estimate) ≈ the clip (the VAE recipe's L1 + MSE + edge loss, objects weighted).
+
+A share of the batch (1 − estimate_prob) decodes clean latents with the VAE recipe's latent noise, and zero-history
+restarts (what a cut does) stay in, so the decoder keeps what it did. Only the decoder trains: the encoder, hence
+the latents and their statistics, do not move, so the DiT stays valid and the streaming decoder stays exact. Every
+step's data and noise come from (seed, step), so a resumed run is the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import model_validator
+from torch import Tensor
+
+from lvstudio.models.kv_cache import AttentionSpec
+from lvstudio.models.tiny_vae import CONTINUE_KEY
+from lvstudio.models.wan_dit import WanDiT
+from lvstudio.sampling.flow_matching import timesteps_from_sigma
+from lvstudio.train.common import ConfigError, TrainConfigBase, train_device
+from lvstudio.train.loop import (
+    TrainLog,
+    TrainLoop,
+    load_checkpoint,
+    lr_at,
+    optimizer_step,
+    save_checkpoint,
+    set_lr,
+    step_generator,
+)
+
+RECIPE = "vae-decoder"
+
+
+class VaeDecoderConfig(TrainConfigBase):
+    """What to tune (vae), with which DiT and text encoder (the preset's), on which clips, how."""
+
+    path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "vae", "dit", "text", "export")
+
+    vae: str  # the VAE whose decoder is tuned (its encoder and latent statistics are kept)
+    dit: str  # the DiT whose estimates the decoder learns to draw (the preset's)
+    text: str  # its text encoder
+    clip_frames: int = 13  # pixel frames per world clip: 1 + 4k, the latents whole blocks
+    size: int = 128  # world frame size (the DiT's)
+    crop: int = 64  # decoder training crops (px, on the 8-px latent grid; 0 = whole frames)
+    switch_prob: float = 0.3  # clips whose caption changes once (the captions follow, per block)
+    estimate_prob: float = 0.6  # share of clips decoded from the DiT's estimates (the rest: clean + latent noise)
+    sigma_range: tuple[float, float] = (0.25, 0.6)  # σ of the estimates, uniform (the samplers' last σ: 0.5, 0.4)
+    latent_noise: float = 0.1  # clean clips: z + U(0, latent_noise) · ε (normalised latents)
+    restart_prob: float = 0.25  # batches decoded from a random latent on with zero history (a cut)
+    object_weight: float = 8.0  # loss weight on object pixels and their rim (`vae_recipe.object_pixel_weight`)
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    edge_weight: float = 0.5
+    block_frames: int = 2  # latent frames per causal block (the preset's [attention])
+    window_frames: int = 6
+    sink_frames: int = 2
+    export: str | None = None  # copy the tuned VAE here (e.g. presets/tiny/vae.safetensors)
+    export_storage: Literal["float32", "float16", "int8"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> VaeDecoderConfig:
+        latents = 1 + (self.clip_frames - 1) // 4
+        if self.clip_frames < 5 or (self.clip_frames - 1) % 4 or latents % self.block_frames:
+            raise ValueError(f"clip_frames = {self.clip_frames} must be 1 + 4k with 1 + k latents a multiple of "
+                             f"block_frames = {self.block_frames} (e.g. {1 + 4 * (2 * self.block_frames - 1)})")
+        if self.size % 8 or self.crop % 8 or self.crop > self.size:
+            raise ValueError(f"size = {self.size} and crop = {self.crop} must be multiples of 8 with crop <= size")
+        lo, hi = self.sigma_range
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"sigma_range = {list(self.sigma_range)} must satisfy 0 < low <= high <= 1")
+        for key in ("estimate_prob", "restart_prob", "switch_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} = {getattr(self, key)} must be in [0, 1]")
+        return self
+
+    @property
+    def spec(self) -> AttentionSpec:
+        return AttentionSpec(self.block_frames, self.window_frames, self.sink_frames)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DiT's estimates
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dit_estimates(dit: WanDiT, context: Tensor, z0: Tensor, sigma: Tensor, noise: Tensor,
+                  spec: AttentionSpec) -> Tensor:
+    """x0 estimates [B, C, F, h, w] of clean latents z0 [B, C, F, h, w], block by block: block k noised to
+    (1 − σ) z0 + σ ε (σ [B], ε `noise` like z0), its past clean at timestep 0, one block-causal forward with that
+    block's text features context [B, K, text_len, text_dim]; estimate = z_σ − σ v."""
+    b, n = z0.shape[0], spec.block_frames
+    s = sigma.view(b, 1, 1, 1, 1).to(z0)
+    t = timesteps_from_sigma(sigma.float()).to(z0.device)  # [B]
+    out = []
+    for k in range(z0.shape[2] // n):
+        lo, hi = k * n, (k + 1) * n
+        z_s = (1 - s) * z0[:, :, lo:hi] + s * noise[:, :, lo:hi]  # [B, C, n, h, w]
+        x = torch.cat([z0[:, :, :lo], z_s], dim=2)  # [B, C, hi, h, w]
+        tt = torch.cat([torch.zeros(b, lo, device=z0.device), t[:, None].expand(b, n)], dim=1)  # [B, hi]
+        v = dit(x, tt, dit.new_conditioning(context[:, k]), attention=spec)
+        out.append(z_s - s * v[:, :, lo:].to(z0))
+    return torch.cat(out, dim=2)
+
+
+def block_captions(captions: list[str], num_latents: int, block_frames: int) -> list[str]:
+    """The caption of each block of latents: that of its last pixel frame (latent l ends at frame 4l), where a
+    prompt switch inside the block has taken effect."""
+    return [captions[4 * ((k + 1) * block_frames - 1)] for k in range(num_latents // block_frames)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_vae_decoder(cfg: VaeDecoderConfig, *, progress: bool = True) -> dict:
+    """Tune the decoder of cfg.vae (resumes from out_dir/checkpoint.safetensors); writes out_dir/vae.safetensors
+    (float32, the base's latent statistics) and, if set, cfg.export in cfg.export_storage."""
+    from lvstudio.models.tiny_text import load_text_encoder
+    from lvstudio.models.tiny_vae import load_vae, save_vae
+    from lvstudio.models.weight_storage import store_weights
+    from lvstudio.presets.load import load_dit
+    from lvstudio.train.sharding import refuse_fsdp
+    from lvstudio.train.vae_recipe import reconstruction_terms
+    from lvstudio.world import sample_clip
+
+    refuse_fsdp(cfg.fsdp, "vae-decoder", "the tiny VAE's decoder tunes in one process")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = train_device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for key in ("vae", "dit", "text"):
+        if not Path(getattr(cfg, key)).exists():
+            raise ConfigError(f"{key} = {getattr(cfg, key)}: no such file",
+                              hint="point it at the preset's file (e.g. presets/tiny/" + key + ".safetensors)")
+    vae = load_vae(cfg.vae, device=device)
+    dit = load_dit(Path(cfg.dit)).to(device).requires_grad_(False)
+    text = load_text_encoder(cfg.text).to(device).requires_grad_(False)
+    if dit.cfg.in_dim != vae.config.z_dim:
+        raise ConfigError(f"dit = {cfg.dit} takes {dit.cfg.in_dim} latent channels, vae = {cfg.vae} makes "
+                         f"{vae.config.z_dim}: use the DiT trained on this VAE's latents")
+    vae.encoder.requires_grad_(False)
+    vae.decoder.train(True)
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ckpt = out / "checkpoint.safetensors"
+    start = load_checkpoint(ckpt, vae, opt, None, expected=RECIPE)[0] if ckpt.exists() else 0
+    log = TrainLog(out, True)
+    mean, std = (t.view(1, -1, 1, 1, 1) for t in (vae.latents_mean, vae.latents_std))  # [1, z, 1, 1, 1]
+    cells = cfg.crop // 8 if cfg.crop else cfg.size // 8
+
+    def one_step(step: int) -> dict[str, float]:
+        rng, gen = step_generator(cfg.seed, step, 0)
+        lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
+        # 1. World clips [B, 3, F, H, W] in [-1, 1] and their captions.
+        clips = [sample_clip(int(rng.integers(2**31 - 1)), cfg.clip_frames, size=cfg.size,
+                             switch_prob=cfg.switch_prob) for _ in range(cfg.batch_size)]
+        x = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        x = x.to(device)
+        with torch.no_grad():
+            # 2. Frozen encoder → normalised latents z0 [B, z, f, h, w].
+            z0 = (vae.encode_raw(x)[0] - mean) / std
+            f = z0.shape[2]
+            # 3. Per clip: the DiT's estimate at a random σ, or clean latents with a little noise.
+            pick = torch.rand(cfg.batch_size, generator=gen) < cfg.estimate_prob
+            lo, hi = cfg.sigma_range
+            sigma = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=gen)
+            noise = torch.randn(z0.shape, generator=gen).to(device)
+            level = torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen).to(device) * cfg.latent_noise
+            z_in = z0 + level * noise
+            rows = torch.nonzero(pick).flatten()
+            if len(rows):
+                caps = [block_captions(clips[int(i)].captions, f, cfg.block_frames) for i in rows]
+                ids, _ = text.tokenize([c for cc in caps for c in cc])
+                context = text(ids.to(device)).unflatten(0, (len(rows), -1))  # [b, K, text_len, text_dim]
+                r = rows.to(device)
+                z_in[r] = dit_estimates(dit, context, z0[r], sigma[rows], noise[r], cfg.spec)
+            raw = z_in * std + mean
+            # 4. A crop on the latent grid, the pixels under it.
+            top, left = (int(v) for v in rng.integers(0, cfg.size // 8 - cells + 1, size=2))
+            raw = raw[..., top : top + cells, left : left + cells]
+            x = x[..., 8 * top : 8 * (top + cells), 8 * left : 8 * (left + cells)]
+        # 5. Decode (from a random latent with zero history when restarting), the VAE recipe's loss, AdamW.
+        if f > 1 and float(torch.rand((), generator=gen)) < cfg.restart_prob:
+            k = int(torch.randint(1, f, (), generator=gen))
+            recon, x = vae.decode_raw(raw[:, :, k:], {CONTINUE_KEY: torch.ones(())}), x[:, :, 4 * k - 3 :]
+        else:
+            recon = vae.decode_raw(raw)
+        terms = reconstruction_terms(recon, x, cfg.object_weight)
+        loss = cfg.l1_weight * terms["l1"] + cfg.mse_weight * terms["mse"] + cfg.edge_weight * terms["edge"]
+        grad_norm = optimizer_step(opt, loss, vae.decoder.parameters(), cfg.grad_clip)
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},
+                "grad_norm": grad_norm, "lr": lr}
+
+    loop = TrainLoop.for_config(cfg, start=start, report=log.report, progress=progress, description="vae decoder",
+                                checkpoint=lambda step: save_checkpoint(ckpt, vae, opt, None, step,
+                                                                        {"recipe": RECIPE}))
+    step, last = loop.run(one_step)
+    # 6. The tuned VAE (same encoder and statistics), and its shipped copy.
+    path = out / "vae.safetensors"
+    save_vae(vae.train(False), path)
+    if cfg.export:
+        store_weights(path, cfg.export, cfg.export_storage)
+    (out / "result.json").write_text(json.dumps({"step": step, "loss": last.get("loss", math.nan)}, indent=2))
+    return {"step": step, "loss": last.get("loss", math.nan), "out_dir": str(out), "vae": str(path)}

@@ -63,6 +63,30 @@ def test_ode_pairs_shapes_and_timesteps(tmp_path: Path, attention: str) -> None:
     assert (folder / "part_00000.safetensors").stat().st_mtime_ns == before
 
 
+def test_pairs_of_another_teacher_or_guidance_are_made_again(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    files = tiny_files(tmp_path / "base")
+    cfg = tiny_cd_cfg(tmp_path / "run", files, num_pairs=2)
+    generate_ode_pairs(cfg, load_models(cfg, with_critic=False), tmp_path / "run")
+    part = tmp_path / "run" / "ode_pairs" / "part_00000.safetensors"
+    made = load_ode_pairs(part.parent)[0]
+    # Another guidance scale: the part is made again, with a warning naming what changed.
+    stronger = tiny_cd_cfg(tmp_path / "run", files, num_pairs=2, teacher_cfg=5.0)
+    with pytest.warns(UserWarning, match="another teacher or other settings \\(teacher_cfg\\)"):
+        generate_ode_pairs(stronger, load_models(stronger, with_critic=False), tmp_path / "run")
+    assert not torch.equal(load_ode_pairs(part.parent)[0], made)
+    # Another teacher file (same name, new weights): made again; the same teacher and settings: kept as it is.
+    dit = tiny_dit(seed=7)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, files["real_dit"],
+              metadata={"config": json.dumps(dit.cfg.to_dict()), "format": "pt"})
+    with pytest.warns(UserWarning, match="\\(teacher\\)"):
+        generate_ode_pairs(stronger, load_models(stronger, with_critic=False), tmp_path / "run")
+    before = part.stat().st_mtime_ns
+    generate_ode_pairs(stronger, load_models(stronger, with_critic=False), tmp_path / "run")
+    assert part.stat().st_mtime_ns == before
+
+
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_causal_teacher_blocks_ignore_later_noise(tmp_path: Path, attention: str) -> None:
     cfg = tiny_cd_cfg(tmp_path, {}, teacher_attention=attention)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -181,11 +182,14 @@ def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Pat
     """Write (or finish writing) the ODE-pair parts in out/ode_pairs; returns that folder.
 
     The parts are a cache: each is written atomically with a checksum, and one found damaged is made again (with a
-    warning); a part depends only on (seed, part), so it comes out the same."""
+    warning); a part depends only on (seed, part) and what made it (`pair_maker`: the teacher's and text encoder's
+    sha256 and the sampling settings), so it comes out the same. A part another teacher or other settings made is
+    made again, with a warning (parts of versions that did not record it are taken as they are)."""
     from lvstudio.checked_files import load_cache, save_checked
 
     folder = out / "ode_pairs"
     folder.mkdir(parents=True, exist_ok=True)
+    maker = pair_maker(cfg)
 
     parts = math.ceil(cfg.num_pairs / cfg.pair_batch)
     h = cfg.size // 8
@@ -193,7 +197,11 @@ def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Pat
     with progress_bar(parts, 0, progress, "ode pairs") as update:
         for p in range(parts):
             path = folder / f"part_{p:05d}.safetensors"
-            if load_cache(path, _read_part) is not None:
+            found = load_cache(path, _read_part)
+            if found is not None and found[3] not in (None, maker):
+                warnings.warn(f"{path} was made by another teacher or other settings ({_maker_change(found[3], maker)})"
+                              "; it is a cache, so it is made again", stacklevel=2)
+            elif found is not None:
                 update(p + 1, math.nan)
                 continue
             b = min(cfg.pair_batch, cfg.num_pairs - p * cfg.pair_batch)
@@ -203,16 +211,34 @@ def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Pat
             noise = torch.randn(b, models.real.cfg.out_dim, cfg.num_frames, h, h, generator=gen)
             traj = teacher_trajectories(models.real, models.encode(prompts), models.encode([""] * b), noise, cfg)
             save_checked({"trajectory": traj.contiguous(), "timesteps": timesteps}, path,
-                         {"prompts": json.dumps(prompts), "format": "pt"})
+                         {"prompts": json.dumps(prompts), "format": "pt", "maker": maker})
             update(p + 1, math.nan)
     return folder
+
+
+def pair_maker(cfg: CausalDistillConfig) -> str:
+    """What a part of ODE pairs depends on besides (seed, part), as JSON: the teacher's and the text encoder's sha256
+    and the settings of the teacher's sampling and of the windows."""
+    from lvstudio.checked_folders import file_sha256
+
+    keys = ("teacher_steps", "teacher_shift", "teacher_cfg", "teacher_attention", "num_blocks", "block_frames",
+            "window_frames", "sink_frames", "rope_mode", "context_noise", "size")
+    return json.dumps({"teacher": file_sha256(cfg.real_dit), "text": file_sha256(cfg.text),
+                       "timesteps": [round(t, 6) for t in cfg.timesteps()], **{k: getattr(cfg, k) for k in keys}},
+                      sort_keys=True)
+
+
+def _maker_change(old: str, new: str) -> str:
+    """The keys of `pair_maker` that differ: "teacher, teacher_cfg"."""
+    was, now = json.loads(old), json.loads(new)
+    return ", ".join(k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)) or "its record"
 
 
 def load_ode_pairs(folder: Path) -> tuple[Tensor, Tensor, list[str]]:
     """All parts (verified): trajectories [N, K+1, C, F, h, w], timesteps [K+1] (last 0), prompts."""
     trajs, prompts, timesteps = [], [], None
     for path in sorted(folder.glob("part_*.safetensors")):
-        traj, timesteps, part_prompts = _read_part(path)
+        traj, timesteps, part_prompts, _ = _read_part(path)
         trajs.append(traj)
         prompts += part_prompts
     if not trajs:
@@ -220,13 +246,14 @@ def load_ode_pairs(folder: Path) -> tuple[Tensor, Tensor, list[str]]:
     return torch.cat(trajs), timesteps, prompts
 
 
-def _read_part(path: Path) -> tuple[Tensor, Tensor, list[str]]:
-    """One part: trajectories [b, K+1, C, F, h, w], timesteps [K+1], prompts; DamagedFileError if it is damaged."""
+def _read_part(path: Path) -> tuple[Tensor, Tensor, list[str], str | None]:
+    """One part: trajectories [b, K+1, C, F, h, w], timesteps [K+1], prompts, its `pair_maker` record (None: made
+    before parts recorded it); DamagedFileError if it is damaged."""
     from lvstudio.checked_files import load_checked
 
     hint = "ODE pairs are derived data: delete the part, and `lvstudio train causal-distill CONFIG.toml` makes it again"
     tensors, meta = load_checked(path, require_digest=False, hint=hint)
-    return tensors["trajectory"], tensors["timesteps"], json.loads(meta["prompts"])
+    return tensors["trajectory"], tensors["timesteps"], json.loads(meta["prompts"]), meta.get("maker")
 
 
 # ---------------------------------------------------------------------------------------------------------------

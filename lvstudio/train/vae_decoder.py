@@ -2,9 +2,9 @@
 
 The Euler sampler's last step makes the output latents out of the DiT's x0 estimate at the last σ (the shipped
 sampler: Euler 3, shift 2, σ 1 → 0.8 → 0.5 → 0, so σ = 0.5). That estimate is a conditional mean: the layout is
-decided, object edges are soft, and the VAE decoder, trained on clean latents, draws them as irregular blobs that
-read as the wrong shape. As LTX-Video has its decoder do the last denoising step, this recipe teaches the decoder to
-draw the world's frames from the DiT's estimates of their own latents:
+decided, object edges are soft, and the VAE decoder was trained on clean latents. As LTX-Video has its decoder do
+the last denoising step, this recipe teaches the decoder to draw the world's frames from the DiT's estimates of their
+own latents:
 
   world clip → frozen encoder → z0; per block of latents, z_σ = (1 − σ) z0 + σ ε (σ uniform in sigma_range) with the
   block's past clean (as the causal-KV backend's cache holds it) and the clip's caption → DiT → x0 estimate;
@@ -14,6 +14,9 @@ A share of the batch (1 − estimate_prob) decodes clean latents with the VAE re
 restarts (what a cut does) stay in, so the decoder keeps what it did. Only the decoder trains: the encoder, hence
 the latents and their statistics, do not move, so the DiT stays valid and the streaming decoder stays exact. Every
 step's data and noise come from (seed, step), so a resumed run is the uninterrupted one.
+
+On the tiny preset (README "Decoder tuning on the DiT's estimates") it removed stray fragments and flicker but not
+wrong shapes, which were already in the DiT's estimates; it was not shipped.
 """
 
 from __future__ import annotations

@@ -133,6 +133,45 @@ def block_captions(captions: list[str], num_latents: int, block_frames: int) -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def tuning_batch(cfg: VaeDecoderConfig, vae: torch.nn.Module, dit: WanDiT, text: torch.nn.Module,
+                 rng: np.random.Generator, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """One step's decoder inputs (raw latents [B, z, f, c, c] of a crop) and targets (its pixels [B, 3, F, 8c, 8c]):
+    world clips through the frozen encoder, then per clip the DiT's estimate at a random σ or the clean latents with a
+    little noise."""
+    from lvstudio.world import sample_clip
+
+    mean, std = (t.view(1, -1, 1, 1, 1) for t in (vae.latents_mean, vae.latents_std))  # [1, z, 1, 1, 1]
+    cells = cfg.crop // 8 if cfg.crop else cfg.size // 8
+    # 1. World clips [B, 3, F, H, W] in [-1, 1] and their captions.
+    clips = [sample_clip(int(rng.integers(2**31 - 1)), cfg.clip_frames, size=cfg.size, switch_prob=cfg.switch_prob)
+             for _ in range(cfg.batch_size)]
+    x = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    x = x.to(device)
+    with torch.no_grad():
+        # 2. Frozen encoder → normalised latents z0 [B, z, f, h, w].
+        z0 = (vae.encode_raw(x)[0] - mean) / std
+        # 3. Per clip: the DiT's estimate at a random σ, or clean latents with a little noise.
+        pick = torch.rand(cfg.batch_size, generator=gen) < cfg.estimate_prob
+        lo, hi = cfg.sigma_range
+        sigma = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=gen)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        level = torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen).to(device) * cfg.latent_noise
+        z_in = z0 + level * noise
+        rows = torch.nonzero(pick).flatten()
+        if len(rows):
+            caps = [block_captions(clips[int(i)].captions, z0.shape[2], cfg.block_frames) for i in rows]
+            ids, _ = text.tokenize([c for cc in caps for c in cc])
+            context = text(ids.to(device)).unflatten(0, (len(rows), -1))  # [b, K, text_len, text_dim]
+            r = rows.to(device)
+            z_in[r] = dit_estimates(dit, context, z0[r], sigma[rows], noise[r], cfg.spec)
+        raw = z_in * std + mean
+        # 4. A crop on the latent grid, the pixels under it.
+        top, left = (int(v) for v in rng.integers(0, cfg.size // 8 - cells + 1, size=2))
+        raw = raw[..., top : top + cells, left : left + cells]
+        x = x[..., 8 * top : 8 * (top + cells), 8 * left : 8 * (left + cells)]
+    return raw, x
+
+
 def train_vae_decoder(cfg: VaeDecoderConfig, *, progress: bool = True) -> dict:
     """Tune the decoder of cfg.vae (resumes from out_dir/checkpoint.safetensors); writes out_dir/vae.safetensors
     (float32, the base's latent statistics) and, if set, cfg.export in cfg.export_storage."""
@@ -142,7 +181,6 @@ def train_vae_decoder(cfg: VaeDecoderConfig, *, progress: bool = True) -> dict:
     from lvstudio.presets.load import load_dit
     from lvstudio.train.sharding import refuse_fsdp
     from lvstudio.train.vae_recipe import reconstruction_terms
-    from lvstudio.world import sample_clip
 
     refuse_fsdp(cfg.fsdp, "vae-decoder", "the tiny VAE's decoder tunes in one process")
     if cfg.threads:
@@ -166,40 +204,12 @@ def train_vae_decoder(cfg: VaeDecoderConfig, *, progress: bool = True) -> dict:
     ckpt = out / "checkpoint.safetensors"
     start = load_checkpoint(ckpt, vae, opt, None, expected=RECIPE)[0] if ckpt.exists() else 0
     log = TrainLog(out, True)
-    mean, std = (t.view(1, -1, 1, 1, 1) for t in (vae.latents_mean, vae.latents_std))  # [1, z, 1, 1, 1]
-    cells = cfg.crop // 8 if cfg.crop else cfg.size // 8
 
     def one_step(step: int) -> dict[str, float]:
         rng, gen = step_generator(cfg.seed, step, 0)
         lr = set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.steps, cfg.min_lr))
-        # 1. World clips [B, 3, F, H, W] in [-1, 1] and their captions.
-        clips = [sample_clip(int(rng.integers(2**31 - 1)), cfg.clip_frames, size=cfg.size,
-                             switch_prob=cfg.switch_prob) for _ in range(cfg.batch_size)]
-        x = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        x = x.to(device)
-        with torch.no_grad():
-            # 2. Frozen encoder → normalised latents z0 [B, z, f, h, w].
-            z0 = (vae.encode_raw(x)[0] - mean) / std
-            f = z0.shape[2]
-            # 3. Per clip: the DiT's estimate at a random σ, or clean latents with a little noise.
-            pick = torch.rand(cfg.batch_size, generator=gen) < cfg.estimate_prob
-            lo, hi = cfg.sigma_range
-            sigma = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=gen)
-            noise = torch.randn(z0.shape, generator=gen).to(device)
-            level = torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen).to(device) * cfg.latent_noise
-            z_in = z0 + level * noise
-            rows = torch.nonzero(pick).flatten()
-            if len(rows):
-                caps = [block_captions(clips[int(i)].captions, f, cfg.block_frames) for i in rows]
-                ids, _ = text.tokenize([c for cc in caps for c in cc])
-                context = text(ids.to(device)).unflatten(0, (len(rows), -1))  # [b, K, text_len, text_dim]
-                r = rows.to(device)
-                z_in[r] = dit_estimates(dit, context, z0[r], sigma[rows], noise[r], cfg.spec)
-            raw = z_in * std + mean
-            # 4. A crop on the latent grid, the pixels under it.
-            top, left = (int(v) for v in rng.integers(0, cfg.size // 8 - cells + 1, size=2))
-            raw = raw[..., top : top + cells, left : left + cells]
-            x = x[..., 8 * top : 8 * (top + cells), 8 * left : 8 * (left + cells)]
+        raw, x = tuning_batch(cfg, vae, dit, text, rng, gen, device)  # steps 1-4
+        f = raw.shape[2]
         # 5. Decode (from a random latent with zero history when restarting), the VAE recipe's loss, AdamW.
         if f > 1 and float(torch.rand((), generator=gen)) < cfg.restart_prob:
             k = int(torch.randint(1, f, (), generator=gen))

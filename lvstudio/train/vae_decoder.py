@@ -34,7 +34,7 @@ from torch import Tensor
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.tiny_vae import CONTINUE_KEY
 from lvstudio.models.wan_dit import WanDiT
-from lvstudio.sampling.flow_matching import timesteps_from_sigma
+from lvstudio.sampling.flow_matching import add_noise, timesteps_from_sigma, x0_from_velocity
 from lvstudio.train.common import ConfigError, TrainConfigBase, train_device
 from lvstudio.train.loop import (
     TrainLog,
@@ -109,16 +109,15 @@ def dit_estimates(dit: WanDiT, context: Tensor, z0: Tensor, sigma: Tensor, noise
     (1 − σ) z0 + σ ε (σ [B], ε `noise` like z0), its past clean at timestep 0, one block-causal forward with that
     block's text features context [B, K, text_len, text_dim]; estimate = z_σ − σ v."""
     b, n = z0.shape[0], spec.block_frames
-    s = sigma.view(b, 1, 1, 1, 1).to(z0)
     t = timesteps_from_sigma(sigma.float()).to(z0.device)  # [B]
     out = []
     for k in range(z0.shape[2] // n):
         lo, hi = k * n, (k + 1) * n
-        z_s = (1 - s) * z0[:, :, lo:hi] + s * noise[:, :, lo:hi]  # [B, C, n, h, w]
+        z_s = add_noise(z0[:, :, lo:hi], noise[:, :, lo:hi], sigma)  # [B, C, n, h, w]
         x = torch.cat([z0[:, :, :lo], z_s], dim=2)  # [B, C, hi, h, w]
         tt = torch.cat([torch.zeros(b, lo, device=z0.device), t[:, None].expand(b, n)], dim=1)  # [B, hi]
         v = dit(x, tt, dit.new_conditioning(context[:, k]), attention=spec)
-        out.append(z_s - s * v[:, :, lo:].to(z0))
+        out.append(x0_from_velocity(z_s, v[:, :, lo:], sigma))
     return torch.cat(out, dim=2)
 
 

@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 
 from lvstudio.train.causal_distill import (
     CausalDistillConfig,
+    drop_words,
     generate_ode_pairs,
     list_sigmas,
     load_ode_pairs,
     ode_regression_loss,
+    pair_maker,
     teacher_grid,
     teacher_step_loss,
     teacher_trajectories,
@@ -76,6 +78,13 @@ def test_pairs_of_another_teacher_or_guidance_are_made_again(tmp_path: Path) -> 
     with pytest.warns(UserWarning, match="another teacher or other settings \\(teacher_cfg\\)"):
         generate_ode_pairs(stronger, load_models(stronger, with_critic=False), tmp_path / "run")
     assert not torch.equal(load_ode_pairs(part.parent)[0], made)
+    # Guidance on words (the captions without them as a third row): made again too.
+    worded = tiny_cd_cfg(tmp_path / "run", files, num_pairs=2, teacher_cfg=5.0, teacher_drop_words=["ball", "cube"],
+                         teacher_drop_cfg=1.5)
+    with pytest.warns(UserWarning, match="\\(teacher_drop_cfg, teacher_drop_words\\)"):
+        generate_ode_pairs(worded, load_models(worded, with_critic=False), tmp_path / "run")
+    with pytest.warns(UserWarning, match="\\(teacher_drop_cfg, teacher_drop_words\\)"):
+        generate_ode_pairs(stronger, load_models(stronger, with_critic=False), tmp_path / "run")
     # Another teacher file (same name, new weights): made again; the same teacher and settings: kept as it is.
     dit = tiny_dit(seed=7)
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, files["real_dit"],
@@ -85,6 +94,33 @@ def test_pairs_of_another_teacher_or_guidance_are_made_again(tmp_path: Path) -> 
     before = part.stat().st_mtime_ns
     generate_ode_pairs(stronger, load_models(stronger, with_critic=False), tmp_path / "run")
     assert part.stat().st_mtime_ns == before
+
+
+def test_word_guidance_is_guidance_against_the_caption_without_the_words(tmp_path: Path) -> None:
+    """v_c + (s − 1)(v_c − v_dropped): with the empty prompt as the dropped row it is CFG s exactly; with the caption
+    itself (no word dropped) it is no guidance; the config needs the words, and only then records them."""
+    teacher = tiny_dit()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 4, 6, 4, 4, generator=g)
+    context, uncond = torch.randn(2, 8, 16, generator=g), torch.zeros(2, 8, 16)
+    cfg2 = _teacher_step_cfg(teacher_cfg=2.0)
+    words = _teacher_step_cfg(teacher_cfg=1.0, teacher_drop_words=["ball"], teacher_drop_cfg=2.0)
+    torch.testing.assert_close(teacher_trajectories(teacher, context, uncond, noise, words, dropped=uncond),
+                               teacher_trajectories(teacher, context, uncond, noise, cfg2), atol=1e-5, rtol=1e-5)
+    plain = teacher_trajectories(teacher, context, uncond, noise, _teacher_step_cfg(teacher_cfg=1.0))
+    torch.testing.assert_close(teacher_trajectories(teacher, context, uncond, noise, words, dropped=context), plain,
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(teacher_trajectories(teacher, context, uncond, noise, words, dropped=uncond), plain)
+    with pytest.raises(ValueError, match="pass the prompts' features"):
+        teacher_trajectories(teacher, context, uncond, noise, words)
+    with pytest.raises(ValueError, match="teacher_drop_words, which is empty"):
+        _teacher_step_cfg(teacher_drop_cfg=1.5)
+    assert drop_words("a red ball bouncing and a blue star resting over the sea", ["ball", "star"]) == (
+        "a red bouncing and a blue resting over the sea")
+    files = tiny_files(tmp_path / "base")
+    assert "teacher_drop" not in pair_maker(tiny_cd_cfg(tmp_path, files, teacher_drop_words=["ball"]))
+    assert '"teacher_drop_cfg": 1.3' in pair_maker(tiny_cd_cfg(tmp_path, files, teacher_drop_words=["ball"],
+                                                               teacher_drop_cfg=1.3))
 
 
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])

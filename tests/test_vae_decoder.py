@@ -127,3 +127,19 @@ def test_the_presets_config_tunes_around_its_samplers_last_sigma_into_its_run_fo
     for steps, shift in ((sampler.steps, sampler.shift), (crossclip.steps, crossclip.shift)):
         last = float(sigma_grid(steps, shift)[-2])
         assert cfg.sigma_range[0] <= last <= cfg.sigma_range[1], (steps, last)
+
+
+def test_fringe_weight_counts_the_colours_the_decoder_draws_where_the_target_has_none() -> None:
+    """object_pixel_weight: vivid target pixels (and their rim) weigh more; with the reconstruction, so do the vivid
+    pixels it draws on the target's background (a yellow fringe by a blue cube), and the loss on them grows."""
+    from lvstudio.train.vae_recipe import object_pixel_weight, reconstruction_terms
+
+    x = torch.zeros(1, 3, 1, 32, 32)  # grey background in [-1, 1]
+    x[:, 2, :, 4:8, 4:8] = 1.0  # a blue object (chroma 1 of 2)
+    recon = x.clone()
+    recon[:, 0:2, :, 20:24, 20:24] = 0.8  # a yellow fringe far from it
+    plain, fringe = object_pixel_weight(x, 8.0), object_pixel_weight(x, 8.0, recon)
+    assert plain[0, 0, 0, 6, 6] > plain[0, 0, 0, 22, 22] == plain[0, 0, 0, 30, 30]
+    assert fringe[0, 0, 0, 22, 22] == fringe[0, 0, 0, 6, 6] > fringe[0, 0, 0, 30, 30]
+    assert (plain.mean(dim=(3, 4)) - 1).abs().max() < 1e-5 and (fringe.mean(dim=(3, 4)) - 1).abs().max() < 1e-5
+    assert reconstruction_terms(recon, x, 8.0, fringe=True)["l1"] > reconstruction_terms(recon, x, 8.0)["l1"]

@@ -71,7 +71,11 @@ class CausalDistillConfig(SelfForcingConfig):
 
     teacher_steps: int = 24  # Euler steps of the teacher (the step list's σ are added to the grid)
     teacher_shift: float = 2.0
-    teacher_cfg: float = 3.0  # uncond + s·(cond − uncond), the preset convention
+    teacher_cfg: float = 3.0  # uncond + s·(cond − uncond), the preset convention (1: no unconditional row)
+    # Guidance on words: + (s − 1)·(cond − cond without these words), a row whose caption lacks them; it strengthens
+    # what the words say and nothing else (the tiny preset: its shape words, on a teacher already guidance-distilled).
+    teacher_drop_words: list[str] = []
+    teacher_drop_cfg: float = 1.0
     teacher_attention: Literal["causal", "bidirectional"] = "causal"
     num_pairs: int = 256
     pair_batch: int = 16  # pairs per saved part
@@ -89,6 +93,10 @@ class CausalDistillConfig(SelfForcingConfig):
 
     @model_validator(mode="after")
     def _check_teacher_step(self) -> CausalDistillConfig:
+        if self.teacher_drop_cfg != 1.0 and not self.teacher_drop_words:
+            raise ValueError(f"teacher_drop_cfg = {self.teacher_drop_cfg} guides on the words of teacher_drop_words, "
+                             'which is empty: name them (e.g. teacher_drop_words = ["ball", "cube"]) or set '
+                             "teacher_drop_cfg = 1")
         if self.target == "teacher-step":
             grid, marks = teacher_grid(self), list_sigmas(self)
             if len(grid) != len(marks) + 1 or any(abs(g - m) > 1e-4 for g, m in zip(grid, marks, strict=False)):
@@ -130,15 +138,34 @@ def teacher_grid(cfg: CausalDistillConfig) -> list[float]:
     return grid
 
 
+def drop_words(prompt: str, words: list[str]) -> str:
+    """The prompt without these words (the caption of a word-guidance row)."""
+    return " ".join(w for w in prompt.split() if w not in set(words))
+
+
 @torch.no_grad()
 def teacher_trajectories(teacher: WanDiT, context: Tensor, uncond: Tensor, noise: Tensor,
-                         cfg: CausalDistillConfig) -> Tensor:
+                         cfg: CausalDistillConfig, dropped: Tensor | None = None) -> Tensor:
     """Teacher samples from `noise` [B, C, F, h, w]; returns the trajectory [B, K+1, C, F, h, w] at the list's
-    σ (K entries) plus the clean end."""
+    σ (K entries) plus the clean end. Guided on `uncond` [B, L, D] (unless teacher_cfg is 1) and, with
+    teacher_drop_cfg, on `dropped` [B, L, D] (the prompts without teacher_drop_words)."""
     grid = teacher_grid(cfg)
     marks = list_sigmas(cfg)
     b = noise.shape[0]
-    cond2 = teacher.new_conditioning(torch.cat([context, uncond]))  # rows: cond, uncond
+    use_uncond, use_dropped = cfg.teacher_cfg != 1.0, cfg.teacher_drop_cfg != 1.0
+    if use_dropped and dropped is None:
+        raise ValueError("teacher_drop_cfg is set: pass the prompts' features without teacher_drop_words")
+    ctx = [context, *([uncond] if use_uncond else []), *([dropped] if use_dropped else [])]
+    r = len(ctx)  # rows: cond[, uncond][, dropped]
+    cond_rows = teacher.new_conditioning(torch.cat(ctx))
+
+    def guide(v: Tensor) -> Tensor:
+        out = v[:b]
+        if use_uncond:
+            out = v[b : 2 * b] + cfg.teacher_cfg * (v[:b] - v[b : 2 * b])
+        if use_dropped:
+            out = out + (cfg.teacher_drop_cfg - 1.0) * (v[:b] - v[(r - 1) * b :])
+        return out
 
     def run(x: Tensor, denoise) -> list[Tensor]:
         states: dict[int, Tensor] = {}
@@ -154,11 +181,10 @@ def teacher_trajectories(teacher: WanDiT, context: Tensor, uncond: Tensor, noise
         return [states[j] for j in range(len(marks))] + [x0]
 
     def denoiser(**kw):
-        def both(x: Tensor, t: Tensor) -> Tensor:
-            v = teacher(torch.cat([x, x]), torch.cat([t, t]), cond2, **kw)
-            return v[b:] + cfg.teacher_cfg * (v[:b] - v[b:])
+        def guided(x: Tensor, t: Tensor) -> Tensor:
+            return guide(teacher(torch.cat([x] * r), torch.cat([t] * r), cond_rows, **kw))
 
-        return both
+        return guided
 
     if cfg.teacher_attention == "bidirectional":
         return torch.stack(run(noise, denoiser(attention=AttentionSpec())), dim=1)
@@ -171,8 +197,8 @@ def teacher_trajectories(teacher: WanDiT, context: Tensor, uncond: Tensor, noise
         traj = run(noise[:, :, s : s + n], denoiser(attention=cfg.spec, kv_cache=cache, start_frame=s,
                                                     rope_mode=cfg.rope_mode))
         x0 = traj[-1]
-        t_ctx = torch.full((2 * b, n), float(cfg.context_noise))
-        teacher(torch.cat([x0, x0]), t_ctx, cond2, attention=cfg.spec, kv_cache=cache, start_frame=s,
+        t_ctx = torch.full((r * b, n), float(cfg.context_noise))
+        teacher(torch.cat([x0] * r), t_ctx, cond_rows, attention=cfg.spec, kv_cache=cache, start_frame=s,
                 write_cache=True, rope_mode=cfg.rope_mode)
         blocks.append(torch.stack(traj, dim=1))  # [B, K+1, C, n, h, w]
     return torch.cat(blocks, dim=3)
@@ -209,7 +235,9 @@ def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Pat
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             prompts = world_prompts(b, rng)
             noise = torch.randn(b, models.real.cfg.out_dim, cfg.num_frames, h, h, generator=gen)
-            traj = teacher_trajectories(models.real, models.encode(prompts), models.encode([""] * b), noise, cfg)
+            dropped = models.encode([drop_words(q, cfg.teacher_drop_words) for q in prompts])
+            traj = teacher_trajectories(models.real, models.encode(prompts), models.encode([""] * b), noise, cfg,
+                                        dropped)
             save_checked({"trajectory": traj.contiguous(), "timesteps": timesteps}, path,
                          {"prompts": json.dumps(prompts), "format": "pt", "maker": maker})
             update(p + 1, math.nan)
@@ -223,9 +251,10 @@ def pair_maker(cfg: CausalDistillConfig) -> str:
 
     keys = ("teacher_steps", "teacher_shift", "teacher_cfg", "teacher_attention", "num_blocks", "block_frames",
             "window_frames", "sink_frames", "rope_mode", "context_noise", "size")
+    words = {"teacher_drop_cfg": cfg.teacher_drop_cfg, "teacher_drop_words": sorted(cfg.teacher_drop_words)}
     return json.dumps({"teacher": file_sha256(cfg.real_dit), "text": file_sha256(cfg.text),
-                       "timesteps": [round(t, 6) for t in cfg.timesteps()], **{k: getattr(cfg, k) for k in keys}},
-                      sort_keys=True)
+                       "timesteps": [round(t, 6) for t in cfg.timesteps()], **{k: getattr(cfg, k) for k in keys},
+                       **(words if cfg.teacher_drop_cfg != 1.0 else {})}, sort_keys=True)
 
 
 def _maker_change(old: str, new: str) -> str:

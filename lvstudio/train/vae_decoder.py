@@ -67,6 +67,7 @@ class VaeDecoderConfig(TrainConfigBase):
     latent_noise: float = 0.1  # clean clips: z + U(0, latent_noise) · ε (normalised latents)
     restart_prob: float = 0.25  # batches decoded from a random latent on with zero history (a cut)
     object_weight: float = 8.0  # loss weight on object pixels and their rim (`vae_recipe.object_pixel_weight`)
+    fringe_weight: bool = False  # the same weight where the decoder draws a vivid colour the target lacks (fringes)
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     edge_weight: float = 0.5
@@ -215,7 +216,7 @@ def train_vae_decoder(cfg: VaeDecoderConfig, *, progress: bool = True) -> dict:
             recon, x = vae.decode_raw(raw[:, :, k:], {CONTINUE_KEY: torch.ones(())}), x[:, :, 4 * k - 3 :]
         else:
             recon = vae.decode_raw(raw)
-        terms = reconstruction_terms(recon, x, cfg.object_weight)
+        terms = reconstruction_terms(recon, x, cfg.object_weight, cfg.fringe_weight)
         loss = cfg.l1_weight * terms["l1"] + cfg.mse_weight * terms["mse"] + cfg.edge_weight * terms["edge"]
         grad_norm = optimizer_step(opt, loss, vae.decoder.parameters(), cfg.grad_clip)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},

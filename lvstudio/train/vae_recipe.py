@@ -196,12 +196,13 @@ def _losses(cfg: VAETrainConfig, vae: TinyVAE, x: Tensor, generator: torch.Gener
     return {"loss": loss, **terms, "kl": kl}
 
 
-def reconstruction_terms(recon: Tensor, x: Tensor, object_weight: float) -> dict[str, Tensor]:
+def reconstruction_terms(recon: Tensor, x: Tensor, object_weight: float, fringe: bool = False) -> dict[str, Tensor]:
     """L1, MSE and edge (L1 on spatial finite differences) of recon − x [B, 3, F, H, W], each weighted per pixel by
-    `object_pixel_weight` when object_weight > 0."""
+    `object_pixel_weight` when object_weight > 0; `fringe`: the pixels the reconstruction draws vivid count as
+    object pixels too (colour fringes and ghosts where the target has background)."""
     diff = recon - x
     if object_weight > 0:
-        w = object_pixel_weight(x, object_weight)  # [B, 1, F, H, W], mean 1 per frame
+        w = object_pixel_weight(x, object_weight, recon.detach() if fringe else None)  # [B, 1, F, H, W], mean 1
         l1 = (diff.abs() * w).mean()
         mse = (diff.pow(2) * w).mean()
         edge = ((diff.diff(dim=-1).abs() * w[..., 1:]).mean() + (diff.diff(dim=-2).abs() * w[..., 1:, :]).mean()) * 0.5
@@ -212,13 +213,17 @@ def reconstruction_terms(recon: Tensor, x: Tensor, object_weight: float) -> dict
     return {"l1": l1, "mse": mse, "edge": edge}
 
 
-def object_pixel_weight(x: Tensor, weight: float) -> Tensor:
+def object_pixel_weight(x: Tensor, weight: float, recon: Tensor | None = None) -> Tensor:
     """Per-pixel loss weight [B, 1, F, H, W]: 1 + weight on vivid pixels (the world's objects: chroma ≥ 88 of 255,
-    as the oracle reads them) dilated by 2 px so their edges count, renormalised to mean 1 per frame."""
+    as the oracle reads them) dilated by 2 px so their edges count, renormalised to mean 1 per frame. With `recon`
+    [B, 3, F, H, W], pixels vivid in either (a colour the decoder draws where the target has none counts too)."""
     import torch.nn.functional as F
 
-    chroma = x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)  # [B, 1, F, H, W] in [0, 2]
-    vivid = (chroma >= 2 * 88 / 255).float()
+    def vivid_of(img: Tensor) -> Tensor:
+        chroma = img.amax(dim=1, keepdim=True) - img.amin(dim=1, keepdim=True)  # [B, 1, F, H, W] in [0, 2]
+        return chroma >= 2 * 88 / 255
+
+    vivid = (vivid_of(x) if recon is None else vivid_of(x) | vivid_of(recon)).float()
     b, _, f, h, w = vivid.shape
     rim = F.max_pool2d(vivid.transpose(1, 2).reshape(b * f, 1, h, w), 5, stride=1, padding=2)
     wt = 1.0 + weight * rim.reshape(b, f, 1, h, w).transpose(1, 2)

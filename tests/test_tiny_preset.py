@@ -58,8 +58,9 @@ def test_backend_storyboards_render_playable_mp4(tmp_path: Path, story: str, lor
 
 
 def test_tiny_preset_samples_euler_with_guidance_distilled_in() -> None:
-    """The shipped DiT is the CFG-2 base guidance-distilled (train_gd.toml): Euler at cfg_scale 1, one pass per
-    step (3 steps; it was distilled at 4), and it still draws the prompt: the right scene, colour and one object."""
+    """The shipped DiT is the CFG-2 base guidance-distilled (train_gd.toml, then train_gd_words.toml): Euler at
+    cfg_scale 1, one pass per step (3 steps; it was distilled at 4), and it still draws the prompt: the right scene,
+    colour and one object."""
     import numpy as np
 
     from lvstudio.eval.adherence import render_prompt

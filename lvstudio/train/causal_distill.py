@@ -12,7 +12,9 @@ Stage 1b, guidance distillation (`target = "teacher-step"`, Meng et al. 2023): t
 student's step list, so each step of a stored trajectory is one teacher step with CFG, whose velocity is
 (x_{j+1} − x_j)/(σ_{j+1} − σ_j). The student (initialised from the teacher) learns that velocity in one forward
 without the unconditional row, with the block's past clean as the causal-KV backend holds it; it then samples with
-the teacher's own Euler sampler at cfg_scale 1 (half the DiT calls) instead of the few-step sampler.
+the teacher's own Euler sampler at cfg_scale 1 (half the DiT calls) instead of the few-step sampler. With
+`teacher_drop_words` the teacher is also guided on words: a row whose captions lack those words, v += (s − 1)(v_cond −
+v_without), which strengthens what the words say alone (the tiny preset's shape words: train_gd_words.toml).
 Stage 2 (optional, dmd_steps > 0): DMD with backward_simulation = false, run by `self_forcing.train_self_forcing`
 in out_dir/dmd.
 """

@@ -16,7 +16,9 @@ the latents and their statistics, do not move, so the DiT stays valid and the st
 step's data and noise come from (seed, step), so a resumed run is the uninterrupted one.
 
 On the tiny preset (README "Decoder tuning on the DiT's estimates") it removed stray fragments and flicker but not
-wrong shapes, which were already in the DiT's estimates; it was not shipped.
+wrong shapes, which were already in the DiT's estimates. With `fringe_weight` (the object weight also on the vivid
+colours the decoder draws where the target has background) it removed most colour fringes by moving objects, and that
+decoder ships (presets/tiny/train_vae_fringe.toml).
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def teacher_grid(cfg: CausalDistillConfig) -> list[float]:
 
 def drop_words(prompt: str, words: list[str]) -> str:
     """The prompt without these words (the caption of a word-guidance row)."""
-    return " ".join(w for w in prompt.split() if w not in set(words))
+    drop = set(words)
+    return " ".join(w for w in prompt.split() if w not in drop)
 
 
 @torch.no_grad()

@@ -238,7 +238,8 @@ def generate_ode_pairs(cfg: CausalDistillConfig, models: DistillModels, out: Pat
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             prompts = world_prompts(b, rng)
             noise = torch.randn(b, models.real.cfg.out_dim, cfg.num_frames, h, h, generator=gen)
-            dropped = models.encode([drop_words(q, cfg.teacher_drop_words) for q in prompts])
+            dropped = (models.encode([drop_words(q, cfg.teacher_drop_words) for q in prompts])
+                       if cfg.teacher_drop_cfg != 1.0 else None)  # only word guidance uses this row
             traj = teacher_trajectories(models.real, models.encode(prompts), models.encode([""] * b), noise, cfg,
                                         dropped)
             save_checked({"trajectory": traj.contiguous(), "timesteps": timesteps}, path,

@@ -171,3 +171,27 @@ def test_a_base_preset_file_changes_only_what_it_says(tmp_path: Path, monkeypatc
         load_preset("tiny")
     os.remove(user / "presets" / "tiny.toml")
     assert load_preset("tiny").sampler.steps == shipped.sampler.steps
+
+
+@pytest.mark.parametrize(("steps", "warp", "words"), [
+    ("[1000.0, 666.7, 333.0]", "true", ["666.7", "whole numbers", "warp = false"]),
+    ("[1000.0, 0.0]", "false", ["(0, 1000]", "got 0"]),
+    ("[]", "true", ["at least one timestep"]),
+])
+def test_a_few_step_list_the_sampler_cannot_run_is_refused_naming_the_key(tmp_path: Path, steps: str, warp: str,
+                                                                          words: list[str]) -> None:
+    from lvstudio.presets import load_preset
+
+    text = (Path(__file__).parents[1] / "presets" / "tiny" / "preset.toml").read_text()
+    head, tail = text.split("[sampler]", 1)
+    tail = tail.split("[attention]", 1)[1]
+    path = tmp_path / "preset.toml"
+    path.write_text(f'{head}[sampler]\nkind = "few-step"\nshift = 2.0\nstep_list = {steps}\nwarp = {warp}\n\n'
+                    f"[attention]{tail}")
+    with pytest.raises(PresetError) as err:
+        load_preset(path)
+    assert str(path) in str(err.value) and "sampler" in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+    path.write_text(path.read_text().replace(f"step_list = {steps}", "step_list = [1000.0, 667.0, 333.0]"))
+    assert load_preset(path).sampler.step_list == [1000.0, 667.0, 333.0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -46,6 +47,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def step_list_problem(steps: Sequence[float], warp: bool) -> str | None:
+    """Why a few-step list cannot be sampled (None if it can): empty, a timestep outside (0, 1000], or a fractional
+    one where `warp` looks the list up in the 1000-entry table."""
+    if not steps:
+        return "step_list must name at least one timestep (e.g. [1000, 750, 500, 250])"
+    bad = [s for s in steps if not 0 < s <= 1000]
+    if bad:
+        return f"step_list timesteps must lie in (0, 1000] (got {bad[0]:g})"
+    fractional = [s for s in steps if s != round(s)]
+    if warp and fractional:
+        return (f"warp = true looks step_list up in the 1000-entry table, so its timesteps must be whole numbers "
+                f"(got {fractional[0]:g}): round them (e.g. 667 for 666.7) or set warp = false")
+    return None
+
+
 class SamplerSettings(_Strict):
     kind: Literal["few-step", "euler", "unipc"] = "euler"
     steps: int = Field(8, ge=1, le=1000)  # for euler/unipc
@@ -54,6 +70,13 @@ class SamplerSettings(_Strict):
     warp: bool = True  # few-step: warp the list onto the shifted table (Self-Forcing)
     cfg_scale: float = Field(1.0, ge=0)  # 1 = no classifier-free guidance
     context_noise: float = Field(0.0, ge=0, le=1000)  # timestep of the clean context pass
+
+    @model_validator(mode="after")
+    def _step_list(self) -> SamplerSettings:
+        problem = step_list_problem(self.step_list, self.kind == "few-step" and self.warp)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class AttentionSettings(_Strict):

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.wan_dit import Conditioning, WanDiT, WanDiTConfig
+from lvstudio.presets.schema import step_list_problem
 from lvstudio.sampling.flow_matching import (
     FlowMatchTable,
     add_noise,
@@ -120,8 +121,9 @@ class SelfForcingConfig(TrainConfigBase):
 
     @model_validator(mode="after")
     def _check(self) -> SelfForcingConfig:
-        if not self.step_list:
-            raise ValueError("step_list must not be empty")
+        problem = step_list_problem(self.step_list, self.warp)
+        if problem:
+            raise ValueError(problem)
         if self.num_blocks < 1 or self.block_frames < 1:
             raise ValueError("num_blocks and block_frames must be >= 1")
         if self.dfake_gen_update_ratio < 1:

@@ -263,3 +263,23 @@ def test_the_prompts_are_joined_by_cuts_or_switches(monkeypatch: pytest.MonkeyPa
         assert seen == ["cut"] + [transition] * 2 and report.config.transition == transition
         assert DriftReport.from_json(report.to_json()).config == cfg
         assert f"each prompt a {transition}" in summary_lines([report])[0]
+
+
+def test_stability_reports_the_noise_of_one_showing_and_flags_halves_apart_beyond_it() -> None:
+    """Per prompt: first vs last showing (the target), and the halves of its showings with one showing's sd; the
+    halves are flagged only where they differ by more than 2 standard errors."""
+    from lvstudio.eval.drift import per_prompt_halves, stability_lines
+
+    noisy = [0.7, 0.3, 0.6, 0.4, 0.5, 0.4, 0.6, 0.3, 0.7, 0.5]  # up and down, no trend; first 0.7, last 0.5
+    falling = [0.9, 0.9, 0.8, 0.9, 0.9, 0.2, 0.1, 0.2, 0.1, 0.2]
+    shots = [{"prompt_index": p, "shape": v, "colour": 1.0, "objects": 1.0}
+             for i in range(10) for p, v in ((0, noisy[i]), (1, falling[i]))]
+    report = DriftReport("x=tiny:causal-kv", "x", "tiny", "causal-kv", TINY_CFG, 16, 64, 64, ["a", "b"], shots=shots)
+    (k0, sd0, a0, b0, se0), (k1, sd1, a1, b1, se1) = per_prompt_halves(report, "shape")
+    assert (k0, k1) == (0, 1) and sd0 == pytest.approx(float(np.std(noisy, ddof=1)))
+    assert (a0, b0) == pytest.approx((0.5, 0.5)) and (a1, b1) == pytest.approx((0.88, 0.16))
+    assert se0 == pytest.approx(sd0 * math.sqrt(0.4))
+    lines = stability_lines(report)
+    shape = lines[lines.index(next(x for x in lines if x.strip().startswith("shape"))) + 1]
+    assert "p0 0.50->0.50 sd 0.15  p1" in shape and shape.endswith("!")  # the fall is flagged, the noise is not
+    assert "p0 0.70->0.50 !" in next(x for x in lines if x.strip().startswith("shape"))  # the target's own check

@@ -490,20 +490,40 @@ def recurrence(report: DriftReport, key: str) -> tuple[float, float]:
     return float(np.mean([a for a, _ in pairs])), float(np.mean([b for _, b in pairs]))
 
 
+def _showings(report: DriftReport, key: str) -> dict[int, list[float]]:
+    """A shot metric per prompt, one value per showing in order (NaN where a showing has none)."""
+    by_prompt: dict[int, list[float]] = {}
+    for row in report.shots:
+        by_prompt.setdefault(row["prompt_index"], []).append(float(row.get(key, float("nan"))))
+    return dict(sorted(by_prompt.items()))
+
+
 def per_prompt_recurrence(report: DriftReport, key: str) -> list[tuple[int, float, float]]:
     """(prompt index, first showing, last showing) of a shot metric for every prompt shown at least twice."""
-    by_prompt: dict[int, list[dict]] = {}
-    for row in report.shots:
-        by_prompt.setdefault(row["prompt_index"], []).append(row)
-    nan = float("nan")
-    return [(k, rows[0].get(key, nan), rows[-1].get(key, nan)) for k, rows in sorted(by_prompt.items())
-            if len(rows) >= 2]
+    return [(k, vals[0], vals[-1]) for k, vals in _showings(report, key).items() if len(vals) >= 2]
+
+
+def per_prompt_halves(report: DriftReport, key: str) -> list[tuple[int, float, float, float, float]]:
+    """(prompt index, sd of one showing, mean of the first half of its showings, of the second half, standard error of
+    their difference) for every prompt shown at least 4 times. One showing is one sample of the prompt: where shots
+    do not depend on what came before (cuts), first vs last differs by this noise alone, and a drift is a difference
+    between the halves several standard errors wide."""
+    out = []
+    for k, vals in _showings(report, key).items():
+        v = np.array([x for x in vals if math.isfinite(x)])
+        if len(v) < 4:
+            continue
+        a, b = v[: len(v) // 2], v[len(v) // 2 :]
+        sd = float(np.std(v, ddof=1))
+        out.append((k, sd, float(a.mean()), float(b.mean()), sd * math.sqrt(1 / len(a) + 1 / len(b))))
+    return out
 
 
 def stability_lines(report: DriftReport, points: float = 0.05, grid_ratio: float = 1.2) -> list[str]:
     """The long-video stability check of one report: each prompt's colour and shape adherence at its last showing
     within `points` of its first showing, and blockiness / checkerboard energy in the last minute at most
-    `grid_ratio` x the first minute's."""
+    `grid_ratio` x the first minute's. Under each metric, the noise of one showing (sd over the prompt's showings)
+    and the first half of the showings against the second ('!' where they differ by more than 2 standard errors)."""
     out = [f"  stability ({report.name}): last showing vs first, per prompt (target: within {100 * points:.0f} points);"
            f" grid artefacts last minute / minute 1 (target <= {grid_ratio:g})"]
     for key in ("colour", "shape", "objects"):
@@ -511,6 +531,10 @@ def stability_lines(report: DriftReport, points: float = 0.05, grid_ratio: float
         cells = [f"p{k} {a:.2f}->{b:.2f}{'' if abs(b - a) <= points + 1e-9 else ' !'}" for k, a, b in rows
                  if math.isfinite(a) and math.isfinite(b)]
         out.append(f"    {key:<8} " + ("  ".join(cells) or "-"))
+        halves = [f"p{k} {a:.2f}->{b:.2f} sd {sd:.2f}{' !' if abs(b - a) > 2 * se + 1e-9 else ''}"
+                  for k, sd, a, b, se in per_prompt_halves(report, key)]
+        if halves:
+            out.append(f"      halves of the showings, one showing's sd: {'  '.join(halves)}")
     for key in ("blockiness", "checker"):
         first, last, _ = first_last(report, key)
         ratio = last / first if first > 0 else float("nan")

@@ -23,6 +23,7 @@ registered without a class here. Checks run on tiny random weights (32x32) and o
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar
 
 import numpy as np
@@ -261,6 +262,29 @@ class TestStreamingDiT(BackendConformance):
 
 class TestERFTCrossClip(BackendConformance):
     backend = "erft-crossclip"
+
+
+class TestERFTCrossClipFewStep(BackendConformance):
+    """erft-crossclip sampling each clip with `sampler = "few-step"` (re-noised between the grid's steps), on random
+    weights; it draws differently from Euler with the same seed and grid."""
+
+    backend = "erft-crossclip"
+
+    @staticmethod
+    def _with(bundle: ModelBundle, sampler: str) -> ModelBundle:
+        out = copy.copy(bundle)
+        out.preset = bundle.preset.model_copy(update={"crossclip": bundle.preset.crossclip.model_copy(
+            update={"sampler": sampler})})
+        return out
+
+    @pytest.fixture(params=["random"])
+    def weights(self, random_weights: ModelBundle) -> tuple[ModelBundle, int]:
+        return self._with(random_weights, "few-step"), SIZES["random"]
+
+    def test_differs_from_euler_on_the_same_grid(self, random_weights: ModelBundle) -> None:
+        few = self.make(self._with(random_weights, "few-step"), SIZES["random"]).step().latents
+        euler = self.make(self._with(random_weights, "euler"), SIZES["random"]).step().latents
+        assert few.shape == euler.shape and not torch.allclose(few, euler)
 
 
 class TestStreamingDiTSkyReels(BackendConformance):

@@ -195,3 +195,19 @@ def test_a_few_step_list_the_sampler_cannot_run_is_refused_naming_the_key(tmp_pa
         assert word in str(err.value)
     path.write_text(path.read_text().replace(f"step_list = {steps}", "step_list = [1000.0, 667.0, 333.0]"))
     assert load_preset(path).sampler.step_list == [1000.0, 667.0, 333.0]
+
+
+@pytest.mark.parametrize(("table", "words"), [
+    ({"svi": "film", "sampler": "few-step"}, ['"few-step" is for the latent carry-over', '"euler" or "unipc"']),
+    ({"sampler": "unipc"}, ['"unipc" is for SVI clips', '"euler" or "few-step"']),
+])
+def test_a_cross_clip_sampler_its_clips_cannot_use_is_refused(table: dict, words: list[str]) -> None:
+    from pydantic import ValidationError
+
+    from lvstudio.presets import CrossClipSettings
+
+    with pytest.raises(ValidationError) as err:
+        CrossClipSettings(**table)
+    for word in words:
+        assert word in str(err.value)
+    assert CrossClipSettings(sampler="few-step").sampler == "few-step"

@@ -34,7 +34,7 @@ from lvstudio.errors import PresetError
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.presets.schema import CrossClipSettings
 from lvstudio.sampling.flow_matching import sigma_grid
-from lvstudio.sampling.samplers import euler_sample
+from lvstudio.sampling.samplers import euler_sample, few_step_sample
 
 if TYPE_CHECKING:
     from lvstudio.caches import AnchorCache
@@ -160,9 +160,13 @@ class ERFTCrossClipBackend(BackendBase):
                          start_frame=self._start(p))[:, :, p:]
             return self.conds.guide(v)
 
-        # Step 2: sample the new frames.
+        # Step 2: sample the new frames (few-step: the Euler grid's σ, re-noised between steps from the clip's stream).
+        sigmas = sigma_grid(self.st.steps, self.st.shift)
         with self.timed("denoise"):
-            x0 = euler_sample(denoise, noise, sigma_grid(self.st.steps, self.st.shift))
+            if self.st.sampler == "few-step":
+                x0 = few_step_sample(denoise, noise, [1000.0 * float(sg) for sg in sigmas[:-1]], gen)
+            else:
+                x0 = euler_sample(denoise, noise, sigmas)
         # Step 3: carry the tail over (the base decodes the new latents: one continuous streaming decode).
         if self.first is None:
             self.first = x0[:, :, :1].clone()

@@ -106,7 +106,9 @@ class CrossClipSettings(_Strict):
     # shot / film / tom / 2.0 carry decoded frames, 2.0-pro latents). None: the latent carry-over above.
     svi: Literal["shot", "film", "tom", "2.0", "2.0-pro"] | None = None
     pixel_frames: int = Field(81, ge=5)  # SVI: frames per clip (1 + 4k), the previous clip's motion frames included
-    sampler: Literal["euler", "unipc"] = "euler"  # SVI: the flow sampler of each clip
+    # The flow sampler of each clip on the (steps, shift) grid. SVI: euler or unipc. The latent carry-over: euler or
+    # few-step (each step predicts the clean latents and re-noises them with fresh noise to the next σ of the grid).
+    sampler: Literal["euler", "unipc", "few-step"] = "euler"
 
     @field_validator("pixel_frames")
     @classmethod
@@ -114,6 +116,16 @@ class CrossClipSettings(_Strict):
         if (value - 1) % 4:
             raise ValueError(f"pixel_frames must be 1 + 4k (e.g. 81), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _sampler(self) -> CrossClipSettings:
+        if self.svi is not None and self.sampler == "few-step":
+            raise ValueError(f'sampler = "few-step" is for the latent carry-over; svi = "{self.svi}" samples each clip '
+                             'with "euler" or "unipc"')
+        if self.svi is None and self.sampler == "unipc":
+            raise ValueError('sampler = "unipc" is for SVI clips (svi = ...); the latent carry-over samples with '
+                             '"euler" or "few-step"')
+        return self
 
 
 class StreamingSettings(_Strict):

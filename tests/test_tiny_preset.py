@@ -57,10 +57,10 @@ def test_backend_storyboards_render_playable_mp4(tmp_path: Path, story: str, lor
     assert (info.codec, info.pix_fmt, info.width, info.height, info.num_frames) == ("h264", "yuv420p", 128, 128, 48)
 
 
-def test_tiny_preset_samples_euler_with_guidance_distilled_in() -> None:
-    """The shipped DiT is the CFG-2 base guidance-distilled (train_gd.toml, then train_gd_words.toml): Euler at
-    cfg_scale 1, one pass per step (3 steps; it was distilled at 4), and it still draws the prompt: the right scene,
-    colour and one object."""
+def test_tiny_preset_samples_in_three_renoised_steps_with_guidance_distilled_in() -> None:
+    """The shipped DiT is the CFG-2 base guidance-distilled (train_gd.toml, then train_gd_words.toml): cfg_scale 1,
+    one pass per step, 3 steps on Euler 3's grid (σ 1, 0.8, 0.5) re-noised in between, and it still draws the
+    prompt: the right scene, colour and one object."""
     import numpy as np
 
     from lvstudio.eval.adherence import render_prompt
@@ -70,7 +70,11 @@ def test_tiny_preset_samples_euler_with_guidance_distilled_in() -> None:
     from lvstudio.world.oracle import adherence
 
     p = load_preset("tiny")
-    assert (p.sampler.kind, p.sampler.steps, p.sampler.cfg_scale) == ("euler", 3, 1.0)
+    from lvstudio.sampling.flow_matching import sigma_grid, warp_steps
+
+    assert (p.sampler.kind, p.sampler.cfg_scale) == ("few-step", 1.0)
+    sigmas = [t / 1000 for t in warp_steps(p.sampler.step_list, p.sampler.shift)]
+    assert sigmas == pytest.approx([float(s) for s in sigma_grid(3, 2.0)[:-1]], abs=1e-3)
     frames = render_prompt(load_bundle(p), "a red ball bouncing over the sea", 1.5, seed=1)
     assert frames.shape == (24, 128, 128, 3) and frames.dtype == np.uint8
     score = adherence(frames, SceneSpec("sea", (ObjectSpec("red", "ball", "bouncing"),)))

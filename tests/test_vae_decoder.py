@@ -115,7 +115,7 @@ def test_a_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
 
 def test_the_presets_config_tunes_around_its_samplers_last_sigma_into_its_run_folder() -> None:
     from lvstudio.presets.schema import load_preset
-    from lvstudio.sampling.flow_matching import sigma_grid
+    from lvstudio.sampling.flow_matching import sigma_grid, warp_steps
     from lvstudio.train.common import load_config
 
     root = Path(__file__).resolve().parents[1] / "presets" / "tiny"
@@ -123,10 +123,12 @@ def test_the_presets_config_tunes_around_its_samplers_last_sigma_into_its_run_fo
     assert (Path(cfg.dit), Path(cfg.text)) == (root / "dit.safetensors", root / "text.safetensors")
     assert cfg.export and Path(cfg.export).parent == Path(cfg.out_dir)  # tried, not shipped: it stays in its run
     sampler, crossclip = load_preset("tiny").sampler, load_preset("tiny").crossclip
-    # The last σ of both Euler samplers (causal-KV's and the cross-clip backend's) is where the decoder was tuned.
-    for steps, shift in ((sampler.steps, sampler.shift), (crossclip.steps, crossclip.shift)):
-        last = float(sigma_grid(steps, shift)[-2])
-        assert cfg.sigma_range[0] <= last <= cfg.sigma_range[1], (steps, last)
+    # The last σ of both samplers (causal-KV's re-noising one and the cross-clip backend's Euler) is where the
+    # decoder was tuned.
+    assert sampler.kind == "few-step" and sampler.warp
+    for last in (warp_steps(sampler.step_list, sampler.shift)[-1] / 1000, float(sigma_grid(crossclip.steps,
+                                                                                           crossclip.shift)[-2])):
+        assert cfg.sigma_range[0] <= last <= cfg.sigma_range[1], last
 
 
 def test_fringe_weight_counts_the_colours_the_decoder_draws_where_the_target_has_none() -> None:

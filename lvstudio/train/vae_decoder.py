@@ -1,10 +1,10 @@
 """Decoder tuning of the tiny VAE on a DiT's last-step estimates (`lvstudio train vae-decoder CONFIG.toml`).
 
-The Euler sampler's last step makes the output latents out of the DiT's x0 estimate at the last σ (the shipped
-sampler: Euler 3, shift 2, σ 1 → 0.8 → 0.5 → 0, so σ = 0.5). That estimate is a conditional mean: the layout is
-decided, object edges are soft, and the VAE decoder was trained on clean latents. As LTX-Video has its decoder do
-the last denoising step, this recipe teaches the decoder to draw the world's frames from the DiT's estimates of their
-own latents:
+The sampler's last step makes the output latents out of the DiT's x0 estimate at the last σ (Euler 3 at shift 2,
+σ 1 → 0.8 → 0.5 → 0, and the shipped re-noising sampler on the same grid: σ = 0.5). That estimate is a
+conditional mean: the layout is decided, object edges are soft, and the VAE decoder was trained on clean latents.
+As LTX-Video has its decoder do the last denoising step, this recipe teaches the decoder to draw the world's frames
+from the DiT's estimates of their own latents:
 
   world clip → frozen encoder → z0; per block of latents, z_σ = (1 − σ) z0 + σ ε (σ uniform in sigma_range) with the
   block's past clean (as the causal-KV backend's cache holds it) and the clip's caption → DiT → x0 estimate;

@@ -123,8 +123,8 @@ def test_the_presets_config_tunes_around_its_samplers_last_sigma_into_its_run_fo
     assert (Path(cfg.dit), Path(cfg.text)) == (root / "dit.safetensors", root / "text.safetensors")
     assert cfg.export and Path(cfg.export).parent == Path(cfg.out_dir)  # tried, not shipped: it stays in its run
     sampler, crossclip = load_preset("tiny").sampler, load_preset("tiny").crossclip
-    # The last σ of both samplers (causal-KV's re-noising one and the cross-clip backend's Euler) is where the
-    # decoder was tuned.
+    # The last σ of both samplers (causal-KV's and the cross-clip backend's, each re-noising on an Euler grid) is
+    # where the decoder was tuned.
     assert sampler.kind == "few-step" and sampler.warp
     for last in (warp_steps(sampler.step_list, sampler.shift)[-1] / 1000, float(sigma_grid(crossclip.steps,
                                                                                            crossclip.shift)[-2])):

@@ -34,6 +34,7 @@ from pydantic import model_validator
 from torch import Tensor
 
 from lvstudio.models.kv_cache import AttentionSpec
+from lvstudio.models.tiny_vocab import split_words
 from lvstudio.models.wan_dit import WanDiT
 from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, x0_from_velocity
 from lvstudio.sampling.samplers import euler_sample
@@ -141,9 +142,10 @@ def teacher_grid(cfg: CausalDistillConfig) -> list[float]:
 
 
 def drop_words(prompt: str, words: list[str]) -> str:
-    """The prompt without these words (the caption of a word-guidance row)."""
-    drop = set(words)
-    return " ".join(w for w in prompt.split() if w not in drop)
+    """The prompt without these words (the caption of a word-guidance row), split as the tiny text encoder splits
+    it (lower case, punctuation dropped), so "Ball," is dropped as the encoder reads it: "ball"."""
+    drop = {w.lower() for w in words}
+    return " ".join(w for w in split_words(prompt) if w not in drop)
 
 
 @torch.no_grad()

@@ -29,6 +29,25 @@ def test_adherence_report_on_random_weights() -> None:
     assert set(report.shape_reads) == {spec.objects[0].shape for spec in prompted}
     assert report.objects_prompted == pytest.approx(np.mean([len(spec.objects) for spec in prompted]))
     assert report.objects_read >= 0 and sum(" read as " in line for line in report.lines()) == len(report.shape_reads)
+    # Each prompt is filed under its primary object's motion and size and its number of objects.
+    assert [(r["motion"], r["size"], r["count"]) for r in report.per_prompt] == [
+        (s.objects[0].motion, s.objects[0].size, len(s.objects)) for s in prompted]
+    assert any(line.startswith("  shape by motion: ") for line in report.lines())
+
+
+def test_adherence_breakdown_groups_prompts() -> None:
+    """`breakdown` averages a score over the prompts of each group, largest group first (ties by name)."""
+    from lvstudio.eval.adherence import AdherenceReport
+
+    rows = [{"prompt": "a", "shape": 1.0, "objects": 1.0, "motion": "bouncing", "count": 1},
+            {"prompt": "b", "shape": 0.0, "objects": 0.5, "motion": "bouncing", "count": 2},
+            {"prompt": "c", "shape": 0.5, "objects": 0.0, "motion": "resting", "count": 2},
+            {"prompt": "d", "shape": 0.25, "objects": 1.0, "count": 1}]  # no motion: left out of that breakdown
+    report = AdherenceReport(4, 1.0, "causal-kv", {}, {}, rows)
+    assert report.breakdown("shape", "motion") == {"bouncing": 0.5, "resting": 0.5}
+    assert list(report.breakdown("shape", "motion")) == ["bouncing", "resting"]
+    assert report.breakdown("objects", "count") == {"1": 1.0, "2": 0.25}
+    assert report.breakdown("shape", "size") == {}
 
 
 @pytest.mark.filterwarnings("ignore:the tiny preset does not know")

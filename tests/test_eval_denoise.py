@@ -89,6 +89,13 @@ def test_sigma_zero_row_is_the_vae_read_back() -> None:
     assert [r.sigma for r in report.rows] == [0.0, 0.5] and report.frames == 5  # blocks of 2 latents
     vae = vae_readback(ROOT / "presets" / "tiny" / "vae.safetensors", clips=2, frames=5, switch_prob=0.0)
     assert report.rows[0].data == vae.adherence
+    # Shape read-back per motion of the primary object: the clips' motions, a rate each, and a report line.
+    from lvstudio.eval.vae_readback import HELD_OUT_SEED
+    from lvstudio.world import sample_clip
+
+    motions = {sample_clip(HELD_OUT_SEED + i, 5, switch_prob=0.0).specs[0].objects[0].motion for i in range(2)}
+    assert set(vae.by_motion) == motions and all(0.0 <= v <= 1.0 for v in vae.by_motion.values())
+    assert any(line.startswith("  shape by motion: ") for line in vae.lines())
     assert report.rows[0].data["scene"] == 1.0 and report.rows[0].data["colour"] == 1.0  # not trivially zero
     assert report.rows[0].latent_mse is None and report.rows[0].follows_text == {}
     # A random DiT does not know the world: its one-step prediction at σ = 0.5 loses what the VAE keeps.

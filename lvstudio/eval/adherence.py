@@ -31,6 +31,15 @@ class AdherenceReport:
     objects_read: float = 0.0  # mean objects the oracle reads per frame
     objects_prompted: float = 0.0  # mean objects the prompts name
 
+    def breakdown(self, key: str, group: str) -> dict[str, float]:
+        """Mean of score `key` over the prompts of each value of `group` (a per-prompt field: "motion" and "size"
+        of the primary object, "count" of objects), largest groups first."""
+        groups: dict[str, list[float]] = {}
+        for r in self.per_prompt:
+            if group in r:
+                groups.setdefault(str(r[group]), []).append(r[key])
+        return {g: float(np.mean(v)) for g, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))}
+
     def lines(self) -> list[str]:
         out = [f"oracle adherence over {self.num_prompts} prompts x {self.seconds:g} s ({self.backend}):"]
         for k in KEYS:
@@ -42,6 +51,11 @@ class AdherenceReport:
             total = sum(reads.values())
             out.append(f"  {shape:8s} read as " + ", ".join(
                 f"{k} {100 * v / total:.0f}%" for k, v in sorted(reads.items(), key=lambda kv: -kv[1])))
+        for key, group, label in (("shape", "motion", "shape by motion"), ("shape", "size", "shape by size"),
+                                  ("objects", "count", "exactly the objects by objects prompted")):
+            parts = self.breakdown(key, group)
+            if parts:
+                out.append(f"  {label}: " + ", ".join(f"{g} {100 * v:.0f}%" for g, v in parts.items()))
         worst = sorted(self.per_prompt, key=lambda r: r["scene"] + r["colour"])[:3]
         for r in worst:
             out.append(f"  weakest: {r['prompt']!r} scene {r['scene']:.2f} colour {r['colour']:.2f} "
@@ -95,7 +109,8 @@ def evaluate_adherence(
         shape_reads[p.shape].update(primary_shape(r, p.colour) or "none" for r in readings)
         counts["read"] += sum(len(r.objects) for r in readings)
         counts["prompted"] += len(spec.objects) * len(readings)
-        rows.append({"prompt": prompt, **{k: float(score[k]) for k in KEYS}})
+        rows.append({"prompt": prompt, **{k: float(score[k]) for k in KEYS}, "motion": p.motion, "size": p.size,
+                     "count": len(spec.objects)})
         flick.append(flicker(frames))
         if on_prompt is not None:
             on_prompt(i, prompt, rows[-1])

@@ -24,12 +24,15 @@ class VaeReadback:
     psnr_db: float  # of the reconstruction in [0, 255], over all frames
     decode_ms_per_second: float  # decoder wall time per second of 16-fps video (one thread unless set otherwise)
     by_shape: dict[str, float] = field(default_factory=dict)  # shape read-back per prompted shape
+    by_motion: dict[str, float] = field(default_factory=dict)  # shape read-back per motion of the primary object
 
     def lines(self) -> list[str]:
         keys = " ".join(f"{k} {100 * v:.1f}%" for k, v in self.adherence.items())
         shapes = " ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(self.by_shape.items()))
+        motions = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(self.by_motion.items()))
         return [f"VAE read-back over {self.clips} held-out world clips x {self.frames} frames: {keys}",
                 f"  shape by prompted shape: {shapes}",
+                f"  shape by motion: {motions}",
                 f"  PSNR {self.psnr_db:.2f} dB; decode {self.decode_ms_per_second:.0f} ms per video second"]
 
 
@@ -48,6 +51,7 @@ def vae_readback(vae_path: str | Path, clips: int = 60, frames: int = 17, switch
     vae = load_vae(vae_path).train(False)
     totals = dict.fromkeys(ADHERENCE_KEYS, 0)
     shape_hits: dict[str, list[int]] = {}
+    motion_hits: dict[str, list[int]] = {}
     sq_err, n_values, decode_s, n_frames = 0.0, 0, 0.0, 0
     for i in range(clips):
         # Step 1: a held-out clip, through the VAE (decode timed on its own).
@@ -67,8 +71,10 @@ def vae_readback(vae_path: str | Path, clips: int = 60, frames: int = 17, switch
             for k, ok in scores.items():
                 totals[k] += ok
             shape_hits.setdefault(spec.objects[0].shape, []).append(int(scores["shape"]))
+            motion_hits.setdefault(spec.objects[0].motion, []).append(int(scores["shape"]))
         n_frames += len(out)
     mse = sq_err / max(n_values, 1)
     psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
     return VaeReadback(clips, frames, {k: v / n_frames for k, v in totals.items()}, float(psnr),
-                       1000 * decode_s / (n_frames / fps), {k: sum(v) / len(v) for k, v in shape_hits.items()})
+                       1000 * decode_s / (n_frames / fps), {k: sum(v) / len(v) for k, v in shape_hits.items()},
+                       {k: sum(v) / len(v) for k, v in motion_hits.items()})

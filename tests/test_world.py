@@ -310,6 +310,33 @@ def test_slot_pose_gives_each_caption_one_starting_layout() -> None:
     assert pose.words() == "upright, in fixed slots, on a 16-px grid"
 
 
+def test_moving_in_slots_starts_every_object_at_its_slot_whatever_its_motion() -> None:
+    """Under `slots` alone a moving object starts on its trailing side, far from its slot for some motions (the first
+    of two objects moving left starts at the right edge); `moving_in_slots` starts it at its slot like the others, so
+    the layout depends only on the number of objects (and sizes), not on the motions."""
+    from lvstudio.world import Pose
+    from lvstudio.world.oracle import adherence
+
+    slots, moving = Pose(upright=True, slots=True, grid=16), Pose(upright=True, slots=True, grid=16,
+                                                                  moving_in_slots=True)
+    starts: dict[tuple[int, int, str], set] = {}
+    trailing_apart = 0
+    for seed in range(80):
+        before = sample_clip(seed, 5, size=128, switch_prob=0.0, pose=slots)
+        clip = sample_clip(seed, 5, size=128, switch_prob=0.0, pose=moving)
+        assert clip.captions == before.captions and adherence(clip.frames, clip.specs)["objects"] == 1.0
+        objects = clip.specs[0].objects
+        for j, (o, t, b) in enumerate(zip(objects, clip.truth[0].objects, before.truth[0].objects, strict=True)):
+            if o.motion != "growing":  # a growing object starts at a random scale: its free positions vary
+                starts.setdefault((len(objects), j, o.size), set()).add((t.x, t.y))
+            trailing_apart += o.motion.startswith("moving") and math.hypot(t.x - b.x, t.y - b.y) > 16
+    assert all(len(v) == 1 for v in starts.values()) and len(starts) >= 4  # one place per slot, any motion
+    assert trailing_apart >= 5  # the old pose put those moving objects elsewhere
+    assert moving.words() == "upright, in fixed slots, moving ones too, on a 16-px grid"
+    with pytest.raises(ValueError, match="needs slots"):
+        Pose(moving_in_slots=True)
+
+
 def test_late_pose_records_a_later_stretch_of_the_same_world() -> None:
     from lvstudio.world import Pose
     from lvstudio.world.oracle import adherence

@@ -210,8 +210,8 @@ class _ObjectState:
 def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE,
                    j: int = 0, n: int = 1) -> _ObjectState:
     """A starting state for object j of n; moving objects start on their trailing side so they cross the frame before
-    wrapping. `pose` may start objects upright, near the centre, in fixed slots or on a grid (`Pose`); the same random
-    numbers are drawn either way."""
+    wrapping (at their slot under `Pose.moving_in_slots`). `pose` may start objects upright, near the centre, in
+    fixed slots or on a grid (`Pose`); the same random numbers are drawn either way."""
     scale = float(rng.uniform(_GROW_MIN, 1.0)) if obj.motion == "growing" else 1.0
     angle = float(rng.uniform(0, 360))
     state = _ObjectState(x=0.0, y=0.0, angle=0.0 if pose.upright else angle, scale=scale)
@@ -219,14 +219,11 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: P
     u, w = pose.fractions(*rng.uniform(size=2), j, n)
     state.x, state.y = lo + u * (hi - lo), lo + w * (hi - lo)
     lead = lo + 0.25 * u * (hi - lo)
-    if obj.motion == "moving right":
-        state.x = lead
-    elif obj.motion == "moving left":
-        state.x = lo + hi - lead
-    elif obj.motion == "moving down":
-        state.y = lo + 0.25 * w * (hi - lo)
-    elif obj.motion == "moving up":
-        state.y = hi - 0.25 * w * (hi - lo)
+    trailing = {"moving right": ("x", lead), "moving left": ("x", lo + hi - lead),
+                "moving down": ("y", lo + 0.25 * w * (hi - lo)), "moving up": ("y", hi - 0.25 * w * (hi - lo))}
+    if obj.motion in trailing and pose.trailing_start():
+        axis, value = trailing[obj.motion]
+        setattr(state, axis, value)
     state.x, state.y = pose.snap(state.x, lo, hi), pose.snap(state.y, lo, hi)
     return state
 

@@ -28,12 +28,16 @@ class Pose:
     `late_prob` / `late_frames`: a share of clips starts late, the world having run 1..`late_frames` frames (uniform)
     from that start before the first recorded frame, so that a short clip shows what only a long shot reaches:
     `moving` objects wrapping to the opposite edge, `growing` ones restarting small, any phase of a bounce or a turn.
-    Which clips and how late is drawn from the clip's seed by its own generator (`lead_in`)."""
+    Which clips and how late is drawn from the clip's seed by its own generator (`lead_in`).
+
+    `moving_in_slots` (with `slots`): moving objects start at their slot too, not on their trailing side, so that
+    object j of a caption starts at the same place whatever its motion (one layout per number of objects)."""
 
     upright: bool = False
     centred: bool = False
     grid: int = 0
     slots: bool = False
+    moving_in_slots: bool = False
     late_prob: float = 0.0
     late_frames: int = 0
 
@@ -44,6 +48,8 @@ class Pose:
             raise ValueError(f"late_frames must be a whole number of frames >= 0, got {self.late_frames!r}")
         if not 0.0 <= self.late_prob <= 1.0:
             raise ValueError(f"late_prob must be in [0, 1], got {self.late_prob!r}")
+        if self.moving_in_slots and not self.slots:
+            raise ValueError("moving_in_slots starts moving objects at their slots: it needs slots = True")
 
     def lead_in(self, seed: int) -> int:
         """Frames the world runs before the first recorded frame of the clip of this seed (0: it starts at once)."""
@@ -54,12 +60,16 @@ class Pose:
 
     def words(self) -> str:
         """"upright, centred, on a 16-px grid, 30% of clips up to 96 frames late"; "" for the world's own pose."""
-        words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots))
-                 if on]
+        words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots),
+                                 ("moving ones too", self.moving_in_slots)) if on]
         words += [f"on a {self.grid}-px grid"] if self.grid else []
         if self.late_frames and self.late_prob:
             words.append(f"{self.late_prob:.0%} of clips up to {self.late_frames} frames late")
         return ", ".join(words)
+
+    def trailing_start(self) -> bool:
+        """Whether moving objects start on their trailing side (the world's own; all poses but `moving_in_slots`)."""
+        return not self.moving_in_slots
 
     def fractions(self, u: float, w: float, j: int, n: int) -> tuple[float, float]:
         """Where object j of n starts, as fractions of its free positions on each axis, from the drawn (u, w)."""

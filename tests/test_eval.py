@@ -33,6 +33,11 @@ def test_adherence_report_on_random_weights() -> None:
     assert [(r["motion"], r["size"], r["count"]) for r in report.per_prompt] == [
         (s.objects[0].motion, s.objects[0].size, len(s.objects)) for s in prompted]
     assert any(line.startswith("  shape by motion: ") for line in report.lines())
+    # Why frames are not exactly the objects: per prompt and as the mean over prompts.
+    for kind in ("several", "missing", "other"):
+        assert 0.0 <= report.per_prompt[0][kind] <= 1.0
+        assert report.faults[kind] == pytest.approx(np.mean([r[kind] for r in report.per_prompt]))
+    assert any(line.startswith("  not exactly the objects, % of frames: ") for line in report.lines())
 
 
 def test_adherence_breakdown_groups_prompts() -> None:

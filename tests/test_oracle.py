@@ -33,6 +33,7 @@ from lvstudio.world.oracle import (
     flicker,
     frame_scores,
     measure_scene_prototypes,
+    object_faults,
     read_clip,
     read_frame,
 )
@@ -186,6 +187,12 @@ def test_exact_objects_counts_components_per_colour() -> None:
     assert frame_scores(reading, spec)["colour"]  # colour adherence alone does not see the difference
     two = SceneSpec("sky", (spec.objects[0], ObjectSpec("blue", "cube", "resting")))
     assert not exact_objects(read_frame(frame), two)  # the blue cube is missing
+    # Why each fails: several red objects; the blue cube missing; a red ball the prompt of a green one does not name.
+    assert object_faults(read_frame(frame), spec) == {"several": False, "missing": False, "other": False}
+    assert object_faults(reading, spec) == {"several": True, "missing": False, "other": False}
+    assert object_faults(read_frame(frame), two) == {"several": False, "missing": True, "other": False}
+    green = SceneSpec("sky", (ObjectSpec("green", "ball", "resting", "big"),))
+    assert object_faults(reading, green) == {"several": False, "missing": True, "other": True}
     clip = sample_clip(11, 8, size=128, switch_prob=0.0)
     assert adherence(clip.frames, clip.specs)["objects"] == 1.0
 

@@ -30,6 +30,8 @@ class AdherenceReport:
     shape_reads: dict[str, dict[str, int]] = field(default_factory=dict)
     objects_read: float = 0.0  # mean objects the oracle reads per frame
     objects_prompted: float = 0.0  # mean objects the prompts name
+    # `object_faults` kind -> fraction of frames (mean over prompts) with that fault
+    faults: dict[str, float] = field(default_factory=dict)
 
     def breakdown(self, key: str, group: str) -> dict[str, float]:
         """Mean of score `key` over the prompts of each value of `group` (a per-prompt field: "motion" and "size"
@@ -47,12 +49,17 @@ class AdherenceReport:
                        f"prompts with majority {100 * self.majority[k]:5.1f}%")
         out.append(f"  flicker {self.flicker:.4f}   generation {self.frames_per_second:.1f} frames/s")
         out.append(f"  objects per frame: {self.objects_read:.2f} read, {self.objects_prompted:.2f} prompted")
+        if self.faults:
+            out.append("  not exactly the objects, % of frames: a prompted colour drawn as several objects "
+                       f"{100 * self.faults['several']:.1f}%, one missing {100 * self.faults['missing']:.1f}%, "
+                       f"another colour {100 * self.faults['other']:.1f}%")
         for shape, reads in self.shape_reads.items():
             total = sum(reads.values())
             out.append(f"  {shape:8s} read as " + ", ".join(
                 f"{k} {100 * v / total:.0f}%" for k, v in sorted(reads.items(), key=lambda kv: -kv[1])))
         for key, group, label in (("shape", "motion", "shape by motion"), ("shape", "size", "shape by size"),
-                                  ("objects", "count", "exactly the objects by objects prompted")):
+                                  ("objects", "count", "exactly the objects by objects prompted"),
+                                  ("several", "count", "a prompted colour drawn as several objects, by objects")):
             parts = self.breakdown(key, group)
             if parts:
                 out.append(f"  {label}: " + ", ".join(f"{g} {100 * v:.0f}%" for g, v in parts.items()))
@@ -91,7 +98,14 @@ def evaluate_adherence(
     from collections import Counter
 
     from lvstudio.world import SHAPES, sample_spec
-    from lvstudio.world.oracle import adherence_of_readings, flicker, primary_shape, read_clip
+    from lvstudio.world.oracle import (
+        OBJECT_FAULTS,
+        adherence_of_readings,
+        flicker,
+        object_faults,
+        primary_shape,
+        read_clip,
+    )
 
     rng = np.random.default_rng(seed)
     rows, flick = [], []
@@ -109,8 +123,9 @@ def evaluate_adherence(
         shape_reads[p.shape].update(primary_shape(r, p.colour) or "none" for r in readings)
         counts["read"] += sum(len(r.objects) for r in readings)
         counts["prompted"] += len(spec.objects) * len(readings)
+        faults = [object_faults(r, spec) for r in readings]
         rows.append({"prompt": prompt, **{k: float(score[k]) for k in KEYS}, "motion": p.motion, "size": p.size,
-                     "count": len(spec.objects)})
+                     "count": len(spec.objects), **{k: float(np.mean([f[k] for f in faults])) for k in OBJECT_FAULTS}})
         flick.append(flicker(frames))
         if on_prompt is not None:
             on_prompt(i, prompt, rows[-1])
@@ -119,4 +134,5 @@ def evaluate_adherence(
     majority = {k: float(np.mean([r[k] > 0.5 for r in rows])) for k in KEYS}
     return AdherenceReport(num_prompts, seconds, backend, mean, majority, rows, float(np.mean(flick)),
                            total_frames / max(wall, 1e-9), {k: dict(v) for k, v in shape_reads.items() if v},
-                           counts["read"] / max(total_frames, 1), counts["prompted"] / max(total_frames, 1))
+                           counts["read"] / max(total_frames, 1), counts["prompted"] / max(total_frames, 1),
+                           {k: float(np.mean([r[k] for r in rows])) for k in OBJECT_FAULTS})

@@ -239,6 +239,19 @@ def exact_objects(reading: FrameReading, spec: SceneSpec) -> bool:
     return Counter(o.colour for o in reading.objects) == Counter(o.colour for o in spec.objects)
 
 
+OBJECT_FAULTS = ("several", "missing", "other")  # why a frame is not exactly the prompted objects
+
+
+def object_faults(reading: FrameReading, spec: SceneSpec) -> dict[str, bool]:
+    """Why a frame fails `exact_objects` (any number may hold): "several" — a prompted colour read as more objects
+    than the prompt names (drawn twice, or in pieces); "missing" — fewer (absent, or merged with another object);
+    "other" — an object of a colour the prompt does not name."""
+    read, prompted = Counter(o.colour for o in reading.objects), Counter(o.colour for o in spec.objects)
+    return {"several": any(read[c] > n for c, n in prompted.items()),
+            "missing": any(read[c] < n for c, n in prompted.items()),
+            "other": any(c not in prompted for c in read)}
+
+
 def frame_scores(reading: FrameReading, spec: SceneSpec) -> dict[str, bool]:
     """What one frame gets right against a spec: scene; an object of the primary colour; the primary object's shape
     (the largest object of the primary colour); exactly the prompted objects."""

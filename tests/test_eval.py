@@ -38,6 +38,7 @@ def test_adherence_report_on_random_weights() -> None:
         assert 0.0 <= report.per_prompt[0][kind] <= 1.0
         assert report.faults[kind] == pytest.approx(np.mean([r[kind] for r in report.per_prompt]))
     assert any(line.startswith("  not exactly the objects, % of frames: ") for line in report.lines())
+    assert any(line.startswith("  ... by motion: ") for line in report.lines())
 
 
 def test_adherence_breakdown_groups_prompts() -> None:

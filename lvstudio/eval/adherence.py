@@ -59,7 +59,8 @@ class AdherenceReport:
                 f"{k} {100 * v / total:.0f}%" for k, v in sorted(reads.items(), key=lambda kv: -kv[1])))
         for key, group, label in (("shape", "motion", "shape by motion"), ("shape", "size", "shape by size"),
                                   ("objects", "count", "exactly the objects by objects prompted"),
-                                  ("several", "count", "a prompted colour drawn as several objects, by objects")):
+                                  ("several", "count", "a prompted colour drawn as several objects, by objects"),
+                                  ("several", "motion", "... by motion")):
             parts = self.breakdown(key, group)
             if parts:
                 out.append(f"  {label}: " + ", ".join(f"{g} {100 * v:.0f}%" for g, v in parts.items()))

@@ -337,6 +337,39 @@ def test_moving_in_slots_starts_every_object_at_its_slot_whatever_its_motion() -
         Pose(moving_in_slots=True)
 
 
+def test_through_edges_moves_objects_out_and_back_without_a_jump() -> None:
+    """The world moves an object that reaches an edge to the opposite one in a frame; under `through_edges` it leaves
+    across the edge at its speed, is out of sight for a moment and comes back across the opposite edge, so no frame
+    holds it at two places (what a 4-frame latent would average)."""
+    from lvstudio.world import Pose
+    from lvstudio.world.clips import _MOVE_SPEED
+    from lvstudio.world.oracle import read_frame
+
+    pose = Pose(through_edges=True)
+    v = _MOVE_SPEED * 128
+    for motion, axis, sign in (("moving left", "x", -1), ("moving up", "y", -1), ("moving right", "x", 1)):
+        spec = SceneSpec("sky", (ObjectSpec("red", "ball", motion),))
+        clip = render_spec(spec, 120, 128, seed=0, pose=pose)
+        pos = [getattr(f.objects[0], axis) for f in clip.truth]
+        other = {getattr(f.objects[0], "y" if axis == "x" else "x") for f in clip.truth}
+        steps = [b - a for a, b in itertools.pairwise(pos)]
+        loops = [d for d in steps if abs(d - sign * v) > 1e-6]
+        # Every frame moves by the speed but once, when the object is out of sight on both sides of the loop.
+        assert len(loops) == 1 and len(other) == 1
+        k = steps.index(loops[0])
+        r = clip.truth[k].objects[0].size / 2
+        assert min(pos[k], 128 - pos[k]) < -r + v and min(pos[k + 1], 128 - pos[k + 1]) < -r + v
+        counts = [sum(o.colour == "red" for o in read_frame(f).objects) for f in clip.frames]
+        assert counts.count(0) <= 4 and max(counts) == 1  # never two; out of sight (or a sliver) for a few frames
+        edge = [i for i in range(120) if 0 < min(pos[i], 128 - pos[i]) < r]
+        assert edge and all(counts[i] == 1 for i in edge[1:-1])  # cut by the edge, but there
+    # Resting objects and the world's own pose do as before.
+    still = SceneSpec("sky", (ObjectSpec("red", "ball", "resting"),))
+    same = render_spec(still, 9, 128, seed=1, pose=pose).frames, render_spec(still, 9, 128, seed=1).frames
+    assert same[0].tobytes() == same[1].tobytes()
+    assert Pose(slots=True, through_edges=True).words() == "in fixed slots, moving through the edges"
+
+
 def test_late_pose_records_a_later_stretch_of_the_same_world() -> None:
     from lvstudio.world import Pose
     from lvstudio.world.oracle import adherence

@@ -86,6 +86,7 @@ class DFConfig(TrainConfigBase):
     object_grid: int = Field(0, ge=0)  # px: objects start at the centre of a cell of this grid (`Pose.grid`; 0: off)
     object_slots: bool = False  # world objects start at fixed places: one in the middle, two on a diagonal (`Pose`)
     moving_in_slots: bool = False  # with object_slots: moving objects start at their slots too (`Pose`)
+    through_edges: bool = False  # moving objects leave across an edge and come back across the opposite (`Pose`)
     late_start_prob: float = Field(0.0, ge=0.0, le=1.0)  # share of clips that start late (`Pose.late_prob`): wraps,
     late_start_frames: int = Field(0, ge=0)  # ... 1..this many frames into the world's run (`Pose.late_frames`)
     cfg_dropout: float = 0.1
@@ -103,8 +104,8 @@ class DFConfig(TrainConfigBase):
         from lvstudio.world import Pose
 
         return Pose(upright=self.upright_objects, centred=self.centred_objects, grid=self.object_grid,
-                    slots=self.object_slots, moving_in_slots=self.moving_in_slots, late_prob=self.late_start_prob,
-                    late_frames=self.late_start_frames)
+                    slots=self.object_slots, moving_in_slots=self.moving_in_slots, through_edges=self.through_edges,
+                    late_prob=self.late_start_prob, late_frames=self.late_start_frames)
 
 
 class TinyDF(nn.Module):

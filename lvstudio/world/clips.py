@@ -101,6 +101,8 @@ _EXTENT = MappingProxyType({"ball": 1.0, "cube": 1.2, "triangle": 1.3, "star": 1
 _STAR_INNER = 0.45  # inner / outer radius of the 5-point star
 _MARGIN = 0.02  # × S, gap kept between an object and the frame edge
 _MOVE_SPEED = 0.015  # × S per frame
+_THROUGH = MappingProxyType({"moving left": ("x", -1), "moving right": ("x", 1), "moving up": ("y", -1),
+                             "moving down": ("y", 1)})  # axis and direction of each moving motion
 _BOUNCE_SPEED, _GRAVITY = 0.07, 0.007  # × S per frame, × S per frame²: 20-frame hops, 0.35 S high
 _SPIN_SPEED = 10.0  # degrees per frame
 _GROW_RATE, _GROW_MIN, _GROW_MAX = 0.015, 0.75, 1.45  # scale per frame; growing restarts at _GROW_MIN
@@ -167,20 +169,27 @@ class _ObjectState:
         r = self.extent(obj, size) + _MARGIN * size
         return r, size - r
 
-    def clamp(self, obj: ObjectSpec, size: int) -> None:
-        """Push the object back inside the frame."""
+    def clamp(self, obj: ObjectSpec, size: int, free_axis: str = "") -> None:
+        """Push the object back inside the frame (along both axes but `free_axis`, "x" or "y")."""
         lo, hi = self.bounds(obj, size)
-        self.x, self.y = min(max(self.x, lo), hi), min(max(self.y, lo), hi)
+        if free_axis != "x":
+            self.x = min(max(self.x, lo), hi)
+        if free_axis != "y":
+            self.y = min(max(self.y, lo), hi)
 
-    def step(self, obj: ObjectSpec, size: int) -> None:
-        """Advance one frame under obj.motion."""
+    def step(self, obj: ObjectSpec, size: int, through_edges: bool = False) -> None:
+        """Advance one frame under obj.motion. A moving object jumps to the opposite edge when it reaches one, or with
+        `through_edges` leaves the frame and comes back across the opposite edge (`Pose.through_edges`)."""
+        if through_edges and obj.motion in _THROUGH:
+            self._move_through(obj, size)
+            return
         m = obj.motion
         if m == "growing":
             self.scale += _GROW_RATE
             if self.scale > _GROW_MAX:
                 self.scale = _GROW_MIN
-        elif self.scale != 1.0:
-            self.scale = min(1.0, self.scale + _RELAX_RATE) if self.scale < 1 else max(1.0, self.scale - _RELAX_RATE)
+        else:
+            self._relax()
         lo, hi = self.bounds(obj, size)
         v = _MOVE_SPEED * size
         if m == "moving left":
@@ -205,6 +214,24 @@ class _ObjectState:
         if m != "bouncing":
             self.vy = 0.0
         self.clamp(obj, size)
+
+    def _relax(self) -> None:
+        """Scale back towards 1 (after a switch away from `growing`)."""
+        if self.scale != 1.0:
+            self.scale = min(1.0, self.scale + _RELAX_RATE) if self.scale < 1 else max(1.0, self.scale - _RELAX_RATE)
+
+    def _move_through(self, obj: ObjectSpec, size: int) -> None:
+        """One frame of a moving object under `Pose.through_edges`: along its axis on a loop of the frame plus its
+        extent on each side (it is out of sight when its centre is past an edge by more than its extent), across it
+        pushed inside the frame as ever."""
+        axis, sign = _THROUGH[obj.motion]
+        self.vy = 0.0
+        self._relax()
+        reach = self.extent(obj, size) + 1.0
+        v = getattr(self, axis) + sign * _MOVE_SPEED * size
+        period = size + 2 * reach
+        setattr(self, axis, (v + reach) % period - reach)  # centre in [-reach, size + reach)
+        self.clamp(obj, size, free_axis=axis)
 
 
 def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: Pose = WORLD_POSE,
@@ -599,7 +626,7 @@ def _render(schedule: Sequence[tuple[int, SceneSpec]], num_frames: int, size: in
         spec = schedule[max(0, int(np.searchsorted(starts, t, side="right")) - 1)][1]
         for obj, state in zip(spec.objects, states, strict=True):
             if t > 0:
-                state.step(obj, size)
+                state.step(obj, size, pose.through_edges)
             else:
                 state.clamp(obj, size)
         if t < lead_in:

@@ -1,8 +1,8 @@
 """How a world clip's objects start (`Pose`): the world's own (any angle, anywhere) or narrowed for a training set.
 
-A pose acts only on where and at what angle each object *starts*, and on how long the world runs before the first
-recorded frame; the random numbers drawn are the same whatever the pose, so captions, motions and sizes do not change
-with it. numpy-free, torch-free.
+A pose acts only on where and at what angle each object *starts*, on how long the world runs before the first
+recorded frame and (`through_edges`) on how a moving object passes the frame's edges; the random numbers drawn are the
+same whatever the pose, so captions, motions and sizes do not change with it. numpy-free, torch-free.
 """
 
 from __future__ import annotations
@@ -31,13 +31,19 @@ class Pose:
     Which clips and how late is drawn from the clip's seed by its own generator (`lead_in`).
 
     `moving_in_slots` (with `slots`): moving objects start at their slot too, not on their trailing side, so that
-    object j of a caption starts at the same place whatever its motion (one layout per number of objects)."""
+    object j of a caption starts at the same place whatever its motion (one layout per number of objects).
+
+    `through_edges`: a moving object leaves the frame across the edge it moves to and comes back across the opposite
+    one, at its speed (it is out of sight for a moment, and cut by the edge while it crosses), instead of the world's
+    jump from one edge to the other in a frame: nothing in a clip jumps, so no 4-frame latent holds the object at two
+    places."""
 
     upright: bool = False
     centred: bool = False
     grid: int = 0
     slots: bool = False
     moving_in_slots: bool = False
+    through_edges: bool = False
     late_prob: float = 0.0
     late_frames: int = 0
 
@@ -61,7 +67,8 @@ class Pose:
     def words(self) -> str:
         """"upright, centred, on a 16-px grid, 30% of clips up to 96 frames late"; "" for the world's own pose."""
         words = [w for w, on in (("upright", self.upright), ("centred", self.centred), ("in fixed slots", self.slots),
-                                 ("moving ones too", self.moving_in_slots)) if on]
+                                 ("moving ones too", self.moving_in_slots),
+                                 ("moving through the edges", self.through_edges)) if on]
         words += [f"on a {self.grid}-px grid"] if self.grid else []
         if self.late_frames and self.late_prob:
             words.append(f"{self.late_prob:.0%} of clips up to {self.late_frames} frames late")

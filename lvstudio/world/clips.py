@@ -101,8 +101,8 @@ _EXTENT = MappingProxyType({"ball": 1.0, "cube": 1.2, "triangle": 1.3, "star": 1
 _STAR_INNER = 0.45  # inner / outer radius of the 5-point star
 _MARGIN = 0.02  # × S, gap kept between an object and the frame edge
 _MOVE_SPEED = 0.015  # × S per frame
-_THROUGH = MappingProxyType({"moving left": ("x", -1), "moving right": ("x", 1), "moving up": ("y", -1),
-                             "moving down": ("y", 1)})  # axis and direction of each moving motion
+_MOVES = MappingProxyType({"moving left": ("x", -1), "moving right": ("x", 1), "moving up": ("y", -1),
+                           "moving down": ("y", 1)})  # axis and direction of each moving motion
 _BOUNCE_SPEED, _GRAVITY = 0.07, 0.007  # × S per frame, × S per frame²: 20-frame hops, 0.35 S high
 _SPIN_SPEED = 10.0  # degrees per frame
 _GROW_RATE, _GROW_MIN, _GROW_MAX = 0.015, 0.75, 1.45  # scale per frame; growing restarts at _GROW_MIN
@@ -180,7 +180,7 @@ class _ObjectState:
     def step(self, obj: ObjectSpec, size: int, through_edges: bool = False) -> None:
         """Advance one frame under obj.motion. A moving object jumps to the opposite edge when it reaches one, or with
         `through_edges` leaves the frame and comes back across the opposite edge (`Pose.through_edges`)."""
-        if through_edges and obj.motion in _THROUGH:
+        if through_edges and obj.motion in _MOVES:
             self._move_through(obj, size)
             return
         m = obj.motion
@@ -192,18 +192,14 @@ class _ObjectState:
             self._relax()
         lo, hi = self.bounds(obj, size)
         v = _MOVE_SPEED * size
-        if m == "moving left":
-            self.x -= v
-            self.x += (hi - lo) if self.x < lo else 0.0
-        elif m == "moving right":
-            self.x += v
-            self.x -= (hi - lo) if self.x > hi else 0.0
-        elif m == "moving up":
-            self.y -= v
-            self.y += (hi - lo) if self.y < lo else 0.0
-        elif m == "moving down":
-            self.y += v
-            self.y -= (hi - lo) if self.y > hi else 0.0
+        if m in _MOVES:  # past the edge it moves to: jump to the opposite one
+            axis, sign = _MOVES[m]
+            p = getattr(self, axis) + sign * v
+            if sign < 0 and p < lo:
+                p += hi - lo
+            elif sign > 0 and p > hi:
+                p -= hi - lo
+            setattr(self, axis, p)
         elif m == "bouncing":
             self.vy += _GRAVITY * size
             self.y += self.vy
@@ -224,7 +220,7 @@ class _ObjectState:
         """One frame of a moving object under `Pose.through_edges`: along its axis on a loop of the frame plus its
         extent on each side (it is out of sight when its centre is past an edge by more than its extent), across it
         pushed inside the frame as ever."""
-        axis, sign = _THROUGH[obj.motion]
+        axis, sign = _MOVES[obj.motion]
         self.vy = 0.0
         self._relax()
         reach = self.extent(obj, size) + 1.0
@@ -248,7 +244,7 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: P
     lead = lo + 0.25 * u * (hi - lo)
     trailing = {"moving right": ("x", lead), "moving left": ("x", lo + hi - lead),
                 "moving down": ("y", lo + 0.25 * w * (hi - lo)), "moving up": ("y", hi - 0.25 * w * (hi - lo))}
-    if obj.motion in trailing and pose.trailing_start():
+    if obj.motion in trailing and not pose.moving_in_slots:
         axis, value = trailing[obj.motion]
         setattr(state, axis, value)
     state.x, state.y = pose.snap(state.x, lo, hi), pose.snap(state.y, lo, hi)

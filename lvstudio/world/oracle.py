@@ -235,8 +235,8 @@ ADHERENCE_KEYS = ("scene", "colour", "shape", "objects")
 def exact_objects(reading: FrameReading, spec: SceneSpec) -> bool:
     """Exactly the prompted objects: per object colour, as many separate objects (connected components of that
     colour) as the prompt names, and no object of any other colour. A grid of blobs, a missing object or a stray one
-    all fail."""
-    return Counter(o.colour for o in reading.objects) == Counter(o.colour for o in spec.objects)
+    all fail (`object_faults` says which)."""
+    return not any(object_faults(reading, spec).values())
 
 
 OBJECT_FAULTS = ("several", "missing", "other")  # why a frame is not exactly the prompted objects

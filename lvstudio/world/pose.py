@@ -74,10 +74,6 @@ class Pose:
             words.append(f"{self.late_prob:.0%} of clips up to {self.late_frames} frames late")
         return ", ".join(words)
 
-    def trailing_start(self) -> bool:
-        """Whether moving objects start on their trailing side (the world's own; all poses but `moving_in_slots`)."""
-        return not self.moving_in_slots
-
     def fractions(self, u: float, w: float, j: int, n: int) -> tuple[float, float]:
         """Where object j of n starts, as fractions of its free positions on each axis, from the drawn (u, w)."""
         if self.slots:

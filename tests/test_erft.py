@@ -474,7 +474,7 @@ def test_shipped_config_matches_the_preset_backend() -> None:
     st = CrossClipSettings()
     assert (cfg.clip_frames, cfg.carry_frames, cfg.bidirectional, cfg.shift) == (st.clip_frames, st.carry_frames,
                                                                                  st.bidirectional, st.shift)
-    assert cfg.init_dit == str((root / "runs/tiny_v2q/dit.safetensors").resolve())  # the CFG base
+    assert cfg.init_dit == str((root / "runs/tiny_v2o/dit.safetensors").resolve())  # the CFG base
     assert cfg.out_dir == str((root / "runs/tiny_erft_v2").resolve())  # resolved: runs/ may be a symlink
     assert cfg.lora_targets == "q,k,v,o,ffn.0,ffn.2" and cfg.num_grids == 50
 

@@ -241,12 +241,10 @@ def _initial_state(obj: ObjectSpec, size: int, rng: np.random.Generator, pose: P
     lo, hi = state.bounds(obj, size)
     u, w = pose.fractions(*rng.uniform(size=2), j, n)
     state.x, state.y = lo + u * (hi - lo), lo + w * (hi - lo)
-    lead = lo + 0.25 * u * (hi - lo)
-    trailing = {"moving right": ("x", lead), "moving left": ("x", lo + hi - lead),
-                "moving down": ("y", lo + 0.25 * w * (hi - lo)), "moving up": ("y", hi - 0.25 * w * (hi - lo))}
-    if obj.motion in trailing and not pose.moving_in_slots:
-        axis, value = trailing[obj.motion]
-        setattr(state, axis, value)
+    if obj.motion in _MOVES and not pose.moving_in_slots:  # the first quarter of its way, on the side it leaves
+        axis, sign = _MOVES[obj.motion]
+        quarter = 0.25 * (u if axis == "x" else w) * (hi - lo)
+        setattr(state, axis, lo + quarter if sign > 0 else hi - quarter)
     state.x, state.y = pose.snap(state.x, lo, hi), pose.snap(state.y, lo, hi)
     return state
 

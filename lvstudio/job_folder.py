@@ -4,7 +4,8 @@ Layout (one folder per output, `out/x.job/` for `out/x.mp4`):
 
     job.json                       identity (format, lvstudio version, storyboard sha256, settings, preset
                                    fingerprint), the job id, the preset reference and the resume command
-    chunks/000000.safetensors      each chunk's clean latents + metadata (index, frames, prompt, job id)
+    chunks/000000.safetensors      each chunk's clean latents + metadata (index, frames, prompt, job id; the
+                                   session's live prompts when they changed)
     snapshots/000008.safetensors   backend state after that many chunks (the last KEEP_SNAPSHOTS are kept)
 
 Every file is written atomically (temp file, fsync, rename) and carries its own checksum (`lvstudio.checked_files`),
@@ -120,6 +121,7 @@ class ResumePoint:
     index: int
     snapshot: Path | None  # None: start from the backend's initial state (index 0)
     meta: dict[str, str] = field(default_factory=dict)  # the snapshot's metadata
+    dropped_meta: list[dict[str, str]] = field(default_factory=list)  # of the intact chunks made again, in order
     notes: list[str] = field(default_factory=list)  # what the check found and did, for the user
 
 
@@ -254,11 +256,13 @@ class JobFolder:
         # Step 1: the intact run of chunks from 0.
         chunk_files = self._indexed(self.chunks)
         good = 0
+        metas: list[dict[str, str]] = []
         while good in chunk_files:
-            _, why = self._check(self.chunk_path(good), good)
+            meta, why = self._check(self.chunk_path(good), good)
             if why is not None:
                 notes.append(f"chunk {good} is damaged: {why}")
                 break
+            metas.append(meta or {})
             good += 1
         else:
             if any(i > good for i in chunk_files):
@@ -276,6 +280,7 @@ class JobFolder:
                 continue
             point = ResumePoint(index, path, meta)
             break
+        point.dropped_meta = metas[point.index:]
         # Step 3: drop what comes after the resume point (it is regenerated exactly), and damaged snapshots.
         dropped = [i for i in chunk_files if i >= point.index]
         for i in dropped:

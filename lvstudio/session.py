@@ -143,6 +143,7 @@ class RenderSession:
         self._pause = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self._live_recorded = 0  # live events the job folder holds (in a snapshot or a chunk's metadata)
         block_latents = bundle.preset.attention.block_frames
         # Step 1: identities and the prompt timeline.
         self.identities = IdentityCache()
@@ -346,21 +347,30 @@ class RenderSession:
         return JobIdentity(storyboard_hash(self.storyboard), dict(self.settings.__dict__),
                            preset_fingerprint(self.bundle.preset))
 
+    def _live_events(self) -> list[dict[str, Any]]:
+        """The live prompt events so far (pushed and re-rolled ones, landed or still waiting), in buffer order."""
+        return [e.__dict__ for e in self.buffer.events if e.source == "live"]
+
     def _save_chunk(self, chunk: Chunk) -> None:
         meta = {"frame_start": str(chunk.frame_start), "num_frames": str(chunk.num_frames),
                 "event_id": str(chunk.event_id), "prompt": chunk.prompt, "switched": str(chunk.switched),
                 "new_shot": str(chunk.new_shot)}
+        live = self._live_events()
+        if len(live) != self._live_recorded:  # a live prompt since the last record: the chunk carries them all, so a
+            meta["live_events"] = json.dumps(live)  # resume from an older snapshot makes this chunk again the same
         self.job.save_chunk(chunk.index, {"latents": chunk.latents}, meta)
+        self._live_recorded = len(live)
 
     def write_snapshot(self) -> None:
         """Save the backend state after the chunks made so far (no-op without a job folder)."""
         if self.job is None:
             return
         state = {k: v.detach().cpu().contiguous() for k, v in self.backend.state_dict().items()}
-        events = [e.__dict__ for e in self.buffer.events if e.source == "live"]
+        events = self._live_events()
         meta = {"format": JOB_FORMAT, "next_index": str(self.backend.next_index), "frames_done": str(self.frames_done),
                 "live_events": json.dumps(events)}
         self.job.save_snapshot(self.backend.next_index, state, meta)
+        self._live_recorded = len(events)
 
     def write_job_info(self, **extra: Any) -> None:
         """Create the job folder and its job.json (identity + `extra`, e.g. the resume command)."""
@@ -374,8 +384,12 @@ class RenderSession:
         if self.job is None:
             raise LvError("this render session has no job folder", hint="create it with job_dir=...")
         point = self.job.validate(self.job_identity(), echo)
-        for ev in json.loads(point.meta.get("live_events", "[]")):
+        # Live prompts: the newest record among the snapshot and the chunks made again after it (each record holds
+        # every live event so far), so the chunks made again see the prompts they saw the first time.
+        records = [m["live_events"] for m in (point.meta, *point.dropped_meta) if "live_events" in m]
+        for ev in json.loads(records[-1] if records else "[]"):
             self.buffer.add(PromptEvent(**ev))
+        self._live_recorded = len(json.loads(records[-1])) if records else 0
         # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before; a chunk
         # that started a new shot restarts the decoder, as it did then).
         decoder = self.backend.fresh_decoder()

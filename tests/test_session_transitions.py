@@ -77,3 +77,31 @@ def test_resume_redecodes_a_cut_with_the_decoder_restarted(backend: str, tmp_pat
     assert done.shape[0] == again.frames_done and np.array_equal(done, video[: done.shape[0]])
     rest = [again.step().frames for _ in iter(lambda: again.done, True)]
     assert np.array_equal(np.concatenate([done, *rest]), video)
+
+
+def test_a_resume_keeps_the_live_prompts_of_the_chunks_it_makes_again(tmp_path: Path) -> None:
+    """A live prompt pushed after the last snapshot lands on a chunk that a crash then cuts off from any snapshot:
+    the resumed job makes that chunk again from the snapshot with the prompt (recorded in the chunk's metadata), so
+    the video is the uninterrupted one."""
+    ref = _session("causal-kv")
+    frames = [ref.step().frames, ref.step().frames]
+    ref.push("a green star in the sky")  # block 2, after the snapshot at 2 chunks
+    video = np.concatenate(frames + [ref.step().frames for _ in iter(lambda: ref.done, True)])
+    job = tmp_path / "job"
+    first = _session("causal-kv", job)
+    first.write_job_info()
+    first.step()
+    first.step()
+    first.push("a green star in the sky")
+    first.step()  # chunk 2 (with the live prompt) is saved; the next snapshot would come after chunk 3: a crash here
+    again = _session("causal-kv", job)
+    done = np.concatenate(again.resume())
+    assert [e.prompt for e in again.buffer.events if e.source == "live"] == ["a green star in the sky"]
+    rest = [again.step().frames for _ in iter(lambda: again.done, True)]
+    assert np.array_equal(np.concatenate([done, *rest]), video)
+    assert not np.array_equal(video, np.concatenate([s.frames for s in _unsteered()]))
+
+
+def _unsteered() -> list:
+    session = _session("causal-kv")
+    return [session.step() for _ in iter(lambda: session.done, True)]

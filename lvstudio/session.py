@@ -389,7 +389,8 @@ class RenderSession:
         records = [m["live_events"] for m in (point.meta, *point.dropped_meta) if "live_events" in m]
         for ev in json.loads(records[-1] if records else "[]"):
             self.buffer.add(PromptEvent(**ev))
-        self._live_recorded = len(json.loads(records[-1])) if records else 0
+        # What the folder still records (the dropped chunks are gone): the first chunk made again records them anew.
+        self._live_recorded = len(json.loads(point.meta.get("live_events", "[]")))
         # Re-decode the finished chunks through a fresh streaming decoder (exactly what was decoded before; a chunk
         # that started a new shot restarts the decoder, as it did then).
         decoder = self.backend.fresh_decoder()

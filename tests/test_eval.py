@@ -39,6 +39,11 @@ def test_adherence_report_on_random_weights() -> None:
         assert report.faults[kind] == pytest.approx(np.mean([r[kind] for r in report.per_prompt]))
     assert any(line.startswith("  not exactly the objects, % of frames: ") for line in report.lines())
     assert any(line.startswith("  ... by motion: ") for line in report.lines())
+    # Whether moving objects travel the prompted way: per moving prompt where countable, and its mean.
+    moving = [r["travel"] for r in report.per_prompt if "travel" in r]
+    assert all(r["motion"].startswith("moving") for r in report.per_prompt if "travel" in r)
+    assert report.travel == (pytest.approx(np.mean(moving)) if moving else None)
+    assert any(line.startswith("  moving objects travel") for line in report.lines()) == bool(moving)
 
 
 def test_adherence_breakdown_groups_prompts() -> None:

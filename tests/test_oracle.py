@@ -36,6 +36,7 @@ from lvstudio.world.oracle import (
     object_faults,
     read_clip,
     read_frame,
+    travel,
 )
 
 FramesAndTruth = tuple[list[np.ndarray], list[FrameTruth]]
@@ -213,3 +214,17 @@ def test_streaming_evaluator_scores_any_length_from_readings() -> None:
     assert "oracle_adherence" not in rows[1]  # no frames read there
     with pytest.raises(ValueError, match="in order"):
         ev.offer(clip.frames[:8], 0)
+
+
+@pytest.mark.parametrize("motion", ["moving left", "moving right", "moving up", "moving down"])
+def test_travel_reads_the_worlds_own_motion_and_not_a_frozen_or_reversed_one(motion: str) -> None:
+    """The world's clips travel the prompted way in every countable pair (its wrap to the opposite edge is not
+    counted); the same object frozen on its first frame, or played backwards, never does. Motions that do not travel
+    have no score."""
+    spec = SceneSpec("grass", (ObjectSpec("red", "ball", motion),))
+    frames = render_spec(spec, 96, 64, seed=1).frames  # 96 frames at 64 px: the ball wraps at least once
+    assert travel(read_clip(frames), spec, 64) == 1.0
+    assert travel(read_clip(np.repeat(frames[:1], 24, axis=0)), spec, 64) == 0.0
+    assert travel(read_clip(frames[::-1].copy()), spec, 64) == 0.0
+    resting = SceneSpec("grass", (ObjectSpec("red", "ball", "resting"),))
+    assert travel(read_clip(frames[:8]), resting, 64) is None

@@ -3,7 +3,8 @@
 For N prompts sampled from the world's grammar (seeded), render `seconds` of video with a backend and let the oracle
 read every frame: scene adherence = fraction of frames whose background reads as the prompt's scene; colour
 adherence = fraction of frames containing an object of the prompt's primary colour; shape likewise. Reported as the
-mean over prompts, plus the fraction of prompts where the majority of frames adhere.
+mean over prompts, plus the fraction of prompts where the majority of frames adhere. For prompts whose first object
+moves left, right, up or down, `travel` says how often it moves that way (frame scores cannot see a frozen object).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class AdherenceReport:
     objects_prompted: float = 0.0  # mean objects the prompts name
     # `object_faults` kind -> fraction of frames (mean over prompts) with that fault
     faults: dict[str, float] = field(default_factory=dict)
+    travel: float | None = None  # prompts whose first object moves left/right/up/down: mean `oracle.travel`
 
     def breakdown(self, key: str, group: str) -> dict[str, float]:
         """Mean of score `key` over the prompts of each value of `group` (a per-prompt field: "motion" and "size"
@@ -49,6 +51,10 @@ class AdherenceReport:
                        f"prompts with majority {100 * self.majority[k]:5.1f}%")
         out.append(f"  flicker {self.flicker:.4f}   generation {self.frames_per_second:.1f} frames/s")
         out.append(f"  objects per frame: {self.objects_read:.2f} read, {self.objects_prompted:.2f} prompted")
+        if self.travel is not None:
+            moving = sum("travel" in r for r in self.per_prompt)
+            out.append(f"  moving objects travel the prompted way in {100 * self.travel:.1f}% of frame pairs 4 apart "
+                       f"({moving} prompts)")
         if self.faults:
             out.append("  not exactly the objects, % of frames: a prompted colour drawn as several objects "
                        f"{100 * self.faults['several']:.1f}%, one missing {100 * self.faults['missing']:.1f}%, "
@@ -106,6 +112,7 @@ def evaluate_adherence(
         object_faults,
         primary_shape,
         read_clip,
+        travel,
     )
 
     rng = np.random.default_rng(seed)
@@ -127,6 +134,9 @@ def evaluate_adherence(
         faults = [object_faults(r, spec) for r in readings]
         rows.append({"prompt": prompt, **{k: float(score[k]) for k in KEYS}, "motion": p.motion, "size": p.size,
                      "count": len(spec.objects), **{k: float(np.mean([f[k] for f in faults])) for k in OBJECT_FAULTS}})
+        moved = travel(readings, spec, frames.shape[1])
+        if moved is not None:
+            rows[-1]["travel"] = moved
         flick.append(flicker(frames))
         if on_prompt is not None:
             on_prompt(i, prompt, rows[-1])
@@ -136,4 +146,11 @@ def evaluate_adherence(
     return AdherenceReport(num_prompts, seconds, backend, mean, majority, rows, float(np.mean(flick)),
                            total_frames / max(wall, 1e-9), {k: dict(v) for k, v in shape_reads.items() if v},
                            counts["read"] / max(total_frames, 1), counts["prompted"] / max(total_frames, 1),
-                           {k: float(np.mean([r[k] for r in rows])) for k in OBJECT_FAULTS})
+                           {k: float(np.mean([r[k] for r in rows])) for k in OBJECT_FAULTS},
+                           _mean_of(rows, "travel"))
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    """Mean of `key` over the rows that have it (None: none has)."""
+    values = [r[key] for r in rows if key in r]
+    return float(np.mean(values)) if values else None

@@ -138,6 +138,15 @@ def _shape_area(shape: str, extent_radius: float) -> float:
     return 5.0 * _STAR_INNER * math.sin(math.pi / 5) * r2
 
 
+def motion_step(motion: str, size: int) -> tuple[str, float] | None:
+    """How a moving motion moves an object in a frame of `size` px: its axis ("x" or "y", y pointing down) and the
+    signed step in px per frame ("moving up" at 128 px: ("y", -1.92)); None for the motions that do not travel."""
+    if motion not in _MOVES:
+        return None
+    axis, sign = _MOVES[motion]
+    return axis, sign * _MOVE_SPEED * size
+
+
 def object_rgb(colour: str, effect: str | None = None) -> tuple[float, float, float]:
     """The RGB an object of `colour` is drawn with under `effect` (effects act mildly on objects)."""
     rgb = np.asarray(OBJECT_RGB[colour], np.float64)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lvstudio.world.clips import object_rgb, render_background
+from lvstudio.world.clips import motion_step, object_rgb, render_background
 from lvstudio.world.grammar import COLOURS, EFFECTS, SCENES, SceneSpec
 
 VIVID_CHROMA = 88  # of 255; scene palettes stay below ~75, objects above ~95 under every effect
@@ -284,6 +284,29 @@ def adherence(frames: np.ndarray, spec: SceneSpec | Sequence[SceneSpec]) -> dict
     if len(specs) != len(frames) or not all(isinstance(s, SceneSpec) for s in specs):
         raise ValueError(f"spec must be a SceneSpec or {len(frames)} SceneSpecs, one per frame")
     return adherence_of_readings(read_clip(frames), specs)
+
+
+def travel(readings: Sequence[FrameReading], spec: SceneSpec, size: int, gap: int = 4) -> float | None:
+    """Does the prompt's first object move the way its motion says? For "moving left/right/up/down": over the frame
+    pairs `gap` apart in which its colour is read as one object in both, the fraction whose centre moved along the
+    motion's axis, in its direction, by at least a quarter of the world's own step (the world moves it 4 x 0.015 x
+    size px in 4 frames). Pairs that moved more than half the frame (a wrap to the opposite edge) are not counted.
+    None for the other motions or when no pair is countable. Frame-by-frame scores cannot see a frozen object; this
+    does."""
+    obj = spec.objects[0]
+    step = motion_step(obj.motion, size)
+    if step is None:
+        return None
+    axis, per_frame = step
+    centres = []
+    for r in readings:
+        mine = [o for o in r.objects if o.colour == obj.colour]
+        centres.append(getattr(mine[0], axis) if len(mine) == 1 else None)
+    moved = [(b - a) * math.copysign(1.0, per_frame) for a, b in zip(centres, centres[gap:], strict=False)
+             if a is not None and b is not None and abs(b - a) <= size / 2]
+    if not moved:
+        return None
+    return float(np.mean([d >= 0.25 * gap * abs(per_frame) for d in moved]))
 
 
 def flicker(frames: np.ndarray) -> float:

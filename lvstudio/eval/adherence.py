@@ -143,14 +143,9 @@ def evaluate_adherence(
     wall = time.perf_counter() - t0
     mean = {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
     majority = {k: float(np.mean([r[k] > 0.5 for r in rows])) for k in KEYS}
+    travels = [r["travel"] for r in rows if "travel" in r]  # the moving prompts with countable frame pairs
     return AdherenceReport(num_prompts, seconds, backend, mean, majority, rows, float(np.mean(flick)),
                            total_frames / max(wall, 1e-9), {k: dict(v) for k, v in shape_reads.items() if v},
                            counts["read"] / max(total_frames, 1), counts["prompted"] / max(total_frames, 1),
                            {k: float(np.mean([r[k] for r in rows])) for k in OBJECT_FAULTS},
-                           _mean_of(rows, "travel"))
-
-
-def _mean_of(rows: list[dict], key: str) -> float | None:
-    """Mean of `key` over the rows that have it (None: none has)."""
-    values = [r[key] for r in rows if key in r]
-    return float(np.mean(values)) if values else None
+                           float(np.mean(travels)) if travels else None)

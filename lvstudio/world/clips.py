@@ -200,13 +200,12 @@ class _ObjectState:
         else:
             self._relax()
         lo, hi = self.bounds(obj, size)
-        v = _MOVE_SPEED * size
-        if m in _MOVES:  # past the edge it moves to: jump to the opposite one
-            axis, sign = _MOVES[m]
-            p = getattr(self, axis) + sign * v
-            if sign < 0 and p < lo:
+        if (move := motion_step(m, size)) is not None:  # past the edge it moves to: jump to the opposite one
+            axis, dv = move
+            p = getattr(self, axis) + dv
+            if dv < 0 and p < lo:
                 p += hi - lo
-            elif sign > 0 and p > hi:
+            elif dv > 0 and p > hi:
                 p -= hi - lo
             setattr(self, axis, p)
         elif m == "bouncing":
@@ -229,11 +228,11 @@ class _ObjectState:
         """One frame of a moving object under `Pose.through_edges`: along its axis on a loop of the frame plus its
         extent on each side (it is out of sight when its centre is past an edge by more than its extent), across it
         pushed inside the frame as ever."""
-        axis, sign = _MOVES[obj.motion]
+        axis, dv = motion_step(obj.motion, size)  # a moving motion: `step` sends only those here
         self.vy = 0.0
         self._relax()
         reach = self.extent(obj, size) + 1.0
-        v = getattr(self, axis) + sign * _MOVE_SPEED * size
+        v = getattr(self, axis) + dv
         period = size + 2 * reach
         setattr(self, axis, (v + reach) % period - reach)  # centre in [-reach, size + reach)
         self.clamp(obj, size, free_axis=axis)

@@ -289,8 +289,8 @@ def adherence(frames: np.ndarray, spec: SceneSpec | Sequence[SceneSpec]) -> dict
 def travel(readings: Sequence[FrameReading], spec: SceneSpec, size: int, gap: int = 4) -> float | None:
     """Does the prompt's first object move the way its motion says? For "moving left/right/up/down": over the frame
     pairs `gap` apart in which its colour is read as one object in both, the fraction whose centre moved along the
-    motion's axis, in its direction, by at least a quarter of the world's own step (the world moves it 4 x 0.015 x
-    size px in 4 frames). Pairs that moved more than half the frame (a wrap to the opposite edge) are not counted.
+    motion's axis, in its direction, by at least a quarter of the world's own step over `gap` frames
+    (`clips.motion_step`). Pairs that moved more than half the frame (a wrap to the opposite edge) are not counted.
     None for the other motions or when no pair is countable. Frame-by-frame scores cannot see a frozen object; this
     does."""
     obj = spec.objects[0]
@@ -302,11 +302,11 @@ def travel(readings: Sequence[FrameReading], spec: SceneSpec, size: int, gap: in
     for r in readings:
         mine = [o for o in r.objects if o.colour == obj.colour]
         centres.append(getattr(mine[0], axis) if len(mine) == 1 else None)
-    moved = [(b - a) * math.copysign(1.0, per_frame) for a, b in zip(centres, centres[gap:], strict=False)
+    steps = [(b - a) / per_frame for a, b in zip(centres, centres[gap:], strict=False)  # in world steps
              if a is not None and b is not None and abs(b - a) <= size / 2]
-    if not moved:
+    if not steps:
         return None
-    return float(np.mean([d >= 0.25 * gap * abs(per_frame) for d in moved]))
+    return float(np.mean([k >= 0.25 * gap for k in steps]))
 
 
 def flicker(frames: np.ndarray) -> float:

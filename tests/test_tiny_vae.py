@@ -17,6 +17,7 @@ from lvstudio.models.tiny_vae import (
     load_vae,
     pixel_frames,
     save_vae,
+    widen_latents,
 )
 from lvstudio.train.vae_recipe import VAETrainConfig, train_vae
 
@@ -353,6 +354,40 @@ def test_resume_rejects_other_model(tmp_path) -> None:
     train_vae(cfg, make)
     with pytest.raises(LvError, match=r"trained with another model config .* — use the config the run"):
         train_vae(dataclasses.replace(cfg, model=TinyVAEConfig(channels=(8, 16, 16))), make)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("time_up", ["progressive", "late"])
+def test_widen_latents_encodes_and_decodes_as_the_narrow_vae(time_up: str) -> None:
+    vae = _vae(TinyVAEConfig(z_dim=4, channels=(8, 8, 16), decoder_time_up=time_up))
+    wide = widen_latents(vae, 8)
+    x = _video(2, 9, 32, 32)
+    mu, _ = vae.encode_raw(x)  # [2, 4, 3, 4, 4]
+    mu_wide, _ = wide.encode_raw(x)  # [2, 8, 3, 4, 4]: latent i → 2i, 2i + 1
+    assert wide.config.z_dim == 8 and mu_wide.shape == (2, 8, 3, 4, 4)
+    torch.testing.assert_close(mu_wide.unflatten(1, (4, 2)).mean(2), mu, atol=1e-5, rtol=1e-5)
+    assert float((mu_wide[:, 0] - mu_wide[:, 1]).abs().max()) > 1e-3  # the two copies carry different numbers
+    torch.testing.assert_close(wide.decode_raw(mu_wide), vae.decode_raw(mu), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        widen_latents(vae, 6)
+
+
+@pytest.mark.slow
+def test_training_from_a_narrower_vae_starts_from_its_weights(tmp_path) -> None:
+    src = _vae(TinyVAEConfig(z_dim=4, channels=(8, 8, 16)))
+    save_vae(src, tmp_path / "src.safetensors")
+    make = rect_batch(5, 16)
+    cfg = _train_cfg(tmp_path, steps=1, lr=0.0, model=TinyVAEConfig(z_dim=8, channels=(8, 8, 16)),
+                     init_from=str(tmp_path / "src.safetensors"))  # lr 0: the weights stay where they start
+    out = load_vae(train_vae(cfg, make)["model_path"])
+    x = _video(1, 5, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(out.decode_raw(out.encode_raw(x)[0]), src.decode_raw(src.encode_raw(x)[0]),
+                                   atol=1e-5, rtol=1e-5)
+    other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"),
+                                model=TinyVAEConfig(z_dim=8, channels=(8, 16, 16)))
+    with pytest.raises(LvError, match=r"another model .*\(channels\)"):
+        train_vae(other, make)
 
 
 # ---------------------------------------------------------------------------------------------------------------

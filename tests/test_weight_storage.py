@@ -129,3 +129,11 @@ def test_a_vae_run_exports_in_its_export_storage(tmp_path: Path) -> None:
     small = load_vae(tmp_path / "preset" / "vae.safetensors").state_dict()
     assert full.keys() == small.keys()
     assert all((full[k] - small[k]).norm() <= 0.02 * full[k].norm() + 1e-3 for k in full)
+
+
+def test_a_vae_run_with_impossible_model_sizes_names_the_file_and_table(tmp_path: Path) -> None:
+    config = small_vae_config_file(tmp_path / "vae.toml", "run", model={"channels": [8, 8, 16], "z_dim": 6})
+    proc = subprocess.run([sys.executable, "-m", "lvstudio", "train", "vae", str(config)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{config}: [model]: channels (8, 8, 16) need" in proc.stderr and "c2 % z_dim == 0" in proc.stderr

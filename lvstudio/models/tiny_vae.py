@@ -586,6 +586,43 @@ def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     return vae.to(device).train(False)
 
 
+def widen_latents(vae: TinyVAE, z_dim: int) -> TinyVAE:
+    """A copy of `vae` with `z_dim` latent channels (a multiple k of its own) that encodes and decodes exactly as it
+    does (raw posterior means; statistics reset to 0 / 1), to fine-tune a wider latent from a trained VAE.
+
+    Each latent i becomes k latents k·i + j that share its encoder row: their parameter-free shortcut averages a k-th
+    of the old group of encoder channels each, so they are old_i + d_j with the d_j summing to 0. The decoder's first
+    conv reads each copy at 1/k of the old weight (the sum gives back old_i) and, at the current frame's centre tap,
+    subtracts d_j = z_{k·i+j} − mean_m z_{k·i+m} from the channels whose shortcut duplicates z_{k·i+j}.
+    """
+    old = vae.config.z_dim
+    c2 = vae.config.channels[2]
+    if z_dim % old or c2 % z_dim:
+        raise ValueError(f"z_dim {z_dim} must be a multiple of {old} and divide the bottom width {c2}")
+    k = z_dim // old
+    wide = TinyVAE(replace(vae.config, z_dim=z_dim, latents_mean=(), latents_std=()))
+    state = {name: t.clone() for name, t in vae.state_dict().items()}
+    copies = torch.arange(z_dim) // k  # new latent → the old one it copies
+    with torch.no_grad():
+        # Encoder output conv [2z, c2, 3, 3]: mean rows, then log-variance rows, each repeated k times.
+        rows = torch.cat([copies, old + copies])
+        for name in ("encoder.conv_out.conv.weight", "encoder.conv_out.conv.bias"):
+            state[name] = state[name][rows]
+        # Decoder input conv [c2, kt*z, 3, 3], inputs time-major (frame t, latent c at t*z + c).
+        w = state["decoder.conv_in.conv.weight"]
+        kt = w.shape[1] // old
+        w = w.unflatten(1, (kt, old))[:, :, copies] / k  # [c2, kt, z_dim, 3, 3]
+        group = c2 // z_dim  # decoder channels duplicating one latent
+        for new in range(z_dim):
+            first = new - new % k  # the k copies of one old latent: first .. first + k - 1
+            out = slice(new * group, (new + 1) * group)
+            w[out, kt - 1, first : first + k, 1, 1] += 1.0 / k
+            w[out, kt - 1, new, 1, 1] -= 1.0
+        state["decoder.conv_in.conv.weight"] = w.flatten(1, 2)
+    wide.load_state_dict(state, strict=True)
+    return wide.to(vae._param.device).train(vae.training)
+
+
 def psnr(a: Tensor, b: Tensor) -> float:
     """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
     mse = float(torch.mean((a.float() - b.float()) ** 2))

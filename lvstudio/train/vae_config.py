@@ -12,7 +12,7 @@ from lvstudio.train.common import TrainConfigBase, load_config
 
 
 class VAEFileConfig(TrainConfigBase):
-    path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "export")
+    path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "export", "init_from")
 
     clip_frames: int = 9
     size: int = 128
@@ -34,12 +34,14 @@ class VAEFileConfig(TrainConfigBase):
     export: str | None = None  # copy the trained VAE here (e.g. presets/tiny/vae.safetensors)
     export_storage: Literal["float32", "float16", "int8"] = "float32"  # how the copy stores it (`weight_storage`)
     model: dict = Field(default_factory=dict)  # TinyVAEConfig overrides
+    init_from: str | None = None  # start from this trained VAE file (z_dim may grow by a whole multiple)
 
 
 def run_vae_config(path: str | Path, progress: bool = True) -> str:
     """Train (or resume) the VAE a config file describes; returns a one-line summary with the held-out PSNR."""
     import torch
 
+    from lvstudio.errors import LvError
     from lvstudio.models.tiny_vae import TinyVAEConfig
     from lvstudio.train.common import train_device
     from lvstudio.train.vae_recipe import VAETrainConfig, train_vae, world_batch_fn
@@ -51,7 +53,11 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = train_device(cfg.device)
-    model = TinyVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()})
+    try:
+        model = TinyVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()})
+    except (TypeError, ValueError) as exc:
+        raise LvError(f"{path}: [model]: {exc}",
+                      hint="fix the model sizes (fields of lvstudio.models.tiny_vae.TinyVAEConfig)") from None
     recipe = VAETrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, clip_frames=cfg.clip_frames, size=cfg.size, crop=cfg.crop,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
@@ -60,6 +66,7 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         latent_noise=cfg.latent_noise, restart_prob=cfg.restart_prob, seed=cfg.seed, log_every=cfg.log_every,
         ckpt_every=cfg.ckpt_every, device=str(device), data_workers=cfg.data_workers,
         eval_batches=cfg.eval_batches, stats_batches=cfg.stats_batches, out_dir=cfg.out_dir, model=model,
+        init_from=cfg.init_from,
     )
     log = Path(cfg.out_dir) / "train_log.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)

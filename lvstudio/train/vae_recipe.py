@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,6 +69,8 @@ class VAETrainConfig:
     data_workers: int = 0  # processes that render training batches ahead of the model (0 = this one)
     device: str = "cpu"  # where the model trains ("cpu", "cuda", "cuda:1"); batches are rendered on the CPU
     model: TinyVAEConfig = field(default_factory=TinyVAEConfig)
+    init_from: str | None = None  # a trained VAE file to start from (`model.z_dim` may be a multiple of its own:
+    #                               `widen_latents`); used when the run has no checkpoint yet
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -291,6 +293,25 @@ def _load_checkpoint(path: str, cfg: VAETrainConfig, vae: TinyVAE, opt: torch.op
     return int(meta["step"])
 
 
+def _init_from(cfg: VAETrainConfig, vae: TinyVAE) -> None:
+    """Load `cfg.init_from` into `vae`, widened to `cfg.model.z_dim` (an LvError naming the fields when the two
+    models differ otherwise)."""
+    from lvstudio.errors import LvError
+    from lvstudio.models.tiny_vae import load_vae, widen_latents
+
+    src = load_vae(cfg.init_from)
+    same = replace(src.config, z_dim=cfg.model.z_dim, latents_mean=(), latents_std=())
+    differ = [f.name for f in fields(same) if f.name not in ("latents_mean", "latents_std")
+              and getattr(same, f.name) != getattr(cfg.model, f.name)]
+    if differ or cfg.model.z_dim % src.config.z_dim:
+        raise LvError(f"init_from {cfg.init_from} has another model than [model] of this run's config "
+                      f"({', '.join(differ) or f'z_dim {src.config.z_dim} does not divide {cfg.model.z_dim}'})",
+                      hint="copy its [model] sizes into the config; only z_dim may grow, by a whole multiple")
+    if cfg.model.z_dim != src.config.z_dim:
+        src = widen_latents(src, cfg.model.z_dim)
+    vae.load_state_dict(src.state_dict(), strict=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe.
 
@@ -324,6 +345,8 @@ def train_vae(
     start = 0
     if resume and os.path.exists(ckpt_path):
         start = _load_checkpoint(ckpt_path, cfg, vae, opt)
+    elif cfg.init_from:
+        _init_from(cfg, vae)
 
     batches = step_batches(cfg, make_batch, start)
 

@@ -132,7 +132,11 @@ def test_config_file_errors_name_the_key(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = 10\nbatchsize = 4\n")
-    with pytest.raises(ConfigError, match="batchsize"):
+    with pytest.raises(ConfigError, match="batchsize: Extra inputs are not permitted — valid keys are: "):
+        load_config(bad, DFConfig)
+    bad.write_text("steps = 10\n[dit]\ndim = 192\nnum_heads = 5\n")  # found before any clip is made
+    with pytest.raises(ConfigError, match=r"bad.toml: dit: dim=192 is not divisible by num_heads=5 — fix the value "
+                                          r"of dit$"):
         load_config(bad, DFConfig)
     cfg = load_config(ROOT / "presets" / "tiny" / "train_df.toml", DFConfig)
     assert Path(cfg.vae) == ROOT / "presets" / "tiny" / "vae.safetensors"

@@ -68,8 +68,12 @@ def load_config(path: str | Path, model: type[C]) -> C:
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(x) for x in first["loc"]) or "<top>"
-        known = ", ".join(sorted(model.model_fields))
-        raise ConfigError(f"{p}: {key}: {first['msg']} — valid keys are: {known}") from None
+        if first["type"] == "extra_forbidden":
+            hint = "valid keys are: " + ", ".join(sorted(model.model_fields))
+        else:
+            hint = f"fix the value of {key}"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{p}: {key}: {msg} — {hint}") from None
     update = {}
     for name in cfg.path_fields:
         value = getattr(cfg, name)

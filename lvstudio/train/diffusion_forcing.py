@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from lvstudio.errors import LvError
@@ -98,6 +98,13 @@ class DFConfig(TrainConfigBase):
     init_dit: str | None = None  # start from these DiT weights (safetensors) instead of random
     init_text: str | None = None  # start from these text-encoder weights (safetensors)
     precision: Literal["float32", "bfloat16"] = "float32"  # "bfloat16": mixed precision (`forward_precision`)
+
+    @field_validator("dit")
+    @classmethod
+    def _check_dit(cls, dit: dict) -> dict:
+        # A bad [dit] table is an error when the config is read, not after the clips are made and encoded.
+        WanDiTConfig.from_dict({**CONFIGS["tiny"].to_dict(), **dit})
+        return dit
 
     def pose(self) -> Pose:
         """How the training clips' objects start (`lvstudio.world.Pose`)."""

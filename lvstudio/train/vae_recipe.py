@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -300,9 +300,8 @@ def _init_from(cfg: VAETrainConfig, vae: TinyVAE) -> None:
     from lvstudio.models.tiny_vae import load_vae, widen_latents
 
     src = load_vae(cfg.init_from)
-    same = replace(src.config, z_dim=cfg.model.z_dim, latents_mean=(), latents_std=())
-    differ = [f.name for f in fields(same) if f.name not in ("latents_mean", "latents_std")
-              and getattr(same, f.name) != getattr(cfg.model, f.name)]
+    differ = [f.name for f in fields(src.config) if f.name not in ("z_dim", "latents_mean", "latents_std")
+              and getattr(src.config, f.name) != getattr(cfg.model, f.name)]
     if differ or cfg.model.z_dim % src.config.z_dim:
         raise LvError(f"init_from {cfg.init_from} has another model than [model] of this run's config "
                       f"({', '.join(differ) or f'z_dim {src.config.z_dim} does not divide {cfg.model.z_dim}'})",

@@ -388,6 +388,7 @@ def test_training_from_a_narrower_vae_starts_from_its_weights(tmp_path) -> None:
                                 model=TinyVAEConfig(z_dim=8, channels=(8, 16, 16)))
     with pytest.raises(LvError, match=r"another model .*\(channels\)"):
         train_vae(other, make)
+    assert not (tmp_path / "other").exists()  # a refused run leaves no out_dir behind
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -335,7 +335,6 @@ def train_vae(
     from lvstudio.models.tiny_vae import TinyVAE, save_vae
     from lvstudio.train.loop import TrainLoop, optimizer_step, set_lr
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
@@ -346,6 +345,7 @@ def train_vae(
         start = _load_checkpoint(ckpt_path, cfg, vae, opt)
     elif cfg.init_from:
         _init_from(cfg, vae)
+    os.makedirs(cfg.out_dir, exist_ok=True)  # after init_from is checked: a refused run leaves nothing behind
 
     batches = step_batches(cfg, make_batch, start)
 

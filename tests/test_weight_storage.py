@@ -137,3 +137,16 @@ def test_a_vae_run_with_impossible_model_sizes_names_the_file_and_table(tmp_path
                           text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{config}: [model]: channels (8, 8, 16) need" in proc.stderr and "c2 % z_dim == 0" in proc.stderr
+
+
+def test_a_vae_run_from_another_model_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    from lvstudio.models.tiny_vae import TinyVAE, TinyVAEConfig, save_vae
+
+    save_vae(TinyVAE(TinyVAEConfig(z_dim=4, channels=(8, 16, 16))), tmp_path / "src.safetensors")
+    config = small_vae_config_file(tmp_path / "vae.toml", "run", init_from="src.safetensors",
+                                   model={"channels": [8, 8, 16], "z_dim": 8})
+    proc = subprocess.run([sys.executable, "-m", "lvstudio", "train", "vae", str(config)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "has another model" in proc.stderr and "(channels)" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -68,8 +68,7 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         eval_batches=cfg.eval_batches, stats_batches=cfg.stats_batches, out_dir=cfg.out_dir, model=model,
         init_from=cfg.init_from,
     )
-    log = Path(cfg.out_dir) / "train_log.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = Path(cfg.out_dir) / "train_log.jsonl"  # train_vae makes out_dir once init_from is checked
 
     def report(step: int, metrics: dict) -> None:
         with open(log, "a", encoding="utf-8") as fh:

@@ -460,9 +460,16 @@ def eval_adherence_cmd(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    from lvstudio.eval.adherence import evaluate_adherence
+    from lvstudio.eval.adherence import check_run, evaluate_adherence
 
-    report = evaluate_adherence(load_bundle(preset), prompts, seconds, seed, backend)
+    if backend not in BACKENDS:
+        raise LvError(f"--backend {backend!r} is not a backend", hint=f"choose one of: {', '.join(BACKENDS)}")
+    bundle = load_bundle(preset)
+    try:
+        check_run(prompts, seconds, bundle.preset.fps)
+    except ValueError as err:
+        raise LvError(str(err)) from None
+    report = evaluate_adherence(bundle, prompts, seconds, seed, backend)
     typer.echo("\n".join(report.lines()))
 
 
@@ -499,6 +506,10 @@ def eval_transitions_cmd(
     if not bundle.preset.is_world:
         raise LvError(f"preset {bundle.preset.name!r} was not trained on the procedural world: the oracle cannot "
                       "read its frames", hint="use a world preset such as tiny")
+    try:
+        cfg.check_blocks(bundle.preset.attention.block_frames, bundle.preset.fps)
+    except ValueError as err:
+        raise LvError(str(err)) from None
     reports = []
     for name in chosen:
         reports.append(evaluate_backend(bundle, name, cfg, log=lambda m: typer.echo(m, err=True)))

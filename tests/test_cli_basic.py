@@ -136,3 +136,23 @@ def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path)
     assert "old-tiny/causal-kv / tiny/causal-kv: speed x" in same.output
     bad = _run("-m", "lvstudio", "bench", "render", "--minutes", "0.02", "--backend", "nope")
     assert bad.returncode == 2 and "is not a backend" in bad.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["eval", "adherence", "--prompts", "0"], "--prompts must be at least 1"),
+    (["eval", "adherence", "--seconds", "-1"], "--seconds must give at least 2 frames"),
+    (["eval", "adherence", "--seconds", "0.07"], "0.125 s or more at the preset's 16 fps"),
+    (["eval", "adherence", "--backend", "nope"], "is not a backend"),
+    (["bench", "render", "--minutes", "-1"], "--minutes must be a positive number"),
+    (["bench", "render", "--minutes", "0"], "--minutes must be a positive number"),
+    (["bench", "render", "--threads", "0"], "--threads must be at least 1"),
+    (["bench", "model", "--threads", "0"], "--threads"),
+    (["eval", "transitions", "--prompts", "2"], "--prompts must be at least 3"),
+    (["eval", "transitions", "--seconds", "0.7"], "each shot is scored from its second block on: use --seconds 1"),
+])
+def test_eval_and_bench_refuse_runs_with_nothing_to_measure(args: list[str], says: str) -> None:
+    # These once printed NaN figures with exit 0 or raised a traceback from deep in the render.
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert "Traceback" not in result.output

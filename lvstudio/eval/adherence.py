@@ -9,6 +9,7 @@ moves left, right, up or down, `travel` says how often it moves that way (frame 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,6 +94,15 @@ def render_prompt(bundle, prompt: str, seconds: float, seed: int, backend: str =
     return np.concatenate(frames)[:need]
 
 
+def check_run(num_prompts: int, seconds: float, fps: int) -> None:
+    """Refuse an eval with nothing to score (ValueError naming the option and the least it takes)."""
+    if num_prompts < 1:
+        raise ValueError(f"--prompts must be at least 1, got {num_prompts}")
+    if not (math.isfinite(seconds) and round(seconds * fps) >= 2):
+        raise ValueError(f"--seconds must give at least 2 frames (flicker compares neighbours): {2 / fps:g} s or "
+                         f"more at the preset's {fps} fps, got {seconds:g}")
+
+
 def evaluate_adherence(
     bundle,
     num_prompts: int = 100,
@@ -115,6 +125,7 @@ def evaluate_adherence(
         travel,
     )
 
+    check_run(num_prompts, seconds, bundle.preset.fps)
     rng = np.random.default_rng(seed)
     rows, flick = [], []
     shape_reads: dict[str, Counter] = {s: Counter() for s in SHAPES}

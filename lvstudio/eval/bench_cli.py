@@ -5,6 +5,7 @@ Each command imports its benchmark lazily, so `lvstudio --help` stays instant.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +20,7 @@ bench_app = typer.Typer(help="Speed and memory benchmarks.", no_args_is_help=Tru
 
 @bench_app.command("model")
 def bench_model_cmd(
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
 ) -> None:
     """KV cache vs recompute, and per-block cost at block 10 vs 200 with a rolling window."""
     from lvstudio.eval.bench_model import run_model_bench
@@ -63,6 +64,10 @@ def bench_render_cmd(
 
     Every preset x backend combination runs one after the other in this process; with several, the ratios against
     the first are printed. With --batch: the same batch rendered by 1 and 2 (--procs) processes, side by side."""
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise LvError(f"--minutes must be a positive number, got {minutes:g}", hint="e.g. --minutes 0.25")
+    if threads < 1:
+        raise LvError(f"--threads must be at least 1, got {threads}")
     if batch > 0:
         from lvstudio.eval.bench_batch import batch_bench_lines, run_batch_bench
 

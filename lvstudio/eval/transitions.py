@@ -32,6 +32,7 @@ Per backend, with one preset and one seed (every render below uses the run seed)
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -58,10 +59,21 @@ class TransitionsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.prompts < 2 or self.identity_shots < 2:
-            raise ValueError("--prompts and --identity-shots must be at least 2 (a transition needs two shots)")
+        if self.prompts < 3 or self.identity_shots < 2:
+            raise ValueError("--prompts must be at least 3 (a switch's response is read over two switches) and "
+                             "--identity-shots at least 2 (a transition needs two shots)")
         if not 0 < self.seconds <= 60:
             raise ValueError(f"--seconds must be in (0, 60], got {self.seconds}")
+
+    def check_blocks(self, block_latents: int, fps: int) -> None:
+        """Refuse shots shorter than two blocks: each shot is scored from its second block on."""
+        shortest = min(b1 - b0 for b0, b1 in itertools.pairwise(_shot_bounds(self, self.prompts, block_latents,
+                                                                                fps)[1]))
+        if shortest < 2:
+            least = 2 * 4 * block_latents / fps
+            raise ValueError(f"--seconds {self.seconds:g} gives shots of {shortest} block(s) at the preset's "
+                             f"{fps} fps; each shot is scored from its second block on: use --seconds {least:g} "
+                             "or more")
 
 
 @dataclass

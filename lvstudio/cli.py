@@ -175,7 +175,7 @@ def _summary(sb: Storyboard, source: str) -> str:
 def render(
     story: Annotated[list[Path], typer.Argument(
         metavar="STORY.toml|DIR...", help="The storyboard to render; several, or folders of them, make a batch.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output mp4 (default out/<story>.mp4).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .mp4, or a folder to write <story>.mp4 in (default out/<story>.mp4).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Render a batch into this folder (<stem>.mp4 each, batch.json; default out/).")] = None,
     preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.")] = None,
@@ -226,7 +226,8 @@ def _duration_seconds(duration: str | None) -> float | None:
     try:
         return parse_time(duration)
     except ValueError as err:
-        raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
+        hint = None if "m:ss" in str(err) else 'use seconds ("90s", 90) or m:ss ("1:30")'
+        raise LvError(f"--duration: {err}", hint=hint) from None
 
 
 def _render_batch(stories: list[Path], out_dir: Path, preset: str | None, backend: str | None, seed: int | None,

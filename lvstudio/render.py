@@ -68,6 +68,21 @@ def default_out(story: Path) -> Path:
     return Path("out") / f"{story.stem}.mp4"
 
 
+def output_path(story: Path, out: Path | None) -> Path:
+    """Where a render goes: --out as given, `<folder>/<story>.mp4` when --out is a folder that exists, else
+    out/<story>.mp4. LvError for a name that is not an .mp4 (the file is H.264 in an MP4 container)."""
+    if out is None:
+        return default_out(story)
+    if out.is_dir():
+        return out / f"{story.stem}.mp4"
+    if not out.name or out.suffix.lower() != ".mp4":
+        hint = (f"name it {out.with_suffix('.mp4')}" if out.name else "name an .mp4 file") + \
+            ", or give a folder that exists to write <story>.mp4 in it"
+        raise LvError(f"--out {str(out)!r}: lvstudio writes H.264 in an MP4 container, so the output is an .mp4 file",
+                      hint=hint)
+    return out
+
+
 def render(req: RenderRequest, echo: Callable[[str], None] = print) -> RenderOutcome:
     """Render a storyboard (see module docstring). Raises LvError for user problems, IOFailure (exit 74) when the
     machine refuses a read or write, and returns an interrupted outcome when a stop signal came (SIGINT, SIGTERM,
@@ -97,7 +112,7 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
     from lvstudio.video import ContactFrames, VideoSink
 
     sb = load_storyboard(req.story)
-    out = req.out or default_out(req.story)
+    out = output_path(req.story, req.out)
     job = JobFolder(out.with_name(out.stem + ".job"))
     resume_cmd = f"lvstudio render {req.story} --out {out} --resume"
     # Step 1: refuse to clobber anything, or to resume another job, before any work (a resume keeps the job's

@@ -156,3 +156,19 @@ def test_eval_and_bench_refuse_runs_with_nothing_to_measure(args: list[str], say
     assert result.exit_code == 2, result.output
     assert says in result.output
     assert "Traceback" not in result.output
+
+
+def test_render_out_is_an_mp4_or_a_folder(tmp_path: Path) -> None:
+    story = tmp_path / "sea.toml"
+    story.write_text('title = "sea"\nduration = 0.5\n[[shots]]\nat = 0\nprompt = "a red ball over the sea"\n')
+    runner = CliRunner()
+    for name in ("clip.avi", "clip"):
+        refused = runner.invoke(app, ["render", str(story), "--out", str(tmp_path / name), "--no-progress"])
+        assert refused.exit_code == 2, refused.output
+        assert "writes H.264 in an MP4 container" in refused.output and "clip.mp4" in refused.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["sea.toml"]
+    folder = tmp_path / "renders"
+    folder.mkdir()
+    done = runner.invoke(app, ["render", str(story), "--out", str(folder), "--no-progress"])
+    assert done.exit_code == 0, done.output
+    assert (folder / "sea.mp4").stat().st_size > 0 and (folder / "sea.manifest.json").is_file()

@@ -175,7 +175,8 @@ def _summary(sb: Storyboard, source: str) -> str:
 def render(
     story: Annotated[list[Path], typer.Argument(
         metavar="STORY.toml|DIR...", help="The storyboard to render; several, or folders of them, make a batch.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .mp4, or a folder to write <story>.mp4 in (default out/<story>.mp4).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output .mp4, or a folder to write <story>.mp4 in (default out/<story>.mp4).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Render a batch into this folder (<stem>.mp4 each, batch.json; default out/).")] = None,
     preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.")] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,28 @@ def test_config_file_errors_name_the_key(tmp_path: Path) -> None:
         load_config(bad, DFConfig)
     cfg = load_config(ROOT / "presets" / "tiny" / "train_df.toml", DFConfig)
     assert Path(cfg.vae) == ROOT / "presets" / "tiny" / "vae.safetensors"
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("steps = -5", "steps: must be at least 1, got -5 — fix the value of steps"),
+    ("batch_size = 0", "batch_size: must be at least 1, got 0"),
+    ("lr = 0", "lr: must be more than 0, got 0.0"),
+    ("ema_decay = 1.5", "ema_decay: must be in [0, 1), got 1.5"),
+    ("warmup_steps = -1", "warmup_steps: must be 0 or more, got -1"),
+])
+def test_config_ranges_are_checked_before_any_work(tmp_path: Path, line: str, says: str) -> None:
+    # steps = -5 once made a causal-distill run's 896 teacher trajectories, then "finished" at step 0 with loss nan.
+    from lvstudio.train.causal_distill import CausalDistillConfig
+    from lvstudio.train.common import ConfigError, load_config
+    from lvstudio.train.diffusion_forcing import DFConfig
+    from lvstudio.train.vae_config import VAEFileConfig
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(line + "\n")
+    # The recipes that set their own defaults for these keys (lr, batch_size) keep the ranges.
+    for model in (DFConfig, CausalDistillConfig, VAEFileConfig):
+        with pytest.raises(ConfigError, match=re.escape(f"bad.toml: {says}")):
+            load_config(bad, model)
 
 
 def test_object_masks_cover_the_world_objects() -> None:

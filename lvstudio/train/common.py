@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from lvstudio.errors import LvError
 
@@ -50,6 +50,28 @@ class TrainConfigBase(BaseModel):
     threads: int = 0  # 0 = torch default
     fsdp: bool = False  # shard the models across torchrun's processes (`--fsdp`; lvstudio.train.sharding)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" (CUDA when there is one, else CPU), "cpu" or "cuda"
+
+    # Ranges, checked by name so that a recipe's own default (a subclass field) keeps them.
+    _AT_LEAST_1: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "log_every", "ckpt_every")
+    _NOT_NEGATIVE: ClassVar[tuple[str, ...]] = ("weight_decay", "warmup_steps", "decay_start", "min_lr", "ema_start",
+                                                 "threads")
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "grad_clip")
+
+    @field_validator(*_AT_LEAST_1, *_NOT_NEGATIVE, *_POSITIVE, "ema_decay")
+    @classmethod
+    def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        name = info.field_name
+        if value is None:
+            return value
+        if name in cls._AT_LEAST_1 and value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        if name in cls._NOT_NEGATIVE and value < 0:
+            raise ValueError(f"must be 0 or more, got {value}")
+        if name in cls._POSITIVE and not value > 0:
+            raise ValueError(f"must be more than 0, got {value}")
+        if name == "ema_decay" and not 0 <= value < 1:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
 
 
 def load_config(path: str | Path, model: type[C]) -> C:

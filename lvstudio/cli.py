@@ -200,8 +200,9 @@ def render(
     from lvstudio.render import EXIT_INTERRUPTED as INTERRUPTED
     from lvstudio.render import RenderRequest
     from lvstudio.render import render as run_render
+    from lvstudio.storyboard import parse_duration
 
-    secs = _duration_seconds(duration)
+    secs = parse_duration(duration)
     if out_dir is not None or len(story) > 1 or story[0].is_dir() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if out is not None:
             raise LvError("--out names the output of one storyboard", hint="give a batch an --out-dir")
@@ -217,18 +218,6 @@ def render(
         raise typer.Exit(result.exit_code or INTERRUPTED)
     rt = result.stats.get("realtime_factor")
     typer.echo(f"wrote {result.video} ({rt}x real time), {result.manifest}, {result.contact_sheet}")
-
-
-def _duration_seconds(duration: str | None) -> float | None:
-    from lvstudio.storyboard import parse_time
-
-    if duration is None:
-        return None
-    try:
-        return parse_time(duration)
-    except ValueError as err:
-        hint = None if "m:ss" in str(err) else 'use seconds ("90s", 90) or m:ss ("1:30")'
-        raise LvError(f"--duration: {err}", hint=hint) from None
 
 
 def _render_batch(stories: list[Path], out_dir: Path, preset: str | None, backend: str | None, seed: int | None,

@@ -172,3 +172,12 @@ def test_render_out_is_an_mp4_or_a_folder(tmp_path: Path) -> None:
     done = runner.invoke(app, ["render", str(story), "--out", str(folder), "--no-progress"])
     assert done.exit_code == 0, done.output
     assert (folder / "sea.mp4").stat().st_size > 0 and (folder / "sea.manifest.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["render", "tui"])
+def test_a_bad_duration_says_the_accepted_forms_once(command: str) -> None:
+    args = [command, str(EXAMPLES[0])] if command == "render" else [command, "--prompt", "a red ball"]
+    result = CliRunner().invoke(app, [*args, "--duration", "soon"])
+    assert result.exit_code == 2, result.output
+    assert '--duration: "soon" is not a time' in result.output
+    assert result.output.count('m:ss ("1:30")') == 1

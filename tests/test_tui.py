@@ -28,9 +28,8 @@ from lvstudio.presets import load_preset
 from lvstudio.presets.load import ModelBundle, load_bundle
 from lvstudio.prompt_stream import block_start_frame
 from lvstudio.render import RenderRequest, render
-from lvstudio.storyboard import load_storyboard
+from lvstudio.storyboard import load_storyboard, parse_duration
 from lvstudio.tui.app import StudioApp, screen_text
-from lvstudio.tui.cli import parse_duration
 from lvstudio.tui.preview import UPPER_HALF, HalfBlockRenderer, fit_preview
 from lvstudio.tui.studio import Studio, StudioOptions, open_studio
 from lvstudio.tui.widgets import PreviewPane

@@ -21,7 +21,7 @@
 
 from lvstudio.storyboard.reader import load_storyboard, parse_storyboard
 from lvstudio.storyboard.schema import MAX_FILE_BYTES, Anchor, Identity, Shot, Storyboard, Transition
-from lvstudio.storyboard.times import format_time, parse_time
+from lvstudio.storyboard.times import format_time, parse_duration, parse_time
 from lvstudio.storyboard.writer import dump_storyboard, toml_string
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "format_time",
     "load_storyboard",
     "parse_storyboard",
+    "parse_duration",
     "parse_time",
     "toml_string",
 ]

@@ -6,6 +6,7 @@ import math
 import re
 from decimal import Decimal
 
+from lvstudio.errors import LvError
 from lvstudio.storyboard.messages import show, type_name
 
 TIME_FIX = 'use seconds ("90s", 90) or m:ss ("1:30")'
@@ -96,3 +97,17 @@ def _decimal_text(x: float) -> str:
 def seconds_text(x: float) -> str:
     """`2.0` → `"2s"`, `1.5` → `"1.5s"` (exact round trip through `parse_time`)."""
     return _decimal_text(x) + "s"
+
+
+def parse_duration(duration: str | None, option: str = "--duration") -> float | None:
+    """A command's duration option (seconds or m:ss; None: not given) to seconds; LvError naming the option, saying
+    what is wrong and the accepted forms once."""
+    if duration is None:
+        return None
+    try:
+        seconds = parse_time(duration)
+    except TimeParseError as err:
+        raise LvError(f"{option}: {err.problem}", hint=err.fix) from None
+    if seconds <= 0:
+        raise LvError(f"{option} must be positive (got {duration!r})", hint=TIME_FIX)
+    return seconds

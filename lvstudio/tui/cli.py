@@ -14,21 +14,6 @@ if TYPE_CHECKING:
     from lvstudio.tui.app import StudioApp
 
 
-def parse_duration(duration: str | None) -> float | None:
-    """`--duration` text (seconds or m:ss) to seconds; LvError with the accepted forms otherwise."""
-    from lvstudio.storyboard import parse_time
-
-    if duration is None:
-        return None
-    try:
-        seconds = parse_time(duration)
-    except ValueError as err:
-        raise LvError(f"--duration: {err}", hint='use seconds ("90s", 90) or m:ss ("1:30")') from None
-    if seconds <= 0:
-        raise LvError(f"--duration must be positive (got {duration!r})")
-    return seconds
-
-
 def tui_command(story: Path | None, prompt: str | None, preset: str | None, seed: int | None,
                 duration: str | None, record: Path | None) -> None:
     """Open the terminal studio on a storyboard, or on one prompt that keeps generating until stopped.
@@ -38,6 +23,7 @@ def tui_command(story: Path | None, prompt: str | None, preset: str | None, seed
     """
     import torch
 
+    from lvstudio.storyboard import parse_duration
     from lvstudio.tui.app import StudioApp
     from lvstudio.tui.studio import StudioOptions, open_studio
 

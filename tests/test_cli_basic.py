@@ -181,3 +181,16 @@ def test_a_bad_duration_says_the_accepted_forms_once(command: str) -> None:
     assert result.exit_code == 2, result.output
     assert '--duration: "soon" is not a time' in result.output
     assert result.output.count('m:ss ("1:30")') == 1
+
+
+def test_bench_render_says_when_no_switch_was_timed() -> None:
+    from lvstudio.eval.bench_render import RenderBenchResult
+
+    figures = dict.fromkeys(("realtime_factor", "first_frame_s", "chunk_ms_minute1", "chunk_ms_last", "rss_mb_minute1",
+                             "rss_mb_last", "kv_mb_minute1", "kv_mb_last", "state_mb_minute1", "state_mb_last",
+                             "chunk_ms_median"), 1.0)
+    short = RenderBenchResult(preset="tiny", backend="causal-kv", minutes=0.1, threads=1, recache_ms=float("nan"),
+                              **figures)
+    assert short.lines()[-1].endswith("not measured (the render ended before its first prompt switch)")
+    timed = RenderBenchResult(preset="tiny", backend="causal-kv", minutes=1, threads=1, recache_ms=12.0, **figures)
+    assert "re-cache stall: 12.0 ms" in timed.lines()[-1]

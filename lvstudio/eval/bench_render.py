@@ -11,6 +11,8 @@ Measured in one run, on one long single-prompt render with live prompts (switche
 
 from __future__ import annotations
 
+import math
+
 import statistics
 import tempfile
 import time
@@ -59,7 +61,9 @@ class RenderBenchResult:
             f"  memory: RSS {self.rss_mb_minute1:.0f} MB -> {self.rss_mb_last:.0f} MB; "
             f"KV cache {self.kv_mb_minute1:.2f} MB -> {self.kv_mb_last:.2f} MB; "
             f"backend state {self.state_mb_minute1:.2f} MB -> {self.state_mb_last:.2f} MB",
-            f"  prompt-switch re-cache stall: {self.recache_ms:.1f} ms (median chunk {self.chunk_ms_median:.1f} ms)",
+            f"  prompt-switch re-cache stall: {self.recache_ms:.1f} ms (median chunk {self.chunk_ms_median:.1f} ms)"
+            if math.isfinite(self.recache_ms) else
+            "  prompt-switch re-cache stall: not measured (the render ended before its first prompt switch)",
         ]
 
 

@@ -12,7 +12,6 @@ Measured in one run, on one long single-prompt render with live prompts (switche
 from __future__ import annotations
 
 import math
-
 import statistics
 import tempfile
 import time

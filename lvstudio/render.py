@@ -75,11 +75,9 @@ def output_path(story: Path, out: Path | None) -> Path:
         return default_out(story)
     if out.is_dir():
         return out / f"{story.stem}.mp4"
-    if not out.name or out.suffix.lower() != ".mp4":
-        hint = (f"name it {out.with_suffix('.mp4')}" if out.name else "name an .mp4 file") + \
-            ", or give a folder that exists to write <story>.mp4 in it"
+    if out.suffix.lower() != ".mp4":  # (an empty --out is ".", a folder)
         raise LvError(f"--out {str(out)!r}: lvstudio writes H.264 in an MP4 container, so the output is an .mp4 file",
-                      hint=hint)
+                      hint=f"name it {out.with_suffix('.mp4')}, or give a folder that exists for <story>.mp4")
     return out
 
 

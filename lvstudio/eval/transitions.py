@@ -67,8 +67,8 @@ class TransitionsConfig:
 
     def check_blocks(self, block_latents: int, fps: int) -> None:
         """Refuse shots shorter than two blocks: each shot is scored from its second block on."""
-        shortest = min(b1 - b0 for b0, b1 in itertools.pairwise(_shot_bounds(self, self.prompts, block_latents,
-                                                                                fps)[1]))
+        _, bounds = _shot_bounds(self, self.prompts, block_latents, fps)
+        shortest = min(b1 - b0 for b0, b1 in itertools.pairwise(bounds))
         if shortest < 2:
             least = 2 * 4 * block_latents / fps
             raise ValueError(f"--seconds {self.seconds:g} gives shots of {shortest} block(s) at the preset's "

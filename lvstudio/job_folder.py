@@ -7,6 +7,8 @@ Layout (one folder per output, `out/x.job/` for `out/x.mp4`):
     chunks/000000.safetensors      each chunk's clean latents + metadata (index, frames, prompt, job id; the
                                    session's live prompts when they changed)
     snapshots/000008.safetensors   backend state after that many chunks (the last KEEP_SNAPSHOTS are kept)
+    live.safetensors               every live prompt pushed so far (metadata only), written at each push: the
+                                   prompts that landed after the last chunk saved before a crash
 
 Every file is written atomically (temp file, fsync, rename) and carries its own checksum (`lvstudio.checked_files`),
 so our own writes never leave a damaged file, and damage from elsewhere (a disk, a copy, a hand) is detected.
@@ -133,6 +135,7 @@ class JobFolder:
         self.info_path = self.root / "job.json"
         self.chunks = self.root / "chunks"
         self.snapshots = self.root / "snapshots"
+        self.live_path = self.root / "live.safetensors"
         self._job_id: str | None = None
 
     # -- writing --------------------------------------------------------------------------------------------------
@@ -172,6 +175,11 @@ class JobFolder:
         for old in sorted(self._indexed(self.snapshots))[:-KEEP_SNAPSHOTS]:
             self.snapshot_path(old).unlink(missing_ok=True)
         return path
+
+    def save_live(self, events: str) -> Path:
+        """The live prompt events pushed so far (JSON), replacing the previous list: written when a prompt is pushed,
+        before any chunk it steers exists."""
+        return save_checked({}, self.live_path, {"live_events": events, "job_id": self.job_id})
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -224,6 +232,19 @@ class JobFolder:
         if point.snapshot is None:
             return {}
         return load_checked(point.snapshot)[0]
+
+    def load_live(self) -> tuple[str | None, str | None]:
+        """(the live events pushed so far as JSON, None) from live.safetensors; (None, why not) when it is damaged or
+        another job's; (None, None) when no prompt was pushed."""
+        if not self.live_path.exists():
+            return None, None
+        try:
+            _, meta = load_checked(self.live_path)
+        except DamagedFileError as err:
+            return None, err.reason
+        if meta.get("job_id") != self.job_id or "live_events" not in meta:
+            return None, "it belongs to another job"
+        return meta["live_events"], None
 
     @staticmethod
     def _indexed(folder: Path) -> list[int]:

@@ -144,6 +144,7 @@ class RenderSession:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self._live_recorded = 0  # live events the job folder holds (in a snapshot or a chunk's metadata)
+        self._journal_lock = threading.Lock()  # pushes from several threads write live.safetensors in order
         block_latents = bundle.preset.attention.block_frames
         # Step 1: identities and the prompt timeline.
         self.identities = IdentityCache()
@@ -218,7 +219,9 @@ class RenderSession:
         """Live prompt from any thread: lands on the next block not yet generated. `transition` (lvstudio.transitions):
         "switch" (default: the shot you are watching continues under the new prompt), "cut" (a new shot) or "blend"
         (over `blend_blocks` blocks); ValueError for another word, an empty prompt or an unknown {identity}."""
-        return self.buffer.push(prompt, transition=transition, blend_blocks=blend_blocks)
+        event = self.buffer.push(prompt, transition=transition, blend_blocks=blend_blocks)
+        self._journal_live()
+        return event
 
     def reroll(self, seed: int | None = None) -> PromptEvent:
         """Re-roll the current shot from the next block on: same prompt, a new seed (random unless given); the shot
@@ -227,7 +230,22 @@ class RenderSession:
 
         current = self.buffer.events[self.buffer.active_index(max(self.buffer.next_block - 1, 0))]
         new_seed = random.randrange(2**31) if seed is None else seed
-        return self.buffer.push(current.prompt, transition=SWITCH, seed=new_seed)
+        event = self.buffer.push(current.prompt, transition=SWITCH, seed=new_seed)
+        self._journal_live()
+        return event
+
+    def _journal_live(self) -> None:
+        """Write every live event so far to the job folder's live.safetensors at once, so that a crash before the
+        next chunk is saved keeps the prompt (a resume lands it where it landed). A job folder not made yet, or gone
+        (the render finished), has nothing to keep it for; a disk that refuses the write refuses the next chunk too,
+        and that error is reported with the render's own message."""
+        if self.job is None or not self.job.info_path.exists():
+            return
+        with self._journal_lock:
+            try:
+                self.job.save_live(json.dumps(self._live_events()))
+            except (OSError, LvError):
+                pass
 
     def rendered_storyboard(self) -> Storyboard:
         """The storyboard of what was actually rendered: the shots plus live prompts at their times.
@@ -386,8 +404,18 @@ class RenderSession:
         point = self.job.validate(self.job_identity(), echo)
         # Live prompts: the newest record among the snapshot and the chunks made again after it (each record holds
         # every live event so far), so the chunks made again see the prompts they saw the first time.
+        # Then those pushed later (live.safetensors holds every push, written at the push): they land where they
+        # landed the first time, on blocks after the last chunk saved before the crash (or after a damaged chunk).
         records = [m["live_events"] for m in (point.meta, *point.dropped_meta) if "live_events" in m]
-        for ev in json.loads(records[-1] if records else "[]"):
+        events = json.loads(records[-1] if records else "[]")
+        journal, why = self.job.load_live()
+        if why is not None and echo is not None:
+            echo(f"job check: {self.job.live_path.name} cannot be used: {why}; live prompts pushed after the last "
+                 "chunk saved are not in the resumed video")
+        pushed = json.loads(journal or "[]")  # pushes only append (each lands after the ones before): the newest list
+        if len(pushed) > len(events) and pushed[: len(events)] == events:  # wins, unless its write failed
+            events = pushed
+        for ev in events:
             self.buffer.add(PromptEvent(**ev))
         # What the folder still records (the dropped chunks are gone): the first chunk made again records them anew.
         self._live_recorded = len(json.loads(point.meta.get("live_events", "[]")))

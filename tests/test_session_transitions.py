@@ -108,3 +108,57 @@ def test_a_resume_keeps_the_live_prompts_of_the_chunks_it_makes_again(tmp_path: 
 def _unsteered() -> list:
     session = _session("causal-kv")
     return [session.step() for _ in iter(lambda: session.done, True)]
+
+
+def _uninterrupted_with_push(at_chunk: int, prompt: str) -> np.ndarray:
+    ref = _session("causal-kv")
+    frames = [ref.step().frames for _ in range(at_chunk)]
+    ref.push(prompt)
+    return np.concatenate(frames + [ref.step().frames for _ in iter(lambda: ref.done, True)])
+
+
+def test_a_prompt_pushed_after_the_last_chunk_saved_is_in_the_resumed_video(tmp_path: Path) -> None:
+    """A crash after a push and before any chunk it steers is saved: the prompt was written to live.safetensors at
+    the push, so the resumed job lands it on the same block and the video is the uninterrupted one."""
+    video = _uninterrupted_with_push(3, "a green star in the sky")
+    job = tmp_path / "job"
+    first = _session("causal-kv", job)
+    first.write_job_info()
+    for _ in range(3):
+        first.step()
+    first.push("a green star in the sky")  # lands on the next block; nothing saved records it but live.safetensors
+    assert (job / "live.safetensors").is_file()
+    again = _session("causal-kv", job)
+    done = np.concatenate(again.resume())
+    assert [e.prompt for e in again.buffer.events if e.source == "live"] == ["a green star in the sky"]
+    rest = [again.step().frames for _ in iter(lambda: again.done, True)]
+    assert np.array_equal(np.concatenate([done, *rest]), video)
+
+
+def test_a_damaged_chunk_does_not_lose_the_live_prompts_recorded_after_it(tmp_path: Path) -> None:
+    """Chunks after a damaged one are made again from an older snapshot: the prompts recorded in them come back from
+    live.safetensors. A damaged live.safetensors is named, and the resume goes on with what the chunks record."""
+    video = _uninterrupted_with_push(3, "a green star in the sky")
+    job = tmp_path / "job"
+    first = _session("causal-kv", job)
+    first.write_job_info()
+    for _ in range(3):
+        first.step()
+    first.push("a green star in the sky")
+    first.step()  # chunk 3 records the prompt; no snapshot after it (every 2 chunks: after chunk 1 and chunk 3 ...)
+    first.step()
+    chunk = job / "chunks" / "000002.safetensors"
+    chunk.write_bytes(chunk.read_bytes()[:-7])  # chunk 2 damaged: the resume starts at the snapshot after chunk 1
+    notes: list[str] = []
+    again = _session("causal-kv", job)
+    done = np.concatenate(again.resume(notes.append))
+    assert any("chunk 2 is damaged" in n for n in notes)
+    rest = [again.step().frames for _ in iter(lambda: again.done, True)]
+    assert np.array_equal(np.concatenate([done, *rest]), video)
+
+    live = job / "live.safetensors"
+    live.write_bytes(live.read_bytes()[:40])  # a damaged live.safetensors: named, not fatal
+    notes.clear()
+    third = _session("causal-kv", job)
+    third.resume(notes.append)
+    assert any("live.safetensors cannot be used" in n for n in notes)

@@ -311,6 +311,7 @@ def test_quit_finalises_the_recording_and_the_saved_storyboard_rerenders(preset:
     assert summary is not None and len(summary.recordings) == 1
     video = summary.recordings[0].path
     assert video.parent == tmp_path / "rec" and summary.storyboard == video.with_name(video.stem + ".storyboard.toml")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # the kept copy went with close
     frames = studio.session.frames_done
     assert probe_video(video).num_frames == frames
     sb = load_storyboard(summary.storyboard)
@@ -365,6 +366,38 @@ def test_a_failing_generation_is_reported_and_the_studio_still_quits_cleanly(pre
     asyncio.run(scenario())
     assert isinstance(studio.error, RuntimeError) and studio.summary is not None
     assert studio.summary.storyboard is not None and load_storyboard(studio.summary.storyboard).duration == 5 / 16
+
+
+def test_a_studio_killed_without_ctrl_q_leaves_the_rendered_storyboard(preset: Path, bundle: ModelBundle,
+                                                                     tmp_path: Path) -> None:
+    """Once a prompt is typed, the rendered storyboard is kept up to date after every chunk where Ctrl-Q writes it,
+    so a studio killed without closing (kill -9, a power cut) loses none of its steering: the file re-renders the
+    frames it made. Closing writes the same file."""
+    import dataclasses
+
+    from lvstudio.session import RenderSession
+
+    out = tmp_path / "out"
+    studio = open_studio(StudioOptions(story=DEMO, preset=str(preset), duration=3.0, out_dir=out), bundle=bundle)
+    made: list[np.ndarray] = []
+    studio.session.add_sink(lambda chunk: made.append(chunk.frames))
+    studio.run(cancelled=lambda: len(made) >= 2)
+    assert not out.exists()  # nothing typed yet: the storyboard alone re-renders this
+    studio.push("a blue cube on the grass", "cut")
+    studio.run(cancelled=lambda: len(made) >= 5)  # ... and the process dies here, without close()
+    [kept] = out.glob("*.storyboard.toml")
+    sb = load_storyboard(kept)
+    frames = studio.session.frames_done
+    assert sb.duration == frames / 16 and [s.prompt for s in sb.shots][-1] == "a blue cube on the grass"
+    settings = dataclasses.replace(studio.session.settings, num_frames=frames)
+    again = RenderSession(sb, bundle, settings)
+    video = np.concatenate([again.step().frames for _ in iter(lambda: again.done, True)])
+    diff = np.abs(video.astype(np.int16) - np.concatenate(made).astype(np.int16))
+    assert (diff > 0).mean() < 0.002 and diff.max() <= 16, ((diff > 0).mean(), diff.max())  # see the test above
+    unsteered = RenderSession(sb.model_copy(update={"shots": sb.shots[:-1]}), bundle, settings)
+    control = np.concatenate([unsteered.step().frames for _ in iter(lambda: unsteered.done, True)])
+    assert (control != video).mean() > 0.1  # the typed prompt (a cut) is in what the kept storyboard re-renders
+    assert studio.close().storyboard == kept and list(out.iterdir()) == [kept]
 
 
 def test_record_option_takes_a_folder_or_an_mp4_path(preset: Path, bundle: ModelBundle, tmp_path: Path) -> None:

@@ -207,6 +207,9 @@ class Studio:
         self._live = _Live()
         self._running = False
         self._lock = threading.Lock()
+        self._journal: Path | None = None  # the rendered storyboard so far, kept once a prompt is typed (crash-safe)
+        self._journal_lock = threading.Lock()  # the generating thread keeps it; close() writes the last one
+        self._journal_done = False
         session.add_sink(self._on_chunk)
         if record is not None:
             self._start_initial_recording(record)
@@ -224,6 +227,23 @@ class Studio:
             live.caches = dict(self.session.backend.cache_summary())
             live.caches_at = now
 
+    def _keep_journal(self) -> None:
+        """After each chunk once a prompt was typed: the rendered storyboard so far, where close() writes it, so that a
+        studio killed without its Ctrl-Q (kill -9, a power cut) loses none of the steering: `lvstudio render` of it
+        makes the video it made. A disk that refuses this write is reported by close()'s own write."""
+        from lvstudio.atomic import atomic_write_text
+
+        with self._journal_lock:
+            if self._journal_done:
+                return
+            try:
+                if self._journal is None:
+                    self.out_dir.mkdir(parents=True, exist_ok=True)
+                    self._journal = timestamp_name(self.out_dir, self.started, ".storyboard.toml")
+                atomic_write_text(self._journal, self.rendered_storyboard_text())
+            except OSError:
+                pass
+
     def run(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Generate until done, stopped or `cancelled()` (checked between chunks); errors land in `self.error`."""
         s = self.session
@@ -237,6 +257,8 @@ class Studio:
                     continue
                 self.pause_waiting.clear()
                 s.step()
+                if self.live:
+                    self._keep_journal()
         except Exception as err:  # noqa: BLE001 - shown in the UI, the studio stays open
             self.error = explained(err, "generating")
         finally:
@@ -384,7 +406,7 @@ class Studio:
         if self.recorder.done:
             rec = self.recorder.done[-1].path
             return rec.with_name(rec.stem + ".storyboard.toml")
-        return timestamp_name(self.out_dir, self.started, ".storyboard.toml")
+        return self._journal or timestamp_name(self.out_dir, self.started, ".storyboard.toml")
 
     def rendered_storyboard_text(self) -> str:
         """The storyboard of what was rendered (shots + live prompts at their times), with a comment header."""
@@ -408,6 +430,11 @@ class Studio:
 
         if self.session.frames_done == 0:
             return None
-        path = self.storyboard_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write_text(path, self.rendered_storyboard_text())
+        with self._journal_lock:
+            self._journal_done = True
+            path = self.storyboard_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, self.rendered_storyboard_text())
+            if self._journal is not None and self._journal != path:  # the kept copy, replaced by the one next to
+                self._journal.unlink(missing_ok=True)  # the recording
+        return path

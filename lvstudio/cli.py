@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 
 from lvstudio import __version__
 from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
+from lvstudio.cli_options import check_seed, check_threads
 from lvstudio.errors import Interrupted, LvError
 from lvstudio.eval.bench_cli import bench_app
 from lvstudio.presets.cli import presets_app
@@ -181,14 +182,16 @@ def render(
         "--out-dir", help="Render a batch into this folder (<stem>.mp4 each, batch.json; default out/).")] = None,
     preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.")] = None,
     backend: Annotated[str | None, typer.Option(help=" | ".join(BACKENDS) + ".")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the storyboard's seed.")] = None,
-    duration: Annotated[str | None, typer.Option(help="Render only this long (seconds or m:ss).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the storyboard's seed.", callback=check_seed)] = None,
+    duration: Annotated[str | None, typer.Option(
+        help="Render this long (seconds or m:ss, up to 24 h): shorter than the storyboard cuts it, "
+             "longer holds its last shot.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted render of this output.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output / discard an old job.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     keep_job: Annotated[bool, typer.Option("--keep-job", help="Keep the job folder (per-chunk latents).")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: $LVSTUDIO_DEVICE or cpu).")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
     extend: Annotated[Path | None, typer.Option(
         "--extend", metavar="VIDEO.mp4", help="Continue this video (SkyReels-V2 DF presets): the output is the video "
                                               "followed by the storyboard's frames.")] = None,
@@ -241,7 +244,7 @@ def tui(
     prompt: Annotated[str | None, typer.Option(
         "--prompt", "-p", help="Start from one prompt; runs until stopped.")] = None,
     preset: Annotated[str | None, typer.Option(help="Preset name or preset.toml (overrides the storyboard's).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.", callback=check_seed)] = None,
     duration: Annotated[str | None, typer.Option(help="Stop after this long (seconds or m:ss).")] = None,
     record: Annotated[Path | None, typer.Option(help="Record from the first frame: a folder or an .mp4 path.")] = None,
 ) -> None:
@@ -440,9 +443,9 @@ def eval_adherence_cmd(
     preset: Annotated[str, typer.Option(help="Preset name or path to a preset.toml.")] = "tiny",
     prompts: Annotated[int, typer.Option(help="Number of prompts sampled from the world grammar.")] = 100,
     seconds: Annotated[float, typer.Option(help="Seconds rendered per prompt.")] = 2.0,
-    seed: Annotated[int, typer.Option(help="Seed of the prompt sample and the renders.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt sample and the renders.", callback=check_seed)] = 0,
     backend: Annotated[str, typer.Option(help="Backend to evaluate: " + " | ".join(BACKENDS) + ".")] = DEFAULT_BACKEND,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
 ) -> None:
     """Oracle prompt adherence (scene, object colour, shape) of generated video."""
     import torch
@@ -472,9 +475,9 @@ def eval_transitions_cmd(
     prompts: Annotated[int, typer.Option(help="Shots (unrelated prompts) in the cut and switch storyboards.")] = 12,
     seconds: Annotated[float, typer.Option(help="Seconds per shot.")] = 2.0,
     identity_shots: Annotated[int, typer.Option(help="Shots naming {hero} (identities across cuts).")] = 6,
-    seed: Annotated[int, typer.Option(help="Seed of the prompt sample and of every render.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt sample and of every render.", callback=check_seed)] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the reports as JSON here.")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
 ) -> None:
     """Cut, switch and blend on the procedural world: a cut's shot against from scratch, a switch's continuity and
     response, identities across cuts, the latency and the decoder restart at a cut."""
@@ -514,7 +517,7 @@ def eval_vae_cmd(
     vae: Annotated[Path, typer.Argument(metavar="VAE.safetensors", help="A tiny VAE file.")],
     clips: Annotated[int, typer.Option(help="Held-out world clips (seeds 20000 on).")] = 60,
     frames: Annotated[int, typer.Option(help="Frames per clip (1 + 4k).")] = 17,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
 ) -> None:
     """What the VAE keeps: world clips through encode -> decode, read back by the oracle; PSNR; decode time."""
     import torch
@@ -539,7 +542,7 @@ def eval_denoise_cmd(
     clips: Annotated[int, typer.Option(help="Held-out world clips (seeds 20000 on, one caption each).")] = 40,
     sigmas: Annotated[str, typer.Option(help="Noise levels in (0, 1], comma-separated (0, the VAE alone, is always "
                                              "shown).")] = "0.3,0.5,0.7,0.8,0.9",
-    seed: Annotated[int, typer.Option(help="Seed of the noise and of the swapped words.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the noise and of the swapped words.", callback=check_seed)] = 0,
     cfg_scale: Annotated[float | None, typer.Option(
         help="Classifier-free guidance (default: the preset's sampler's).")] = None,
     upright: Annotated[bool, typer.Option("--upright", help="Held-out clips' objects start upright (as a DiT "
@@ -551,7 +554,7 @@ def eval_denoise_cmd(
     slots: Annotated[bool, typer.Option("--slots", help="... and at fixed places (object_slots = true).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
 ) -> None:
     """What the DiT knows at each noise level: world clips noised to sigma, denoised in one step under the true
     caption and under captions with one word swapped (colour, shape, scene), read by the oracle."""
@@ -593,13 +596,13 @@ def eval_drift_cmd(
     )] = None,
     prompts: Annotated[int, typer.Option(help="Distinct prompts in the cycle.")] = 8,
     seconds_per_prompt: Annotated[float, typer.Option(help="Seconds each prompt is held.")] = 15.0,
-    seed: Annotated[int, typer.Option(help="Seed of the storyboard and of every render.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the storyboard and of every render.", callback=check_seed)] = 0,
     transition: Annotated[str, typer.Option(
         help="switch: one long shot whose prompt changes; cut: every prompt a new shot.")] = "switch",
     out: Annotated[Path, typer.Option(
         help="The PNG plot (its data goes next to it as .json).")] = Path("docs/drift.png"),
     json_dir: Annotated[Path, typer.Option(help="Folder for one JSON report per variant.")] = Path("runs/drift"),
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
     replot: Annotated[list[Path] | None, typer.Option(
         "--replot", help="Redraw the plot from these JSON reports instead of rendering (repeatable)."
     )] = None,

@@ -124,11 +124,12 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
         resume_cmd = resume_cmd.replace(" --resume", f" --extend {req.extend} --resume")
     if saved is not None:
         job.check_identity(JobIdentity(storyboard_hash(sb), dict(settings.__dict__), preset_fingerprint(preset)))
-    with translated_io("creating the output folder", path=out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
     if req.threads > 0:
         torch.set_num_threads(req.threads)
-    session = RenderSession(sb, load_bundle(preset, req.device), settings, job_dir=job.root, extend=tail)
+    bundle = load_bundle(preset, req.device)  # a preset or --device that cannot load refuses before any folder is made
+    with translated_io("creating the output folder", path=out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    session = RenderSession(sb, bundle, settings, job_dir=job.root, extend=tail)
     holder["session"] = session
     sink = VideoSink(out, settings.fps, settings.width, settings.height, force=True)
     thumbs = ContactFrames(settings.fps, req.contact_every_s)

@@ -149,6 +149,21 @@ def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path)
     (["bench", "model", "--threads", "0"], "--threads"),
     (["eval", "transitions", "--prompts", "2"], "--prompts must be at least 3"),
     (["eval", "transitions", "--seconds", "0.7"], "each shot is scored from its second block on: use --seconds 1"),
+    # Options shared by several commands, refused before any work (these once crashed OpenMP, ran silently past
+    # their range, or ended in a torch traceback):
+    (["render", str(EXAMPLES[0]), "--threads", "100000"], "--threads 100000 is out of range"),
+    (["render", str(EXAMPLES[0]), "--threads", "-1"], "--threads -1 is out of range"),
+    (["eval", "adherence", "--threads", "-1"], "--threads -1 is out of range"),
+    (["bench", "render", "--threads", "100000"], "--threads 100000 is out of range"),
+    (["bench", "render", "--batch", "-1"], "--batch"),
+    (["render", str(EXAMPLES[0]), "--seed", "-1"], "--seed -1 is out of range"),
+    (["render", str(EXAMPLES[0]), "--seed", str(2**63)], "use a whole number from 0 to 9223372036854775807"),
+    (["tui", "--prompt", "a red ball", "--seed", "-1"], "--seed -1 is out of range"),
+    (["eval", "transitions", "--seed", "-3"], "--seed -3 is out of range"),
+    (["render", str(EXAMPLES[0]), "--duration", "10000000"], "longer than the 24-hour maximum"),
+    (["tui", "--prompt", "a red ball", "--duration", "25:00:00"], "longer than the 24-hour maximum"),
+    (["render", str(EXAMPLES[0]), "--device", "meta"], "unknown device 'meta'"),
+    (["render", str(EXAMPLES[0]), "--device", "mps"], "no Apple GPU (MPS)"),
 ])
 def test_eval_and_bench_refuse_runs_with_nothing_to_measure(args: list[str], says: str) -> None:
     # These once printed NaN figures with exit 0 or raised a traceback from deep in the render.
@@ -194,3 +209,11 @@ def test_bench_render_says_when_no_switch_was_timed() -> None:
     assert short.lines()[-1].endswith("not measured (the render ended before its first prompt switch)")
     timed = RenderBenchResult(preset="tiny", backend="causal-kv", minutes=1, threads=1, recache_ms=12.0, **figures)
     assert "re-cache stall: 12.0 ms" in timed.lines()[-1]
+
+
+def test_a_device_that_cannot_run_is_refused_before_any_folder_is_made(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["render", str(EXAMPLES[0]), "--device", "meta", "--no-progress"])
+    assert result.exit_code == 2 and "unknown device 'meta'" in result.output
+    assert list(tmp_path.iterdir()) == []  # no out/ left behind

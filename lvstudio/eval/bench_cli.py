@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from lvstudio.backends.registry import BACKENDS
+from lvstudio.cli_options import check_threads
 from lvstudio.errors import LvError
 
 bench_app = typer.Typer(help="Speed and memory benchmarks.", no_args_is_help=True)
@@ -20,7 +21,7 @@ bench_app = typer.Typer(help="Speed and memory benchmarks.", no_args_is_help=Tru
 
 @bench_app.command("model")
 def bench_model_cmd(
-    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.", callback=check_threads)] = 2,
 ) -> None:
     """KV cache vs recompute, and per-block cost at block 10 vs 200 with a rolling window."""
     from lvstudio.eval.bench_model import run_model_bench
@@ -33,7 +34,7 @@ def bench_train_cmd(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="A diffusion-forcing config (its model, batch "
                                            "and VAE's latent shape).")],
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per precision.")] = 6,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.", callback=check_threads)] = 1,
 ) -> None:
     """A diffusion-forcing step (forward, backward, AdamW) in float32 vs bfloat16 (`precision`), side by side."""
     from lvstudio.eval.bench_train import run_train_bench
@@ -50,12 +51,12 @@ def bench_render_cmd(
         help="Preset name or path to a preset.toml (repeat to compare presets, e.g. tiny and an older tiny's "
              "preset.toml).")] = None,
     minutes: Annotated[float, typer.Option(help="Minutes of video to render.")] = 10.0,
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads.", callback=check_threads)] = 1,
     backend: Annotated[list[str] | None, typer.Option(
         help="Backend(s) to measure (repeat the option); default: the preset's.")] = None,
     batch: Annotated[int, typer.Option(
-        help="Instead: a batch of this many storyboards (the longest --minutes long), aggregate video-s per wall-s "
-             "under each --procs.")] = 0,
+        min=0, help="Instead: a batch of this many storyboards (the longest --minutes long), aggregate video-s per "
+                    "wall-s under each --procs.")] = 0,
     procs: Annotated[list[int] | None, typer.Option(
         help="Process counts for --batch (repeat the option; default 1 and 2; more than 1 runs under torchrun).")
     ] = None,

@@ -54,10 +54,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise PresetError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N, mps or auto") from None
+        dev = torch.device("meta")  # refused just below, with the others that cannot run a model
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise PresetError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N, mps or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PresetError(f"device {name!r} requested but no CUDA GPU is available",
                           hint="use --device cpu (slow for Hub presets) or run on a machine with a GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PresetError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA GPU(s)",
+                          hint=f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "mps" and not (mps is not None and mps.is_available()):
+        raise PresetError(f"device {name!r} requested but this machine has no Apple GPU (MPS)",
+                          hint="use --device cpu, or auto to take the best device there is")
     return dev
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from lvstudio.backends.registry import BACKENDS
 from lvstudio.storyboard.messages import CONTROL_RE, LINE_CONTROL_RE, fail, show, suggest, type_name
-from lvstudio.storyboard.times import TIME_FIX, TimeParseError, format_time, parse_time, seconds_text
+from lvstudio.storyboard.times import MAX_DURATION_S, TIME_FIX, TimeParseError, format_time, parse_time, seconds_text
 from lvstudio.transitions import TRANSITIONS
 
 MAX_FILE_BYTES = 256 * 1024
@@ -24,7 +24,6 @@ MAX_PROMPT_CHARS = 1000
 MAX_IDENTITIES = 64
 MAX_ANCHORS = 64
 MAX_TITLE_CHARS = 200
-MAX_DURATION_S = 24 * 3600.0
 MAX_SEED = 2**63 - 1
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_SIDE = 8192

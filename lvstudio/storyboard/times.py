@@ -10,6 +10,7 @@ from lvstudio.errors import LvError
 from lvstudio.storyboard.messages import show, type_name
 
 TIME_FIX = 'use seconds ("90s", 90) or m:ss ("1:30")'
+MAX_DURATION_S = 24 * 3600.0  # the longest storyboard or --duration
 
 _SECONDS_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*s?", re.ASCII)
 _MSS_RE = re.compile(r"([0-9]+):([0-9]{1,2}(?:\.[0-9]+)?)", re.ASCII)
@@ -110,4 +111,6 @@ def parse_duration(duration: str | None, option: str = "--duration") -> float | 
         raise LvError(f"{option}: {err.problem}", hint=err.fix) from None
     if seconds <= 0:
         raise LvError(f"{option} must be positive (got {duration!r})", hint=TIME_FIX)
+    if seconds > MAX_DURATION_S:
+        raise LvError(f"{option} {duration} is longer than the 24-hour maximum", hint="render it in several parts")
     return seconds

@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from lvstudio import __version__
 from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
-from lvstudio.cli_options import check_seed, check_threads
+from lvstudio.cli_options import check_new_file, check_seed, check_threads
 from lvstudio.errors import Interrupted, LvError
 from lvstudio.eval.bench_cli import bench_app
 from lvstudio.presets.cli import presets_app
@@ -477,6 +477,7 @@ def eval_transitions_cmd(
     identity_shots: Annotated[int, typer.Option(help="Shots naming {hero} (identities across cuts).")] = 6,
     seed: Annotated[int, typer.Option(help="Seed of the prompt sample and of every render.", callback=check_seed)] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the reports as JSON here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
 ) -> None:
     """Cut, switch and blend on the procedural world: a cut's shot against from scratch, a switch's continuity and
@@ -494,6 +495,7 @@ def eval_transitions_cmd(
         cfg = TransitionsConfig(prompts, seconds, identity_shots, seed)
     except ValueError as err:
         raise LvError(str(err)) from None
+    check_new_file(json_out, "--json", ".json", force=force)
     if threads > 0:
         torch.set_num_threads(threads)
     bundle = load_bundle(preset)
@@ -567,8 +569,7 @@ def eval_denoise_cmd(
         cfg = DenoiseConfig(clips, parse_sigmas(sigmas), seed, cfg_scale, pose)
     except ValueError as err:
         raise LvError(str(err)) from None
-    if json_out is not None and json_out.exists() and not force:
-        raise LvError(f"{json_out} already exists", hint="pass --force to overwrite it, or choose another --json path")
+    check_new_file(json_out, "--json", ".json", force=force)
     import torch
 
     from lvstudio.eval.denoise_probe import check_preset, evaluate_denoise
@@ -601,6 +602,7 @@ def eval_drift_cmd(
         help="switch: one long shot whose prompt changes; cut: every prompt a new shot.")] = "switch",
     out: Annotated[Path, typer.Option(
         help="The PNG plot (its data goes next to it as .json).")] = Path("docs/drift.png"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing plot (and its .json).")] = False,
     json_dir: Annotated[Path, typer.Option(help="Folder for one JSON report per variant.")] = Path("runs/drift"),
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default).", callback=check_threads)] = 1,
     replot: Annotated[list[Path] | None, typer.Option(
@@ -620,6 +622,8 @@ def eval_drift_cmd(
         variant_problem,
     )
 
+    check_new_file(out, "--out", ".png", force=force)
+    check_new_file(out.with_suffix(".json"), "--out", ".json", force=force)  # the plot's data, next to it
     if replot:
         reports = [r for path in replot for r in load_reports(path)]
     else:

@@ -1,4 +1,5 @@
-"""Checks shared by options of several commands (typer callbacks): `--threads` and `--seed`.
+"""Checks shared by options of several commands: `--threads` and `--seed` (typer callbacks), and the output files
+that evals write at their end.
 
 Each raises `LvError` (one line, exit 2) naming the option, the value and what it takes, before any work starts.
 """
@@ -6,6 +7,7 @@ Each raises `LvError` (one line, exit 2) naming the option, the value and what i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from lvstudio.errors import LvError
 
@@ -29,3 +31,22 @@ def check_seed(value: int | None) -> int | None:
     if not 0 <= value <= MAX_SEED:
         raise LvError(f"--seed {value} is out of range", hint=f"use a whole number from 0 to {MAX_SEED}")
     return value
+
+
+def check_new_file(path: Path | None, option: str, suffix: str, *, force: bool) -> Path | None:
+    """An output file an eval writes at its end, checked at its start (so a long run never ends in a refusal): it
+    must end in `suffix`, must not be a folder or under a file, and is not overwritten without --force."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise LvError(f"{option} {path} is a folder", hint=f"name a file in it, e.g. {path / ('report' + suffix)}")
+    if path.suffix.lower() != suffix:
+        raise LvError(f"{option} {path}: this writes a {suffix} file", hint=f"name it {path.with_suffix(suffix)}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LvError(f"{option} {path}: {parent} is a file, not a folder", hint=f"choose another {option}")
+            break
+    if path.exists() and not force:
+        raise LvError(f"{path} already exists", hint=f"pass --force to overwrite it, or choose another {option} path")
+    return path

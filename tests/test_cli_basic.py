@@ -160,6 +160,10 @@ def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path)
     (["render", str(EXAMPLES[0]), "--seed", str(2**63)], "use a whole number from 0 to 9223372036854775807"),
     (["tui", "--prompt", "a red ball", "--seed", "-1"], "--seed -1 is out of range"),
     (["eval", "transitions", "--seed", "-3"], "--seed -3 is out of range"),
+    (["eval", "transitions", "--json", str(ROOT / "pyproject.toml")], "this writes a .json file"),
+    (["eval", "transitions", "--json", str(ROOT)], "is a folder"),
+    (["eval", "transitions", "--json", str(ROOT / "pyproject.toml" / "x.json")], "is a file, not a folder"),
+    (["eval", "denoise", "--json", str(ROOT / "pyproject.toml")], "this writes a .json file"),
     (["render", str(EXAMPLES[0]), "--duration", "10000000"], "longer than the 24-hour maximum"),
     (["tui", "--prompt", "a red ball", "--duration", "25:00:00"], "longer than the 24-hour maximum"),
     (["render", str(EXAMPLES[0]), "--device", "meta"], "unknown device 'meta'"),
@@ -217,3 +221,11 @@ def test_a_device_that_cannot_run_is_refused_before_any_folder_is_made(tmp_path:
     result = CliRunner().invoke(app, ["render", str(EXAMPLES[0]), "--device", "meta", "--no-progress"])
     assert result.exit_code == 2 and "unknown device 'meta'" in result.output
     assert list(tmp_path.iterdir()) == []  # no out/ left behind
+
+
+def test_eval_transitions_keeps_an_existing_json_unless_forced(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    result = CliRunner().invoke(app, ["eval", "transitions", "--json", str(mine)])
+    assert result.exit_code == 2 and "already exists — pass --force" in result.output
+    assert mine.read_text() == "{}"

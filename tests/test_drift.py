@@ -221,10 +221,21 @@ def test_cli_drift(tmp_path: Path) -> None:
                                       str(tmp_path / "again.png")])
     assert replot.exit_code == 0, replot.output
     assert (tmp_path / "again.png").exists()
-    bad = CliRunner().invoke(app, ["eval", "drift", "--variant", "sf=tiny-slow:causal-kv", "--out", str(out)])
+    again = CliRunner().invoke(app, ["eval", "drift", "--replot", str(runs / "base.json"), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists — pass --force" in again.stderr  # before any work
+    forced = CliRunner().invoke(app, ["eval", "drift", "--replot", str(runs / "base.json"), "--out", str(out),
+                                      "--force"])
+    assert forced.exit_code == 0, forced.output
+    fresh = str(tmp_path / "new.png")
+    bad = CliRunner().invoke(app, ["eval", "drift", "--variant", "sf=tiny-slow:causal-kv", "--out", fresh])
     assert bad.exit_code == 2 and "tiny-slow" in bad.stderr
-    blend = CliRunner().invoke(app, ["eval", "drift", "--transition", "blend", "--out", str(out)])
+    blend = CliRunner().invoke(app, ["eval", "drift", "--transition", "blend", "--out", fresh])
     assert blend.exit_code == 2 and "transition must be 'switch' or 'cut'" in blend.stderr
+    for wrong, says in (("d.txt", "this writes a .png file"), (".", "is a folder")):
+        refused = CliRunner().invoke(app, ["eval", "drift", "--out", str(tmp_path / wrong)])
+        assert refused.exit_code == 2 and says in refused.stderr
+    png = CliRunner().invoke(app, ["eval", "drift", "--replot", str(out), "--out", fresh])  # the plot, not its data
+    assert png.exit_code == 2 and "is not a drift report" in png.stderr and "Traceback" not in png.output
 
 
 def test_grid_stats_see_latent_tiles_and_checkerboards() -> None:

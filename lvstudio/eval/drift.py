@@ -326,8 +326,12 @@ def load_reports(path: str | Path) -> list[DriftReport]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise LvError(f"cannot read drift report {path}: {err}") from None
+    except OSError as err:
+        raise LvError(f"cannot read drift report {path}: {err.strerror or err}",
+                      hint="pass JSON files written by `lvstudio eval drift`") from None
+    except ValueError as err:  # not JSON, or not text at all (a PNG given for its .json)
+        raise LvError(f"{path} is not a drift report: {err}",
+                      hint="pass JSON files written by `lvstudio eval drift` (the plot's data is its .json)") from None
     try:
         items = data if isinstance(data, list) else [data]
         return [DriftReport.from_json(json.dumps(item)) for item in items]

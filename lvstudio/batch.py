@@ -38,6 +38,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lvstudio.cli_options import check_folder_path
 from lvstudio.errors import Interrupted, IOFailure, LvError
 from lvstudio.stop_signals import exit_code_for
 
@@ -370,6 +371,7 @@ def _shared_plan(req: BatchRequest, ranks: Ranks) -> list[Job]:
     rank with its exit code (2: the storyboards or options; 74: the output folder cannot be made)."""
     if ranks.rank == 0:
         try:
+            check_folder_path(req.out_dir, "--out-dir")
             plan: dict[str, Any] = {"jobs": [asdict(j) for j in plan_jobs(req)]}
             req.out_dir.mkdir(parents=True, exist_ok=True)
         except LvError as err:

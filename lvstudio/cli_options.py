@@ -42,11 +42,23 @@ def check_new_file(path: Path | None, option: str, suffix: str, *, force: bool) 
         raise LvError(f"{option} {path} is a folder", hint=f"name a file in it, e.g. {path / ('report' + suffix)}")
     if path.suffix.lower() != suffix:
         raise LvError(f"{option} {path}: this writes a {suffix} file", hint=f"name it {path.with_suffix(suffix)}")
+    check_folders_above(path, option)
+    if path.exists() and not force:
+        raise LvError(f"{path} already exists", hint=f"pass --force to overwrite it, or choose another {option} path")
+    return path
+
+
+def check_folders_above(path: Path, option: str) -> None:
+    """The nearest existing folder above `path` must be a folder (a file there means the path cannot be made)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise LvError(f"{option} {path}: {parent} is a file, not a folder", hint=f"choose another {option}")
-            break
-    if path.exists() and not force:
-        raise LvError(f"{path} already exists", hint=f"pass --force to overwrite it, or choose another {option} path")
-    return path
+            return
+
+
+def check_folder_path(path: Path, option: str) -> None:
+    """An output folder: one that exists, or one that can be made (no file in the way)."""
+    if path.exists() and not path.is_dir():
+        raise LvError(f"{option} {path} is a file, not a folder", hint=f"give {option} a folder (it is made if needed)")
+    check_folders_above(path, option)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lvstudio.cli_options import check_folders_above
 from lvstudio.errors import Interrupted, IOFailure, LvError, OutputExistsError
 from lvstudio.job_folder import JobFolder, JobIdentity, preset_fingerprint, preset_reference
 from lvstudio.stop_signals import StopNow, StopRequest
@@ -78,6 +79,7 @@ def output_path(story: Path, out: Path | None) -> Path:
     if out.suffix.lower() != ".mp4":  # (an empty --out is ".", a folder)
         raise LvError(f"--out {str(out)!r}: lvstudio writes H.264 in an MP4 container, so the output is an .mp4 file",
                       hint=f"name it {out.with_suffix('.mp4')}, or give a folder that exists for <story>.mp4")
+    check_folders_above(out, "--out")
     return out
 
 

@@ -229,3 +229,22 @@ def test_eval_transitions_keeps_an_existing_json_unless_forced(tmp_path: Path) -
     result = CliRunner().invoke(app, ["eval", "transitions", "--json", str(mine)])
     assert result.exit_code == 2 and "already exists — pass --force" in result.output
     assert mine.read_text() == "{}"
+
+
+def test_output_paths_blocked_by_a_file_or_of_another_kind_are_refused_up_front(tmp_path: Path) -> None:
+    """A file where a folder must be, or a recording that is not an .mp4, is the user's mistake (exit 2, before any
+    work), not a disk that refused a write (these were exit 74, or a folder named x.avi)."""
+    (tmp_path / "taken.mp4").write_bytes(b"mine")
+    runner = CliRunner()
+    cases = [
+        (["render", str(EXAMPLES[0]), "--out", str(tmp_path / "taken.mp4" / "x.mp4")], "is a file, not a folder"),
+        (["render", str(EXAMPLES[0]), "--out-dir", str(tmp_path / "taken.mp4")], "--out-dir"),
+        (["tui", "--prompt", "a red ball", "--record", str(tmp_path / "take.avi")], "name it"),
+        (["tui", "--prompt", "a red ball", "--record", str(tmp_path / "taken.mp4")], "never overwrites a recording"),
+    ]
+    for args, says in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert says in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]
+    assert (tmp_path / "taken.mp4").read_bytes() == b"mine"

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lvstudio.errors import LvError
+from lvstudio.errors import LvError, OutputExistsError
 from lvstudio.transitions import LIVE_DEFAULT, check_transition
 from lvstudio.tui.player import FramePlayer
 from lvstudio.tui.recorder import Recorder, Recording, timestamp_name
@@ -157,6 +157,8 @@ def open_studio(options: StudioOptions, *, bundle: ModelBundle | None = None,
         live_preset = load_preset(ref)
         sb = prompt_storyboard(options.prompt or "", preset_label(ref, live_preset.name), live_preset.fps,
                                options.seed or 0)
+    if options.record is not None:
+        check_record_path(options.record)  # before the models load
     # Step 2: settings (overrides applied the way `lvstudio render` applies them) and models.
     preset, settings = resolve_settings(sb, preset=options.preset, seed=options.seed, duration=options.duration)
     label = preset_label(options.preset or sb.preset, preset.name)
@@ -170,6 +172,17 @@ def open_studio(options: StudioOptions, *, bundle: ModelBundle | None = None,
     rerender_preset = options.preset if options.preset and options.preset != label else None
     return Studio(session, out_dir=options.out_dir, unbounded=unbounded, rerender_preset=rerender_preset,
                   record=options.record)
+
+
+def check_record_path(record: Path) -> None:
+    """`--record`: an .mp4 that does not exist yet, or a folder (one that exists, or a name without a suffix)."""
+    if record.suffix.lower() == ".mp4":
+        if record.exists():
+            raise OutputExistsError(record, hint="choose another --record path, or a folder for a timestamped name "
+                                                 "(the studio never overwrites a recording)")
+    elif record.suffix and not record.is_dir():
+        raise LvError(f"--record {record}: recordings are H.264 in an MP4 container",
+                      hint=f"name it {record.with_suffix('.mp4')}, or give a folder (timestamped names inside)")
 
 
 @dataclass
@@ -323,6 +336,7 @@ class Studio:
 
     def _start_initial_recording(self, record: Path) -> None:
         """`--record`: a folder (timestamped file inside) or an .mp4 path; recording starts with the first frame."""
+        check_record_path(record)
         if record.suffix.lower() == ".mp4":
             self.recorder.folder = record.parent if str(record.parent) else Path(".")
             self.recorder.start(record)

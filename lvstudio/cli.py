@@ -109,9 +109,14 @@ def check(
     story: Annotated[Path, typer.Argument(metavar="STORY.toml", help="The storyboard to validate.")],
 ) -> None:
     """Validate a storyboard and print its shots with resolved prompts and times."""
+    from lvstudio.presets import load_preset
     from lvstudio.storyboard import load_storyboard  # lazy: keeps --help fast
 
     storyboard = load_storyboard(story)
+    try:  # a preset `render` would refuse (its weights are not needed here: a Hub preset not pulled yet is fine)
+        load_preset(storyboard.preset)
+    except LvError as err:
+        raise LvError(f"{story}: preset = {storyboard.preset!r}: {err.message}", hint=err.hint) from None
     typer.echo(_summary(storyboard, str(story)))
     for line in _vocabulary_warnings(storyboard):
         typer.echo(line, err=True)

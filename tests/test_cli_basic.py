@@ -248,3 +248,11 @@ def test_output_paths_blocked_by_a_file_or_of_another_kind_are_refused_up_front(
         assert says in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]
     assert (tmp_path / "taken.mp4").read_bytes() == b"mine"
+
+
+def test_check_refuses_a_preset_that_render_would_refuse(tmp_path: Path) -> None:
+    story = tmp_path / "typo.toml"
+    story.write_text('title = "typo"\npreset = "tiny-fats"\nduration = 1\n[[shots]]\nat = 0\nprompt = "a red ball"\n')
+    result = CliRunner().invoke(app, ["check", str(story)])
+    assert result.exit_code == 2 and "preset = 'tiny-fats': unknown preset" in result.output
+    assert "OK" not in result.output

@@ -66,7 +66,7 @@ def _then(resume: str | None) -> str:
 
 def io_failure(err: BaseException, *, action: str, path: str | os.PathLike[str] | None = None,
                resume: str | None = None, kept: str | None = None,
-               elsewhere: str = "write somewhere else (--out)") -> IOFailure:
+               elsewhere: str = "write somewhere else") -> IOFailure:
     """An IOFailure for `err` (see `as_os_error`).
 
     action: what lvstudio was doing ("writing the video", "saving a checkpoint"); path: the file or folder (default:
@@ -127,7 +127,7 @@ def is_io_error(err: BaseException) -> bool:
 
 @contextmanager
 def translated_io(action: str, *, path: str | os.PathLike[str] | None = None, resume: str | None = None,
-                  kept: str | None = None, elsewhere: str = "write somewhere else (--out)") -> Iterator[None]:
+                  kept: str | None = None, elsewhere: str = "write somewhere else") -> Iterator[None]:
     """Run a block; an OSError (or a safetensors I/O error) leaving it becomes an IOFailure (see `io_failure`)."""
     try:
         yield

@@ -65,6 +65,9 @@ class RenderOutcome:
     exit_code: int = 0  # 128 + the signal number when interrupted
 
 
+OUT_ELSEWHERE = "write somewhere else (--out)"  # how a render that a disk refused can go elsewhere
+
+
 def default_out(story: Path) -> Path:
     return Path("out") / f"{story.stem}.mp4"
 
@@ -129,7 +132,7 @@ def _render(req: RenderRequest, echo: Callable[[str], None], holder: dict[str, R
     if req.threads > 0:
         torch.set_num_threads(req.threads)
     bundle = load_bundle(preset, req.device)  # a preset or --device that cannot load refuses before any folder is made
-    with translated_io("creating the output folder", path=out.parent):
+    with translated_io("creating the output folder", path=out.parent, elsewhere=OUT_ELSEWHERE):
         out.parent.mkdir(parents=True, exist_ok=True)
     session = RenderSession(sb, bundle, settings, job_dir=job.root, extend=tail)
     holder["session"] = session
@@ -274,7 +277,8 @@ def _failure(err: Exception, job: JobFolder, resume_cmd: str) -> Exception:
     elif path is not None and Path(path).name.endswith(".partial.mp4"):
         action, path = "writing the video", Path(path).with_name(Path(path).name[1:-len(".partial.mp4")])
     kept = f"The job is kept in {job.root}." if resumable else "Nothing was kept."
-    return io_failure(err, action=action, path=path, resume=resume_cmd if resumable else None, kept=kept)
+    return io_failure(err, action=action, path=path, resume=resume_cmd if resumable else None, kept=kept,
+                      elsewhere=OUT_ELSEWHERE)
 
 
 def _check_outputs(req: RenderRequest, out: Path, job: JobFolder) -> dict[str, Any] | None:

@@ -45,6 +45,12 @@ def test_every_errno_gets_what_failed_which_path_and_what_to_do(code: int, words
         assert w in text, text
 
 
+def test_the_default_hint_names_no_option_the_command_may_not_have() -> None:
+    # `presets hash --write` and the web studio once told users to "write somewhere else (--out)": they have no --out.
+    err = io_failure(OSError(errnos.EACCES, "Permission denied", "/data/preset.toml"), action="writing")
+    assert "--out" not in str(err) and "or write somewhere else" in str(err)
+
+
 def test_os_errors_are_found_inside_safetensors_errors_and_cause_chains() -> None:
     from safetensors import SafetensorError
 

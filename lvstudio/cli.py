@@ -102,6 +102,15 @@ def _root(
     ] = False,
 ) -> None:
     """Interactive long videos from TOML storyboards."""
+    import warnings
+
+    warnings.formatwarning = _warning_line  # our warnings are messages to the user, not Python source locations
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """How a warning prints on the command line: `warning: <message>`, one line (no file, line number or source)."""
+    return f"warning: {message}\n"
 
 
 @app.command()

@@ -256,3 +256,13 @@ def test_check_refuses_a_preset_that_render_would_refuse(tmp_path: Path) -> None
     result = CliRunner().invoke(app, ["check", str(story)])
     assert result.exit_code == 2 and "preset = 'tiny-fats': unknown preset" in result.output
     assert "OK" not in result.output
+
+
+@pytest.mark.slow
+def test_a_render_warns_about_unknown_words_in_one_plain_line(tmp_path: Path) -> None:
+    story = tmp_path / "zebra.toml"
+    story.write_text('title = "z"\nduration = 0.5\n[[shots]]\nat = 0\nprompt = "a red zebra ball"\n')
+    result = _run("-m", "lvstudio.cli", "render", str(story), "--out", str(tmp_path / "z.mp4"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "warning: the tiny preset does not know the words 'zebra'" in result.stderr
+    assert "UserWarning" not in result.stderr and "return func" not in result.stderr  # no Python source location

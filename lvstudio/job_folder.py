@@ -113,6 +113,8 @@ def preset_reference(ref: str) -> str:
     path = Path(ref)
     if ref.endswith(".toml") and path.exists():
         return str(path.resolve())
+    if path.is_dir() and (path / "preset.toml").is_file():  # a preset's folder (`load_preset` takes it too)
+        return str(path.resolve())
     return ref
 
 

@@ -219,12 +219,17 @@ def presets_convert(
     from lvstudio.presets import convert
 
     src = Path(name_or_path)
-    if src.suffix.lower() in (".pt", ".pth") and src.is_file():
+    if src.suffix.lower() in (".pt", ".pth"):
+        if not src.is_file():
+            raise PresetError(f"checkpoint {src} " + ("is a folder" if src.exists() else "does not exist"),
+                              hint="check the path of the .pt file (a pulled preset is converted by its name)")
         if kind not in ("dit", "lora", "tensors"):
             raise PresetError(f"--kind must be dit, lora or tensors (got {kind!r})")
         out = output or src.with_suffix(".safetensors")
+        convert.check_single_output(out)
         echo(f"converting {src} (torch.load(weights_only=True): tensors only, code is refused)")
-        done = [convert.convert_checkpoint(src, out, kind=kind, state_key=state_key, force=force)]  # type: ignore[arg-type]
+        done = [convert.convert_checkpoint(src, out, kind=kind, state_key=state_key, force=force,  # type: ignore[arg-type]
+                                           replace=False)]
     else:
         if output is not None:
             raise PresetError("--output applies to a single .pt file, not to a preset",
@@ -269,7 +274,12 @@ def presets_hash(target: str, *, write: bool = False, echo: Echo = print) -> dic
         state = "recorded" if same else "not recorded" if entry.sha256 is None else "differs from the preset file"
         echo(f"  {role:<14} {sha}  {size:>10}  {preset.file_path(role)}  ({state})")
     if write:
-        changed = edit.write_file_hashes(preset.sources[0], hashes)
+        from lvstudio.io_errors import translated_io
+
+        # `presets hash` has no --out: the way round a file it cannot write is a copy of the preset it can.
+        with translated_io("writing the sha256 and size into", path=preset.sources[0],
+                           elsewhere="copy the preset's folder somewhere writable and hash the copy"):
+            changed = edit.write_file_hashes(preset.sources[0], hashes)
         echo(f"{preset.sources[0]}: " + (f"wrote sha256 and size of {', '.join(changed)}" if changed
                                          else "already up to date"))
     elif differ:
@@ -349,7 +359,9 @@ def convert_cmd(
     kind: Annotated[str, typer.Option(help="Single file: dit | lora | tensors.")] = "dit",
     state_key: Annotated[str | None, typer.Option(
         help="Single file: dict inside the checkpoint, e.g. generator_ema.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Convert again even if up to date.")] = False,
+    force: Annotated[bool, typer.Option("--force", help=(
+        "Convert again even if up to date; for one .pt file, also replace an existing --output (and its "
+        ".lvstudio.json), which is refused without it."))] = False,
 ) -> None:
     """Convert upstream .pt checkpoints to safetensors once (torch.load(weights_only=True), official Wan keys)."""
     presets_convert(target, output, kind=kind, state_key=state_key, force=force, echo=_echo)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lvstudio.atomic import atomic_write_json, save_safetensors_atomic
-from lvstudio.errors import PresetError
+from lvstudio.errors import OutputExistsError, PresetError
 
 FORMAT_DIT = "lvstudio-dit"
 FORMAT_LORA = "lvstudio-lora"
@@ -60,15 +60,37 @@ def load_pickled_checkpoint(path: Path) -> Any:
                 raise
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PresetError(
-            f"{path} is not a plain weights checkpoint; refusing to unpickle it ({first})",
+            f"{path} is not a plain weights checkpoint; refusing to unpickle it ({_refusal_reason(err)})",
             hint="only tensors and plain containers are accepted (torch.load(weights_only=True)); get the weights "
                  "from the official repository",
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise PresetError(f"cannot read checkpoint {path}: {err}",
                           hint="the file is truncated or not a torch checkpoint; pull it again with --force") from None
+
+
+def _refusal_reason(err: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a pickle, without PyTorch's advice to load it with
+    weights_only=False (lvstudio never does: that runs the pickle's code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it needs {found.group(1).rstrip('.,')}, which is code, not a tensor"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    if found:
+        return found.group(1).split(". Please")[0].strip().rstrip(".")
+    return "it holds objects other than tensors and plain containers"
+
+
+def check_single_output(output: Path) -> None:
+    """`lvstudio presets convert FILE.pt --output OUTPUT`: OUTPUT must name a .safetensors file (PresetError)."""
+    if output.is_dir():
+        raise PresetError(f"--output {output} is a folder",
+                          hint=f"give a file name inside it, e.g. --output {output / 'model.safetensors'}")
+    if output.suffix.lower() != ".safetensors":
+        raise PresetError(f"--output {output} does not end in .safetensors: convert writes safetensors files",
+                          hint=f"name the output e.g. --output {output.with_suffix('.safetensors')}")
 
 
 def _pick(ckpt: Any, state_key: str | None, path: Path) -> Mapping[str, Any]:
@@ -171,11 +193,14 @@ def convert_checkpoint(
     dit_config: Any = None,
     source_info: Mapping[str, str] | None = None,
     force: bool = False,
+    replace: bool = True,
 ) -> Converted:
     """Convert one upstream `.pt` into safetensors + its JSON record. Skips work when the record is up to date.
 
     kind: "dit" (official Wan keys, checked against `dit_config` when given), "lora" (LongLive adapter) or
     "tensors" (every tensor, wrappers stripped). source_info (repo, commit, path, sha256) goes into the record.
+    force: convert again even when up to date. replace=False (an output the user named): an existing output that
+    is not an up-to-date conversion of `source` is an OutputExistsError unless `force`.
     """
     from lvstudio.presets.hub import sidecar_path
     from lvstudio.presets.integrity import Stamps, sha256_file
@@ -190,6 +215,11 @@ def convert_checkpoint(
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("source_sha256") == src_sha and record.get("kind") == kind and record.get("sha256"):
             return Converted(source, output, kind, int(record.get("num_tensors", 0)), record["sha256"], skipped=True)
+    if not (replace or force) and (output.exists() or record_path.exists()):
+        what = output if output.exists() else record_path
+        raise OutputExistsError(what, f"{what} already exists and is not an up-to-date {kind} conversion of {source}",
+                                hint=f"pass --force to convert again and replace it (and {record_path.name}), "
+                                     "or choose another --output")
     # Step 1: unpickle safely; Step 2: map keys; Step 3: write safetensors + record.
     ckpt = load_pickled_checkpoint(source)
     meta: dict[str, str] = {"converter": f"lvstudio.convert/{CONVERTER_VERSION}", "source_sha256": src_sha}

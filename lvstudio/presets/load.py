@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -97,7 +98,7 @@ class ModelBundle:
 
             path = _require(self.preset.file_path(role), self.preset, f"{role!r} DiT")
             verify_local(self.preset, [role])
-            dit = load_dit(path)
+            dit = _load_role(self.preset, role, path, load_dit)
             if dit.cfg.to_dict() != self.dit.cfg.to_dict():
                 raise PresetError(f"preset {self.preset.name!r}: files.{role} ({path}) has another architecture than "
                                   "files.dit", hint="a backend's DiT must be a fine-tune of the preset's DiT")
@@ -112,6 +113,66 @@ def _require(path: Path, preset: Preset, role: str) -> Path:
             hint="restore the file from the repository (git checkout presets/) or retrain it (see README)",
         )
     return path
+
+
+# What each role of a local preset holds, as messages name it.
+ROLE_NAMES = {"dit": "DiT", "text_encoder": "text encoder", "vae": "VAE", "lora": "LoRA"}
+T = TypeVar("T")
+
+
+def _preset_file(preset: Preset) -> str:
+    return str(preset.sources[0]) if preset.sources else f"preset {preset.name!r}"
+
+
+def file_holds(path: Path) -> tuple[str | None, str]:
+    """What a weight file's safetensors metadata says it holds: a role of `ROLE_NAMES` (or None when it cannot tell)
+    and the evidence ("its config has keys channels, dec_blocks, …")."""
+    from safetensors import safe_open
+
+    from lvstudio.models.lora import LORA_FORMAT
+    from lvstudio.models.tiny_vae import FORMAT as VAE_FORMAT
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        config = json.loads(meta.get("config", "{}"))
+    except Exception:  # noqa: BLE001 - an unreadable header says nothing about the model
+        return None, "its header cannot be read"
+    keys = sorted(config) if isinstance(config, dict) else []
+    shown = ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "")
+    evidence = f"its config has keys {shown}" if keys else f"its metadata has format {meta.get('format')!r}"
+    if meta.get("format") == VAE_FORMAT or "channels" in keys:
+        return "vae", evidence
+    if meta.get("format") == LORA_FORMAT:
+        return "lora", evidence
+    if "vocab" in keys:
+        return "text_encoder", f"its config has a vocab of {len(config['vocab'])} words"
+    if keys and set(keys) <= set(WanDiTConfig.__dataclass_fields__):
+        return "dit", evidence
+    return None, evidence
+
+
+def _load_role(preset: Preset, role: str, path: Path, load: Callable[[Path], T]) -> T:
+    """`load(path)`, with the errors of a file that holds another model (or another architecture) turned into a
+    PresetError naming the preset file, the role and the file."""
+    try:
+        return load(path)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "state_dict" not in str(err):
+            raise  # out of memory and the like: not a question of which file
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if len(detail) > 200:
+            detail = detail[:197] + "..."
+        kind = "lora" if preset.lora is not None and role == preset.lora.file else role
+        want = ROLE_NAMES.get(kind, kind)
+        holds, evidence = file_holds(path)
+        where = f"{_preset_file(preset)}: [files.{role}] {path}"
+        if holds is not None and holds != kind:
+            raise PresetError(f"{where} holds a {ROLE_NAMES[holds]}'s weights ({evidence}), not a {want}'s",
+                              hint=f"point [files.{role}] at the {want}'s weights") from None
+        fix = " (or make [dit_config] match them)" if kind == "dit" and preset.dit_config else ""
+        raise PresetError(f"{where} does not hold weights this preset's {want} can load: {detail}",
+                          hint=f"point [files.{role}] at the {want}'s weights{fix}") from None
 
 
 def load_dit(path: Path, config: WanDiTConfig | None = None) -> WanDiT:
@@ -156,9 +217,10 @@ def load_bundle(preset: Preset | str, device: str | torch.device | None = None) 
     verify_local(preset, [r for r in preset.files if r in paths or preset.file_path(r).exists()])  # LoRAs too
     dit_cfg = WanDiTConfig.from_dict(preset.dit_config) if preset.dit_config else None
     # Step 2: the preset's precision ("auto": float32 on the CPU, bfloat16 on a GPU); the text encoder stays float32.
-    dit = load_dit(paths["dit"], dit_cfg).to(dev, resolve_dtype(preset.dtype, dev))
-    text = load_text_encoder(paths["text_encoder"]).to(dev)
-    vae = load_vae(paths["vae"], device=dev).to(dtype=resolve_dtype(preset.vae_dtype, dev)).train(False)
+    dit = _load_role(preset, "dit", paths["dit"], lambda p: load_dit(p, dit_cfg))
+    dit = dit.to(dev, resolve_dtype(preset.dtype, dev))
+    text = _load_role(preset, "text_encoder", paths["text_encoder"], load_text_encoder).to(dev)
+    vae = _load_role(preset, "vae", paths["vae"], load_vae).to(dev, resolve_dtype(preset.vae_dtype, dev)).train(False)
     return ModelBundle(preset, dit, TinyTextAdapter(text), vae, dev, latent_channels=dit.cfg.out_dim)
 
 

@@ -89,6 +89,24 @@ class AttentionSettings(_Strict):
     # How the re-cached window attends to itself: all frames to all (LongLive upstream) or block by block.
     recache_attention: Literal["bidirectional", "block-causal"] = "bidirectional"
 
+    @model_validator(mode="after")
+    def _window(self) -> AttentionSettings:
+        problem = window_problem(self.window_frames, self.sink_frames, self.block_frames, "block_frames")
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def window_problem(window: int | None, sink: int, block: int, block_key: str) -> str | None:
+    """Why an attention window cannot hold the sink and the block being generated (None if it can): the check
+    `lvstudio.models.kv_cache.AttentionSpec` makes when a backend builds its cache, made when the preset loads."""
+    need = sink + block
+    if window is None or window >= need:
+        return None
+    return (f"window_frames = {window} is smaller than sink_frames + {block_key} = {sink} + {block} = {need}: the "
+            f"window must hold the sink and the block being generated. Set window_frames >= {need}, lower sink_frames "
+            f"or {block_key}, or leave window_frames out (unbounded)")
+
 
 class CrossClipSettings(_Strict):
     """The ERFT cross-clip backend (Stable Video Infinity style)."""
@@ -313,7 +331,24 @@ class Preset(_Strict):
             raise ValueError(f"lora.file = {self.lora.file!r} is not a role in [files]")
         if self.skyreels is not None:
             self.skyreels.check(self.attention.block_frames)
+        self._check_backend_tables()
+        if self.dit_config:
+            _check_dit_config(self.dit_config)
         return self
+
+    def _check_backend_tables(self) -> None:
+        """The cross-field checks the backends make when they start, made when the preset loads (ValueError)."""
+        attn, chunk = self.attention, self.streaming.chunk_frames
+        if chunk is not None:
+            problem = window_problem(attn.window_frames, attn.sink_frames, chunk, "streaming.chunk_frames")
+            if problem:
+                raise ValueError(f"attention.{problem}")
+        cc, n = self.crossclip, attn.block_frames
+        if ("crossclip" in self.model_fields_set or self.backend == "erft-crossclip") and (
+                cc.clip_frames % n or cc.carry_frames % n or cc.carry_frames >= cc.clip_frames):
+            raise ValueError(f"crossclip.clip_frames ({cc.clip_frames}) and crossclip.carry_frames ({cc.carry_frames})"
+                             f" must be multiples of attention.block_frames ({n}), with carry_frames < clip_frames: "
+                             f"e.g. clip_frames = {3 * n}, carry_frames = {n}")
 
     @property
     def is_world(self) -> bool:
@@ -367,6 +402,16 @@ class Preset(_Strict):
         if self.folder is None:
             raise PresetError(f"preset {self.name!r} was not loaded from a file", hint="load it with load_preset()")
         return self.folder / self.files[role].path
+
+
+def _check_dit_config(config: dict) -> None:
+    """`[dit_config]` must build a `WanDiTConfig` (known keys, dim divisible by num_heads...): ValueError otherwise."""
+    from lvstudio.models.wan_config import WanDiTConfig
+
+    try:
+        WanDiTConfig.from_dict(config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"dit_config: {err}") from None
 
 
 def _check_revision(value: str, key: str) -> str:
@@ -470,11 +515,21 @@ def _with_bases(path: Path) -> tuple[dict, list[Path]]:
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
-    """Load a preset by name (from the search folders) or by path to its TOML file (its `base` chain merged)."""
+    """Load a preset by name (from the search folders), by path to its TOML file or to the folder holding its
+    preset.toml (its `base` chain merged)."""
     path = Path(name_or_path)
+    if path.is_dir() and (path / "preset.toml").is_file() and _resolve_name(str(name_or_path),
+                                                                            available_presets()) is None:
+        path = path / "preset.toml"  # a folder of a preset (a name is looked up first, as below)
+    elif path.suffix == ".toml" and not path.is_file():
+        raise PresetError(f"preset file {path} does not exist" if not path.exists() else f"{path} is not a file",
+                          hint="check the path, or give a preset's name (`lvstudio presets list` shows them)")
     if not (path.suffix == ".toml" and path.exists()):
         known = available_presets()
         found = _resolve_name(str(name_or_path), known)
+        if found is None and path.is_dir():  # a name is looked up first: a folder of that name may sit in the cwd
+            raise PresetError(f"{path} is a folder without a preset.toml",
+                              hint="pass a preset's TOML file, the folder holding its preset.toml, or its name")
         if found is None:
             raise PresetError(
                 f"unknown preset {str(name_or_path)!r}",
@@ -488,6 +543,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
         first = err.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
         where = str(path) + (f" (with its base {', '.join(map(str, chain[1:]))})" if len(chain) > 1 else "")
-        raise PresetError(f"{where}: {key}: {first['msg']}",
+        msg = first["msg"].removeprefix("Value error, ")
+        raise PresetError(f"{where}: {key + ': ' if key else ''}{msg}",
                           hint="see presets/tiny/preset.toml for the schema") from None
     return preset.model_copy(update={"folder": chain[-1].parent, "sources": chain})

@@ -94,3 +94,14 @@ def test_clip_boundaries_are_continuous_on_the_tiny_preset() -> None:
     cut, _ = boundaries(bundle.preset.crossclip.model_copy(update={"carry_frames": 0, "use_anchor": False}))
     assert max(carried) < 1.5 * inside, (carried, inside)
     assert max(carried) < 0.3 * min(cut), (carried, cut)
+
+
+def test_clips_that_are_not_whole_blocks_are_a_preset_error() -> None:
+    from lvstudio.errors import PresetError
+
+    bundle = random_bundle()
+    buf = PromptStreamBuffer(bundle.text.encode, block_latents=2, fps=16)
+    buf.add_shot(0.0, "a red ball over the sea")
+    with pytest.raises(PresetError, match="multiples of attention.block_frames"):  # exit 2, not a traceback
+        ERFTCrossClipBackend(bundle, buf, seed=1, width=32, height=32,
+                             settings=CrossClipSettings(clip_frames=5, carry_frames=2, steps=2))

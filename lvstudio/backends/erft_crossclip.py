@@ -78,10 +78,12 @@ class ERFTCrossClipBackend(BackendBase):
         self.st = settings or bundle.preset.crossclip
         self.n = self.block_latents
         if self.st.clip_frames % self.n or self.st.carry_frames % self.n or self.st.carry_frames >= self.st.clip_frames:
-            raise ValueError(
-                f"clip_frames ({self.st.clip_frames}) and carry_frames ({self.st.carry_frames}) must be multiples of "
-                f"the block size ({self.n}), with carry_frames < clip_frames"
-            )
+            raise PresetError(
+                f"preset {bundle.preset.name!r}: crossclip.clip_frames ({self.st.clip_frames}) and carry_frames "
+                f"({self.st.carry_frames}) must be multiples of attention.block_frames ({self.n}), with carry_frames "
+                "< clip_frames, for the erft-crossclip backend",
+                hint=f"set [crossclip] clip_frames = {3 * self.n}, carry_frames = {self.n} in the preset, or use "
+                     "another --backend")
         self.lora_path = self._lora_path(lora)
         if self.lora_path is None and getattr(bundle.dit, MERGED_MARK, None) is not None:
             raise PresetError(f"the bundle's DiT carries the ERFT LoRA {getattr(bundle.dit, MERGED_MARK)} (merged in "

@@ -216,3 +216,28 @@ def test_longlive_preset_takes_the_generator_weights_not_ema(tmp_path: Path) -> 
     torch.save({"generator_ema": {"model." + k: v for k, v in ema.state_dict().items()}}, only_ema)
     with pytest.raises(PresetError, match="has no 'generator' state dict"):
         convert_checkpoint(only_ema, tmp_path / "x.safetensors", kind="dit", state_key=entry.state_key)
+
+
+def test_a_hub_that_cannot_be_reached_says_so_and_how_to_go_on(online: FakeHub,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DNS (a machine without network): the HTTP client's connect error is not an OSError, and once ended in the
+    catch-all 'reading or writing failed: Name or service not known' (exit 74) naming neither the Hub nor a fix."""
+    import huggingface_hub
+
+    from lvstudio.presets.hub import _transport_errors
+
+    errors = _transport_errors()
+    assert errors, "huggingface_hub talks through httpx or httpx2"
+    connect = errors[0].__module__.split(".")[0]
+
+    def unreachable(_self, *_a, **_k):  # noqa: ANN001, ANN202
+        import importlib
+
+        raise importlib.import_module(connect).ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(PresetError) as caught:
+        _pull()
+    text = str(caught.value)
+    assert caught.value.exit_code == 2 and "cannot reach the Hub (https://huggingface.co)" in text
+    assert "Name or service not known" in text and "HF_HUB_OFFLINE=1" in text and f"presets pull {NAME}" in text

@@ -492,6 +492,13 @@ def _map_hub_error(err: BaseException, preset: Preset, repo_id: str, revision: s
         return PresetError(
             f"could not reach the Hub for {repo_id} and it is not in the Hub cache {hub_cache_dir()}",
             hint="check the network connection (or HF_ENDPOINT) and try again")
+    if isinstance(err, _transport_errors()):
+        from huggingface_hub import constants
+
+        why = str(err) or type(err).__name__
+        return PresetError(f"cannot reach the Hub ({constants.ENDPOINT}) for {repo_id}: {why}",
+                           hint="check the network connection (or a proxy, or HF_ENDPOINT), then run `lvstudio presets "
+                                f"pull {name}` again; HF_HUB_OFFLINE=1 uses only what the Hub cache holds")
     if isinstance(err, hf.EntryNotFoundError):
         return PresetError(
             f"a file of preset {name!r} is not in {repo_id} at {revision[:12]}: {err}",
@@ -517,7 +524,21 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub import errors as hf
 
     return (hf.HfHubHTTPError, hf.EntryNotFoundError, hf.OfflineModeIsEnabled, hf.DryRunError, ConnectionError,
-            TimeoutError, OSError)
+            TimeoutError, OSError, *_transport_errors())
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's "the request never got an answer" errors (no DNS, refused, timed out): huggingface_hub 1.x
+    talks through httpx, 2.x through httpx2; neither's TransportError is an OSError."""
+    import importlib
+
+    found = []
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def download_plan(repo_id: str, revision: str, patterns: list[str], cache: Path) -> list[tuple[str, int, bool]]:

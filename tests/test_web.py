@@ -308,6 +308,31 @@ def test_file_route_serves_only_the_outputs_folder(server: Server, tmp_path: Pat
         assert "fonts.googleapis" not in page
 
 
+def test_the_studio_checks_it_can_listen_before_gradio_tries(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --host that is not this machine's made gradio try 100 ports for minutes, then blame GRADIO_SERVER_PORT."""
+    from lvstudio.web.security import LaunchPolicy, check_listen
+
+    def policy(host: str, port: int | None = None) -> LaunchPolicy:
+        return LaunchPolicy(host, port, False, ("u", "password"), tmp_path)
+
+    check_listen(policy("127.0.0.1"))
+    with pytest.raises(LvError, match="is not an address of this machine"):
+        check_listen(policy("10.255.255.1"))  # TEST-NET-ish private address no test machine has
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(LvError, match=f"--port {taken.getsockname()[1]} is in use"):
+            check_listen(policy("127.0.0.1", taken.getsockname()[1]))
+
+    def no_dns(*_a, **_k):  # noqa: ANN202 - no lookup leaves the test machine
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(LvError, match="cannot be resolved"):
+        check_listen(policy("bogus.invalid"))
+
+
 def test_launch_policy_refuses_exposed_servers_without_auth(tmp_path: Path) -> None:
     out = tmp_path / "o"
     assert make_policy(outputs=out).host == "127.0.0.1"

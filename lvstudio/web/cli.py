@@ -44,9 +44,14 @@ def preview_command(story: Path | None, port: int | None, host: str, share: bool
         raise LvError("the web studio needs gradio, which is not installed", hint="pip install 'lvstudio[web]'")
     _require_ffmpeg()
     from lvstudio.web.app import FALLBACK_STORY, StudioConfig, WebStudio, demo_story_path, launch_studio
-    from lvstudio.web.security import make_policy
+    from lvstudio.web.security import check_listen, make_policy
 
     policy = make_policy(host=host, port=port, share=share, auth=auth, outputs=outputs)
+    check_listen(policy)
+    if preset is not None:  # the picker's default: a preset that cannot load is refused now, not at the first render
+        from lvstudio.presets import load_preset
+
+        load_preset(preset)
     if story is None and demo_story_path().is_file():
         story = demo_story_path()
     if story is not None:

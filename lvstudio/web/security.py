@@ -86,7 +86,8 @@ def make_policy(host: str = DEFAULT_HOST, port: int | None = None, share: bool =
     if not host or not host.strip():
         raise LvError("--host is empty", hint=f"leave it out to listen on {DEFAULT_HOST}")
     if port is not None and not 1 <= port <= 65535:
-        raise LvError(f"--port {port} is not a TCP port", hint="use 1024-65535, or leave it out")
+        raise LvError(f"--port {port} is not a TCP port",
+                      hint="use 1024-65535 (or under 1024 as root), or leave it out")
     exposed = share or not is_loopback(host)
     if exposed and auth is None:
         what = "--share (a public gradio.live link)" if share else f"--host {host} (reachable from other machines)"
@@ -100,6 +101,37 @@ def make_policy(host: str = DEFAULT_HOST, port: int | None = None, share: bool =
     if folder.exists() and not folder.is_dir():
         raise LvError(f"--outputs {folder} is not a folder", hint="give a folder path")
     return LaunchPolicy(host.strip(), port, share, credentials, folder)
+
+
+def check_listen(policy: LaunchPolicy) -> None:
+    """Can the studio listen where the policy says? LvError for a --host that does not resolve or is not an address
+    of this machine, and for a --port in use or reserved to root — before gradio tries 100 ports for minutes."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(policy.host, policy.port or 0,
+                                                             type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise LvError(f"--host {policy.host} cannot be resolved ({err.strerror})",
+                      hint="give an IP address or a name of this machine, or leave --host out") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to gradio too
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL:
+                raise LvError(f"--host {policy.host} is not an address of this machine",
+                              hint="use one of this machine's addresses, 0.0.0.0 for all of them, or leave --host out "
+                                   f"({DEFAULT_HOST})") from None
+            if err.errno == errno.EADDRINUSE:
+                raise LvError(f"--port {policy.port} is in use on {policy.host}",
+                              hint="stop what listens there, choose another --port, or leave it out (the first free "
+                                   "port from 7860)") from None
+            if err.errno in (errno.EACCES, errno.EPERM):
+                raise LvError(f"--port {policy.port} needs root (ports under 1024)",
+                              hint="use 1024-65535, or leave --port out") from None
+            raise
 
 
 def gradio_env(policy: LaunchPolicy) -> dict[str, str]:

@@ -445,5 +445,8 @@ def summary_lines(index: Path) -> list[str]:
     lines = [f"batch: {len(data['jobs'])} storyboard(s) on {data['world_size']} rank(s) in {data['wall_s']:.1f} s: "
              f"{counts}; {data['video_s']:.1f} s of video made, {data['video_s_per_wall_s'] or 0:.3f} video-s per "
              "wall-s"]
-    lines += [f"  failed: {j['story']}: {j['error']}" for j in data["jobs"] if j["status"] == "failed"]
+    for j in data["jobs"]:
+        if j["status"] == "failed":  # a storyboard's own error already starts with its file (`file:line:col: ...`)
+            named = str(j["error"]).startswith(str(j["story"]))
+            lines.append(f"  failed: {j['error']}" if named else f"  failed: {j['story']}: {j['error']}")
     return [*lines, f"index: {index}"]

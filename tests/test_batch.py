@@ -222,3 +222,19 @@ def test_two_processes_share_a_batch_bit_identical_to_one_process(presets: Path,
     assert after == before
     rerun = json.loads((out / "batch.json").read_text())
     assert rerun["counts"]["skipped"] == 3 and rerun["counts"]["failed"] == 1 and rerun["counts"]["rendered"] == 0
+
+
+def test_the_summary_names_a_failed_storyboard_once(tmp_path: Path) -> None:
+    from lvstudio.batch import summary_lines
+
+    index = tmp_path / "batch.json"
+    index.write_text(json.dumps({
+        "counts": {"rendered": 1, "failed": 2}, "world_size": 1, "wall_s": 2.0, "video_s": 1.0,
+        "video_s_per_wall_s": 0.5, "jobs": [
+            {"story": "sb/a.toml", "status": "rendered", "error": None},
+            {"story": "sb/bad.toml", "status": "failed", "error": "sb/bad.toml:4:6: shots[0].at: not a time"},
+            {"story": "sb/gone.toml", "status": "failed", "error": "writing the video failed: disk full"},
+        ]}))
+    failed = [line for line in summary_lines(index) if "failed: " in line]
+    assert failed == ["  failed: sb/bad.toml:4:6: shots[0].at: not a time",
+                      "  failed: sb/gone.toml: writing the video failed: disk full"]

@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from lvstudio import __version__
 from lvstudio.backends.registry import BACKENDS, DEFAULT_BACKEND
-from lvstudio.cli_options import check_new_file, check_seed, check_threads
+from lvstudio.cli_options import check_given, check_new_file, check_seed, check_threads
 from lvstudio.errors import Interrupted, LvError
 from lvstudio.eval.bench_cli import bench_app
 from lvstudio.presets.cli import presets_app
@@ -194,8 +194,8 @@ def render(
         "--out", "-o", help="Output .mp4, or a folder to write <story>.mp4 in (default out/<story>.mp4).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Render a batch into this folder (<stem>.mp4 each, batch.json; default out/).")] = None,
-    preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.")] = None,
-    backend: Annotated[str | None, typer.Option(help=" | ".join(BACKENDS) + ".")] = None,
+    preset: Annotated[str | None, typer.Option(help="Override the storyboard's preset.", callback=check_given)] = None,
+    backend: Annotated[str | None, typer.Option(help=" | ".join(BACKENDS) + ".", callback=check_given)] = None,
     seed: Annotated[int | None, typer.Option(help="Override the storyboard's seed.", callback=check_seed)] = None,
     duration: Annotated[str | None, typer.Option(
         help="Render this long (seconds or m:ss, up to 24 h): shorter than the storyboard cuts it, "
@@ -257,7 +257,8 @@ def tui(
         metavar="[STORY.toml]", help="Storyboard to render live (or use --prompt).")] = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", "-p", help="Start from one prompt; runs until stopped.")] = None,
-    preset: Annotated[str | None, typer.Option(help="Preset name or preset.toml (overrides the storyboard's).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset name or preset.toml (overrides the storyboard's).",
+                                                   callback=check_given)] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed.", callback=check_seed)] = None,
     duration: Annotated[str | None, typer.Option(help="Stop after this long (seconds or m:ss).")] = None,
     record: Annotated[Path | None, typer.Option(help="Record from the first frame: a folder or an .mp4 path.")] = None,
@@ -277,7 +278,8 @@ def preview(
     share: Annotated[bool, typer.Option("--share", help="Public gradio.live link (needs --auth).")] = False,
     auth: Annotated[str | None, typer.Option(
         metavar="USER:PASSWORD_FILE", help="Password = first line of the file (chmod 600).")] = None,
-    preset: Annotated[str | None, typer.Option(help="Default preset in the picker (name or preset.toml path).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Default preset in the picker (name or preset.toml path).",
+                                                   callback=check_given)] = None,
     outputs: Annotated[Path | None, typer.Option(
         help="Folder for renders (default out/web); the only folder the page can read.")] = None,
 ) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import typer
+
 from lvstudio.errors import LvError
 
 
@@ -62,3 +64,11 @@ def check_folder_path(path: Path, option: str) -> None:
     if path.exists() and not path.is_dir():
         raise LvError(f"{option} {path} is a file, not a folder", hint=f"give {option} a folder (it is made if needed)")
     check_folders_above(path, option)
+
+
+def check_given(param: typer.CallbackParam, value: str | None) -> str | None:
+    """A name option (--preset, --backend): given empty it would silently mean the default."""
+    if value is not None and not value.strip():
+        name = param.opts[0] if param.opts else "the option"
+        raise LvError(f"{name} is empty", hint=f"name one, or leave {name} out for the storyboard's or the default")
+    return value

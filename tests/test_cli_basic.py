@@ -168,6 +168,9 @@ def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path)
     (["tui", "--prompt", "a red ball", "--duration", "25:00:00"], "longer than the 24-hour maximum"),
     (["render", str(EXAMPLES[0]), "--device", "meta"], "unknown device 'meta'"),
     (["render", str(EXAMPLES[0]), "--device", "mps"], "no Apple GPU (MPS)"),
+    (["render", str(EXAMPLES[0]), "--preset", ""], "--preset is empty"),
+    (["render", str(EXAMPLES[0]), "--backend", " "], "--backend is empty"),
+    (["tui", "--prompt", "a red ball", "--preset", ""], "--preset is empty"),
 ])
 def test_eval_and_bench_refuse_runs_with_nothing_to_measure(args: list[str], says: str) -> None:
     # These once printed NaN figures with exit 0 or raised a traceback from deep in the render.

@@ -546,6 +546,12 @@ def eval_vae_cmd(
         torch.set_num_threads(threads)
     if not vae.is_file():
         raise LvError(f"{vae}: no such file", hint="pass a tiny VAE file, e.g. presets/tiny/vae.safetensors")
+    from lvstudio.presets.load import ROLE_NAMES, file_holds
+
+    holds, evidence = file_holds(vae)
+    if vae.suffix.lower() != ".safetensors" or holds not in (None, "vae"):
+        what = f"holds a {ROLE_NAMES[holds]}'s weights ({evidence})" if holds else "is not a safetensors weight file"
+        raise LvError(f"{vae} {what}, not a VAE's", hint="pass a tiny VAE file, e.g. presets/tiny/vae.safetensors")
     try:
         result = vae_readback(vae, clips=clips, frames=frames)
     except ValueError as err:

@@ -171,6 +171,8 @@ def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path)
     (["render", str(EXAMPLES[0]), "--preset", ""], "--preset is empty"),
     (["render", str(EXAMPLES[0]), "--backend", " "], "--backend is empty"),
     (["tui", "--prompt", "a red ball", "--preset", ""], "--preset is empty"),
+    (["eval", "vae", str(EXAMPLES[0])], "is not a safetensors weight file, not a VAE's"),
+    (["eval", "vae", str(ROOT / "presets" / "tiny" / "dit.safetensors")], "holds a DiT's weights"),
 ])
 def test_eval_and_bench_refuse_runs_with_nothing_to_measure(args: list[str], says: str) -> None:
     # These once printed NaN figures with exit 0 or raised a traceback from deep in the render.

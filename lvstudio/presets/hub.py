@@ -513,7 +513,7 @@ def _map_hub_error(err: BaseException, preset: Preset, repo_id: str, revision: s
         from lvstudio.io_errors import io_failure, is_io_error
 
         if is_io_error(err):  # a full disk, a permission, a cache folder that vanished: one message everywhere
-            return io_failure(err, action=f"downloading {repo_id} into {hub_cache_dir()}",
+            return io_failure(err, action=f"downloading {repo_id}: reading or writing",
                               resume=f"lvstudio presets pull {name}",
                               elsewhere="set HF_HUB_CACHE (and LVSTUDIO_CACHE) to another disk")
     return PresetError(f"downloading {repo_id} failed: {type(err).__name__}: {err}",

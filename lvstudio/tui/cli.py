@@ -27,15 +27,13 @@ def tui_command(story: Path | None, prompt: str | None, preset: str | None, seed
     from lvstudio.tui.app import StudioApp
     from lvstudio.tui.studio import StudioOptions, open_studio
 
-    if seed is not None and seed < 0:
-        raise LvError(f"--seed must be 0 or more (got {seed})")
     options = StudioOptions(story=story, prompt=prompt, preset=preset, seed=seed, duration=parse_duration(duration),
                             record=record)
-    torch.set_grad_enabled(False)
     holder: dict[str, StudioApp] = {}
     # SIGINT, SIGTERM and SIGHUP do what Ctrl-Q does (stop after the chunk in flight, finish the recording, save the
-    # storyboard); a second one leaves at once, still finishing the recording of what was made.
-    with graceful_stop(lambda signum: _quit_soon(holder), quiet=True) as stop:
+    # storyboard); a second one leaves at once, still finishing the recording of what was made. Inference only: no
+    # autograd in this thread (scoped, so a caller's grad mode is left as it was).
+    with torch.no_grad(), graceful_stop(lambda signum: _quit_soon(holder), quiet=True) as stop:
         studio = open_studio(options, echo=lambda m: typer.echo(m, err=True))
         app = holder["app"] = StudioApp(studio)
         try:

@@ -530,15 +530,9 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client's "the request never got an answer" errors (no DNS, refused, timed out): huggingface_hub 1.x
     talks through httpx, 2.x through httpx2; neither's TransportError is an OSError."""
-    import importlib
+    import importlib.util
 
-    found = []
-    for module in ("httpx", "httpx2"):
-        try:
-            found.append(importlib.import_module(module).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
+    return tuple(importlib.import_module(m).TransportError for m in ("httpx", "httpx2") if importlib.util.find_spec(m))
 
 
 def download_plan(repo_id: str, revision: str, patterns: list[str], cache: Path) -> list[tuple[str, int, bool]]:

@@ -264,7 +264,7 @@ def _latent_run(tmp_path: Path, size: int) -> tuple[DFConfig, Path]:
     torch.manual_seed(0)
     save_vae(TinyVAE(SMALL_VAE), tmp_path / "vae.safetensors")
     cfg = tiny_cfg(str(tmp_path / "run"), vae=str(tmp_path / "vae.safetensors"), size=size, clip_latents=2,
-                   dataset_clips=2, device="cpu")
+                   latent_frames=2, dataset_clips=2, device="cpu")
     run = Path(cfg.out_dir)
     run.mkdir()
     return cfg, run

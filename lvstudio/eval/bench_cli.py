@@ -38,10 +38,11 @@ def bench_train_cmd(
 ) -> None:
     """A diffusion-forcing step (forward, backward, AdamW) in float32 vs bfloat16 (`precision`), side by side."""
     from lvstudio.eval.bench_train import run_train_bench
-    from lvstudio.train.common import load_config
+    from lvstudio.train.common import check_inputs, load_config
     from lvstudio.train.diffusion_forcing import DFConfig
 
     cfg = load_config(config, DFConfig)
+    check_inputs(cfg, ("vae", "init_dit", "init_text"))  # a missing file named by its key, as `train` names it
     typer.echo("\n".join(run_train_bench(cfg, str(config), steps=steps, threads=threads).lines()))
 
 

@@ -38,7 +38,7 @@ from lvstudio.models.tiny_vocab import split_words
 from lvstudio.models.wan_dit import WanDiT
 from lvstudio.sampling.flow_matching import FlowMatchTable, sigma_grid, x0_from_velocity
 from lvstudio.sampling.samplers import euler_sample
-from lvstudio.train.common import require_cpu
+from lvstudio.train.common import ConfigProblem, require_cpu
 from lvstudio.train.data import LatentDataset
 from lvstudio.train.loop import (
     EMA,
@@ -56,6 +56,7 @@ from lvstudio.train.loop import (
 from lvstudio.train.self_forcing import (
     DistillModels,
     SelfForcingConfig,
+    check_model_inputs,
     export_generator,
     load_models,
     train_self_forcing,
@@ -71,6 +72,7 @@ class CausalDistillConfig(SelfForcingConfig):
     (dmd_* fields plus the inherited Self-Forcing fields)."""
 
     path_fields: ClassVar[tuple[str, ...]] = SelfForcingConfig.path_fields
+    example: ClassVar[str] = "presets/tiny/train_ode.toml"
 
     teacher_steps: int = 24  # Euler steps of the teacher (the step list's σ are added to the grid)
     teacher_shift: float = 2.0
@@ -97,18 +99,18 @@ class CausalDistillConfig(SelfForcingConfig):
     @model_validator(mode="after")
     def _check_teacher_step(self) -> CausalDistillConfig:
         if self.teacher_drop_cfg != 1.0 and not self.teacher_drop_words:
-            raise ValueError(f"teacher_drop_cfg = {self.teacher_drop_cfg} guides on the words of teacher_drop_words, "
-                             'which is empty: name them (e.g. teacher_drop_words = ["ball", "cube"]) or set '
-                             "teacher_drop_cfg = 1")
+            raise ConfigProblem("teacher_drop_cfg", f"teacher_drop_cfg = {self.teacher_drop_cfg} guides on the words "
+                                "of teacher_drop_words, which is empty",
+                                'name them (e.g. teacher_drop_words = ["ball", "cube"]) or set teacher_drop_cfg = 1')
         if self.target == "teacher-step":
             grid, marks = teacher_grid(self), list_sigmas(self)
             if len(grid) != len(marks) + 1 or any(abs(g - m) > 1e-4 for g, m in zip(grid, marks, strict=False)):
-                raise ValueError(
-                    f'target = "teacher-step" needs the teacher\'s Euler grid to be the student\'s steps (grid '
-                    f"{[round(g, 4) for g in grid]}, steps {[round(m, 4) for m in marks]}): set teacher_steps = "
-                    f"{len(marks)}, teacher_shift = shift and warp = true")
+                raise ConfigProblem(
+                    "target", f'target = "teacher-step" needs the teacher\'s Euler grid to be the student\'s steps '
+                    f"(grid {[round(g, 4) for g in grid]}, steps {[round(m, 4) for m in marks]})",
+                    f"set teacher_steps = {len(marks)}, teacher_shift = shift and warp = true")
             if self.dmd_steps:
-                raise ValueError('target = "teacher-step" has no DMD stage: set dmd_steps = 0')
+                raise ConfigProblem("dmd_steps", 'target = "teacher-step" has no DMD stage', "set dmd_steps = 0")
         return self
 
     def sampler_table(self) -> dict:
@@ -350,7 +352,8 @@ def train_causal_distill(cfg: CausalDistillConfig, *, progress: bool = True, dat
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_model_inputs(cfg, needs_latents=cfg.dmd_steps > 0 and dataset is None)  # stage 2: real latents
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are there: a refused run leaves no empty out_dir
     torch.manual_seed(cfg.seed)
     models = load_models(cfg, with_critic=False)
     # Stage 1a: teacher ODE pairs.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from lvstudio.errors import LvError
@@ -26,11 +26,14 @@ from lvstudio.models.tiny_text import TinyTextConfig, TinyTextEncoder
 from lvstudio.models.wan_dit import CONFIGS, WanDiT, WanDiTConfig
 from lvstudio.sampling.flow_matching import add_noise, shift_sigma, velocity_target
 from lvstudio.train.common import (
+    ConfigProblem,
     DistInfo,
     TrainConfigBase,
+    check_inputs,
     init_distributed,
     shutdown_distributed,
     train_device,
+    world_size_problem,
 )
 from lvstudio.train.data import Batch, LatentDataset, latent_dataset, sample_batch
 from lvstudio.train.loop import (
@@ -69,6 +72,7 @@ class DFConfig(TrainConfigBase):
     """`lvstudio train diffusion-forcing CONFIG.toml`."""
 
     path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "vae", "init_dit", "init_text")
+    example: ClassVar[str] = "presets/tiny/train_df.toml"
 
     dit: dict = Field(default_factory=dict)  # overrides of the `tiny` DiT config fields
     text_dim: int = 128
@@ -105,6 +109,53 @@ class DFConfig(TrainConfigBase):
         # A bad [dit] table is an error when the config is read, not after the clips are made and encoded.
         WanDiTConfig.from_dict({**CONFIGS["tiny"].to_dict(), **dit})
         return dit
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> DFConfig:
+        # Clips, windows and blocks that do not fit each other are errors when the config is read, not after the
+        # clips are made and encoded.
+        problem = self.geometry_problem()
+        if problem is not None:
+            raise problem
+        return self
+
+    def geometry_problem(self) -> ConfigProblem | None:
+        """What does not fit: the frame size and the DiT's patches, the training windows and the encoded clips
+        (`window_problem`), the objects' pose, the text encoder's heads (None: everything fits)."""
+        problem = world_size_problem(self.size)
+        if problem is not None:
+            return problem
+        patch = WanDiTConfig.from_dict({**CONFIGS["tiny"].to_dict(), **self.dit}).patch_size
+        side = self.size // 8  # latents a side
+        if side % patch[1] or side % patch[2]:
+            step = 8 * max(patch[1], patch[2])
+            return ConfigProblem("size", f"{self.size} px is {side} latents a side, not a whole number of the DiT's "
+                                 f"{patch[1]}x{patch[2]}-latent patches", f"set size to a multiple of {step} px "
+                                 "such as 64 or 128")
+        return self.window_problem() or self.pose_problem()
+
+    def window_problem(self) -> ConfigProblem | None:
+        """What does not fit in the training windows: the encoded clips, the causal blocks (None: they fit)."""
+        if self.latent_frames > self.clip_latents:
+            return ConfigProblem("latent_frames", f"the training window of {self.latent_frames} latents is longer "
+                                 f"than the encoded clips (clip_latents = {self.clip_latents})",
+                                 "set latent_frames to at most clip_latents, or clip_latents to at least latent_frames")
+        if self.latent_frames % self.block_frames:
+            return ConfigProblem("latent_frames", f"{self.latent_frames} latents is not a whole number of causal "
+                                 f"blocks of block_frames = {self.block_frames}",
+                                 f"set latent_frames to a multiple of block_frames (e.g. {2 * self.block_frames})")
+        return None
+
+    def pose_problem(self) -> ConfigProblem | None:
+        """What does not fit in how the clips' objects start, or in the text encoder (None: they fit)."""
+        if self.moving_in_slots and not self.object_slots:
+            return ConfigProblem("moving_in_slots", "moving_in_slots = true starts moving objects at their slots, "
+                                 "and object_slots is false", "set object_slots = true, or moving_in_slots = false")
+        heads = TinyTextConfig.num_heads
+        if self.text_dim % heads:
+            return ConfigProblem("text_dim", f"{self.text_dim} is not divisible by the text encoder's {heads} heads",
+                                 f"set text_dim to a multiple of {heads} (e.g. 128)")
+        return None
 
     def pose(self) -> Pose:
         """How the training clips' objects start (`lvstudio.world.Pose`)."""
@@ -218,13 +269,22 @@ def start_run(cfg: DFConfig, dataset: LatentDataset | None, vocabulary: list[str
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_inputs(cfg, df_inputs(cfg, dataset is None and not (out / "latents.safetensors").exists()))
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are there: a refused run leaves no empty out_dir
     data = dataset if dataset is not None else (make_dataset or latent_dataset)(cfg, out, dist)
     if vocabulary is None:
         from lvstudio.world import vocabulary as world_vocabulary
 
         vocabulary = world_vocabulary()
     return dist, out, data, vocabulary
+
+
+def df_inputs(cfg: DFConfig, encodes: bool) -> tuple[str, ...]:
+    """The input files a latent-space run reads (`check_inputs`): its init weights, and the VAE when it `encodes`
+    the latent dataset (none in out_dir yet; an ERFT run given `latents` reads that file instead)."""
+    latents = getattr(cfg, "latents", None)
+    reads_latents = latents is not None and Path(latents).is_file()
+    return ("init_dit", "init_text") + (("vae",) if encodes and not reads_latents else ())
 
 
 def run_training(cfg: DFConfig, loss_fn: LossFn, recipe: str, *, progress: bool = True,

@@ -36,7 +36,7 @@ from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.lora import LORA_TARGETS, add_lora, lora_state_dict, save_lora
 from lvstudio.models.wan_dit import WanDiT, WanDiTConfig
 from lvstudio.sampling.flow_matching import FlowMatchTable
-from lvstudio.train.common import DistInfo, barrier, require_cpu, shutdown_distributed
+from lvstudio.train.common import ConfigProblem, DistInfo, barrier, require_cpu, shutdown_distributed
 from lvstudio.train.data import LatentDataset, latent_dataset
 from lvstudio.train.diffusion_forcing import DFConfig, build_model, start_run
 from lvstudio.train.loop import (
@@ -69,6 +69,7 @@ class ERFTConfig(DFConfig):
     """`lvstudio train erft CONFIG.toml` (diffusion-forcing data/model fields, plus clips, LoRA and error banks)."""
 
     path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "vae", "init_dit", "init_text", "latents")
+    example: ClassVar[str] = "presets/tiny/train_erft.toml"
 
     shift: float = 2.0  # shift of the 1000-entry training table and of the 50-grid table
     lr: float = 1e-4
@@ -106,6 +107,17 @@ class ERFTConfig(DFConfig):
             raise ValueError(f"clip_frames ({self.clip_frames}) and carry_frames ({self.carry_frames}) must be "
                              f"multiples of block_frames ({self.block_frames}), as in the cross-clip backend")
         return self
+
+    def window_problem(self) -> ConfigProblem | None:
+        """ERFT trains on cross-clip windows, not on `latent_frames` ones: the clips it encodes (no `latents`) must
+        hold a window of clip_frames latents after the reference latent (None: they do)."""
+        need = self.clip_frames + (1 if self.prefix_frames else 0)
+        if self.latents is None and self.clip_latents < need:
+            return ConfigProblem("clip_latents", f"clips of {self.clip_latents} latents are too short for windows of "
+                                 f"clip_frames = {self.clip_frames} latents"
+                                 + (" that start after latent 0 (the reference)" if self.prefix_frames else ""),
+                                 f"set clip_latents to at least {need}")
+        return None
 
     @property
     def new_frames(self) -> int:

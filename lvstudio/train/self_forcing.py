@@ -49,7 +49,16 @@ from lvstudio.sampling.flow_matching import (
     x0_from_velocity,
 )
 from lvstudio.sampling.samplers import few_step_sample
-from lvstudio.train.common import DistInfo, TrainConfigBase, init_distributed, require_cpu, shutdown_distributed
+from lvstudio.train.common import (
+    ConfigError,
+    ConfigProblem,
+    DistInfo,
+    TrainConfigBase,
+    check_inputs,
+    init_distributed,
+    require_cpu,
+    shutdown_distributed,
+)
 from lvstudio.train.data import LatentDataset
 from lvstudio.train.loop import (
     EMA,
@@ -78,6 +87,7 @@ class SelfForcingConfig(TrainConfigBase):
     """`lvstudio train self-forcing CONFIG.toml`. Paths are relative to the config file."""
 
     path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "real_dit", "init_dit", "critic_dit", "text", "latents")
+    example: ClassVar[str] = "presets/tiny/train_sf.toml"
 
     real_dit: str = "dit.safetensors"  # teacher / real score (the shipped base)
     init_dit: str | None = None  # generator init (base or ODE-init output); None = real_dit
@@ -123,13 +133,20 @@ class SelfForcingConfig(TrainConfigBase):
     def _check(self) -> SelfForcingConfig:
         problem = step_list_problem(self.step_list, self.warp)
         if problem:
-            raise ValueError(problem)
+            raise ConfigProblem("step_list", problem, "fix the step list (e.g. [1000, 750, 500, 250])")
         if self.num_blocks < 1 or self.block_frames < 1:
-            raise ValueError("num_blocks and block_frames must be >= 1")
+            raise ConfigProblem("num_blocks", "num_blocks and block_frames must be >= 1", "set both to 1 or more")
         if self.dfake_gen_update_ratio < 1:
-            raise ValueError(f"dfake_gen_update_ratio must be >= 1 (got {self.dfake_gen_update_ratio})")
+            raise ConfigProblem("dfake_gen_update_ratio", f"must be >= 1 (got {self.dfake_gen_update_ratio})",
+                                "set it to 1 or more (a generator step every this many critic steps)")
         if not 0 <= self.history_start_index < len(self.step_list):
-            raise ValueError(f"history_start_index must index step_list (0..{len(self.step_list) - 1})")
+            raise ConfigProblem("history_start_index", f"must index step_list (0..{len(self.step_list) - 1}), got "
+                                f"{self.history_start_index}", f"set it to 0..{len(self.step_list) - 1}")
+        try:
+            AttentionSpec(self.block_frames, self.window_frames, self.sink_frames)
+        except ValueError as err:
+            raise ConfigProblem("window_frames", str(err), "set window_frames to at least sink_frames + block_frames "
+                                "(or remove it: unbounded)") from None
         return self
 
     @property
@@ -276,16 +293,28 @@ class DistillModels:
         return nn.ModuleDict(mods)
 
 
+def check_model_inputs(cfg: SelfForcingConfig, needs_latents: bool = False) -> None:
+    """Before a run makes its out_dir: the weight files it reads are there (and `latents` when the run
+    `needs_latents`); a ConfigError names the key and the fix."""
+    check_inputs(cfg, ("real_dit", "init_dit", "critic_dit", "text"), {
+        "init_dit": "run the ODE init first (lvstudio train causal-distill presets/tiny/train_ode.toml), or set "
+                    "init_dit to its out_dir/dit.safetensors (or remove it: real_dit)"})
+    if not needs_latents:
+        return
+    if cfg.latents is None:
+        where = f"{cfg._source}: " if cfg._source else ""
+        raise ConfigError(f"{where}latents: this run (mode = {cfg.mode!r}, backward_simulation = "
+                          f"{str(cfg.backward_simulation).lower()}, prompt_source = {cfg.prompt_source!r}) needs real "
+                          "latents, and latents is not set",
+                          hint="set latents to a diffusion-forcing run's out_dir/latents.safetensors")
+    check_inputs(cfg, ("latents",))
+
+
 def load_models(cfg: SelfForcingConfig, with_critic: bool) -> DistillModels:
     from lvstudio.models.tiny_text import load_text_encoder
     from lvstudio.presets.load import load_dit
 
-    for key in ("real_dit", "init_dit", "critic_dit", "text"):
-        path = getattr(cfg, key)
-        if path is not None and not Path(path).exists():
-            hint = " (run the ODE init first: lvstudio train causal-distill presets/tiny/train_ode.toml)" \
-                if key == "init_dit" else ""
-            raise FileNotFoundError(f"{key} = {path}: no such file{hint}")
+    check_model_inputs(cfg)
     text = load_text_encoder(cfg.text).requires_grad_(False)
     real = load_dit(Path(cfg.real_dit)).requires_grad_(False)
     generator = load_dit(Path(cfg.init_dit or cfg.real_dit)).train(True)
@@ -497,20 +526,18 @@ def train_self_forcing(cfg: SelfForcingConfig, *, progress: bool = True, dataset
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    needs_data = not dmd or not cfg.backward_simulation or cfg.prompt_source == "dataset"
+    check_model_inputs(cfg, needs_latents=needs_data and dataset is None)
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are there: a refused run leaves no empty out_dir
     torch.manual_seed(cfg.seed)
     models = load_models(cfg, with_critic=dmd)
     if cfg.fsdp:  # generator, critic and the frozen real score, each sharded on its own (the text encoder is not)
         for dit in (models.generator, models.critic, models.real):
             if dit is not None:
                 shard_model(dit)
-    needs_data = not dmd or not cfg.backward_simulation or cfg.prompt_source == "dataset"
     data = dataset
     if needs_data and data is None:
-        if cfg.latents is None:
-            raise ValueError("this recipe needs real latents: set `latents` (a LatentDataset, e.g. "
-                             "runs/tiny_df/latents.safetensors)")
-        data = LatentDataset.load(Path(cfg.latents))
+        data = LatentDataset.load(Path(str(cfg.latents)))
     windows = clean_windows(data, cfg.num_frames, cfg.block_frames) if needs_data else []
     trainable = models.trainable()
     opts = {"generator": torch.optim.AdamW(models.generator.parameters(), lr=cfg.lr, betas=cfg.betas,

@@ -12,6 +12,8 @@ Everything else (data, DDP, EMA, checkpoints, resume) is the diffusion-forcing r
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.sampling.flow_matching import add_noise, sigma_grid, velocity_target
 from lvstudio.sampling.schedules import stream_partition_levels
+from lvstudio.train.common import ConfigProblem
 from lvstudio.train.data import Batch, LatentDataset
 from lvstudio.train.diffusion_forcing import DFConfig, flow_error, run_training
 from lvstudio.train.loop import unwrap
@@ -27,9 +30,30 @@ from lvstudio.train.loop import unwrap
 class StreamConfig(DFConfig):
     """`lvstudio train streaming CONFIG.toml` (all diffusion-forcing fields, plus the buffer schemes)."""
 
+    example: ClassVar[str] = "presets/tiny/train_stream.toml"
+
     partitions: list[tuple[int, int]] = Field(default_factory=lambda: [(3, 1), (3, 2), (2, 2)])  # (chunks N, micro s)
     consistency_weight: float = 0.5
     stream_shift: float = 2.0
+
+    def window_problem(self) -> ConfigProblem | None:
+        """The diffusion-forcing windows, and each buffer scheme (N chunks of block_frames, s micro-steps) fits in
+        one (None: they do)."""
+        problem = super().window_problem()
+        if problem is not None:
+            return problem
+        if not self.partitions:
+            return ConfigProblem("partitions", "there is no buffer scheme", "set partitions = [[3, 1], [2, 2]]")
+        for n, s in self.partitions:
+            if n < 1 or s < 1:
+                return ConfigProblem("partitions", f"[{n}, {s}]: a scheme needs at least 1 chunk and 1 micro-step",
+                                     "give each scheme as [chunks, micro-steps], both 1 or more")
+            if n * self.block_frames > self.latent_frames:
+                return ConfigProblem("partitions", f"[{n}, {s}]: {n} chunks of block_frames = {self.block_frames} "
+                                     f"are longer than latent_frames = {self.latent_frames}",
+                                     f"use at most {self.latent_frames // self.block_frames} chunks, or longer "
+                                     "training windows (latent_frames)")
+        return None
 
 
 def stream_sigmas(cfg: StreamConfig, batch: int, gen: torch.Generator) -> tuple[Tensor, Tensor, int]:

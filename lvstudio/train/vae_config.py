@@ -6,13 +6,23 @@ import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from lvstudio.train.common import TrainConfigBase, load_config
+from lvstudio.train.common import (
+    ConfigError,
+    ConfigProblem,
+    TrainConfigBase,
+    check_inputs,
+    load_config,
+    world_size_problem,
+)
 
 
 class VAEFileConfig(TrainConfigBase):
+    """`lvstudio train vae CONFIG.toml`: the fields of `vae_recipe.VAETrainConfig`, the clips, the export."""
+
     path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "export", "init_from")
+    example: ClassVar[str] = "presets/tiny/train_vae.toml"
 
     clip_frames: int = 9
     size: int = 128
@@ -36,6 +46,17 @@ class VAEFileConfig(TrainConfigBase):
     model: dict = Field(default_factory=dict)  # TinyVAEConfig overrides
     init_from: str | None = None  # start from this trained VAE file (z_dim may grow by a whole multiple)
 
+    @model_validator(mode="after")
+    def _check_clips(self) -> VAEFileConfig:
+        # What `VAETrainConfig` would refuse with a traceback after the config was read.
+        if (self.clip_frames - 1) % 4:
+            raise ConfigProblem("clip_frames", f"{self.clip_frames} frames is not 1 + 4k (the VAE's first frame, "
+                                "then latents of 4 frames)", "set clip_frames to 1 + 4k, e.g. 9 or 13")
+        if self.crop % 8 or not 0 <= self.crop <= self.size:
+            raise ConfigProblem("crop", f"{self.crop} px is not a multiple of 8 px in [0, size = {self.size}]",
+                                "set crop to one, e.g. 64")
+        return self
+
 
 def run_vae_config(path: str | Path, progress: bool = True) -> str:
     """Train (or resume) the VAE a config file describes; returns a one-line summary with the held-out PSNR."""
@@ -48,6 +69,13 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
 
     cfg = load_config(path, VAEFileConfig)
     from lvstudio.train.sharding import refuse_fsdp
+    from lvstudio.train.vae_recipe import CKPT_NAME
+
+    if not (Path(cfg.out_dir) / CKPT_NAME).exists():  # init_from is read by a run without a checkpoint only
+        check_inputs(cfg, ("init_from",))
+    if cfg.export and Path(cfg.export).is_dir():
+        raise ConfigError(f"{path}: export: {cfg.export} is a folder",
+                          hint="set export to the VAE file to write (e.g. presets/tiny/vae.safetensors)")
 
     refuse_fsdp(cfg.fsdp, "vae", "the tiny VAE trains in one process")
     if cfg.threads:
@@ -76,9 +104,14 @@ def run_vae_config(path: str | Path, progress: bool = True) -> str:
         if progress:
             print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
+    def world_size() -> None:  # after the checkpoint or init_from is read (what they say about the run comes first)
+        problem = world_size_problem(cfg.size)
+        if problem is not None:
+            raise ConfigError(f"{path}: size: {problem.message}", hint=problem.fix)
+
     train_batch = world_batch_fn(cfg.clip_frames, cfg.size, cfg.switch_prob, cfg.cut_prob)
     result = train_vae(recipe, train_batch, resume=True, progress=report,
-                       eval_batch=world_batch_fn(cfg.clip_frames, cfg.size, cfg.switch_prob))
+                       eval_batch=world_batch_fn(cfg.clip_frames, cfg.size, cfg.switch_prob), before_start=world_size)
     (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if cfg.export:
         from lvstudio.models.weight_storage import store_weights

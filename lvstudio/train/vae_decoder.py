@@ -37,7 +37,14 @@ from lvstudio.models.kv_cache import AttentionSpec
 from lvstudio.models.tiny_vae import CONTINUE_KEY
 from lvstudio.models.wan_dit import WanDiT
 from lvstudio.sampling.flow_matching import add_noise, timesteps_from_sigma, x0_from_velocity
-from lvstudio.train.common import ConfigError, TrainConfigBase, train_device
+from lvstudio.train.common import (
+    ConfigError,
+    ConfigProblem,
+    TrainConfigBase,
+    check_inputs,
+    train_device,
+    world_size_problem,
+)
 from lvstudio.train.loop import (
     TrainLog,
     TrainLoop,
@@ -56,6 +63,7 @@ class VaeDecoderConfig(TrainConfigBase):
     """What to tune (vae), with which DiT and text encoder (the preset's), on which clips, how."""
 
     path_fields: ClassVar[tuple[str, ...]] = ("out_dir", "vae", "dit", "text", "export")
+    example: ClassVar[str] = "presets/tiny/train_vae_decoder.toml"
 
     vae: str  # the VAE whose decoder is tuned (its encoder and latent statistics are kept)
     dit: str  # the DiT whose estimates the decoder learns to draw (the preset's)
@@ -81,18 +89,21 @@ class VaeDecoderConfig(TrainConfigBase):
 
     @model_validator(mode="after")
     def _check(self) -> VaeDecoderConfig:
+        problem = world_size_problem(self.size)  # the tuning clips are the world's
+        if problem is not None:
+            raise problem
         latents = 1 + (self.clip_frames - 1) // 4
         if self.clip_frames < 5 or (self.clip_frames - 1) % 4 or latents % self.block_frames:
-            raise ValueError(f"clip_frames = {self.clip_frames} must be 1 + 4k with 1 + k latents a multiple of "
-                             f"block_frames = {self.block_frames} (e.g. {1 + 4 * (2 * self.block_frames - 1)})")
-        if self.size % 8 or self.crop % 8 or self.crop > self.size:
-            raise ValueError(f"size = {self.size} and crop = {self.crop} must be multiples of 8 with crop <= size")
+            raise ConfigProblem("clip_frames", f"clip_frames = {self.clip_frames} must be 1 + 4k with 1 + k latents a "
+                                f"multiple of block_frames = {self.block_frames}",
+                                f"set clip_frames to e.g. {1 + 4 * (2 * self.block_frames - 1)}")
+        if self.size % 8 or self.crop % 8 or not 0 <= self.crop <= self.size:
+            raise ConfigProblem("crop", f"size = {self.size} and crop = {self.crop} must be multiples of 8 with crop "
+                                "<= size", "set crop to a multiple of 8 up to size (0: whole frames)")
         lo, hi = self.sigma_range
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"sigma_range = {list(self.sigma_range)} must satisfy 0 < low <= high <= 1")
-        for key in ("estimate_prob", "restart_prob", "switch_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{key} = {getattr(self, key)} must be in [0, 1]")
+            raise ConfigProblem("sigma_range", f"{list(self.sigma_range)} must satisfy 0 < low <= high <= 1",
+                                "set it to [low, high] in (0, 1], e.g. [0.25, 0.6]")
         return self
 
     @property
@@ -189,11 +200,8 @@ def train_vae_decoder(cfg: VaeDecoderConfig, *, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     device = train_device(cfg.device)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for key in ("vae", "dit", "text"):
-        if not Path(getattr(cfg, key)).exists():
-            raise ConfigError(f"{key} = {getattr(cfg, key)}: no such file",
-                              hint="point it at the preset's file (e.g. presets/tiny/" + key + ".safetensors)")
+    check_inputs(cfg, ("vae", "dit", "text"))
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are there: a refused run leaves no empty out_dir
     vae = load_vae(cfg.vae, device=device)
     dit = load_dit(Path(cfg.dit)).to(device).requires_grad_(False)
     text = load_text_encoder(cfg.text).to(device).requires_grad_(False)

@@ -311,6 +311,21 @@ def _init_from(cfg: VAETrainConfig, vae: TinyVAE) -> None:
     vae.load_state_dict(src.state_dict(), strict=True)
 
 
+def _start(cfg: VAETrainConfig, vae: TinyVAE, opt: torch.optim.Optimizer, ckpt_path: str | None,
+           before_start: Callable[[], None] | None) -> int:
+    """The step a run starts from: its checkpoint's (when `ckpt_path` exists), else 0 from `init_from` or random;
+    then `before_start()`, then out_dir is made (after init_from is checked: a refused run leaves nothing behind)."""
+    start = 0
+    if ckpt_path is not None and os.path.exists(ckpt_path):
+        start = _load_checkpoint(ckpt_path, cfg, vae, opt)
+    elif cfg.init_from:
+        _init_from(cfg, vae)
+    if before_start is not None:
+        before_start()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return start
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe.
 
@@ -321,6 +336,7 @@ def train_vae(
     resume: bool = True,
     progress: Progress | None = None,
     eval_batch: MakeBatch | None = None,
+    before_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train the tiny VAE; returns figures (final loss, held-out PSNR, latent stats, paths).
 
@@ -328,7 +344,8 @@ def train_vae(
     `make_batch`) gives the held-out PSNR and latent-statistics batches.
     `progress(step, metrics)` is called every `log_every` steps and at the last step with the mean loss terms over
     the steps since the previous call (plus lr, psnr of that mean MSE, sec_per_step of those steps); `final_loss` is
-    the last such mean. The loop is `lvstudio.train.loop.TrainLoop`.
+    the last such mean. The loop is `lvstudio.train.loop.TrainLoop`. `before_start()` (it may raise) runs once the
+    checkpoint or `init_from` is read, before out_dir is made.
     """
     import torch
 
@@ -340,12 +357,7 @@ def train_vae(
         torch.manual_seed(cfg.seed)
         vae = TinyVAE(cfg.model).to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    if resume and os.path.exists(ckpt_path):
-        start = _load_checkpoint(ckpt_path, cfg, vae, opt)
-    elif cfg.init_from:
-        _init_from(cfg, vae)
-    os.makedirs(cfg.out_dir, exist_ok=True)  # after init_from is checked: a refused run leaves nothing behind
+    start = _start(cfg, vae, opt, ckpt_path if resume else None, before_start)
 
     batches = step_batches(cfg, make_batch, start)
 

@@ -1,5 +1,5 @@
-"""Checks shared by options of several commands: `--threads` and `--seed` (typer callbacks), and the output files
-that evals write at their end.
+"""Checks shared by options of several commands: `--threads`, `--seed` and the name options (`--preset`,
+`--backend`) as typer callbacks, and output paths (an eval's report, a render's or a batch's folder).
 
 Each raises `LvError` (one line, exit 2) naming the option, the value and what it takes, before any work starts.
 """

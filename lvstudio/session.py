@@ -219,6 +219,10 @@ class RenderSession:
         """Live prompt from any thread: lands on the next block not yet generated. `transition` (lvstudio.transitions):
         "switch" (default: the shot you are watching continues under the new prompt), "cut" (a new shot) or "blend"
         (over `blend_blocks` blocks); ValueError for another word, an empty prompt or an unknown {identity}."""
+        from lvstudio.storyboard.schema import MAX_PROMPT_CHARS
+
+        if len(prompt) > MAX_PROMPT_CHARS:  # what a storyboard takes: the rendered storyboard must re-render it
+            raise ValueError(f"a live prompt is at most {MAX_PROMPT_CHARS} characters (this one has {len(prompt)})")
         event = self.buffer.push(prompt, transition=transition, blend_blocks=blend_blocks)
         self._journal_live()
         return event
@@ -253,6 +257,7 @@ class RenderSession:
         Re-rendering it with `lvstudio render` reproduces the session (live events become shots with their seeds).
         """
         from lvstudio.storyboard import parse_storyboard
+        from lvstudio.storyboard.writer import toml_string
 
         sb = self.storyboard
         fps = self.settings.fps
@@ -270,7 +275,7 @@ class RenderSession:
             at = block_start_frame(block, n) / fps
             if at >= duration:
                 break
-            lines += ["", "[[shots]]", f"at = {at!r}", f"prompt = {json.dumps(ev.prompt)}"]
+            lines += ["", "[[shots]]", f"at = {at!r}", f"prompt = {toml_string(ev.prompt)}"]
             if prev_at is not None and ev.transition in (BLEND, SWITCH):  # a cut is the storyboard's default
                 blend = min(ev.blend_blocks * 4 * n / fps, (at - prev_at) - 1 / fps) if ev.transition == BLEND else 0
                 kind = f"blend {blend!r}s" if blend > 0 else SWITCH  # a blend too short to write still continues
@@ -278,7 +283,7 @@ class RenderSession:
             if ev.seed is not None:
                 lines.append(f"seed = {ev.seed}")
             if ev.negative is not None:
-                lines.append(f"negative_prompt = {json.dumps(ev.negative)}")
+                lines.append(f"negative_prompt = {toml_string(ev.negative)}")
             prev_at = at
         return parse_storyboard("\n".join(lines) + "\n", source="<rendered session>")
 

@@ -162,3 +162,18 @@ def test_a_damaged_chunk_does_not_lose_the_live_prompts_recorded_after_it(tmp_pa
     third = _session("causal-kv", job)
     third.resume(notes.append)
     assert any("live.safetensors cannot be used" in n for n in notes)
+
+
+def test_the_rendered_storyboard_keeps_any_prompt_a_storyboard_takes() -> None:
+    """An emoji was written as a JSON surrogate pair (invalid TOML): the terminal studio's storyboard could not be
+    saved, and its kept copy stopped generation. A live prompt longer than a storyboard takes is refused at the push."""
+    session = _session("causal-kv")
+    session.step()
+    session.push('a red ball 🎈 "bouncing" \\ over the sea')
+    for _ in range(2):
+        session.step()
+    shots = session.rendered_storyboard().shots
+    assert shots[-1].prompt == 'a red ball 🎈 "bouncing" \\ over the sea'
+    with pytest.raises(ValueError, match="at most 1000 characters"):
+        session.push("a red ball " * 100)
+    assert session.push("a" * 1000).prompt == "a" * 1000

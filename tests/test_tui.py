@@ -400,6 +400,50 @@ def test_a_studio_killed_without_ctrl_q_leaves_the_rendered_storyboard(preset: P
     assert studio.close().storyboard == kept and list(out.iterdir()) == [kept]
 
 
+def test_a_storyboard_the_disk_refuses_still_closes_the_studio_and_keeps_the_text(preset: Path, bundle: ModelBundle,
+                                                                                 tmp_path: Path) -> None:
+    """Ctrl-Q once repeated 'could not save: [Errno 30] ...' forever: the studio could not be left."""
+    (tmp_path / "file").write_text("in the way")
+    studio = open_studio(StudioOptions(story=DEMO, preset=str(preset), duration=1.0, out_dir=tmp_path / "file" / "out"),
+                         bundle=bundle)
+    studio.push("a blue cube on the grass 🎈")
+    studio.run()
+    summary = studio.close()
+    assert summary.storyboard is None and summary.save_error is not None and summary.save_error.exit_code == 74
+    assert "saving the rendered storyboard" in str(summary.save_error)
+    assert "a blue cube on the grass 🎈" in (summary.unsaved or "")
+    assert load_storyboard_text(summary.unsaved or "").duration == 1.0
+
+
+def load_storyboard_text(text: str):  # noqa: ANN201 - a Storyboard
+    from lvstudio.storyboard import parse_storyboard
+
+    return parse_storyboard(text)
+
+
+def test_a_recording_the_disk_refuses_ends_and_generation_goes_on(preset: Path, bundle: ModelBundle, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full or read-only disk under a recording used to end the whole session (exit 74, 'generating failed: .')."""
+    import errno
+    import os
+
+    studio = open_studio(StudioOptions(story=DEMO, preset=str(preset), duration=1.0, out_dir=tmp_path / "out",
+                                       record=tmp_path / "rec"), bundle=bundle)
+
+    def full(*_a, **_k) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(studio.recorder._sink, "write", full)  # noqa: SLF001 - the open recording's encoder
+    studio.run()
+    assert studio.error is None and studio.session.done  # every frame was made
+    [err] = studio.recording_errors
+    assert "recording" in str(err) and "no space left" in str(err) and str(tmp_path / "rec") in str(err)
+    assert not studio.recorder.active and not list((tmp_path / "rec").iterdir())  # no partial file left
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)  # a read-only folder: refused before anything loads
+    with pytest.raises(LvError, match="cannot be written to"):
+        open_studio(StudioOptions(story=DEMO, preset=str(preset), record=tmp_path / "rec"), bundle=bundle)
+
+
 def test_record_option_takes_a_folder_or_an_mp4_path(preset: Path, bundle: ModelBundle, tmp_path: Path) -> None:
     named = open_studio(StudioOptions(story=DEMO, preset=str(preset), duration=1.0, out_dir=tmp_path / "out",
                                       record=tmp_path / "clips" / "take1.mp4"), bundle=bundle)

@@ -196,6 +196,8 @@ class StudioApp(App[StudioSummary | None]):
         """Push a status snapshot and the timeline data to the widgets."""
         st = self.studio.status()
         self._status_at = time.perf_counter()
+        while self.studio.recording_errors:  # a recording the disk refused ended; generation went on
+            self.notify(f"recording stopped: {self.studio.recording_errors.pop(0)}", severity="error", timeout=10)
         now, shown = time.perf_counter(), self.query_one(PreviewPane).frames_shown
         last_t, last_shown = self._preview_mark
         if now - last_t >= 1.0:  # the preview's frame rate, over at least a second
@@ -212,6 +214,8 @@ class StudioApp(App[StudioSummary | None]):
         """Enter: push the prompt into the Prompt Stream Buffer at the next block."""
         text = event.value.strip()
         if not text:
+            event.input.value = ""
+            self.notify("the prompt is empty: type one, then Enter", severity="warning")
             return
         if not self.studio.generating:
             self.notify("generation has ended; nothing more will be rendered", severity="warning")

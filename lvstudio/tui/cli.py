@@ -47,6 +47,12 @@ def tui_command(story: Path | None, prompt: str | None, preset: str | None, seed
         typer.echo(f"recorded {rec.path} ({rec.frames} frames)")
     if summary.storyboard is not None:
         typer.echo(f"wrote {summary.storyboard}; re-render it with: {summary.rerender}")
+    if summary.save_error is not None:  # nothing steered is lost: the storyboard goes to stderr instead
+        typer.echo(summary.unsaved or "", err=True)
+        typer.echo(f"the rendered storyboard is above (save it as a .toml file to re-render it): {summary.save_error}",
+                   err=True)
+        if studio.error is None:
+            raise summary.save_error
     if studio.error is not None:
         if isinstance(studio.error, LvError):
             raise studio.error

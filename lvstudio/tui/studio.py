@@ -8,6 +8,7 @@ writes the storyboard of what was rendered next to it. No model code here: only 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -95,6 +96,8 @@ class StudioSummary:
     storyboard: Path | None
     frames: int
     rerender: str | None
+    unsaved: str | None = None  # the rendered storyboard's text when it could not be written (`save_error` says why)
+    save_error: LvError | None = None
 
 
 def prompt_storyboard(prompt: str, preset: str, fps: int, seed: int) -> Storyboard:
@@ -183,6 +186,12 @@ def check_record_path(record: Path) -> None:
     elif record.suffix and not record.is_dir():
         raise LvError(f"--record {record}: recordings are H.264 in an MP4 container",
                       hint=f"name it {record.with_suffix('.mp4')}, or give a folder (timestamped names inside)")
+    folder = record.parent if record.suffix.lower() == ".mp4" else record
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK):  # a read-only disk, or no permission
+        raise LvError(f"--record {record}: {folder} cannot be written to (a read-only disk, or no permission)",
+                      hint="record into a folder you can write to")
 
 
 @dataclass
@@ -220,6 +229,7 @@ class Studio:
         self._live = _Live()
         self._running = False
         self._lock = threading.Lock()
+        self.recording_errors: list[Exception] = []  # recordings the disk refused (the UI shows and clears them)
         self._journal: Path | None = None  # the rendered storyboard so far, kept once a prompt is typed (crash-safe)
         self._journal_lock = threading.Lock()  # the generating thread keeps it; close() writes the last one
         self._journal_done = False
@@ -230,8 +240,17 @@ class Studio:
     # -- generating thread -------------------------------------------------------------------------------------
     def _on_chunk(self, chunk: Chunk) -> None:
         """Session sink (generating thread): mailbox, recorder, rate and cache snapshots. Cheap; never waits on UI."""
+        from lvstudio.io_errors import io_failure, is_io_error
+
         self.player.offer(chunk.frames, chunk.frame_start)
-        self.recorder.write(chunk.frames, chunk.frame_start)
+        try:
+            self.recorder.write(chunk.frames, chunk.frame_start)
+        except Exception as err:  # noqa: BLE001 - a recording the disk refuses ends; generation goes on
+            path = self.recorder.current[0] if self.recorder.current else None
+            self.recorder.abort()
+            self.recording_errors.append(io_failure(err, action="recording", path=path,
+                                                    elsewhere="record into another folder (F7 records into out/)")
+                                         if is_io_error(err) else err)
         now = time.perf_counter()
         live = self._live
         live.prompt, live.event_id = chunk.prompt, chunk.event_id
@@ -254,7 +273,7 @@ class Studio:
                     self.out_dir.mkdir(parents=True, exist_ok=True)
                     self._journal = timestamp_name(self.out_dir, self.started, ".storyboard.toml")
                 atomic_write_text(self._journal, self.rendered_storyboard_text())
-            except OSError:
+            except (OSError, LvError):  # never stops generating: close() writes it again and reports what failed
                 pass
 
     def run(self, cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -397,7 +416,10 @@ class Studio:
 
     # -- closing -----------------------------------------------------------------------------------------------
     def close(self, timeout: float = 60.0) -> StudioSummary:
-        """Stop, wait for the chunk in flight, finalise any recording and write the rendered storyboard (idempotent)."""
+        """Stop, wait for the chunk in flight, finalise any recording and write the rendered storyboard (idempotent;
+        a storyboard the disk refuses is kept in the summary as text, with why)."""
+        from lvstudio.io_errors import io_failure
+
         if self.summary is not None:
             return self.summary
         self.stop()
@@ -408,11 +430,19 @@ class Studio:
         except Exception as err:  # noqa: BLE001 - a recording the disk refused: keep the storyboard, report it
             self.recorder.abort()
             self.error = self.error or explained(err, "finishing the recording")
-        path = self.write_storyboard()
+        unsaved, save_error = None, None
+        try:
+            path = self.write_storyboard()
+        except (OSError, LvError) as err:  # the studio still closes: the CLI prints the text and why it is not saved
+            path, unsaved = None, self.rendered_storyboard_text()
+            save_error = err if isinstance(err, LvError) else io_failure(
+                err, action="saving the rendered storyboard",
+                elsewhere="start the studio from a writable folder (it saves into out/ there) or --record into one")
         rerender = None
         if path is not None:
             rerender = f"lvstudio render {path}" + (f" --preset {self.rerender_preset}" if self.rerender_preset else "")
-        self.summary = StudioSummary(list(self.recorder.done), path, self.session.frames_done, rerender)
+        self.summary = StudioSummary(list(self.recorder.done), path, self.session.frames_done, rerender, unsaved,
+                                     save_error)
         return self.summary
 
     def storyboard_path(self) -> Path:

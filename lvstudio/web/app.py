@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lvstudio.errors import LvError, StoryboardError
+from lvstudio.storyboard.schema import MAX_PROMPT_CHARS
 from lvstudio.transitions import LIVE_CHOICES, LIVE_DEFAULT
 from lvstudio.web.page import CSS, PAGE_JS, TRANSITION_KEY, timeline_html
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lvstudio.web")
 
 FROM_STORYBOARD = "(storyboard)"
-MAX_LIVE_PROMPT_CHARS = 2000
+MAX_LIVE_PROMPT_CHARS = MAX_PROMPT_CHARS  # a storyboard's: the rendered storyboard re-renders every prompt
 BUSY_MESSAGE = ("Busy: another render is running in this studio ({n} at a time). "
                 "Wait for it to finish (or stop it in its tab), then press Render again.")
 FALLBACK_STORY = """title = "A red ball"

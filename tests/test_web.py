@@ -364,6 +364,20 @@ def test_launch_policy_refuses_exposed_servers_without_auth(tmp_path: Path) -> N
         make_policy(outputs=Path("/"))
 
 
+def test_the_validation_panel_says_what_render_would_and_probes_nothing_outside(tmp_path: Path) -> None:
+    """The panel said OK for a storyboard Render then refused, and told a visitor whether /etc/passwd exists."""
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    studio = WebStudio(StudioConfig(outputs=tmp_path / "out", story_dir=folder))
+    anchor = 'title = "t"\nduration = 2\n[[shots]]\nat = 0\nprompt = "a red ball"\n[[anchors]]\nat = 0\nimage = "{}"\n'
+    for outside in ("/etc/passwd", "/root/no-such-file.png", "../elsewhere.png"):
+        said = studio.validate(anchor.format(outside))
+        assert "is outside the storyboard folder" in said, said
+        assert "not found" not in said and "is not a PNG" not in said
+    said = studio.validate(story().replace('title = ', 'preset = "nosuch"\ntitle = ', 1))
+    assert "preset = 'nosuch': unknown preset 'nosuch'" in said and not said.startswith("OK")
+
+
 def test_studio_config_rejects_bad_values(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_renders"):
         StudioConfig(outputs=tmp_path, max_renders=0)

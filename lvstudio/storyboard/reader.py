@@ -22,13 +22,15 @@ _INTERNAL_BUG = "unexpected internal error while reading the storyboard"
 
 
 
-def parse_storyboard(text: str, source: str = "<storyboard>", base_dir: Path | None = None) -> Storyboard:
-    """Parse and validate storyboard TOML text; image paths are relative to `base_dir` (default: the cwd).
+def parse_storyboard(text: str, source: str = "<storyboard>", base_dir: Path | None = None, *,
+                     confine_images: bool = False) -> Storyboard:
+    """Parse and validate storyboard TOML text; image paths are relative to `base_dir` (default: the cwd), and with
+    `confine_images` must lie inside it (refused before the file is opened: a web page may not probe the machine).
 
     Raises StoryboardError, and nothing else, for any input.
     """
     try:
-        return _parse(text, source, base_dir)
+        return _parse(text, source, base_dir, confine_images)
     except StoryboardError:
         raise
     except Exception as err:  # last resort: the contract is "only StoryboardError escapes"
@@ -39,7 +41,7 @@ def parse_storyboard(text: str, source: str = "<storyboard>", base_dir: Path | N
         ) from err
 
 
-def _parse(text: str, source: str, base_dir: Path | None) -> Storyboard:
+def _parse(text: str, source: str, base_dir: Path | None, confine_images: bool = False) -> Storyboard:
     """parse_storyboard without the last-resort guard."""
     if not isinstance(text, str):
         raise StoryboardError(f"expected text, got {type(text).__name__}", file=source, fix="pass a str")
@@ -57,7 +59,7 @@ def _parse(text: str, source: str, base_dir: Path | None) -> Storyboard:
     except ValueError as err:  # e.g. an integer with thousands of digits (Python's int parsing limit)
         raise StoryboardError(f"a value could not be read ({str(err)[:60]}...)", file=source,
                               fix="look for a number with thousands of digits") from None
-    context = {"base_dir": Path(base_dir) if base_dir is not None else None}
+    context = {"base_dir": Path(base_dir) if base_dir is not None else None, "confine_images": confine_images}
     try:
         return Storyboard.model_validate(data, context=context)
     except ValidationError as err:

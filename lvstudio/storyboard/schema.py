@@ -115,6 +115,9 @@ def image_field(value: Any, info: ValidationInfo, what: str) -> Path:
         fail(f"{what} must be a path in quotes, got {type_name(value)}", 'e.g. image = "anchors/start.png"')
     base = Path((info.context or {}).get("base_dir") or Path.cwd())
     full = Path(os.path.abspath(raw if raw.is_absolute() else base / raw))
+    if (info.context or {}).get("confine_images") and not Path(os.path.realpath(full)).is_relative_to(
+            os.path.realpath(base)):  # the web studio: never open (or say anything of) a file outside the folder
+        fail(f"image {raw} is outside the storyboard folder {base}", "copy it into that folder and use a relative path")
     data, problem, fix = _read_image_file(full, base)
     if problem is not None:
         fail(problem, fix)

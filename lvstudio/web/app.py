@@ -233,24 +233,21 @@ class WebStudio:
         from lvstudio.storyboard import parse_storyboard
 
         return parse_storyboard(text if isinstance(text, str) else "", source=self.config.story_name,
-                                base_dir=self.config.story_dir)
+                                base_dir=self.config.story_dir or Path.cwd(), confine_images=True)
 
     def validate(self, text: str) -> str:
-        """The validation panel: "OK: ..." or the CLI's error message."""
+        """The validation panel: "OK: ..." or the message `lvstudio check` gives (the storyboard's, or its preset's)."""
+        from lvstudio.presets import load_preset
+
         try:
-            return _validation_ok(self.parse(text))
+            sb = self.parse(text)
         except StoryboardError as err:
             return str(err)
-
-    def _check_images(self, sb: Storyboard) -> None:
-        """In the studio, identity and anchor images must lie in the storyboard's folder."""
-        base = (self.config.story_dir or Path.cwd()).resolve()
-        images = [i.image for i in sb.identities.values() if i.image is not None]
-        images += [a.image for a in sb.anchors if a.image is not None]
-        for image in images:
-            if not Path(image).resolve().is_relative_to(base):
-                raise LvError(f"image {image} is outside the storyboard folder {base}",
-                              hint="copy it into that folder and use a relative path")
+        try:
+            load_preset(sb.preset)
+        except LvError as err:
+            return f"{self.config.story_name}: preset = {sb.preset!r}: {err}"
+        return _validation_ok(sb)
 
     # -- models ------------------------------------------------------------------------------------------------------
     def bundle(self, preset: Any) -> ModelBundle:
@@ -269,7 +266,6 @@ class WebStudio:
         """Render the editor's storyboard; yields (preview, status, progress, video, contact sheet, files)."""
         try:
             sb = self.parse(text)
-            self._check_images(sb)
             seed_value = self._seed(seed)
         except StoryboardError as err:
             yield _outputs_tuple(None, f"Storyboard error, nothing rendered:\n{err}", "")

@@ -171,6 +171,7 @@ def test_bench_render_compares_backends_and_presets_side_by_side(tmp_path: Path)
     (["render", str(EXAMPLES[0]), "--preset", ""], "--preset is empty"),
     (["render", str(EXAMPLES[0]), "--backend", " "], "--backend is empty"),
     (["tui", "--prompt", "a red ball", "--preset", ""], "--preset is empty"),
+    (["tui", "--prompt", "a " * 700], "--prompt: prompt is 1399 characters long"),  # was "--prompt:9:10: ..."
     (["eval", "vae", str(EXAMPLES[0])], "is not a safetensors weight file, not a VAE's"),
     (["eval", "vae", str(ROOT / "presets" / "tiny" / "dit.safetensors")], "holds a DiT's weights"),
 ])

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lvstudio.errors import LvError, OutputExistsError
+from lvstudio.errors import LvError, OutputExistsError, StoryboardError
 from lvstudio.transitions import LIVE_DEFAULT, check_transition
 from lvstudio.tui.player import FramePlayer
 from lvstudio.tui.recorder import Recorder, Recording, timestamp_name
@@ -118,7 +118,10 @@ def prompt_storyboard(prompt: str, preset: str, fps: int, seed: int) -> Storyboa
         f"prompt = {toml_string(prompt)}",
         "",
     ])
-    return parse_storyboard(text, source="--prompt")
+    try:
+        return parse_storyboard(text, source="--prompt")
+    except StoryboardError as err:  # the storyboard is built here: its line and column mean nothing to the user
+        raise LvError(f"--prompt: {err.message}", hint=err.fix) from None
 
 
 def explained(err: Exception, action: str) -> Exception:

@@ -333,6 +333,18 @@ def test_the_studio_checks_it_can_listen_before_gradio_tries(tmp_path: Path,
         check_listen(policy("bogus.invalid"))
 
 
+def test_a_new_studio_drops_the_live_segments_of_renders_finished_from_the_cli(tmp_path: Path) -> None:
+    """After kill -9 and `lvstudio render --resume`, the killed studio's <job>.stream/ stayed for good."""
+    from lvstudio.web.security import LaunchPolicy, prepare_outputs
+
+    (tmp_path / "done" / "done.stream").mkdir(parents=True)
+    (tmp_path / "done" / "done.mp4").write_bytes(b"mp4")
+    (tmp_path / "open" / "open.stream").mkdir(parents=True)  # no mp4 yet: another studio may be streaming it
+    prepare_outputs(LaunchPolicy("127.0.0.1", None, False, None, tmp_path))
+    assert not (tmp_path / "done" / "done.stream").exists() and (tmp_path / "done" / "done.mp4").exists()
+    assert (tmp_path / "open" / "open.stream").is_dir()
+
+
 def test_launch_policy_refuses_exposed_servers_without_auth(tmp_path: Path) -> None:
     out = tmp_path / "o"
     assert make_policy(outputs=out).host == "127.0.0.1"

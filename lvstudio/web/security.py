@@ -169,8 +169,14 @@ def launch_kwargs(policy: LaunchPolicy, *, quiet: bool = True) -> dict[str, Any]
 
 
 def prepare_outputs(policy: LaunchPolicy) -> None:
-    """Create the outputs folder (and gradio's cache inside it), private to this user."""
+    """Create the outputs folder (and gradio's cache inside it), private to this user; drop the live segments a
+    killed studio left behind for renders finished since (`lvstudio render --resume` made their mp4)."""
+    import shutil
+
     policy.cache_dir.mkdir(parents=True, exist_ok=True)
+    for stream in policy.outputs.glob("*/*.stream"):  # <job>/<job>.stream/ next to <job>/<job>.mp4
+        if stream.is_dir() and stream.with_name(stream.name.removesuffix(".stream") + ".mp4").is_file():
+            shutil.rmtree(stream, ignore_errors=True)
     for folder in (policy.outputs, policy.cache_dir):
         try:
             os.chmod(folder, 0o700)

@@ -437,7 +437,11 @@ class Studio:
         try:
             path = self.write_storyboard()
         except (OSError, LvError) as err:  # the studio still closes: the CLI prints the text and why it is not saved
-            path, unsaved = None, self.rendered_storyboard_text()
+            path = None
+            try:
+                unsaved = self.rendered_storyboard_text()
+            except LvError:  # the error below is what the user needs; the text is a bonus
+                unsaved = None
             save_error = err if isinstance(err, LvError) else io_failure(
                 err, action="saving the rendered storyboard",
                 elsewhere="start the studio from a writable folder (it saves into out/ there) or --record into one")

@@ -487,10 +487,12 @@ class WebStudio:
         manifest_path = atomic_write_text(job.path(".manifest.json"), json.dumps(manifest, indent=2))
         files.append(manifest_path)
         files.append(job.story_file)
+        missing = ""
         try:
             files.append(atomic_write_text(job.path(".rendered.toml"), dump_storyboard(session.rendered_storyboard())))
         except LvError as err:  # the "what was rendered" storyboard is a convenience; never fail the job for it
             log.warning("could not write the rendered storyboard: %s", err)
+            missing = f" The rendered storyboard (.rendered.toml) could not be written: {err}"
         sheet = write_contact_sheet(job.path(".contact.png"), job.contact.items(manifest["shots"]))
         files.append(sheet)
         if session.job is not None:
@@ -498,7 +500,7 @@ class WebStudio:
         wall = time.perf_counter() - job.started
         how = f"stopped at frame {done} of {session.settings.num_frames}" if stopped else "complete"
         status = (f"Done ({how}): {job.job_id}, {done} frames = {done / session.settings.fps:.2f} s of video "
-                  f"in {wall:.1f} s. Files are in {job.job_id}/ in the outputs folder.")
+                  f"in {wall:.1f} s. Files are in {job.job_id}/ in the outputs folder.{missing}")
         live, result = _player(live=False)  # the finished mp4 replaces the stream
         result["value"] = str(video)
         return _outputs_tuple(preview, status, progress_html(session, done=done), result, str(sheet),

@@ -52,11 +52,11 @@ def check_new_file(path: Path | None, option: str, suffix: str, *, force: bool) 
 
 def check_folders_above(path: Path, option: str) -> None:
     """The nearest existing folder above `path` must be a folder (a file there means the path cannot be made)."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise LvError(f"{option} {path}: {parent} is a file, not a folder", hint=f"choose another {option}")
-            return
+    from lvstudio.io_errors import nearest_existing
+
+    above = nearest_existing(path.parent)
+    if not above.is_dir():
+        raise LvError(f"{option} {path}: {above} is a file, not a folder", hint=f"choose another {option}")
 
 
 def check_folder_path(path: Path, option: str) -> None:

@@ -44,7 +44,8 @@ def as_os_error(err: BaseException) -> OSError | None:
     return err if isinstance(err, OSError) else None
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing parent (absolute: relative paths are taken from the cwd)."""
     p = path if path.is_absolute() else Path.cwd() / path
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -54,7 +55,7 @@ def _nearest_existing(path: Path) -> Path:
 def describe_free_space(path: str | os.PathLike[str]) -> str:
     """"12.3 MB free" on the disk holding `path` (or its nearest existing folder); "" if it cannot be read."""
     try:
-        free = shutil.disk_usage(_nearest_existing(Path(path))).free
+        free = shutil.disk_usage(nearest_existing(Path(path))).free
     except OSError:
         return ""
     return f"{free / 1e6:.1f} MB free" if free < 10**9 else f"{free / 1e9:.1f} GB free"

@@ -117,16 +117,25 @@ def _uninterrupted_with_push(at_chunk: int, prompt: str) -> np.ndarray:
     return np.concatenate(frames + [ref.step().frames for _ in iter(lambda: ref.done, True)])
 
 
-def test_a_prompt_pushed_after_the_last_chunk_saved_is_in_the_resumed_video(tmp_path: Path) -> None:
-    """A crash after a push and before any chunk it steers is saved: the prompt was written to live.safetensors at
-    the push, so the resumed job lands it on the same block and the video is the uninterrupted one."""
-    video = _uninterrupted_with_push(3, "a green star in the sky")
+def _pushed_after_three_chunks(tmp_path: Path, chunks_after: int) -> Path:
+    """A job that made 3 chunks, had "a green star in the sky" pushed (it lands on the next block), made
+    `chunks_after` more and then crashed: its folder."""
     job = tmp_path / "job"
     first = _session("causal-kv", job)
     first.write_job_info()
     for _ in range(3):
         first.step()
-    first.push("a green star in the sky")  # lands on the next block; nothing saved records it but live.safetensors
+    first.push("a green star in the sky")
+    for _ in range(chunks_after):
+        first.step()
+    return job
+
+
+def test_a_prompt_pushed_after_the_last_chunk_saved_is_in_the_resumed_video(tmp_path: Path) -> None:
+    """A crash after a push and before any chunk it steers is saved: the prompt was written to live.safetensors at
+    the push, so the resumed job lands it on the same block and the video is the uninterrupted one."""
+    video = _uninterrupted_with_push(3, "a green star in the sky")
+    job = _pushed_after_three_chunks(tmp_path, chunks_after=0)  # nothing saved records it but live.safetensors
     assert (job / "live.safetensors").is_file()
     again = _session("causal-kv", job)
     done = np.concatenate(again.resume())
@@ -139,14 +148,7 @@ def test_a_damaged_chunk_does_not_lose_the_live_prompts_recorded_after_it(tmp_pa
     """Chunks after a damaged one are made again from an older snapshot: the prompts recorded in them come back from
     live.safetensors. A damaged live.safetensors is named, and the resume goes on with what the chunks record."""
     video = _uninterrupted_with_push(3, "a green star in the sky")
-    job = tmp_path / "job"
-    first = _session("causal-kv", job)
-    first.write_job_info()
-    for _ in range(3):
-        first.step()
-    first.push("a green star in the sky")
-    first.step()  # chunk 3 records the prompt; no snapshot after it (every 2 chunks: after chunk 1 and chunk 3 ...)
-    first.step()
+    job = _pushed_after_three_chunks(tmp_path, chunks_after=2)  # chunk 3 records the prompt (snapshots every 2)
     chunk = job / "chunks" / "000002.safetensors"
     chunk.write_bytes(chunk.read_bytes()[:-7])  # chunk 2 damaged: the resume starts at the snapshot after chunk 1
     notes: list[str] = []

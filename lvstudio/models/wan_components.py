@@ -54,8 +54,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        dev = torch.device("meta")  # refused just below, with the others that cannot run a model
-    if dev.type not in ("cpu", "cuda", "mps"):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):  # meta, xla, ... cannot run a model here
         raise PresetError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N, mps or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PresetError(f"device {name!r} requested but no CUDA GPU is available",

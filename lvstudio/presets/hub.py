@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lvstudio.errors import LvError, PresetError
+from lvstudio.io_errors import nearest_existing
 from lvstudio.presets.edit import is_pin_file
 from lvstudio.presets.integrity import (
     FileCheck,
@@ -543,22 +544,15 @@ def download_plan(repo_id: str, revision: str, patterns: list[str], cache: Path)
     return [(i.filename, int(i.file_size or 0), bool(i.is_cached)) for i in infos]
 
 
-def _existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def free_bytes(path: Path) -> int:
     """Free space on the disk holding `path` (or its nearest existing parent)."""
-    return shutil.disk_usage(_existing(path)).free
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def check_disk(preset: Preset, download: int, convert: int, margin: int = DISK_MARGIN) -> None:
     """Refuse to start when the Hub cache (downloads) or the lvstudio cache (converted copies) lacks room."""
     hub_dir, lv_dir = hub_cache_dir(), lvstudio_cache_dir()
-    same = _existing(hub_dir).stat().st_dev == _existing(lv_dir).stat().st_dev
+    same = nearest_existing(hub_dir).stat().st_dev == nearest_existing(lv_dir).stat().st_dev
     needs = [(hub_dir, download + (convert if same else 0))] + ([] if same else [(lv_dir, convert)])
     for where, need in needs:
         free = free_bytes(where)

@@ -195,11 +195,11 @@ def _where(cfg: TrainConfigBase, key: str) -> str:
 
 def _check_out_dir(cfg: TrainConfigBase) -> None:
     """ConfigError unless out_dir is a folder or can be made one (it, or a folder above it, is not a file)."""
+    from lvstudio.io_errors import nearest_existing
+
     out = Path(cfg.out_dir)
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
+    existing = nearest_existing(out)
+    if not existing.is_dir():
         what = f"{out} is a file, not a folder" if existing == out else f"{existing}, above {out}, is a file"
         raise ConfigError(f"{_where(cfg, 'out_dir')}: {what}",
                           hint="set out_dir to a folder (a new one is made when the run starts)")

@@ -189,9 +189,9 @@ def check_record_path(record: Path) -> None:
     elif record.suffix and not record.is_dir():
         raise LvError(f"--record {record}: recordings are H.264 in an MP4 container",
                       hint=f"name it {record.with_suffix('.mp4')}, or give a folder (timestamped names inside)")
-    folder = record.parent if record.suffix.lower() == ".mp4" else record
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    from lvstudio.io_errors import nearest_existing
+
+    folder = nearest_existing(record.parent if record.suffix.lower() == ".mp4" else record)
     if folder.is_dir() and not os.access(folder, os.W_OK):  # a read-only disk, or no permission
         raise LvError(f"--record {record}: {folder} cannot be written to (a read-only disk, or no permission)",
                       hint="record into a folder you can write to")
@@ -243,12 +243,12 @@ class Studio:
     # -- generating thread -------------------------------------------------------------------------------------
     def _on_chunk(self, chunk: Chunk) -> None:
         """Session sink (generating thread): mailbox, recorder, rate and cache snapshots. Cheap; never waits on UI."""
-        from lvstudio.io_errors import io_failure, is_io_error
-
         self.player.offer(chunk.frames, chunk.frame_start)
         try:
             self.recorder.write(chunk.frames, chunk.frame_start)
         except Exception as err:  # noqa: BLE001 - a recording the disk refuses ends; generation goes on
+            from lvstudio.io_errors import io_failure, is_io_error
+
             path = self.recorder.current[0] if self.recorder.current else None
             self.recorder.abort()
             self.recording_errors.append(io_failure(err, action="recording", path=path,
